@@ -1,0 +1,178 @@
+"""Per-layer allocation baselines in the same shape as Mix-and-Match strategies.
+
+Every baseline returns a :class:`~mixmatch_plugin.strategies.Strategy` that prunes exactly
+``round(target * N)`` weights, ``N`` being all inventory weights (normalization included and never
+pruned), so every method is compared through one code path at exactly matched sparsity.
+
+========================= =====================================================================
+``uniform``               every non-normalization layer gets the same ratio (magnitude masks)
+``global_magnitude``      one ``|w|`` threshold over all layers (the paper's baseline)
+``snip``                  one threshold over ``|w * g|`` (product signal)
+``grasp``                 one threshold over GraSP's ``w * Hg`` (needs :func:`compute_grasp`)
+``lamp``                  one threshold over LAMP scores ``w_u^2 / sum_{v >= u} w_v^2`` (magnitude masks)
+``erk``                   Erdős-Rényi-Kernel densities ``∝ (sum of dims) / (product of dims)`` (magnitude masks)
+========================= =====================================================================
+
+Use :data:`REGISTRY` / :func:`make` to build one by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .budget import exact_counts
+from .errors import MixMatchError
+from .inventory import Layer
+from .ranges import validate_ratio
+from .signals import Signals
+from .strategies import Strategy
+
+logger = logging.getLogger(__name__)
+
+Baseline = Callable[[Sequence[Layer], Signals, float], Strategy]
+
+
+def _eligible(layers: Sequence[Layer]) -> list[Layer]:
+    return [layer for layer in layers if layer.kind != "norm"]
+
+
+def _budget(layers: Sequence[Layer], target: float) -> int:
+    target = validate_ratio(target, "target sparsity")
+    total = sum(layer.params for layer in layers)
+    k = round(target * total)
+    cap = sum(layer.params for layer in _eligible(layers))
+    if k > cap:
+        raise MixMatchError(
+            f"target {target} needs {k} pruned weights but only {cap} are outside normalization layers; lower the target"
+        )
+    return k
+
+
+def _strategy(name: str, signal: str, layers: Sequence[Layer], counts: dict[str, int], target: float) -> Strategy:
+    ratios = {layer.name: counts.get(layer.name, 0) / layer.params for layer in layers}
+    total = sum(layer.params for layer in layers)
+    return Strategy(
+        name=name,
+        signal=signal,
+        ratios=ratios,
+        global_sparsity=sum(counts.values()) / total,
+        meta={"method": name, "target": target, "mode": "budget"},
+    )
+
+
+def _threshold_counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]:
+    """Per-layer counts of the ``k`` globally lowest scores (exactly ``k``; ties broken in layer order)."""
+    if k == 0:
+        return dict.fromkeys(scores, 0)
+    flat = torch.cat([s.flatten().float() for s in scores.values()])
+    thr = torch.kthvalue(flat, k).values
+    below = {n: int((s < thr).sum()) for n, s in scores.items()}
+    left = k - sum(below.values())
+    counts = {}
+    for n, s in scores.items():
+        ties = int((s == thr).sum())
+        take = min(ties, left)
+        counts[n] = below[n] + take
+        left -= take
+    return counts
+
+
+def _global(name: str, signal: str, layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
+    k = _budget(layers, target)
+    elig = _eligible(layers)
+    counts = _threshold_counts({layer.name: signals.score(layer.name, signal) for layer in elig}, k)
+    return _strategy(name, signal, layers, counts, target)
+
+
+def uniform(layers: Sequence[Layer], signals: Signals | None, target: float) -> Strategy:
+    """The same sparsity in every non-normalization layer (single-criterion magnitude pruning)."""
+    k = _budget(layers, target)
+    elig = _eligible(layers)
+    n = np.array([layer.params for layer in elig], dtype=np.int64)
+    r = np.full(len(elig), k / n.sum())
+    counts = exact_counts(r, n, k / n.sum())
+    return _strategy("uniform", "magnitude", layers, {layer.name: int(c) for layer, c in zip(elig, counts, strict=True)}, target)
+
+
+def global_magnitude(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
+    """One ``|w|`` threshold over every non-normalization layer."""
+    return _global("global_magnitude", "magnitude", layers, signals, target)
+
+
+def snip(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
+    """One threshold over ``|w| * |dL/dw|`` (connection sensitivity)."""
+    return _global("snip", "product", layers, signals, target)
+
+
+def grasp(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
+    """One threshold over GraSP's keep-score ``w * Hg`` (lowest removed)."""
+    if signals.grasp is None:
+        raise MixMatchError("the GraSP baseline needs GraSP scores: signals.grasp = compute_grasp(model, calib)")
+    return _global("grasp", "grasp", layers, signals, target)
+
+
+def lamp(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
+    """LAMP (Lee et al., ICLR 2021): per-layer normalized squared magnitudes, one global threshold."""
+    k = _budget(layers, target)
+    elig = _eligible(layers)
+    sorted_scores = {}
+    for layer in elig:
+        v = signals.score(layer.name, "magnitude").flatten().double().pow(2).sort().values
+        suffix = v.flip(0).cumsum(0).flip(0)
+        sorted_scores[layer.name] = torch.where(suffix > 0, v / suffix.clamp_min(1e-300), torch.zeros_like(v))
+    counts = _threshold_counts(sorted_scores, k)
+    return _strategy("lamp", "magnitude", layers, counts, target)
+
+
+def _erk_raw(layer: Layer) -> float:
+    dims = [d for d in layer.shape if d > 0]
+    return float(sum(dims)) / float(np.prod(dims))
+
+
+def erk(layers: Sequence[Layer], signals: Signals | None, target: float) -> Strategy:
+    """Erdős-Rényi-Kernel (Evci et al., 2020): density ``∝ (sum of dims) / (product of dims)``.
+
+    Layers whose density would exceed 1 are made dense and the scale is solved again.
+    """
+    k = _budget(layers, target)
+    elig = _eligible(layers)
+    n = np.array([layer.params for layer in elig], dtype=np.float64)
+    raw = np.array([_erk_raw(layer) for layer in elig])
+    keep_total = n.sum() - k
+    dense = np.zeros(len(elig), dtype=bool)
+    for _ in range(len(elig) + 1):
+        eps = (keep_total - n[dense].sum()) / (raw[~dense] * n[~dense]).sum()
+        new = dense | (raw * eps > 1.0)
+        if (new == dense).all():
+            break
+        dense = new
+    density = np.where(dense, 1.0, np.clip(raw * eps, 0.0, 1.0))
+    counts = exact_counts(1.0 - density, n.astype(np.int64), k / n.sum())
+    return _strategy("erk", "magnitude", layers, {layer.name: int(c) for layer, c in zip(elig, counts, strict=True)}, target)
+
+
+REGISTRY: dict[str, Baseline] = {
+    "uniform": uniform,
+    "global_magnitude": global_magnitude,
+    "snip": snip,
+    "grasp": grasp,
+    "lamp": lamp,
+    "erk": erk,
+}
+
+
+def make(name: str, layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
+    """Build the baseline ``name`` (a key of :data:`REGISTRY`) at ``target`` global sparsity."""
+    fn = REGISTRY.get(name)
+    if fn is None:
+        raise MixMatchError(f"unknown baseline {name!r}; baselines are {', '.join(REGISTRY)}")
+    return fn(layers, signals, target)
+
+
+def available() -> list[str]:
+    """Names of the baselines."""
+    return list(REGISTRY)

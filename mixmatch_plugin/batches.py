@@ -1,0 +1,140 @@
+"""How the plugin reads a batch and computes a loss, shared by signals, evaluation and fine-tuning.
+
+A batch is ``(inputs, targets, ...)`` (a tuple or list, as a ``DataLoader`` over a
+``TensorDataset`` yields) or a mapping with ``"input"``/``"inputs"`` and ``"label"``/``"target"``.
+The default loss is cross-entropy; pass ``loss_fn(model, batch) -> scalar tensor`` for anything else.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MixMatchError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(inputs, targets)`` of a supervised batch, or raise a clear error."""
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in ("input", "inputs", "x", "image", "images") if k in batch), None)
+        y = next((batch[k] for k in ("label", "labels", "target", "targets", "y") if k in batch), None)
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        x = y = None
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise MixMatchError(
+            "a batch must be (inputs, labels) tensors or a dict with 'input' and 'label'; "
+            f"got {type(batch).__name__}: pass a loss_fn(model, batch) for other batch formats"
+        )
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise MixMatchError(
+            f"labels must be integer class indices for the default cross-entropy loss, got dtype {y.dtype}; "
+            "convert them with .long() or pass a loss_fn"
+        )
+    if not x.dtype.is_floating_point:
+        raise MixMatchError(f"inputs must be floating point tensors, got dtype {x.dtype}; convert them with .float()")
+    return x, y
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run the model, turning shape errors into a one-line hint."""
+    try:
+        out = model(x)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower() or "can't allocate" in str(exc).lower():
+            raise
+        first = str(exc).strip().splitlines()[0][:200]
+        raise MixMatchError(
+            f"the model could not run a batch of shape {tuple(x.shape)} ({first}); "
+            "check the input shape (--input-shape C,H,W) and the number of channels"
+        ) from None
+    if isinstance(out, (tuple, list)):  # DeiT-distilled in train mode, aux heads
+        out = out[0]
+    return out
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of ``model(inputs)`` against integer ``labels``."""
+    x, y = split_batch(batch)
+    logits = forward(model, x)
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise MixMatchError(
+            f"model output of shape {tuple(logits.shape)} does not fit labels of shape {tuple(y.shape)}; "
+            "the default loss expects (batch, classes) logits: pass a loss_fn"
+        )
+    if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
+        raise MixMatchError(
+            f"labels range over [{int(y.min())}, {int(y.max())}] but the model has {logits.shape[1]} outputs; "
+            "set num_classes to match the data"
+        )
+    return F.cross_entropy(logits, y)
+
+
+def batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return next((batch_size(v) for v in batch.values() if isinstance(v, torch.Tensor)), 1)
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_size(batch[0])
+    return 1
+
+
+def chunk_batch(batch: Any, parts: int) -> list[Any]:
+    """Split a batch into ``parts`` micro-batches along dimension 0 (used when a batch does not fit in memory)."""
+    n = batch_size(batch)
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+
+    def take(obj: Any, a: int, b: int) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == n:
+            return obj[a:b]
+        if isinstance(obj, Mapping):
+            return {k: take(v, a, b) for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(take(v, a, b) for v in obj)
+        return obj
+
+    return [take(batch, a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def iterate(loader: Iterable[Any], max_batches: int | None = None, what: str = "calibration") -> Iterator[Any]:
+    """Yield at most ``max_batches`` batches; raise if the loader yields nothing at all."""
+    if max_batches is not None and max_batches < 1:
+        raise MixMatchError(f"max_batches must be at least 1, got {max_batches}")
+    count = 0
+    for batch in loader:
+        yield batch
+        count += 1
+        if max_batches is not None and count >= max_batches:
+            break
+    if count == 0:
+        raise MixMatchError(f"the {what} loader yielded no batches; pass a non-empty DataLoader")
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text

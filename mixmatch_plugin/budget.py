@@ -1,0 +1,131 @@
+"""Moving per-layer sparsities to a global budget (the "globally guided" mode).
+
+All functions work on numpy vectors over the layers of an inventory: ``n`` (weights per layer),
+``lo``/``hi`` (ranges) and ``floor``/``ceil`` (hard bounds).
+
+* :func:`move_to_budget` shifts a strategy in log-odds, ``rho_l(t) = clip(sigmoid(logit(rho_l) + t), lo_l, hi_l)``,
+  and solves for the one ``t`` that meets the budget. The shift keeps each strategy's shape: layer
+  order is kept, ratios never leave ``[0, 1)``, layers at their range ends stay there, and layers a
+  strategy leaves dense start moving only once the others are near their range ends.
+* :func:`extend_ranges` moves the ranges themselves (one common log-odds shift of both ends, inside
+  the hard bounds) when the budget lies outside what the ranges can reach.
+* :func:`exact_counts` rounds ratios to whole weights so that the global count is met exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BudgetError
+
+_EPS = 1e-3  # a strategy's dense layers enter the log-odds shift at this sparsity
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def reachable(n: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[float, float]:
+    """The interval of global sparsity that ratios inside ``[lo, hi]`` can reach."""
+    total = float(n.sum())
+    return float((n * lo).sum()) / total, float((n * hi).sum()) / total
+
+
+def _solve(fn, target: float, lo_t: float = -40.0, hi_t: float = 40.0, iters: int = 90) -> float:
+    """Bisection for the ``t`` with ``fn(t) = target``, ``fn`` non-decreasing."""
+    for _ in range(iters):
+        mid = 0.5 * (lo_t + hi_t)
+        if fn(mid) < target:
+            lo_t = mid
+        else:
+            hi_t = mid
+    return 0.5 * (lo_t + hi_t)
+
+
+def move_to_budget(
+    rho: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float
+) -> np.ndarray:
+    """Shift ``rho`` in log-odds so that ``sum(n * rho) / sum(n) == target``, staying inside ``[lo, hi]``.
+
+    Raises:
+        BudgetError: ``target`` lies outside :func:`reachable` ``(n, lo, hi)``.
+    """
+    a, b = reachable(n, lo, hi)
+    if not (a - 1e-12 <= target <= b + 1e-12):
+        raise BudgetError(
+            f"target sparsity {target:.4f} is outside the reachable interval [{a:.4f}, {b:.4f}] of these ranges; "
+            "choose a target inside it, or let the ranges move (on_unreachable='extend', CLI --extend-ranges)"
+        )
+    z = _logit(rho)
+    total = float(n.sum())
+
+    def glob(t: float) -> float:
+        return float((n * np.clip(_sigmoid(z + t), lo, hi)).sum()) / total
+
+    t = _solve(glob, target)
+    return np.clip(_sigmoid(z + t), lo, hi)
+
+
+def extend_ranges(
+    n: np.ndarray, lo: np.ndarray, hi: np.ndarray, floor: np.ndarray, ceil: np.ndarray, target: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Shift both ends of every range by one log-odds step ``u`` until the ranges' midpoints meet ``target``.
+
+    Layers with ``lo == hi`` (fixed) stay; an end at exactly 0 stays at 0. The result is clipped into
+    the hard bounds. Returns ``(lo', hi', u)``.
+
+    Raises:
+        BudgetError: not even the hard bounds can reach ``target``.
+    """
+    a, b = reachable(n, floor, ceil)
+    if not (a - 1e-12 <= target <= b + 1e-12):
+        raise BudgetError(
+            f"target sparsity {target:.4f} cannot be reached even at the hard bounds: reachable is [{a:.4f}, {b:.4f}]; "
+            "switch constraints off (--no-constraint ID) or choose a target inside"
+        )
+    free = hi > lo
+    total = float(n.sum())
+
+    def shifted(t: float) -> tuple[np.ndarray, np.ndarray]:
+        new_lo = np.where((lo > 0) & free, _sigmoid(_logit(lo) + t), lo)
+        new_hi = np.where((hi > 0) & free, _sigmoid(_logit(hi) + t), hi)
+        return np.clip(new_lo, floor, ceil), np.clip(new_hi, floor, ceil)
+
+    def mid(t: float) -> float:
+        a_, b_ = shifted(t)
+        return float((n * (a_ + b_)).sum()) / (2 * total)
+
+    u = _solve(mid, target)
+    new_lo, new_hi = shifted(u)
+    ra, rb = reachable(n, new_lo, new_hi)
+    if not (ra - 1e-9 <= target <= rb + 1e-9):
+        raise BudgetError(
+            f"target sparsity {target:.4f} cannot be reached by moving the ranges (reachable [{ra:.4f}, {rb:.4f}]); "
+            "choose a different target or widen the ranges"
+        )
+    return new_lo, new_hi, u
+
+
+def exact_counts(rho: np.ndarray, n: np.ndarray, target: float | None = None) -> np.ndarray:
+    """Whole numbers of weights to prune per layer.
+
+    Without ``target``: ``round(rho * n)``. With ``target``: the largest-remainder rounding whose total
+    is ``round(target * sum(n))`` exactly (each layer is at most one weight off ``rho * n``).
+    """
+    raw = rho * n
+    if target is None:
+        return np.rint(raw).astype(np.int64)
+    k = np.floor(raw).astype(np.int64)
+    want = round(target * float(n.sum()))
+    short = want - int(k.sum())
+    if short > 0:
+        frac = raw - k
+        order = np.argsort(-frac, kind="stable")
+        eligible = order[(frac[order] > 0) & (k[order] < n[order])]
+        k[eligible[:short]] += 1
+    return k

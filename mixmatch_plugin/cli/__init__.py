@@ -1,0 +1,86 @@
+"""The ``mixmatch`` command.
+
+Each subcommand lives in its own module and is registered below. Errors a user can cause print one
+line (``error: ...``) and exit with status 2; anything unexpected prints one line and exits 1, and
+``-v`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .._version import __version__
+from ..errors import MixMatchError
+from ..progress import set_progress
+
+logger = logging.getLogger(__name__)
+
+
+class _Group(click.Group):
+    """A click group that turns exceptions into one clear line and a non-zero exit status."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except MixMatchError as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except Exception as exc:  # the last line of defence: one line, not a traceback
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"error: unexpected {type(exc).__name__}: {msg} (rerun with -v for the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug) and tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.version_option(__version__, prog_name="mixmatch")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Mix-and-Match pruning: decide how sparse each layer of a network should be.
+
+    \b
+    Start here:
+      mixmatch demo                      train a small model, build 30 strategies, rank, prune, report
+      mixmatch inspect --model timm:resnet18
+      mixmatch plan --model timm:resnet18 --calib digits --input-shape 1,28,28 \\
+                    --model-kwargs '{"in_chans": 1, "num_classes": 10}' --target 0.8 --out plan.json
+
+    Every subcommand has --help with an example.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mixmatch_plugin").setLevel(level)
+    set_progress(not quiet)
+
+
+def _register() -> None:
+    from . import inspect_cmd, plan_cmd
+
+    for mod in (inspect_cmd, plan_cmd):
+        main.add_command(mod.command)
+    for name in ("prune_cmd", "search_cmd", "bench_cmd", "demo_cmd", "report_cmd", "prune_dw_cmd"):
+        try:
+            mod = __import__(f"{__name__}.{name}", fromlist=["command"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            continue
+        main.add_command(mod.command)
+
+
+_register()

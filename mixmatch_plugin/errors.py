@@ -1,0 +1,28 @@
+"""Exceptions raised for user errors.
+
+Every error a user can cause is a :class:`MixMatchError` (or a subclass) whose message says what is
+wrong and what to do about it, in one line. The CLI prints that line and exits non-zero; Python
+callers can catch the base class.
+"""
+
+from __future__ import annotations
+
+
+class MixMatchError(ValueError):
+    """A user-facing error: bad input, an impossible request, or a file that cannot be used."""
+
+
+class PlanMismatchError(MixMatchError):
+    """A plan or strategy does not fit the model it is applied to."""
+
+
+class BudgetError(MixMatchError):
+    """A target sparsity cannot be reached under the given ranges and constraints."""
+
+
+class RulesError(MixMatchError):
+    """A rules or preset file is malformed or refers to unknown roles or keys."""
+
+
+class SignalError(MixMatchError):
+    """Sensitivity scores could not be computed or contain NaN/inf."""

@@ -1,0 +1,149 @@
+"""Evaluation on a loader, BatchNorm re-estimation, and cheap ranking of strategies on validation data.
+
+Ranking prunes a working copy with each strategy (no fine-tuning), optionally re-estimates BatchNorm
+statistics on a few *training* batches (as EagleEye does), and measures accuracy and loss on the
+*validation* loader. Pass the validation split here, never the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import LossFn, default_loss, forward, iterate, model_device, split_batch, to_device
+from .inventory import inventory
+from .masks import MaskCache, apply_masks, compute_masks
+from .progress import progress_bar
+from .signals import Signals, compute_signals
+from .strategies import Strategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Accuracy (fraction correct), mean loss, and how many samples they cover."""
+
+    accuracy: float
+    loss: float
+    samples: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable[Any], *, loss_fn: LossFn | None = None, max_batches: int | None = None
+) -> Metrics:
+    """Accuracy and mean loss of ``model`` on ``loader`` (eval mode; the mode is restored)."""
+    was = model.training
+    model.eval()
+    device = model_device(model)
+    correct = seen = 0
+    loss_sum = 0.0
+    try:
+        for batch in iterate(loader, max_batches, what="evaluation"):
+            batch = to_device(batch, device)
+            x, y = split_batch(batch)
+            if loss_fn is None:
+                logits = forward(model, x)
+                loss = nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                correct += int((logits.argmax(1) == y).sum())
+            else:
+                loss = float(loss_fn(model, batch)) * len(y)
+                correct += int((forward(model, x).argmax(1) == y).sum())
+            loss_sum += loss
+            seen += len(y)
+    finally:
+        model.train(was)
+    return Metrics(correct / seen, loss_sum / seen, seen)
+
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, loader: Iterable[Any], batches: int = 10) -> int:
+    """Recompute BatchNorm running statistics from ``batches`` batches of ``loader`` (cumulative average).
+
+    Only BatchNorm layers switch to train mode; dropout and the rest stay in eval. Returns the number
+    of BatchNorm layers updated (0 means the model has none and nothing ran).
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns:
+        return 0
+    was = model.training
+    model.eval()
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    device = model_device(model)
+    try:
+        for batch in iterate(loader, batches, what="BatchNorm re-estimation"):
+            x, _ = split_batch(to_device(batch, device))
+            forward(model, x)
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+        model.train(was)
+    return len(bns)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One strategy's cheap (no fine-tune) validation result."""
+
+    strategy: str
+    accuracy: float
+    loss: float
+    global_sparsity: float
+
+
+def rank(
+    model: nn.Module,
+    strategies: Sequence[Strategy],
+    val_loader: Iterable[Any],
+    *,
+    signals: Signals | None = None,
+    bn_loader: Iterable[Any] | None = None,
+    bn_batches: int = 0,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    key: str = "accuracy",
+    progress: bool = False,
+) -> list[Ranked]:
+    """Rank strategies by masked validation accuracy (or ``key="loss"``), best first. ``model`` is not changed.
+
+    Args:
+        bn_loader, bn_batches: re-estimate BatchNorm statistics on that many training batches after
+            masking, before evaluating (EagleEye's adaptive BN); 0 switches it off.
+    """
+    if key not in ("accuracy", "loss"):
+        raise ValueError(f"key must be 'accuracy' or 'loss', got {key!r}")
+    layers = inventory(model)
+    if signals is None:
+        signals = compute_signals(model, layers=layers, signals=("magnitude",))
+    cache = MaskCache(signals)
+    work = copy.deepcopy(model)
+    original = {k: v.clone() for k, v in work.state_dict().items()}
+    out = []
+    for s in progress_bar(strategies, "rank", enable=progress):
+        work.load_state_dict(original)
+        apply_masks(work, compute_masks(work, s, signals, layers=layers, cache=cache))
+        if bn_batches and bn_loader is not None:
+            reestimate_bn(work, bn_loader, bn_batches)
+        m = evaluate(work, val_loader, loss_fn=loss_fn, max_batches=max_batches)
+        out.append(Ranked(s.name, m.accuracy, m.loss, s.global_sparsity))
+    out.sort(key=(lambda r: (-r.accuracy, r.loss)) if key == "accuracy" else (lambda r: (r.loss, -r.accuracy)))
+    return out
+
+
+def loss_on(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
+    """The training loss of one batch (default cross-entropy)."""
+    return (loss_fn or default_loss)(model, batch)

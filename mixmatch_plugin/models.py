@@ -1,0 +1,129 @@
+"""Model factories: ``timm:NAME``, ``pkg.module:factory``, checkpoints, and the small models of the demo and benchmark.
+
+A model spec is one string:
+
+* ``timm:resnet18`` (with ``model_kwargs`` such as ``{"num_classes": 10, "in_chans": 1}``), random init
+  (no hub downloads);
+* ``pkg.module:factory``, imported only because the user named it, called with ``model_kwargs``;
+* either of those plus a checkpoint (a state dict), loaded with ``torch.load(weights_only=True)``.
+
+The small models sized for 2 CPU cores live here too, so they are ordinary specs:
+``mixmatch_plugin.models:tiny_resnet``, ``...:resnet18_fmnist``, ``...:vit_fmnist``, ``...:swin_fmnist``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import MixMatchError
+from .io import safe_torch_load
+
+logger = logging.getLogger(__name__)
+
+
+def tiny_resnet(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn.Module:
+    """A timm ResNet (64-channel stem) with one BasicBlock per stage of widths (w, 2w, 4w, 8w): 0.32M parameters at w=16."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(
+        BasicBlock,  # type: ignore[arg-type]  # timm annotates the block class as an instance
+        layers=(1, 1, 1, 1), channels=(width, 2 * width, 4 * width, 8 * width), stem_width=width,
+        num_classes=num_classes, in_chans=in_chans,
+    )
+
+
+def resnet18_fmnist(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+    """timm ``resnet18`` with ``in_chans=1`` (11.2M parameters), the benchmark's ResNet."""
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def vit_fmnist(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> nn.Module:
+    """timm ``VisionTransformer``: patch 4, embed 96, depth 6, 3 heads (0.68M parameters)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, embed_dim=96, depth=6,
+        num_heads=3, mlp_ratio=4.0,
+    )
+
+
+def swin_fmnist(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> nn.Module:
+    """timm ``SwinTransformer``: patch 4, window 7, embed 64, depths (2, 2), heads (2, 4) (0.53M parameters)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(
+        img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, embed_dim=64, depths=(2, 2),
+        num_heads=(2, 4), window_size=7, drop_path_rate=0.0,
+    )
+
+
+def build_model(
+    spec: str, *, model_kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None
+) -> nn.Module:
+    """Build a model from ``timm:NAME`` or ``pkg.module:factory``, then load ``checkpoint`` if given."""
+    kwargs = dict(model_kwargs or {})
+    if spec.startswith("timm:"):
+        import timm
+
+        name = spec[5:]
+        if not timm.is_model(name):
+            raise MixMatchError(f"timm has no model {name!r}; list them with `python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\"`")
+        kwargs.setdefault("pretrained", False)
+        try:
+            model = timm.create_model(name, **kwargs)
+        except TypeError as exc:
+            raise MixMatchError(f"timm:{name} does not accept these --model-kwargs ({exc})") from None
+    elif ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise MixMatchError(
+                f"cannot import module {mod_name!r} from --model {spec!r} ({exc}); check the name, or install the package"
+            ) from None
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise MixMatchError(f"module {mod_name!r} has no callable {attr!r} (from --model {spec!r})")
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:
+            raise MixMatchError(f"{spec} does not accept these --model-kwargs ({exc})") from None
+        if not isinstance(model, nn.Module):
+            raise MixMatchError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    else:
+        raise MixMatchError(f"model spec {spec!r} must be 'timm:NAME' or 'pkg.module:factory'")
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict (or ``{"state_dict": ...}``/``{"model": ...}``) into ``model``, strictly and safely."""
+    obj = safe_torch_load(path)
+    state = obj
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state"):
+            if key in obj and isinstance(obj[key], Mapping):
+                state = obj[key]
+                break
+    if not isinstance(state, Mapping):
+        raise MixMatchError(f"checkpoint {path} holds {type(state).__name__}, not a state dict")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise MixMatchError(f"checkpoint {path} does not fit the model ({first[:200]}); check --model and --model-kwargs") from None
+    if result.missing_keys or result.unexpected_keys:
+        first = (result.missing_keys or result.unexpected_keys)[0]
+        raise MixMatchError(
+            f"checkpoint {path} does not fit the model: {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys (first: {first!r}); check --model and --model-kwargs"
+        )

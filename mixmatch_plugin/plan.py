@@ -1,0 +1,274 @@
+"""The plan: a model's inventory, ranges and strategies, as versioned JSON.
+
+``mixmatch.plan/1``::
+
+    {"schema": "mixmatch.plan/1",
+     "layers": [{"name": "...", "role": "...", "stage": 0, "params": 0, "range": [0.0, 0.0],
+                 "bounds": [0.0, 0.99], "type": "Conv2d", "kind": "conv", "shape": [..], ...}],
+     "strategies": [{"name": "...", "signal": "...", "global_sparsity": 0.0, "layers": {"<name>": 0.0},
+                     "meta": {...}}],
+     "sensitivity": {"<signal>": {"<name>": 0.0}},
+     "meta": {"preset": "...", "target": null, "ranges": "rules", ...}}
+
+``range`` is the layer's sparsity range, ``bounds`` its hard bounds (structural constraints).
+Saving writes atomically; loading validates every field and refuses newer schema versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from . import baselines as _baselines
+from ._version import __version__
+from .batches import LossFn
+from .errors import MixMatchError
+from .inventory import Layer, check_prunable, inventory
+from .io import atomic_write_json, read_json
+from .masks import PruneResult
+from .masks import apply as _apply
+from .ranges import Range, bounds, clamp_ranges, combine, empirical_ranges, rule_ranges, validate_ratio
+from .rules import RuleSet, load_rules, preset_for
+from .signals import SIGNALS, Signals, compute_grasp, compute_signals
+from .strategies import SHAPES, Strategy, StrategySpace
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "mixmatch.plan/1"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """Inventory, ranges, hard bounds and strategies of one model. Plain data; JSON round-trips exactly.
+
+    ``signals`` holds the per-weight scores in memory (not saved): pass them to :meth:`apply`
+    to prune by the gradient or product signal without another calibration pass.
+    """
+
+    layers: list[Layer]
+    ranges: dict[str, Range]
+    bounds: dict[str, Range]
+    strategies: list[Strategy]
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    signals: Signals | None = field(default=None, repr=False, compare=False)
+
+    # --------------------------------------------------------------------------------- access
+    def strategy(self, name: str) -> Strategy:
+        """The strategy called ``name`` (e.g. ``"magnitude:alpha-0.7"``)."""
+        for s in self.strategies:
+            if s.name == name:
+                return s
+        raise MixMatchError(
+            f"no strategy {name!r} in this plan; strategies are: {', '.join(s.name for s in self.strategies[:12])}"
+            + (" ..." if len(self.strategies) > 12 else "")
+        )
+
+    def apply(self, model: nn.Module, strategy: str | Strategy, **kwargs: Any) -> PruneResult:
+        """Prune ``model`` by one of this plan's strategies (see :func:`mixmatch_plugin.apply`)."""
+        s = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        kwargs.setdefault("signals", self.signals)
+        return _apply(model, s, plan_layers=self.layers, **kwargs)
+
+    def space(self) -> StrategySpace:
+        """The strategy space of this plan (same ranges, bounds and target), for search."""
+        return StrategySpace(
+            self.layers, self.ranges, self.bounds, target=self.meta.get("target"),
+            on_unreachable="extend" if self.meta.get("extend_ranges") else "error",
+        )
+
+    # ----------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        layers = []
+        for layer in self.layers:
+            d = layer.to_dict()
+            d["range"] = list(self.ranges[layer.name])
+            d["bounds"] = list(self.bounds[layer.name])
+            layers.append(d)
+        return {
+            "schema": SCHEMA,
+            "created_by": f"mixmatch-plugin {__version__}",
+            "layers": layers,
+            "strategies": [s.to_dict() for s in self.strategies],
+            "sensitivity": self.sensitivity,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "plan") -> Plan:
+        if not isinstance(d, Mapping):
+            raise MixMatchError(f"{source}: a plan must be a JSON object, got {type(d).__name__}")
+        schema = d.get("schema")
+        m = re.fullmatch(r"mixmatch\.plan/(\d+)", str(schema))
+        if m is None:
+            raise MixMatchError(f"{source}: not a Mix-and-Match plan ('schema' is {schema!r}, expected {SCHEMA!r})")
+        if int(m.group(1)) > SCHEMA_VERSION:
+            raise MixMatchError(
+                f"{source}: plan schema {schema} is newer than this version reads ({SCHEMA}); "
+                "upgrade mixmatch-plugin (pip install -U mixmatch-plugin)"
+            )
+        try:
+            layers = [Layer.from_dict(x) for x in d["layers"]]
+            ranges = {x["name"]: _range(x["range"], f"{source}: layer {x['name']!r} range") for x in d["layers"]}
+            hard = {x["name"]: _range(x.get("bounds", [0.0, 0.99]), f"{source}: layer {x['name']!r} bounds") for x in d["layers"]}
+            strategies = [Strategy.from_dict(s) for s in d["strategies"]]
+        except (KeyError, TypeError) as exc:
+            raise MixMatchError(f"{source}: malformed plan (missing or wrong field {exc}); regenerate it with `mixmatch plan`") from None
+        names = {layer.name for layer in layers}
+        for s in strategies:
+            for name, r in s.ratios.items():
+                if name not in names:
+                    raise MixMatchError(f"{source}: strategy {s.name!r} names unknown layer {name!r}")
+                _ratio(r, f"{source}: strategy {s.name!r} layer {name!r}")
+        return cls(layers, ranges, hard, strategies, dict(d.get("sensitivity") or {}), dict(d.get("meta") or {}))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON, atomically."""
+        return atomic_write_json(path, self.to_dict())
+
+    def summary(self) -> str:
+        t = self.meta.get("target")
+        return (
+            f"{len(self.layers)} layers, {len(self.strategies)} strategies, preset {self.meta.get('preset')}, "
+            + (f"budget-matched at {t}" if t is not None else "native sparsity")
+        )
+
+
+def _ratio(v: Any, where: str) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0.0 <= v < 1.0:
+        raise MixMatchError(f"{where}: sparsity {v!r} must be a number in [0, 1)")
+    return float(v)
+
+
+def _range(v: Any, where: str) -> Range:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise MixMatchError(f"{where}: expected [low, high], got {v!r}")
+    lo, hi = _ratio(v[0], where), _ratio(v[1], where)
+    if lo > hi:
+        raise MixMatchError(f"{where}: low {lo} exceeds high {hi}")
+    return lo, hi
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan written by :meth:`Plan.save` (or ``mixmatch plan``), validating every field."""
+    return Plan.from_dict(read_json(path, "plan"), source=str(path))
+
+
+def _protect(layers: Sequence[Layer], hard: dict[str, Range], patterns: Iterable[str]) -> None:
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise MixMatchError(f"protect pattern {pattern!r} is not a valid regular expression ({exc})") from None
+        hits = [layer.name for layer in layers if rx.search(layer.name)]
+        if not hits:
+            raise MixMatchError(f"protect pattern {pattern!r} matches no layer; run `mixmatch inspect` to see the names")
+        for h in hits:
+            hard[h] = (0.0, 0.0)
+
+
+def compute_empirical_ranges(
+    layers: Sequence[Layer], signals: Signals, methods: Sequence[str] = ("global_magnitude", "snip", "grasp"),
+    sparsities: Sequence[float] = (0.7, 0.8, 0.9),
+) -> dict[str, Range]:
+    """The paper's Phase 1: min/max per-layer sparsity over ``methods`` x ``sparsities`` (no fine-tuning)."""
+    runs = [_baselines.make(m, layers, signals, s).ratios for m in methods for s in sparsities]
+    return empirical_ranges(runs)
+
+
+def plan(
+    model: nn.Module,
+    calib: Iterable[Any] | None = None,
+    *,
+    signals: Sequence[str] = SIGNALS,
+    preset: str | Path | Mapping[str, Any] | RuleSet = "auto",
+    ranges: str = "auto",
+    target: float | None = None,
+    on_unreachable: str = "error",
+    disable_constraints: Sequence[str] = (),
+    roles: Mapping[str, str] | None = None,
+    protect: Sequence[str] = (),
+    shapes: Sequence[str] = SHAPES,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> Plan:
+    """Build the Mix-and-Match plan of ``model``: inventory, ranges and ten strategies per signal.
+
+    Args:
+        model: the trained model; it is only read.
+        calib: labelled calibration batches (5-10 % of the training data in the paper). Needed for the
+            gradient and product signals and for empirical ranges.
+        signals: which of ``magnitude``, ``gradient``, ``product`` to build strategies for.
+        preset: ``"auto"`` (by model class: swin, resnet, levit, vgg, else generic), a preset name, a
+            rules file path, a parsed mapping, or a :class:`~mixmatch_plugin.rules.RuleSet`.
+        ranges: ``"rules"``, ``"empirical"`` (the paper's 9 pruning runs), ``"union"`` or
+            ``"intersection"`` of both; ``"auto"`` follows the preset's ``source``.
+        target: global sparsity to match (budget-matched mode); None for native mode.
+        on_unreachable: ``"error"`` or ``"extend"`` (shift ranges to reach ``target``; see
+            :class:`~mixmatch_plugin.strategies.StrategySpace`).
+        disable_constraints: ids of structural constraints to switch off (``norm``, ``small_layers``,
+            ``patch_embed``).
+        roles: role overrides ``{regex: role}``.
+        protect: regexes of layers to keep dense (hard bound [0, 0]).
+        shapes: strategy shapes to build (default: all ten).
+        loss_fn, max_batches, progress: see :func:`~mixmatch_plugin.compute_signals`.
+    """
+    if target is not None:
+        target = validate_ratio(target, "target sparsity")
+    layers = inventory(model, roles=roles)
+    check_prunable(layers)
+    rules = preset if isinstance(preset, RuleSet) else load_rules(preset_for(model) if preset == "auto" else preset)
+    if disable_constraints:
+        rules = rules.without(*disable_constraints)
+    how = ("empirical" if rules.source == "empirical" else "rules") if ranges == "auto" else ranges
+    hard = bounds(layers, rules)
+    _protect(layers, hard, protect)
+
+    needs_grad = any(s in ("gradient", "product") for s in signals) or how != "rules"
+    if needs_grad and calib is None:
+        raise MixMatchError(
+            "the gradient and product signals and empirical ranges need calibration data: pass calib=<DataLoader> "
+            "(CLI: --calib digits|fashion-mnist|random), or use signals=('magnitude',) with rule ranges"
+        )
+    scores = compute_signals(
+        model, calib, layers=layers, signals=signals if not needs_grad else SIGNALS,
+        loss_fn=loss_fn, max_batches=max_batches, progress=progress,
+    )
+    emp = None
+    if how != "rules":
+        if "grasp" in rules.empirical_methods:
+            assert calib is not None
+            scores.grasp = compute_grasp(model, calib, layers=layers, loss_fn=loss_fn, max_batches=max_batches, progress=progress)
+        emp = compute_empirical_ranges(layers, scores, rules.empirical_methods, rules.empirical_sparsities)
+    raw = combine(rule_ranges(layers, rules) if how != "empirical" else None, emp, how)
+    final = clamp_ranges(raw, hard)
+
+    space = StrategySpace(layers, final, hard, target=target, on_unreachable=on_unreachable)
+    strategies = space.rule_strategies(signals, scores, shapes)
+    sensitivity = {s: scores.layer_means(s) for s in scores.available if s in SIGNALS}
+    n = np.array([layer.params for layer in layers], dtype=np.float64)
+    meta = {
+        "model": type(model).__name__,
+        "params": int(n.sum()),
+        "preset": rules.name,
+        "ranges": how,
+        "constraints": [c.id for c in rules.constraints],
+        "target": target,
+        "extend_ranges": on_unreachable == "extend",
+        "range_shift": space.extension,
+        "reachable": [float((n * space.original_lo).sum() / n.sum()), float((n * space.original_hi).sum() / n.sum())],
+        "signals": list(signals),
+        "calibration": {"batches": scores.batches, "samples": scores.samples},
+    }
+    logger.info("plan: %d layers, %d strategies (preset %s, ranges %s)", len(layers), len(strategies), rules.name, how)
+    return Plan(layers, final, hard, strategies, sensitivity, meta, signals=scores)

@@ -1,0 +1,282 @@
+"""Sensitivity signals: per-weight scores and their per-layer aggregates.
+
+* ``magnitude``: ``|w|``
+* ``gradient``: the mean over calibration batches of ``|dL/dw|`` (one gradient per batch)
+* ``product``: ``|w| * gradient`` (first-order Taylor saliency, as SNIP)
+
+One forward+backward pass over the calibration data gives all three. Gradients are taken with
+``torch.autograd.grad``, in eval mode, so the user's model is not changed: no ``.grad`` is written,
+no BatchNorm statistic moves, and ``requires_grad`` flags are restored.
+
+``grasp`` (``w * Hg``, GraSP's keep-score) needs a Hessian-vector product and a second pass; it is
+computed only for the GraSP baseline and the paper's empirical ranges (:func:`compute_grasp`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import LossFn, chunk_batch, default_loss, is_oom, iterate, model_device, to_device
+from .errors import MixMatchError, SignalError
+from .inventory import Layer, inventory, weight_of
+from .progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+SIGNALS = ("magnitude", "gradient", "product")
+ALL_SIGNALS = (*SIGNALS, "grasp")
+
+
+@dataclass
+class Signals:
+    """Per-weight scores, keyed by layer name (the tensor is ``<name>.weight``).
+
+    ``product`` is derived on demand from ``magnitude`` and ``gradient``. Higher score means more
+    important: masks remove the lowest-scoring weights of each layer.
+    """
+
+    magnitude: dict[str, torch.Tensor]
+    gradient: dict[str, torch.Tensor] | None = None
+    grasp: dict[str, torch.Tensor] | None = None
+    batches: int = 0
+    samples: int = 0
+    _cache: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def available(self) -> tuple[str, ...]:
+        have = ["magnitude"]
+        if self.gradient is not None:
+            have += ["gradient", "product"]
+        if self.grasp is not None:
+            have.append("grasp")
+        return tuple(have)
+
+    def score(self, name: str, signal: str) -> torch.Tensor:
+        """The per-weight score tensor of layer ``name`` under ``signal``."""
+        if signal not in ALL_SIGNALS:
+            raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(ALL_SIGNALS)}")
+        if signal not in self.available:
+            need = "compute_grasp(...)" if signal == "grasp" else "calibration data (compute_signals(model, calib))"
+            raise MixMatchError(f"signal {signal!r} is not available: it needs {need}")
+        if name not in self.magnitude:
+            raise MixMatchError(f"no scores for layer {name!r}; the signals were computed on a different model")
+        if signal == "magnitude":
+            return self.magnitude[name]
+        if signal == "grasp":
+            assert self.grasp is not None
+            return self.grasp[name]
+        assert self.gradient is not None
+        if signal == "gradient":
+            return self.gradient[name]
+        key = (name, signal)
+        if key not in self._cache:
+            self._cache[key] = self.magnitude[name] * self.gradient[name]
+        return self._cache[key]
+
+    def layer_means(self, signal: str) -> dict[str, float]:
+        """Per-layer aggregate: the mean score of each layer."""
+        return {n: float(self.score(n, signal).float().mean()) for n in self.magnitude}
+
+    def damage(self, signal: str, ratios: dict[str, float], *, sample: int = 8192, seed: int = 0) -> dict[str, float]:
+        """Fraction of each layer's score mass that pruning it at ``ratios[name]`` would remove.
+
+        Scale-free per layer, so it ranks layers by how much they lose, for every signal. Layers
+        larger than ``sample`` weights are estimated on a fixed random subsample (deterministic).
+        """
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for name, r in ratios.items():
+            s = self.score(name, signal).flatten().float()
+            if s.numel() > sample:
+                s = s[torch.randint(0, s.numel(), (sample,), generator=gen)]
+            s = s.abs()
+            total = float(s.sum())
+            k = round(r * s.numel())
+            if total <= 0 or k == 0:
+                out[name] = 0.0
+                continue
+            out[name] = float(torch.topk(s, k, largest=False).values.sum()) / total
+        return out
+
+
+@contextmanager
+def _grad_mode(model: nn.Module, params: Sequence[torch.Tensor]):
+    """Eval mode and requires_grad on ``params`` for the duration; both restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in params]
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def _params(model: nn.Module, layers: Sequence[Layer]) -> list[torch.Tensor]:
+    return [weight_of(model, layer.name, leaf=True) for layer in layers]
+
+
+def _batch_grads(
+    model: nn.Module, batch: Any, params: Sequence[torch.Tensor], loss_fn: LossFn, index: int
+) -> list[torch.Tensor]:
+    """Gradient of the mean loss over ``batch``; split into micro-batches if it does not fit in memory."""
+    parts = 1
+    while True:
+        try:
+            total: list[torch.Tensor] | None = None
+            for chunk in chunk_batch(batch, parts) if parts > 1 else [batch]:
+                loss = loss_fn(model, chunk)
+                if not torch.isfinite(loss):
+                    raise SignalError(
+                        f"the loss is {float(loss)} on calibration batch {index}; check the inputs and the model "
+                        "(a diverged checkpoint?) before computing signals"
+                    )
+                weight = 1.0 / parts
+                raw = torch.autograd.grad(loss * weight, params, allow_unused=True)
+                gs = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(raw, params, strict=True)]
+                total = gs if total is None else [t + g for t, g in zip(total, gs, strict=True)]
+            assert total is not None
+            return total
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            from .batches import batch_size
+
+            n = batch_size(batch)
+            if parts >= n:
+                raise MixMatchError(
+                    "computing gradients ran out of memory even one sample at a time; use a smaller model "
+                    "input, fewer layers, or a machine with more memory"
+                ) from None
+            parts = min(n, parts * 2)
+            logger.warning("calibration batch %d did not fit in memory: retrying in %d micro-batches", index, parts)
+
+
+def _check_finite(scores: dict[str, torch.Tensor], what: str) -> None:
+    bad = [n for n, t in scores.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise SignalError(
+            f"{what} contain NaN or inf in {len(bad)} layer(s) ({', '.join(bad[:4])}); check the model's weights "
+            "and the calibration data, or use the magnitude signal only"
+        )
+
+
+def compute_signals(
+    model: nn.Module,
+    calib: Iterable[Any] | None = None,
+    *,
+    layers: Sequence[Layer] | None = None,
+    signals: Sequence[str] = SIGNALS,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> Signals:
+    """Score every weight of every layer under the requested signals, in one pass over ``calib``.
+
+    Args:
+        model: the trained model; left unchanged.
+        calib: iterable of batches (see :mod:`mixmatch_plugin.batches`). Not needed for ``magnitude`` alone.
+        layers: the inventory to score (default: ``inventory(model)``).
+        signals: any of ``magnitude``, ``gradient``, ``product``.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default cross-entropy on ``(inputs, labels)``.
+        max_batches: stop after this many batches.
+        progress: show a progress bar.
+
+    Raises:
+        MixMatchError: empty loader, malformed batches, unknown signal.
+        SignalError: NaN or inf in the loss or the scores.
+    """
+    unknown = [s for s in signals if s not in SIGNALS]
+    if unknown:
+        raise MixMatchError(f"unknown signal {unknown[0]!r}; signals are {', '.join(SIGNALS)}")
+    layers = list(layers) if layers is not None else inventory(model)
+    params = _params(model, layers)
+    magnitude = {layer.name: p.detach().abs().clone() for layer, p in zip(layers, params, strict=True)}
+    _check_finite(magnitude, "the weights")
+    if not any(s in ("gradient", "product") for s in signals):
+        return Signals(magnitude=magnitude)
+    if calib is None:
+        raise MixMatchError("the gradient and product signals need calibration data: pass calib=<DataLoader>")
+
+    loss_fn = loss_fn or default_loss
+    device = model_device(model)
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    batches = samples = 0
+    from .batches import batch_size
+
+    with _grad_mode(model, params):
+        for batch in progress_bar(iterate(calib, max_batches), "signals", enable=progress, total=max_batches):
+            batch = to_device(batch, device)
+            for a, g in zip(acc, _batch_grads(model, batch, params, loss_fn, batches), strict=True):
+                a.add_(g.abs())
+            batches += 1
+            samples += batch_size(batch)
+    gradient = {layer.name: a.div_(batches) for layer, a in zip(layers, acc, strict=True)}
+    _check_finite(gradient, "the gradients")
+    dead = [layer.name for layer in layers if layer.kind != "norm" and float(gradient[layer.name].abs().sum()) == 0.0]
+    if dead:
+        logger.warning("no gradient reached %d layer(s) (%s): their gradient score is 0", len(dead), ", ".join(dead[:4]))
+    logger.info("signals from %d calibration batches (%d samples)", batches, samples)
+    return Signals(magnitude=magnitude, gradient=gradient, batches=batches, samples=samples)
+
+
+def compute_grasp(
+    model: nn.Module,
+    calib: Iterable[Any],
+    *,
+    layers: Sequence[Layer] | None = None,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    temperature: float = 200.0,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """GraSP keep-scores ``w * (H g)`` per weight (Wang et al., ICLR 2020).
+
+    ``g`` is the mean gradient over the calibration batches, and ``H g`` is a Hessian-vector product
+    by double back-propagation. As in the authors' code, logits are divided by ``temperature`` for
+    the default loss. GraSP removes the weights with the *highest* ``-w * Hg``, i.e. the lowest of
+    the score returned here, so it plugs into the same "mask the lowest scores" rule as the others.
+    """
+    layers = list(layers) if layers is not None else inventory(model)
+    params = _params(model, layers)
+    device = model_device(model)
+
+    if loss_fn is None:
+        from .batches import forward, split_batch
+
+        def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+            x, y = split_batch(b)
+            return nn.functional.cross_entropy(forward(m, x) / temperature, y)
+
+    batches = [to_device(b, device) for b in iterate(calib, max_batches)]
+    with _grad_mode(model, params):
+        g = [torch.zeros_like(p) for p in params]
+        for i, b in enumerate(batches):
+            for a, gi in zip(g, _batch_grads(model, b, params, loss_fn, i), strict=True):
+                a.add_(gi, alpha=1.0 / len(batches))
+        hg = [torch.zeros_like(p) for p in params]
+        for b in progress_bar(batches, "grasp", enable=progress):
+            loss = loss_fn(model, b)
+            gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            z = sum((gi * gd).sum() for gi, gd in zip(gs, g, strict=True) if gi is not None)
+            if not isinstance(z, torch.Tensor) or not z.requires_grad:
+                continue
+            hv = torch.autograd.grad(z, params, allow_unused=True)
+            for a, h in zip(hg, hv, strict=True):
+                if h is not None:
+                    a.add_(h.detach(), alpha=1.0 / len(batches))
+    scores = {layer.name: (p.detach() * h) for layer, p, h in zip(layers, params, hg, strict=True)}
+    _check_finite(scores, "the GraSP scores")
+    return scores
+

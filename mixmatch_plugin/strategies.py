@@ -1,0 +1,258 @@
+"""Strategies: vectors of per-layer target sparsities, sampled systematically from the ranges.
+
+A strategy is not a criterion: it says *how much* each layer is pruned; its ``signal`` says *which*
+weights go inside each layer. Every strategy is generated from one interpolation ``alpha`` in
+``[0, 1]`` per **group** of layers (group = role and stage, e.g. ``attn_qkv@2``):
+``rho_l = lo_l + alpha_g(l) * (hi_l - lo_l)``. So every rule strategy is a point of the Optuna search
+space (:mod:`mixmatch_plugin.adapters.optuna`), and searched points are strategies like any other.
+
+The ten shapes per signal (paper, Phase 2):
+
+============== ==================================================================================
+all-min        alpha = 0
+all-max        alpha = 1
+midpoint       alpha = 0.5
+alpha-0.3      alpha = 0.3 (likewise alpha-0.7, alpha-0.9)
+sensitivity    replaces the paper's alpha-0.5, which *is* the midpoint. Groups are ranked by the
+               fraction of their score mass that the midpoint ratio would remove (under the
+               strategy's own signal); the least damaged group gets alpha = 1, the most damaged 0,
+               linearly by rank. The one shape that differs between signals.
+size-proportional  alpha = min(1, 0.1 * |W_g| / |W_avg|), the paper's formula
+late-heavy     alpha = depth (stage / last stage); heads 1, stems and embeddings 0
+early-heavy    alpha = 1 - depth; stems and embeddings 1, heads 0
+============== ==================================================================================
+
+Two modes. **native** (``target=None``): the global sparsity is whatever the ranges give.
+**budget-matched** (``target=S``): each strategy is moved by one log-odds shift inside the ranges
+(:func:`mixmatch_plugin.budget.move_to_budget`) until it prunes exactly ``round(S * N)`` weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .budget import exact_counts, extend_ranges, move_to_budget
+from .errors import MixMatchError
+from .inventory import Layer
+from .ranges import Range
+from .signals import SIGNALS, Signals
+
+logger = logging.getLogger(__name__)
+
+SHAPES = (
+    "all-min", "all-max", "midpoint", "alpha-0.3", "sensitivity",
+    "alpha-0.7", "alpha-0.9", "size-proportional", "late-heavy", "early-heavy",
+)
+_FIXED_ALPHA = {"all-min": 0.0, "all-max": 1.0, "midpoint": 0.5, "alpha-0.3": 0.3, "alpha-0.7": 0.7, "alpha-0.9": 0.9}
+
+
+@dataclass
+class Strategy:
+    """Per-layer target sparsities plus the signal that ranks weights within each layer.
+
+    Attributes:
+        name: unique within a plan, ``"<signal>:<shape>"`` for rule strategies.
+        signal: ``magnitude``, ``gradient``, ``product`` (or ``grasp`` for the GraSP baseline).
+        ratios: sparsity per layer name, covering every layer of the inventory (norms at 0).
+        global_sparsity: pruned weights over all inventory weights, with per-layer counts rounded as
+            :func:`mixmatch_plugin.masks.prune_count` does.
+        meta: provenance: ``shape``, ``mode``, ``alphas``, ``out_of_range`` (layers a budget had to
+            move outside their original range), ``method`` for baselines, ``trial`` for searched ones.
+    """
+
+    name: str
+    signal: str
+    ratios: dict[str, float]
+    global_sparsity: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "signal": self.signal,
+            "global_sparsity": self.global_sparsity,
+            "layers": dict(self.ratios),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Strategy:
+        try:
+            return cls(
+                name=str(d["name"]),
+                signal=str(d["signal"]),
+                ratios={str(k): float(v) for k, v in d["layers"].items()},
+                global_sparsity=float(d["global_sparsity"]),
+                meta=dict(d.get("meta") or {}),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise MixMatchError(f"malformed strategy entry ({type(exc).__name__}: {exc}); regenerate the plan") from None
+
+
+def global_sparsity(ratios: Mapping[str, float], layers: Sequence[Layer]) -> float:
+    """Pruned fraction of all inventory weights, counting whole weights per layer."""
+    n = np.array([layer.params for layer in layers], dtype=np.int64)
+    r = np.array([ratios.get(layer.name, 0.0) for layer in layers])
+    return float(exact_counts(r, n).sum()) / float(n.sum())
+
+
+def group_key(layer: Layer) -> str:
+    """The search-space group of a layer: ``"<role>@<stage>"``."""
+    return f"{layer.role}@{layer.stage}"
+
+
+class StrategySpace:
+    """Ranges, hard bounds and groups of one inventory: turns per-group alphas into strategies.
+
+    Args:
+        layers: the inventory.
+        ranges: per-layer ranges, already clamped into ``bounds``.
+        bounds: per-layer hard bounds.
+        target: global sparsity to match, or None for native mode.
+        on_unreachable: ``"error"`` (default) raises when ``target`` lies outside what the ranges can
+            reach; ``"extend"`` shifts the ranges (inside the hard bounds) until it does, and every
+            strategy then lists the layers it moved outside their original range in ``meta["out_of_range"]``.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        ranges: Mapping[str, Range],
+        bounds: Mapping[str, Range],
+        *,
+        target: float | None = None,
+        on_unreachable: str = "error",
+    ) -> None:
+        if on_unreachable not in ("error", "extend"):
+            raise MixMatchError(f"on_unreachable must be 'error' or 'extend', got {on_unreachable!r}")
+        self.layers = tuple(layers)
+        self.names = [layer.name for layer in self.layers]
+        self.n = np.array([layer.params for layer in self.layers], dtype=np.float64)
+        self.original_lo = np.array([ranges[m][0] for m in self.names])
+        self.original_hi = np.array([ranges[m][1] for m in self.names])
+        self.floor = np.array([bounds[m][0] for m in self.names])
+        self.ceil = np.array([bounds[m][1] for m in self.names])
+        self.lo, self.hi = self.original_lo.copy(), self.original_hi.copy()
+        self.target = target
+        self.extension: float | None = None
+        if target is not None:
+            a, b = float((self.n * self.lo).sum() / self.n.sum()), float((self.n * self.hi).sum() / self.n.sum())
+            if not (a <= target <= b) and on_unreachable == "extend":
+                self.lo, self.hi, self.extension = extend_ranges(self.n, self.lo, self.hi, self.floor, self.ceil, target)
+                logger.info(
+                    "target %.3f is outside the ranges' reach [%.3f, %.3f]: ranges shifted by %.2f in log-odds",
+                    target, a, b, self.extension,
+                )
+        free = self.hi > self.lo
+        self.groups: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            if free[i]:
+                self.groups.setdefault(group_key(layer), []).append(i)
+
+    # ---------------------------------------------------------------------------------- alphas
+    def alphas(self, shape: str, signal: str, signals: Signals | None = None) -> dict[str, float]:
+        """Per-group alphas of a named shape (see the module docstring)."""
+        if shape in _FIXED_ALPHA:
+            return dict.fromkeys(self.groups, _FIXED_ALPHA[shape])
+        if shape == "size-proportional":
+            free = [i for idx in self.groups.values() for i in idx]
+            avg = float(self.n[free].mean()) if free else 1.0
+            return {g: min(1.0, 0.1 * float(self.n[idx].mean()) / avg) for g, idx in self.groups.items()}
+        if shape in ("late-heavy", "early-heavy"):
+            depth = self._depth()
+            late = {g: d for g, d in depth.items()}
+            for g, idx in self.groups.items():
+                role = self.layers[idx[0]].role
+                if role == "head":
+                    late[g] = 1.0
+                elif role in ("stem", "embedding"):
+                    late[g] = 0.0
+            return late if shape == "late-heavy" else {g: 1.0 - a for g, a in late.items()}
+        if shape == "sensitivity":
+            if signals is None:
+                raise MixMatchError("the 'sensitivity' shape needs signals (compute_signals(model, calib))")
+            mids = {self.names[i]: float(self.lo[i] + self.hi[i]) / 2 for idx in self.groups.values() for i in idx}
+            dmg = signals.damage(signal, mids)
+            gd = {
+                g: float(np.average([dmg[self.names[i]] for i in idx], weights=self.n[idx]))
+                for g, idx in self.groups.items()
+            }
+            order = sorted(gd, key=lambda g: (gd[g], g))
+            span = max(len(order) - 1, 1)
+            return {g: 1.0 - rank / span if len(order) > 1 else 0.5 for rank, g in enumerate(order)}
+        raise MixMatchError(f"unknown strategy shape {shape!r}; shapes are {', '.join(SHAPES)}")
+
+    def _depth(self) -> dict[str, float]:
+        stages = {g: self.layers[idx[0]].stage for g, idx in self.groups.items()}
+        last = max(stages.values(), default=0)
+        if last > 0:
+            return {g: s / last for g, s in stages.items()}
+        return {g: float(np.mean([self.layers[i].position for i in idx])) for g, idx in self.groups.items()}
+
+    # ------------------------------------------------------------------------------ strategies
+    def ratios(self, alphas: Mapping[str, float]) -> np.ndarray:
+        """Per-layer sparsities for per-group alphas, moved to the target in budget mode."""
+        missing = [g for g in self.groups if g not in alphas]
+        if missing:
+            raise MixMatchError(f"no alpha for group {missing[0]!r}; groups are {', '.join(self.groups)}")
+        a = np.zeros(len(self.layers))
+        for g, idx in self.groups.items():
+            v = float(alphas[g])
+            if not 0.0 <= v <= 1.0:
+                raise MixMatchError(f"alpha for group {g!r} must lie in [0, 1], got {v}")
+            a[idx] = v
+        rho = self.lo + a * (self.hi - self.lo)
+        if self.target is not None:
+            rho = move_to_budget(rho, self.n, self.lo, self.hi, self.target)
+        return rho
+
+    def strategy(
+        self, name: str, signal: str, alphas: Mapping[str, float], meta: Mapping[str, Any] | None = None
+    ) -> Strategy:
+        """Build a :class:`Strategy` from per-group alphas."""
+        if signal not in SIGNALS:
+            raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(SIGNALS)}")
+        rho = self.ratios(alphas)
+        n = self.n.astype(np.int64)
+        k = exact_counts(rho, n, self.target)
+        ratios = {m: float(k[i]) / float(n[i]) if self.target is not None else float(rho[i]) for i, m in enumerate(self.names)}
+        outside = [
+            m for i, m in enumerate(self.names)
+            if ratios[m] < self.original_lo[i] - 1.0 / n[i] or ratios[m] > self.original_hi[i] + 1.0 / n[i]
+        ]
+        info: dict[str, Any] = {
+            "mode": "budget" if self.target is not None else "native",
+            "alphas": {g: float(v) for g, v in alphas.items()},
+            **(meta or {}),
+        }
+        if outside:
+            info["out_of_range"] = outside
+        return Strategy(name, signal, ratios, float(k.sum()) / float(n.sum()), info)
+
+    def rule_strategies(
+        self, signals: Sequence[str], scores: Signals | None = None, shapes: Sequence[str] = SHAPES
+    ) -> list[Strategy]:
+        """The ten (or ``shapes``) rule strategies for each signal, duplicates dropped with a warning."""
+        out: list[Strategy] = []
+        for signal in signals:
+            kept: list[Strategy] = []
+            for shape in shapes:
+                s = self.strategy(f"{signal}:{shape}", signal, self.alphas(shape, signal, scores), {"shape": shape})
+                twin = next((t for t in kept if _same(t, s)), None)
+                if twin is not None:
+                    logger.warning(
+                        "strategy %s equals %s under these ranges (degenerate ranges?): dropped", s.name, twin.name
+                    )
+                    continue
+                kept.append(s)
+            out += kept
+        return out
+
+
+def _same(a: Strategy, b: Strategy, tol: float = 1e-9) -> bool:
+    return all(abs(a.ratios[k] - b.ratios[k]) <= tol for k in a.ratios)

@@ -1,0 +1,155 @@
+"""The ten strategies per signal, native and budget-matched, and the budget mover's guarantees."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import timm
+
+import mixmatch_plugin as mm
+from mixmatch_plugin.budget import exact_counts, extend_ranges, move_to_budget, reachable
+from mixmatch_plugin.errors import BudgetError
+
+from .helpers import small_swin
+
+
+@pytest.fixture(scope="module")
+def swin_plan(calib_swin):
+    return calib_swin
+
+
+@pytest.fixture(scope="module")
+def calib_swin():
+    from mixmatch_plugin import data
+
+    d = data.load("digits", input_shape=(1, 28, 28))
+    model = small_swin()
+    return model, d.calibration(samples=64, batch_size=32)
+
+
+def counts(strategy, layers):
+    return sum(round(strategy.ratios[layer.name] * layer.params) for layer in layers)
+
+
+def test_ten_distinct_named_strategies_per_signal(calib_swin):
+    model, calib = calib_swin
+    p = mm.plan(model, calib)
+    assert len(p.strategies) == 30
+    assert [s.name for s in p.strategies[:10]] == [f"magnitude:{s}" for s in mm.SHAPES]
+    for sig in mm.SIGNALS:
+        group = [s for s in p.strategies if s.signal == sig]
+        assert len(group) == 10
+        for a, b in itertools.combinations(group, 2):
+            assert max(abs(a.ratios[k] - b.ratios[k]) for k in a.ratios) > 1e-3, (a.name, b.name)
+
+
+def test_native_strategies_sit_inside_ranges_and_follow_alpha(calib_swin):
+    model, calib = calib_swin
+    p = mm.plan(model, calib, signals=("magnitude",))
+    by = {s.meta["shape"]: s for s in p.strategies}
+    for name, (lo, hi) in p.ranges.items():
+        assert by["all-min"].ratios[name] == pytest.approx(lo)
+        assert by["all-max"].ratios[name] == pytest.approx(hi)
+        assert by["midpoint"].ratios[name] == pytest.approx((lo + hi) / 2)
+        assert by["alpha-0.3"].ratios[name] == pytest.approx(lo + 0.3 * (hi - lo))
+        for s in p.strategies:
+            assert lo - 1e-12 <= s.ratios[name] <= hi + 1e-12
+    # late-heavy prunes the last stage's MLP at its max and the first stage's at its min
+    late = by["late-heavy"].ratios
+    assert late["layers.1.blocks.0.mlp.fc1"] == pytest.approx(p.ranges["layers.1.blocks.0.mlp.fc1"][1])
+    assert late["layers.0.blocks.0.mlp.fc1"] == pytest.approx(p.ranges["layers.0.blocks.0.mlp.fc1"][0])
+    early = by["early-heavy"].ratios
+    assert early["patch_embed.proj"] == pytest.approx(p.ranges["patch_embed.proj"][1])
+
+
+def test_sensitivity_shape_depends_on_the_signal(calib_swin):
+    model, calib = calib_swin
+    p = mm.plan(model, calib, shapes=("sensitivity",))
+    a = [s.meta["alphas"] for s in p.strategies]
+    assert len(a) == 3 and a[0] != a[1] and a[1] != a[2]
+    assert sorted(a[0].values())[0] == 0.0 and sorted(a[0].values())[-1] == 1.0
+
+
+def test_every_rule_strategy_is_a_point_of_the_space(calib_swin):
+    model, calib = calib_swin
+    p = mm.plan(model, calib, target=0.6, on_unreachable="extend")
+    space = p.space()
+    for s in p.strategies:
+        again = space.strategy(s.name, s.signal, s.meta["alphas"])
+        assert again.ratios == s.ratios
+
+
+@pytest.mark.parametrize("target", [0.22, 0.27, 0.32])
+def test_budget_matched_hits_the_target_inside_the_ranges(calib_swin, target):
+    model, calib = calib_swin
+    p = mm.plan(model, calib, target=target, signals=("magnitude", "product"))
+    n_total = sum(layer.params for layer in p.layers)
+    for s in p.strategies:
+        assert counts(s, p.layers) == round(target * n_total)
+        assert abs(s.global_sparsity - target) <= 0.005 * target
+        assert "out_of_range" not in s.meta
+        for name, (lo, hi) in p.ranges.items():
+            size = next(layer.params for layer in p.layers if layer.name == name)
+            assert lo - 1 / size <= s.ratios[name] <= hi + 1 / size
+
+
+def test_unreachable_target_states_the_interval(calib_swin):
+    model, calib = calib_swin
+    with pytest.raises(BudgetError, match=r"outside the reachable interval \[0\.\d+, 0\.\d+\]"):
+        mm.plan(model, calib, target=0.8, signals=("magnitude",))
+
+
+def test_extended_ranges_reach_the_target_and_report_it():
+    m = timm.create_model("resnet18", num_classes=10)
+    p = mm.plan(m, signals=("magnitude",), target=0.93, on_unreachable="extend")
+    n_total = sum(layer.params for layer in p.layers)
+    assert p.meta["range_shift"] is not None and p.meta["range_shift"] > 0
+    assert p.meta["reachable"][1] < 0.93
+    for s in p.strategies:
+        assert counts(s, p.layers) == round(0.93 * n_total)
+        assert s.meta.get("out_of_range"), s.name
+        for layer in p.layers:  # hard bounds are never left
+            lo, hi = p.bounds[layer.name]
+            assert lo - 1 / layer.params <= s.ratios[layer.name] <= hi + 1 / layer.params
+
+
+def test_move_to_budget_properties():
+    rng = np.random.default_rng(0)
+    n = rng.integers(100, 10_000, 12).astype(float)
+    lo = rng.uniform(0, 0.5, 12)
+    hi = lo + rng.uniform(0, 0.4, 12)
+    rho = lo + rng.uniform(0, 1, 12) * (hi - lo)
+    a, b = reachable(n, lo, hi)
+    for t in np.linspace(a, b, 7):
+        out = move_to_budget(rho, n, lo, hi, t)
+        assert (n * out).sum() / n.sum() == pytest.approx(t, abs=1e-9)
+        assert (out >= lo - 1e-12).all() and (out <= hi + 1e-12).all()
+        # the shift is monotone: layer order by log-odds is kept among layers not at a range end
+        inside = (out > lo + 1e-9) & (out < hi - 1e-9)
+        order_in, order_out = np.argsort(rho[inside]), np.argsort(out[inside])
+        assert (order_in == order_out).all()
+
+
+def test_extend_ranges_meets_midpoint_and_keeps_zero_ends():
+    n = np.array([1000.0, 5000.0, 300.0, 50.0])
+    lo = np.array([0.0, 0.3, 0.1, 0.0])
+    hi = np.array([0.3, 0.5, 0.2, 0.0])
+    floor = np.zeros(4)
+    ceil = np.array([0.99, 0.99, 0.99, 0.0])
+    new_lo, new_hi, u = extend_ranges(n, lo, hi, floor, ceil, 0.8)
+    assert u > 0 and new_lo[0] == 0.0 and new_hi[3] == 0.0
+    assert ((n * (new_lo + new_hi)).sum() / (2 * n.sum())) == pytest.approx(0.8, abs=1e-6)
+    with pytest.raises(BudgetError, match="hard bounds"):
+        extend_ranges(n, lo, hi, floor, np.full(4, 0.5), 0.8)
+
+
+def test_exact_counts_meet_the_global_count():
+    rng = np.random.default_rng(1)
+    n = rng.integers(1, 500, 30)
+    rho = rng.uniform(0, 0.9, 30)
+    t = float((rho * n).sum() / n.sum())
+    k = exact_counts(rho, n, t)
+    assert k.sum() == round(t * n.sum())
+    assert (np.abs(k - rho * n) <= 1.0).all()
