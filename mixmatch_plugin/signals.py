@@ -80,8 +80,22 @@ class Signals:
             self._cache[key] = self.magnitude[name] * self.gradient[name]
         return self._cache[key]
 
+    def _sampled(self, name: str, signal: str, idx: torch.Tensor | None) -> torch.Tensor:
+        """Scores of layer ``name`` at flat positions ``idx`` (all when None), without materialising products."""
+        if idx is None:
+            return self.score(name, signal).flatten()
+        if signal == "product":
+            self.score(name, "gradient")  # validates availability
+            assert self.gradient is not None
+            return self.magnitude[name].flatten()[idx] * self.gradient[name].flatten()[idx]
+        return self.score(name, signal).flatten()[idx]
+
     def layer_means(self, signal: str) -> dict[str, float]:
         """Per-layer aggregate: the mean score of each layer."""
+        if signal == "product":
+            self.score(next(iter(self.magnitude)), "gradient")  # validates availability
+            assert self.gradient is not None
+            return {n: float((self.magnitude[n] * self.gradient[n]).float().mean()) for n in self.magnitude}
         return {n: float(self.score(n, signal).float().mean()) for n in self.magnitude}
 
     def damage(self, signal: str, ratios: dict[str, float], *, sample: int = 8192, seed: int = 0) -> dict[str, float]:
@@ -93,10 +107,9 @@ class Signals:
         gen = torch.Generator().manual_seed(seed)
         out = {}
         for name, r in ratios.items():
-            s = self.score(name, signal).flatten().float()
-            if s.numel() > sample:
-                s = s[torch.randint(0, s.numel(), (sample,), generator=gen)]
-            s = s.abs()
+            n = self.magnitude[name].numel()
+            idx = torch.randint(0, n, (sample,), generator=gen) if n > sample else None
+            s = self._sampled(name, signal, idx).float().abs()
             total = float(s.sum())
             k = round(r * s.numel())
             if total <= 0 or k == 0:

@@ -1,0 +1,1 @@
+"""The real-data benchmark (`mixmatch bench`)."""

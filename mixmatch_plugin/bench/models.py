@@ -1,0 +1,19 @@
+"""The benchmark's dense models on Fashion-MNIST: configurations that key the checkpoint cache."""
+
+from __future__ import annotations
+
+from ..train import TrainConfig
+
+#: Full-size benchmark models (REFERENCE section 7 sizes, trained to a plateau on 55k training images).
+FULL: dict[str, TrainConfig] = {
+    "resnet18": TrainConfig(model="mixmatch_plugin.models:resnet18_fmnist", epochs=8, lr=2e-3, weight_decay=0.05),
+    "vit": TrainConfig(model="mixmatch_plugin.models:vit_fmnist", epochs=15, lr=1e-3, weight_decay=0.05),
+    "swin": TrainConfig(model="mixmatch_plugin.models:swin_fmnist", epochs=15, lr=1e-3, weight_decay=0.05),
+}
+
+#: ``--quick``: the same architectures' smallest relatives, trained briefly on a subsample.
+QUICK: dict[str, TrainConfig] = {
+    "resnet": TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 8}, epochs=2,
+                          lr=3e-3, max_train=6000, warmup_steps=20),
+    "swin": TrainConfig(model="mixmatch_plugin.models:swin_fmnist", epochs=1, lr=2e-3, max_train=4000, warmup_steps=20),
+}

@@ -1,0 +1,206 @@
+"""Plots: where a picture says more than a table. matplotlib (Agg backend), PNGs written atomically.
+
+* :func:`strategy_heatmap` — per-layer sparsity of every strategy (layers x strategies)
+* :func:`ranges_plot` — each layer's range with chosen strategies on top
+* :func:`accuracy_vs_sparsity` — accuracy against global sparsity, Pareto front highlighted
+* :func:`sensitivity_bars` — per-layer aggregate of each signal
+* :func:`method_comparison` — accuracy of several methods over sparsities, with error bars
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+_SIGNAL_COLORS = {"magnitude": "#1f77b4", "gradient": "#ff7f0e", "product": "#2ca02c", "grasp": "#9467bd"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    _plt().close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _short(name: str, width: int = 34) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _label_step(n: int, max_labels: int = 60) -> int:
+    return max(1, int(np.ceil(n / max_labels)))
+
+
+def strategy_heatmap(plan: Any, path: str | Path, *, strategies: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Heatmap of per-layer sparsity: one row per prunable layer, one column per strategy."""
+    plt = _plt()
+    layers = [layer for layer in plan.layers if layer.kind != "norm"]
+    strats = [s for s in plan.strategies if strategies is None or s.name in strategies]
+    mat = np.array([[s.ratios[layer.name] for s in strats] for layer in layers])
+    h = min(max(4.0, 0.22 * len(layers) + 2.0), 18.0)
+    w = min(max(6.0, 0.32 * len(strats) + 4.0), 22.0)
+    fig, ax = plt.subplots(figsize=(w, h))
+    im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(0.05, float(mat.max())))
+    ax.set_xticks(range(len(strats)))
+    ax.set_xticklabels([s.name for s in strats], rotation=70, ha="right", fontsize=7)
+    step = _label_step(len(layers))
+    ax.set_yticks(range(0, len(layers), step))
+    ax.set_yticklabels([f"{_short(layer.name)} ({layer.role})" for layer in layers[::step]], fontsize=7)
+    ax.set_xlabel("strategy (signal:shape)")
+    ax.set_ylabel("layer (role), input to output")
+    cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    cb.set_label("layer sparsity")
+    t = plan.meta.get("target")
+    ax.set_title(title or f"{plan.meta.get('model', 'model')}: per-layer sparsity of {len(strats)} strategies"
+                 + (f" (budget-matched at {t:.0%})" if t is not None else " (native)"))
+    return _save(fig, path)
+
+
+def ranges_plot(plan: Any, path: str | Path, *, highlight: Sequence[str] = (), title: str | None = None) -> Path:
+    """Each prunable layer's range as a bar, with the sparsity of ``highlight`` strategies as markers."""
+    plt = _plt()
+    layers = [layer for layer in plan.layers if layer.kind != "norm"]
+    y = np.arange(len(layers))
+    lo = np.array([plan.ranges[layer.name][0] for layer in layers])
+    hi = np.array([plan.ranges[layer.name][1] for layer in layers])
+    fig, ax = plt.subplots(figsize=(8.5, min(max(4.0, 0.22 * len(layers) + 2.0), 18.0)))
+    ax.barh(y, hi - lo, left=lo, height=0.6, color="#cfd8e3", edgecolor="#7f8c9d", label="range [lo, hi]")
+    if plan.meta.get("range_shift") is not None:  # budget mode moved the ranges: draw where they went
+        space = plan.space()
+        idx = {n: i for i, n in enumerate(space.names)}
+        elo = np.array([space.lo[idx[layer.name]] for layer in layers])
+        ehi = np.array([space.hi[idx[layer.name]] for layer in layers])
+        ax.barh(y, ehi - elo, left=elo, height=0.6, fill=False, hatch="///", edgecolor="#e08e45", lw=0.6,
+                label=f"range moved to the budget (log-odds shift {plan.meta['range_shift']:+.2f})")
+    markers = "o^sDv<>p*h"
+    for i, name in enumerate(highlight):
+        s = plan.strategy(name)
+        ax.scatter([s.ratios[layer.name] for layer in layers], y, s=18, marker=markers[i % len(markers)],
+                   label=f"{name} ({s.global_sparsity:.1%})", zorder=3)
+    step = _label_step(len(layers))
+    ax.set_yticks(y[::step])
+    ax.set_yticklabels([f"{_short(layer.name)} ({layer.role})" for layer in layers[::step]], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("layer sparsity")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+    ax.set_title(title or f"{plan.meta.get('model', 'model')}: ranges (preset {plan.meta.get('preset')}) and strategies")
+    return _save(fig, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated in (sparsity up, accuracy up), sorted by sparsity."""
+    idx = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in idx:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def accuracy_vs_sparsity(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "accuracy against sparsity",
+    ylabel: str = "validation accuracy", reference: float | None = None,
+) -> Path:
+    """Scatter of ``rows`` (``sparsity``, ``accuracy``, ``group``, optional ``name``) with the Pareto front.
+
+    ``group`` picks the colour and legend entry (e.g. a signal, ``baseline``, ``search``); the front
+    is computed over all rows. ``reference`` draws a dashed line (e.g. the dense accuracy).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get("group", "")), []).append(r)
+    for g, rs in groups.items():
+        is_base = g.startswith("baseline")
+        ax.scatter([r["sparsity"] for r in rs], [r["accuracy"] for r in rs], s=36 if is_base else 22,
+                   marker="X" if is_base else "o", color=_SIGNAL_COLORS.get(g), alpha=0.85, label=g, zorder=3)
+        if is_base:
+            for r in rs:
+                ax.annotate(str(r.get("name", "")), (r["sparsity"], r["accuracy"]), fontsize=7,
+                            xytext=(4, -9), textcoords="offset points")
+    pts = [(float(r["sparsity"]), float(r["accuracy"])) for r in rows]
+    front = pareto_front(pts)
+    if front:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="black", lw=1.2, ls="-",
+                marker="", label="Pareto front", zorder=2)
+    if reference is not None:
+        ax.axhline(reference, color="grey", ls="--", lw=1, label=f"dense ({reference:.3f})")
+    ax.set_xlabel("global sparsity (fraction of weights pruned)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def sensitivity_bars(plan: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Per-layer mean score of each signal, each normalised to its largest layer (1.0)."""
+    plt = _plt()
+    layers = [layer for layer in plan.layers if layer.kind != "norm"]
+    sigs = [s for s in ("magnitude", "gradient", "product") if s in plan.sensitivity]
+    fig, axes = plt.subplots(1, max(1, len(sigs)), figsize=(3.2 * max(1, len(sigs)) + 3, min(max(4.0, 0.2 * len(layers) + 2), 18)),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(layers))
+    for ax, sig in zip(axes[0], sigs, strict=False):
+        v = np.array([plan.sensitivity[sig].get(layer.name, 0.0) for layer in layers])
+        v = v / v.max() if v.max() > 0 else v
+        ax.barh(y, v, color=_SIGNAL_COLORS[sig])
+        ax.set_title(sig, fontsize=10)
+        ax.set_xlabel("mean score / max layer")
+        ax.grid(axis="x", alpha=0.3)
+    step = _label_step(len(layers))
+    axes[0][0].set_yticks(y[::step])
+    axes[0][0].set_yticklabels([f"{_short(layer.name)} ({layer.role})" for layer in layers[::step]], fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title or "per-layer sensitivity (mean score per weight)")
+    return _save(fig, path)
+
+
+def method_comparison(
+    series: Mapping[str, Mapping[float, Sequence[float]]], path: str | Path, *, title: str,
+    ylabel: str = "test accuracy", reference: float | None = None,
+) -> Path:
+    """Mean ± std of each method's accuracy at each sparsity (``{method: {sparsity: [values over seeds]}}``)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    n = max(1, len(series))
+    sp_all = sorted({s for v in series.values() for s in v})
+    width = (min(np.diff(sp_all)) if len(sp_all) > 1 else 0.1) * 0.6
+    for i, (method, by_s) in enumerate(series.items()):
+        xs = sorted(by_s)
+        mean = [float(np.mean(by_s[x])) for x in xs]
+        std = [float(np.std(by_s[x])) for x in xs]
+        off = (i - (n - 1) / 2) * width / n
+        style = dict(lw=2.2, marker="o") if method.lower().startswith("mix") else dict(lw=1.2, marker=".", alpha=0.9)
+        ax.errorbar([x + off for x in xs], mean, yerr=std, capsize=3, label=method, **style)  # type: ignore[arg-type]
+    if reference is not None:
+        ax.axhline(reference, color="grey", ls="--", lw=1, label=f"dense ({reference:.3f})")
+    ax.set_xticks(sp_all)
+    ax.set_xticklabels([f"{s:.0%}" for s in sp_all])
+    ax.set_xlabel("global sparsity")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title)
+    return _save(fig, path)

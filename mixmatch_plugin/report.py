@@ -1,0 +1,158 @@
+"""Reports: Markdown or self-contained HTML from a plan, demo, search or benchmark JSON, with plots.
+
+The input kind is read from its ``schema`` field: ``mixmatch.plan/1``, ``mixmatch.demo/1``,
+``mixmatch.bench/1`` or ``mixmatch.search/1``. Plots are (re)drawn next to the report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import MixMatchError
+from .io import atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
+
+
+def _md_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join("" if c is None else str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _plan_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list[str], list[Path]]:
+    from . import plots
+    from .plan import Plan
+
+    p = Plan.from_dict(doc)
+    imgs = [
+        plots.strategy_heatmap(p, folder / f"{stem}-strategies.png",
+                               strategies=[s.name for s in p.strategies if "method" not in s.meta]),
+        plots.ranges_plot(p, folder / f"{stem}-ranges.png", highlight=[s.name for s in p.strategies[:1]]),
+    ]
+    if p.sensitivity:
+        imgs.append(plots.sensitivity_bars(p, folder / f"{stem}-sensitivity.png"))
+    t = p.meta.get("target")
+    lines = [
+        f"## Plan: {p.meta.get('model', 'model')}",
+        f"{len(p.layers)} weight tensors ({sum(x.params for x in p.layers):,} weights), preset **{p.meta.get('preset')}**, "
+        f"ranges from **{p.meta.get('ranges')}**, "
+        + (f"budget-matched at **{t:.1%}** global sparsity." if t is not None else "native sparsity."),
+        "",
+        _md_table([(s.name, _pct(s.global_sparsity), len(s.meta.get("out_of_range", [])), s.meta.get("method", s.meta.get("shape", "")))
+                   for s in p.strategies], ("strategy", "global sparsity %", "layers outside range", "shape / method")),
+    ]
+    return lines, imgs
+
+
+def _demo_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list[str], list[Path]]:
+    rows = [(r["method"], _pct(r["sparsity"]), _pct(r["val_one_shot"]), _pct(r["test_one_shot"]), _pct(r["test_finetuned"]),
+             r["finetune_steps"] or "–") for r in doc["rows"]]
+    lines = [
+        f"## Demo: {doc['model'].split(':')[-1]} on {doc['dataset']}",
+        f"Dense test accuracy **{_pct(doc['dense_test'])} %**. Target sparsity **{doc['target']:.0%}**, exactly matched by "
+        f"every method. Strategy chosen on the validation split: **{doc['chosen']}**. Run time {doc['seconds']:.0f} s.",
+        "",
+        _md_table(rows, ("method", "sparsity %", "val acc one-shot %", "test acc one-shot %", "test acc fine-tuned %", "fine-tune steps")),
+        "",
+        "One-shot: masks plus BatchNorm re-estimation on 4 training batches. Fine-tuned: the same mask-keeping "
+        "budget for every method. The test split is used only for these columns.",
+    ]
+    imgs = [Path(v) for k, v in doc.get("files", {}).items() if k.endswith("_png") and Path(v).exists()]
+    return lines, imgs
+
+
+def _generic_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list[str], list[Path]]:
+    md = doc.get("markdown")
+    lines = [str(md)] if md else ["```", str({k: v for k, v in doc.items() if k != "files"})[:4000], "```"]
+    imgs = [Path(v) for v in doc.get("plots", {}).values() if Path(v).exists()]
+    return lines, imgs
+
+
+_SECTIONS: dict[str, Callable[[Mapping[str, Any], Path, str], tuple[list[str], list[Path]]]] = {
+    "mixmatch.plan": _plan_section,
+    "mixmatch.demo": _demo_section,
+    "mixmatch.bench": _generic_section,
+    "mixmatch.search": _generic_section,
+}
+
+
+def write_report(source: str | Path, out: str | Path, *, fmt: str | None = None) -> Path:
+    """Write a Markdown (``.md``) or self-contained HTML (``.html``) report about ``source``."""
+    source, out = Path(source), Path(out)
+    doc = read_json(source, "report input")
+    schema = str(doc.get("schema", "")) if isinstance(doc, Mapping) else ""
+    kind = re.sub(r"/\d+$", "", schema)
+    section = _SECTIONS.get(kind)
+    if section is None:
+        raise MixMatchError(
+            f"{source} is not a plan, demo, search or bench output (schema {schema!r}); "
+            "pass a file written by mixmatch plan/demo/search/bench"
+        )
+    fmt = fmt or ("html" if out.suffix in (".html", ".htm") else "md")
+    if fmt not in ("md", "html"):
+        raise MixMatchError(f"report format must be md or html, got {fmt!r}")
+    lines, imgs = section(doc, out.parent, out.stem)
+    if fmt == "md":
+        body = "\n".join(lines) + "\n\n" + "\n\n".join(f"![{p.stem}]({_rel(p, out.parent)})" for p in imgs) + "\n"
+        return atomic_write_text(out, f"# Mix-and-Match report\n\nSource: `{source.name}`\n\n{body}")
+    parts = [f"<h1>Mix-and-Match report</h1><p>Source: <code>{html.escape(source.name)}</code></p>", _md_to_html(lines)]
+    for p in imgs:
+        b64 = base64.b64encode(p.read_bytes()).decode()
+        parts.append(f'<figure><img alt="{html.escape(p.stem)}" style="max-width:100%" src="data:image/png;base64,{b64}"/>'
+                     f"<figcaption>{html.escape(p.stem)}</figcaption></figure>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>Mix-and-Match report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+    return atomic_write_text(out, page)
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _md_to_html(lines: Sequence[str]) -> str:
+    """Just enough Markdown for the report: headings, tables, bold, code and paragraphs."""
+    out, table = [], []
+
+    def inline(t: str) -> str:
+        t = html.escape(t)
+        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+    def flush() -> None:
+        if table:
+            rows = [r for r in table if not re.fullmatch(r"\|[-|: ]+\|", r)]
+            cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+            out.append("<table>" + "".join(
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
+                for i, row in enumerate(cells)) + "</table>")
+            table.clear()
+
+    for block in lines:
+        for line in str(block).splitlines():
+            if line.startswith("|"):
+                table.append(line)
+                continue
+            flush()
+            if line.startswith("#"):
+                level = len(line) - len(line.lstrip("#"))
+                out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+            elif line.strip():
+                out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return "\n".join(out)
