@@ -193,7 +193,7 @@ def method_comparison(
         std = [float(np.std(by_s[x])) for x in xs]
         off = (i - (n - 1) / 2) * width / n
         style = dict(lw=2.2, marker="o") if method.lower().startswith("mix") else dict(lw=1.2, marker=".", alpha=0.9)
-        ax.errorbar([x + off for x in xs], mean, yerr=std, capsize=3, label=method, **style)  # type: ignore[arg-type]
+        ax.errorbar([x + off for x in xs], mean, yerr=std, capsize=3, label=method, **style)
     if reference is not None:
         ax.axhline(reference, color="grey", ls="--", lw=1, label=f"dense ({reference:.3f})")
     ax.set_xticks(sp_all)

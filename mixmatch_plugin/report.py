@@ -127,7 +127,8 @@ def _rel(p: Path, base: Path) -> str:
 
 def _md_to_html(lines: Sequence[str]) -> str:
     """Just enough Markdown for the report: headings, tables, bold, code and paragraphs."""
-    out, table = [], []
+    out: list[str] = []
+    table: list[str] = []
 
     def inline(t: str) -> str:
         t = html.escape(t)
