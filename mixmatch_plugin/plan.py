@@ -200,6 +200,7 @@ def plan(
     shapes: Sequence[str] = SHAPES,
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,
+    scores: Signals | None = None,
     progress: bool = False,
 ) -> Plan:
     """Build the Mix-and-Match plan of ``model``: inventory, ranges and ten strategies per signal.
@@ -222,6 +223,8 @@ def plan(
         protect: regexes of layers to keep dense (hard bound [0, 0]).
         shapes: strategy shapes to build (default: all ten).
         loss_fn, max_batches, progress: see :func:`~mixmatch_plugin.compute_signals`.
+        scores: precomputed signals of this very model (reused, e.g. across targets); ``calib`` is then
+            only needed for what ``scores`` lacks (GraSP scores for empirical ranges).
     """
     if target is not None:
         target = validate_ratio(target, "target sparsity")
@@ -235,18 +238,24 @@ def plan(
     _protect(layers, hard, protect)
 
     needs_grad = any(s in ("gradient", "product") for s in signals) or how != "rules"
-    if needs_grad and calib is None:
+    needs_grasp = how != "rules" and "grasp" in rules.empirical_methods
+    if scores is not None:
+        missing = sorted(set(layer.name for layer in layers) ^ set(scores.magnitude))
+        if missing:
+            raise MixMatchError(f"the given scores do not match the model (first differing layer {missing[0]!r})")
+    if ((needs_grad and (scores is None or scores.gradient is None)) or (needs_grasp and (scores is None or scores.grasp is None))) and calib is None:
         raise MixMatchError(
             "the gradient and product signals and empirical ranges need calibration data: pass calib=<DataLoader> "
             "(CLI: --calib digits|fashion-mnist|random), or use signals=('magnitude',) with rule ranges"
         )
-    scores = compute_signals(
-        model, calib, layers=layers, signals=signals if not needs_grad else SIGNALS,
-        loss_fn=loss_fn, max_batches=max_batches, progress=progress,
-    )
+    if scores is None or (needs_grad and scores.gradient is None):
+        scores = compute_signals(
+            model, calib, layers=layers, signals=signals if not needs_grad else SIGNALS,
+            loss_fn=loss_fn, max_batches=max_batches, progress=progress,
+        )
     emp = None
     if how != "rules":
-        if "grasp" in rules.empirical_methods:
+        if needs_grasp and scores.grasp is None:
             assert calib is not None
             scores.grasp = compute_grasp(model, calib, layers=layers, loss_fn=loss_fn, max_batches=max_batches, progress=progress)
         emp = compute_empirical_ranges(layers, scores, rules.empirical_methods, rules.empirical_sparsities)

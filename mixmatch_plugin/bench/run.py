@@ -1,0 +1,266 @@
+"""The real-data comparison: Mix-and-Match against the allocation baselines on Fashion-MNIST.
+
+For every model, sparsity and seed (the seed draws the calibration batches and orders fine-tuning):
+
+* **baselines** (uniform magnitude, global magnitude, SNIP, GraSP, LAMP, ERK) and **Mix-and-Match**
+  candidates, all pruning exactly ``round(S * N)`` weights;
+* Mix-and-Match variants differ in the range source (``rules``: the model's preset; ``empirical``:
+  the paper's nine runs). Each variant's 30 strategies are ranked on the **validation** split (a
+  500-image screen, then the top 5 on all 5,000 validation images); ``mm`` is the validation-best
+  over all variants' candidates. The test split is evaluated only for the report;
+* ``oracle`` (best test accuracy among the rule strategies) and ``mean`` (their average) show what
+  the selection costs; they are diagnostics, not methods (they peek at test);
+* **one-shot**: masks (plus BatchNorm re-estimation on training batches, for every method alike);
+  **fine-tuned**: the same mask-keeping fine-tune (optimizer, steps, learning rate, data order) for
+  every fine-tuned method.
+
+Results are saved after every (model, seed) so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import baselines, data
+from .._version import __version__
+from ..errors import BudgetError
+from ..evaluate import evaluate, rank, reestimate_bn
+from ..finetune import finetune
+from ..io import atomic_write_json, read_json
+from ..masks import apply_masks, compute_masks
+from ..plan import Plan, plan
+from ..progress import progress_bar
+from ..signals import Signals, compute_grasp, compute_signals
+from ..strategies import Strategy
+from ..train import TrainConfig, train_cached
+from .models import FULL, QUICK
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "mixmatch.bench/1"
+BASELINES = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk")
+
+
+@dataclass
+class BenchConfig:
+    """Everything a benchmark run depends on (recorded in the results)."""
+
+    models: dict[str, TrainConfig]
+    sparsities: dict[str, tuple[float, ...]]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    calib_samples: int = 1024
+    screen_samples: int = 500
+    top_k: int = 5
+    bn_batches: int = 4
+    finetune_steps: int = 100
+    finetune_lr: float = 3e-4
+    finetune_methods: tuple[str, ...] = ("uniform", "global_magnitude", "lamp", "mm")
+    variants: tuple[str, ...] = ("rules", "empirical")
+    test_samples: int | None = None  # None: the whole 10,000-image test split
+    structured: bool = True
+
+    @classmethod
+    def full(cls) -> BenchConfig:
+        return cls(models=dict(FULL), sparsities={"resnet18": (0.7, 0.9, 0.95), "vit": (0.5, 0.7, 0.8), "swin": (0.5, 0.7, 0.8)})
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(models=dict(QUICK), sparsities={"resnet": (0.7, 0.9), "swin": (0.5, 0.7)}, seeds=(0, 1), calib_samples=256,
+                   screen_samples=200, top_k=2, bn_batches=2, finetune_steps=15, test_samples=2000)
+
+
+def environment() -> dict[str, Any]:
+    import numpy
+    import timm
+
+    return {
+        "mixmatch_plugin": __version__, "torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+class _Evaluator:
+    """Masked evaluation of strategies on one model, with a reusable working copy."""
+
+    def __init__(self, model: torch.nn.Module, scores: Signals, layers: Sequence[Any], bn: Iterable[Any], bn_batches: int) -> None:
+        self.model, self.scores, self.layers = model, scores, layers
+        self.work = copy.deepcopy(model)
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.bn, self.bn_batches = bn, bn_batches
+
+    def masked(self, s: Strategy) -> torch.nn.Module:
+        self.work.load_state_dict(self.state)
+        apply_masks(self.work, compute_masks(self.work, s, self.scores, layers=self.layers))
+        if self.bn_batches:
+            reestimate_bn(self.work, self.bn, self.bn_batches)
+        return self.work
+
+
+def _choose(ev: _Evaluator, cands: Sequence[Strategy], screen: Any, val: Any, top_k: int) -> tuple[Strategy, list[dict[str, Any]]]:
+    """Validation-only choice: screen every candidate on a small split, re-rank the top ``top_k`` on all of it."""
+    ranked = rank(ev.model, cands, screen, signals=ev.scores, bn_loader=ev.bn, bn_batches=ev.bn_batches)
+    by = {s.name: s for s in cands}
+    finals = []
+    for r in ranked[:top_k]:
+        m = evaluate(ev.masked(by[r.strategy]), val)
+        finals.append({"strategy": r.strategy, "screen_accuracy": r.accuracy, "val_accuracy": m.accuracy, "val_loss": m.loss})
+    finals.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
+    return by[finals[0]["strategy"]], [{"strategy": r.strategy, "screen_accuracy": r.accuracy} for r in ranked] + finals
+
+
+def run_model(
+    name: str, cfg: BenchConfig, splits: data.Splits, *, done: dict[str, Any] | None = None,
+    on_seed: Any = None, cache_dir: str | Path | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark one model over all its sparsities and seeds; ``done`` holds seeds finished earlier."""
+    model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
+    model.eval()
+    out: dict[str, Any] = done or {"dense": {k: v for k, v in info.items() if k != "history"}, "history": info.get("history"),
+                                   "runs": [], "choices": [], "seconds": {}}
+    test_ds = data.subset(splits.test, cfg.test_samples, 0) if cfg.test_samples else splits.test
+    test = data.loader(test_ds, 1000)
+    val = data.loader(splits.val, 1000)
+    out["dense"]["test_accuracy_eval"] = evaluate(model, test).accuracy
+    out["dense"]["val_accuracy_eval"] = evaluate(model, val).accuracy
+    finished = {r["seed"] for r in out["runs"]}
+    for seed in cfg.seeds:
+        if seed in finished:
+            logger.info("%s seed %d already done: skipped", name, seed)
+            continue
+        t0 = time.time()
+        torch.manual_seed(seed)
+        calib = splits.calibration(cfg.calib_samples, 128, seed)
+        screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), 500)
+        bn = data.loader(splits.train, 128, shuffle=True, seed=seed)
+        scores = compute_signals(model, calib)
+        scores.grasp = compute_grasp(model, calib)
+        layers = None
+        rows: list[dict[str, Any]] = []
+        for target in progress_bar(cfg.sparsities[name], f"{name} seed {seed}", enable=progress):
+            plans: dict[str, Plan] = {}
+            for variant in cfg.variants:
+                preset = "paper" if variant == "empirical" else "auto"
+                try:
+                    plans[variant] = plan(model, calib, preset=preset, target=target, on_unreachable="extend", scores=scores)
+                except BudgetError as exc:
+                    logger.warning("%s at %.2f: variant %s skipped (%s)", name, target, variant, exc)
+            variants = list(plans)
+            layers = plans[variants[0]].layers
+            ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
+            base = {b: baselines.make(b, layers, scores, target) for b in BASELINES}
+            cands: dict[str, Strategy] = {}
+            for variant, p in plans.items():
+                for s in p.strategies:
+                    cands[f"{variant}/{s.name}"] = Strategy(f"{variant}/{s.name}", s.signal, s.ratios, s.global_sparsity, s.meta)
+            chosen_by_variant = {}
+            for variant in variants:
+                vc = [s for k, s in cands.items() if k.startswith(variant + "/")]
+                chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
+                out["choices"].append({"seed": seed, "sparsity": target, "variant": variant, "ranking": log})
+            # the overall choice: the best validation accuracy among the variants' finalists
+            finalists = [c for c in out["choices"] if c["seed"] == seed and c["sparsity"] == target]
+            best_name = max((f for c in finalists for f in c["ranking"] if "val_accuracy" in f),
+                            key=lambda f: (f["val_accuracy"], -f["val_loss"]))["strategy"]
+            methods: dict[str, Strategy] = {**base, "mm": cands[best_name], **{f"mm_{v}": s for v, s in chosen_by_variant.items()}}
+            for method, s in methods.items():
+                m = ev.masked(s)
+                rows.append(_row(name, target, seed, method, "one-shot", s, evaluate(m, val).accuracy, evaluate(m, test).accuracy))
+            if seed == cfg.seeds[0]:  # selection cost: every rule strategy on test (diagnostic, first seed only)
+                accs = [evaluate(ev.masked(s), test).accuracy for k, s in cands.items() if k.startswith("rules/")]
+                rows.append(_row(name, target, seed, "mm_oracle", "one-shot", None, None, max(accs)))
+                rows.append(_row(name, target, seed, "mm_mean", "one-shot", None, None, sum(accs) / len(accs)))
+            train_loader = data.loader(splits.train, 128, shuffle=True, seed=seed)
+            for method in cfg.finetune_methods:
+                s = methods[method]
+                work = copy.deepcopy(ev.masked(s))
+                masks = compute_masks(work, s, scores, layers=layers)
+                ft = finetune(work, masks, train_loader, max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+                r = _row(name, target, seed, method, "fine-tuned", s, evaluate(work, val).accuracy, evaluate(work, test).accuracy)
+                r["realized_sparsity"] = ft.global_sparsity
+                rows.append(r)
+        # the noise floor: the first fine-tuned method's strategy fine-tuned again with another data order
+        if cfg.finetune_methods and layers is not None:
+            target = cfg.sparsities[name][-1]
+            s = baselines.make(cfg.finetune_methods[0], layers, scores, target)
+            ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
+            work = copy.deepcopy(ev.masked(s))
+            finetune(work, compute_masks(work, s, scores, layers=layers),
+                     data.loader(splits.train, 128, shuffle=True, seed=seed + 1000), max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+            r = _row(name, target, seed, cfg.finetune_methods[0] + "_reseeded", "fine-tuned", s, evaluate(work, val).accuracy,
+                     evaluate(work, test).accuracy)
+            rows.append(r)
+        out["runs"] += rows
+        out["seconds"][str(seed)] = time.time() - t0
+        if on_seed:
+            on_seed(out)
+    return out
+
+
+def _has_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _row(model: str, target: float, seed: int, method: str, regime: str, s: Strategy | None,
+         val_acc: float | None, test_acc: float) -> dict[str, Any]:
+    return {"model": model, "sparsity": target, "seed": seed, "method": method, "regime": regime,
+            "strategy": s.name if s else None, "realized_sparsity": s.global_sparsity if s else None,
+            "val_accuracy": val_acc, "test_accuracy": test_acc}
+
+
+@dataclass
+class BenchResult:
+    path: Path
+    doc: dict[str, Any] = field(default_factory=dict)
+
+
+def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str | None = None,
+        cache_dir: str | Path | None = None, progress: bool = True, fresh: bool = False) -> BenchResult:
+    """Run the benchmark for every model in ``cfg`` and write ``out/<quick|full>.json`` (resumable)."""
+    out = Path(out)
+    path = out / ("quick.json" if quick else "full.json")
+    doc: dict[str, Any] = {}
+    if path.exists() and not fresh:
+        doc = read_json(path, "benchmark results")
+        if doc.get("config") != _cfg_dict(cfg):
+            logger.warning("%s was made with another configuration: starting fresh", path)
+            doc = {}
+    doc.setdefault("schema", SCHEMA)
+    doc["config"] = _cfg_dict(cfg)
+    doc.setdefault("models", {})
+    doc["environment"] = environment()
+    splits = data.fashion_mnist(data_dir, seed=0)
+    t0 = time.time()
+    for name in cfg.models:
+        def save(partial: dict[str, Any], name: str = name) -> None:
+            doc["models"][name] = partial
+            atomic_write_json(path, doc)
+
+        doc["models"][name] = run_model(name, cfg, splits, done=doc["models"].get(name), on_seed=save,
+                                        cache_dir=cache_dir, progress=progress)
+        save(doc["models"][name])
+    doc["seconds"] = time.time() - t0
+    if cfg.structured:
+        from .structured import structured_rows
+
+        doc["structured"] = structured_rows(cfg, splits, cache_dir=cache_dir, progress=progress)
+    atomic_write_json(path, doc)
+    return BenchResult(path, doc)
+
+
+def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["models"] = {k: asdict(v) for k, v in cfg.models.items()}
+    d["sparsities"] = {k: list(v) for k, v in cfg.sparsities.items()}
+    for k in ("seeds", "finetune_methods", "variants"):
+        d[k] = list(d[k])
+    return d

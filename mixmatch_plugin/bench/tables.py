@@ -1,0 +1,148 @@
+"""Tables and plots of benchmark results, and the README section generated from them."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_text
+
+ORDER = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm_rules", "mm_empirical", "mm")
+LABEL = {
+    "uniform": "uniform", "global_magnitude": "global mag.", "snip": "SNIP", "grasp": "GraSP", "lamp": "LAMP",
+    "erk": "ERK", "mm_rules": "M&M rules", "mm_empirical": "M&M empirical", "mm": "**M&M**",
+    "mm_oracle": "M&M oracle†", "mm_mean": "M&M mean of 30†",
+}
+FIGHT = ("uniform", "global_magnitude", "lamp", "snip", "grasp", "erk")
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def drops(model_doc: Mapping[str, Any]) -> dict[tuple[str, float, str], list[float]]:
+    """Test-accuracy drop in points, per (regime, sparsity, method), one value per seed."""
+    dense = model_doc["dense"]["test_accuracy_eval"]
+    out: dict[tuple[str, float, str], list[float]] = defaultdict(list)
+    for r in model_doc["runs"]:
+        out[(r["regime"], r["sparsity"], r["method"])].append(100 * (dense - r["test_accuracy"]))
+    return out
+
+
+def noise_floor(d: Mapping[tuple[str, float, str], list[float]], regime: str, sparsity: float) -> float:
+    """Largest seed standard deviation among methods, or the same-strategy reseed difference, whichever is larger."""
+    stds = [_stats(v)[1] for (rg, sp, m), v in d.items() if rg == regime and sp == sparsity and len(v) > 1]
+    reseed = [abs(a - b) for (rg, sp, m), v in d.items() if rg == regime and m.endswith("_reseeded")
+              for a, b in zip(v, d.get((rg, sp, m.replace("_reseeded", "")), []), strict=False)]
+    return max(stds + reseed + [0.0])
+
+
+def model_table(name: str, model_doc: Mapping[str, Any]) -> str:
+    d = drops(model_doc)
+    regimes = sorted({k[0] for k in d}, key=lambda r: r != "one-shot")
+    sparsities = sorted({k[1] for k in d})
+    dense = model_doc["dense"]
+    lines = [f"**{name}**: dense test accuracy {100 * dense['test_accuracy_eval']:.2f} % "
+             f"(validation {100 * dense['val_accuracy_eval']:.2f} %). Cells: test-accuracy drop in points, mean ± std over seeds "
+             "(lower is better)."]
+    for regime in regimes:
+        methods = [m for m in (*ORDER, "mm_oracle", "mm_mean") if any(k == (regime, s, m) for s in sparsities for k in d)]
+        lines += ["", f"*{regime}*", "", "| sparsity | " + " | ".join(LABEL.get(m, m) for m in methods) + " | noise floor |",
+                  "|---" * (len(methods) + 2) + "|"]
+        for s in sparsities:
+            cells = []
+            for m in methods:
+                v = d.get((regime, s, m))
+                if not v:
+                    cells.append("–")
+                    continue
+                mu, sd = _stats(v)
+                cells.append(f"{mu:.2f} ± {sd:.2f}" if len(v) > 1 else f"{mu:.2f}")
+            lines.append(f"| {s:.0%} | " + " | ".join(cells) + f" | {noise_floor(d, regime, s):.2f} |")
+    return "\n".join(lines)
+
+
+def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:
+    """(drop_baseline - drop_mm) / drop_baseline per baseline; differences within the noise floor are ties."""
+    d = drops(model_doc)
+    rows = []
+    for (regime, s, m), v in sorted(d.items()):
+        if m != "mm":
+            continue
+        mm_mu = _stats(v)[0]
+        nf = noise_floor(d, regime, s)
+        cells = []
+        for b in FIGHT:
+            bv = d.get((regime, s, b))
+            if not bv:
+                cells.append("–")
+                continue
+            b_mu = _stats(bv)[0]
+            if abs(b_mu - mm_mu) <= nf:
+                cells.append(f"tie ({_red(b_mu, mm_mu)})")
+            else:
+                cells.append(("**win** " if mm_mu < b_mu else "loss ") + _red(b_mu, mm_mu))
+        rows.append(f"| {regime} | {s:.0%} | " + " | ".join(cells) + " |")
+    head = "| regime | sparsity | " + " | ".join(LABEL[b] for b in FIGHT) + " |\n" + "|---" * (len(FIGHT) + 2) + "|"
+    return f"**{name}**: reduction of the drop by Mix-and-Match, (drop_baseline − drop_mm) / drop_baseline\n\n{head}\n" + "\n".join(rows)
+
+
+def _red(b: float, m: float) -> str:
+    if abs(b) < 1e-9:
+        return "n/a"
+    return f"{100 * (b - m) / b:+.0f} %"
+
+
+def plots(doc: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
+    from ..plots import method_comparison
+
+    folder = Path(folder)
+    files = {}
+    for name, md in doc["models"].items():
+        dense = md["dense"]["test_accuracy_eval"]
+        for regime in ("one-shot", "fine-tuned"):
+            series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+            for r in md["runs"]:
+                if r["regime"] == regime and r["method"] in ORDER:
+                    series[LABEL[r["method"]].strip("*")][r["sparsity"]].append(r["test_accuracy"])
+            if not series:
+                continue
+            key = f"{name}-{regime}"
+            ordered = {("Mix-and-Match" if k == "M&M" else k): v for k, v in sorted(series.items(), key=lambda kv: kv[0] != "M&M")}
+            files[key] = str(method_comparison(ordered, folder / f"{key}.png", reference=dense,
+                                               title=f"{name} on Fashion-MNIST, {regime}: test accuracy (mean ± std over seeds)"))
+    return files
+
+
+def markdown(doc: Mapping[str, Any], *, command: str) -> str:
+    env = doc.get("environment", {})
+    cfg = doc.get("config", {})
+    parts = [
+        f"Measured with `{command}` on {env.get('threads', '?')} CPU threads ({env.get('date', '')}, torch {env.get('torch')}, "
+        f"timm {env.get('timm')}). Seeds {cfg.get('seeds')}; every method prunes exactly the same number of weights; "
+        f"fine-tuning: {cfg.get('finetune_steps')} mask-keeping Adam steps at lr {cfg.get('finetune_lr')}, the same for every "
+        "method. Mix-and-Match's strategy is chosen on the validation split; † oracle and mean use the test split "
+        "and are shown only to make the selection cost visible. A difference within the noise floor (the largest seed "
+        "std, or the spread of one strategy fine-tuned with two seeds) is a tie.",
+    ]
+    for name, md in doc["models"].items():
+        parts += ["", model_table(name, md), "", reduction_table(name, md)]
+    for row in doc.get("structured") or []:
+        parts.append("")
+        parts.append(row.get("markdown", ""))
+    return "\n".join(parts)
+
+
+def update_readme(readme: str | Path, section: str, marker: str = "bench") -> bool:
+    """Replace the text between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->``; False if no markers."""
+    path = Path(readme)
+    text = path.read_text()
+    pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(\n<!-- {marker}:end -->)", re.S)
+    if not pat.search(text):
+        return False
+    atomic_write_text(path, pat.sub(lambda m: m.group(1) + section + m.group(2), text))
+    return True
