@@ -425,6 +425,23 @@ def _width(module: nn.Module) -> int:
     return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
 
 
+def _translate(model: nn.Module, copy_: nn.Module, items: Sequence[Any]) -> list[Any]:
+    """The modules and Parameters of ``copy_`` that correspond (by name) to ``items`` of ``model``."""
+    mods = {id(m): n for n, m in model.named_modules()}
+    params = {id(p): n for n, p in model.named_parameters()}
+    out: list[Any] = []
+    for it in items:
+        if isinstance(it, nn.Parameter) and id(it) in params:
+            out.append(copy_.get_parameter(params[id(it)]))
+        elif isinstance(it, nn.Module) and id(it) in mods:
+            out.append(copy_.get_submodule(mods[id(it)]))
+        elif isinstance(it, (nn.Module, nn.Parameter)):
+            raise MixMatchError(f"ignored_layers contains a {type(it).__name__} that is not part of the model")
+        else:
+            out.append(it)  # refused with a message by _check_ignored
+    return out
+
+
 def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
     parts = name.split(".") if name else []
     return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
@@ -495,17 +512,17 @@ def _tp_ratio(channels: int, keep: int) -> float:
 
 
 def _plan_keep(channels: int, target: float, min_keep: int, round_to: int | None, max_ratio: float) -> tuple[int, str]:
+    """Channels to keep: the nearest count (or multiple of ``round_to``), at least ``min_keep`` and the ``max_ratio`` floor."""
     keep = round(channels * (1.0 - target))
-    why = ""
     cap = math.ceil(channels * (1.0 - max_ratio) - 1e-9)
-    if keep < cap:
-        keep, why = cap, "max_ratio"
-    if round_to and round_to > 1 and keep < channels:
-        keep = max(round_to, round_to * round(keep / round_to))
-        keep = min(keep, channels)
-    if keep < min_keep:
-        keep, why = min(min_keep, channels), "min-keep"
-    return keep, why
+    if round_to and round_to > 1:
+        keep = round_to * round(keep / round_to)
+        cap = round_to * math.ceil(cap / round_to)
+    lowest = max(min_keep, cap)
+    why = ""
+    if keep < lowest:
+        keep, why = lowest, ("min-keep" if min_keep >= cap else "max_ratio")
+    return min(keep, channels), why
 
 
 def _analyse(
@@ -1077,6 +1094,8 @@ def prune(
     work = model if inplace else copy.deepcopy(model)
     original = copy.deepcopy(model) if verify else None
 
+    if not inplace and ignored_layers:
+        ignored_layers = _translate(model, work, ignored_layers)
     t0 = time.perf_counter()
     try:
         macs0, params0 = _count(work, example_inputs)
