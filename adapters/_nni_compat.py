@@ -22,6 +22,11 @@ torch (NNI issue 5768). The five causes, and what :func:`speedup_compat` does ab
    embedding) call the original, which cannot evaluate a proxy; every module-level ``_assert`` bound
    to ``torch._assert`` is pointed to a wrapper that asserts on the proxy's concrete value.
 
+4 and 5 are two halves of one crash on timm ViTs (``_assert`` dispatches through
+``handle_torch_function``, which fails on the traced condition whether or not it is a leaf): fix 5
+alone resolves it on the tested models; fix 4 is kept so that dispatch is not recorded as an opaque
+call. The tests show fixes 1, 2, 3 and 5 are each necessary, and 4 together with 5.
+
 ViTs also need :class:`LayerNormMaskUpdater`: NNI infers masks from values that do not vary over the
 batch, and a LayerNorm's weight (traced as a ``get_attr`` of a 1-D parameter) looks constant, so the
 LayerNorm's output mask comes out empty and every layer after it would be removed.
