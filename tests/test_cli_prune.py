@@ -7,9 +7,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from mixmatch_plugin.adapters import torch_pruning as mtp
 from mixmatch_plugin.adapters.artifact import load_pruned
 
 from mixmatch_plugin.cli import main
+from mixmatch_plugin.plan import load_plan
+
+from .helpers import small_vit
 
 
 def _run(*args: str):
@@ -68,11 +72,6 @@ def test_prune_tp_vit_rebuilds_attention(tmp_path):
     for blk in model.blocks:
         a = blk.attn
         assert a.qkv.out_features == 3 * a.num_heads * a.head_dim and a.scale == pytest.approx(a.head_dim ** -0.5)
-    from mixmatch_plugin.adapters import torch_pruning as mtp
-
-    from mixmatch_plugin.plan import load_plan
-    from tests.helpers import small_vit
-
     original = small_vit().eval()
     p = load_plan(plan)
     direct = mtp.prune(original, p.strategy("magnitude:all-max"), torch.zeros(2, 1, 16, 16), verify=False)
