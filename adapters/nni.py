@@ -289,7 +289,9 @@ def from_uniform(
         mode: ``level`` or ``channel`` (see :func:`config_list`).
         example_inputs: for ``mode="channel"``.
         selector: ``op_names`` or ``op_names_re`` (anchored).
-        plan_kwargs: passed to :func:`mixmatch_plugin.plan` (``preset``, ``signals`` ...).
+        plan_kwargs: passed to :func:`mixmatch_plugin.plan` (``preset``, ``signals`` ...). The
+            preset's structural constraints other than ``norm`` are switched off unless you pass
+            ``disable_constraints``: your config already says which layers to prune.
 
     The overall sparsity is the parameter-weighted mean of the uniform ratios over the covered
     layers, and the plan is budget-matched to it with every uncovered layer kept dense; with
@@ -313,6 +315,11 @@ def from_uniform(
     target = pruned / total
     protect = [_anchored(layer.name) for layer in layers if layer.name not in cov and layer.kind != "norm"]
     plan_kwargs.setdefault("on_unreachable", "extend")
+    if "disable_constraints" not in plan_kwargs:
+        # the user's config already decides which layers are pruned: only "norms stay dense" remains
+        preset = plan_kwargs.get("preset", "auto")
+        rules = mm.load_rules(mm.preset_for(model) if preset == "auto" else preset)
+        plan_kwargs["disable_constraints"] = tuple(c.id for c in rules.constraints if c.id != "norm")
     if "signals" not in plan_kwargs and calib is None:
         plan_kwargs["signals"] = ("magnitude",)
     p = mm.plan(model, calib, target=target, protect=[*plan_kwargs.pop("protect", ()), *protect], **plan_kwargs)
@@ -410,8 +417,10 @@ def prune(
 
     Returns:
         :class:`NNIResult` with the pruned model (dense modules, zeros multiplied in; NNI's
-        ``unwrap_model()`` alone would restore the dense weights) and NNI's masks
-        ``{module_name: {"weight": tensor, "bias": tensor | None}}``.
+        ``unwrap_model()`` alone would restore the dense weights) and the masks in NNI's format
+        ``{module_name: {"weight": tensor, "bias": tensor | None}}``. For the channel pruners the
+        BatchNorms of removed channels are masked too (their shift would otherwise keep the channel
+        alive), so the masked model equals the sped-up one.
     """
     if pruner not in PRUNERS:
         raise MixMatchError(f"pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
@@ -442,6 +451,9 @@ def prune(
         finally:
             nni_pruner.unwrap_model()
     target.train(was_training)
+    masks = {n: dict(m) for n, m in masks.items()}
+    if pruner != "level" and example_inputs is not None:
+        _add_coupled_masks(target, masks, example_inputs)
     with torch.no_grad():
         for name, m in masks.items():
             module = target.get_submodule(name)
@@ -455,6 +467,48 @@ def prune(
         if isinstance(w, torch.Tensor):
             sparsity[name] = float((w == 0).float().mean())
     return NNIResult(target, dict(masks), cfg, pruner, sparsity)
+
+
+def _add_coupled_masks(model: nn.Module, masks: dict[str, dict[str, Any]], example_inputs: Any) -> None:
+    """Mask the BatchNorms (and per-channel parameters) of removed channels too.
+
+    NNI's channel masks cover the Conv/Linear rows only, so a removed channel still carries its
+    BatchNorm shift (``beta - mean·gamma/std``) downstream, and the masked model differs from the
+    sped-up one. The coupled BatchNorm weight and bias are masked as well (and added to ``masks``),
+    so that the masked model *is* the model with those channels removed.
+    """
+    removed: dict[str, list[int]] = {}
+    for name, m in masks.items():
+        w = m.get("weight")
+        module = model.get_submodule(name)
+        if w is None or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        dead = torch.nonzero(w.reshape(w.shape[0], -1).abs().sum(1) == 0).flatten().tolist()
+        if getattr(module, "transposed", False):
+            continue
+        if dead:
+            removed[name] = dead
+    if not removed:
+        return
+    try:
+        from .torch_pruning import coupled_channels
+
+        items = coupled_channels(model, removed, example_inputs)
+    except Exception as exc:  # the masks stay NNI's own; speedup() verifies what it can
+        logger.warning("could not trace the channel groups (%s); BatchNorm shifts of removed channels remain", exc)
+        return
+    for item in items:
+        if item.is_param or item.side != "out":
+            continue
+        module = model.get_submodule(item.target)
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine:
+            continue
+        keep = torch.ones(module.num_features)
+        keep[item.idxs] = 0.0
+        entry = masks.setdefault(item.target, {})
+        for pname in ("weight", "bias"):
+            old = entry.get(pname)
+            entry[pname] = keep.clone() if old is None else old * keep
 
 
 # ------------------------------------------------------------------------------------------ speed-up

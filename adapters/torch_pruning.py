@@ -919,6 +919,40 @@ def _record(group: Any, DG: Any, names: Mapping[int, str], pnames: Mapping[int, 
     return out
 
 
+def coupled_channels(
+    model: nn.Module, removed_out: Mapping[str, Sequence[int]], example_inputs: Any,
+    *, forward_fn: Callable[..., Any] | None = None,
+) -> list[RemovedItem]:
+    """Everything that goes with removing output channels ``{conv_or_linear_name: [channel, ...]}``.
+
+    Builds Torch-Pruning's dependency graph of ``model`` (traced once, eval mode, restored) and
+    returns the removal records of each affected group: the coupled producers, BatchNorms, free
+    parameters and consumers. Used by the NNI adapter to make channel masks match removal.
+    """
+    was = model.training
+    try:
+        setup = _setup(model, None, False, False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
+            DG = tp.DependencyGraph().build_dependency(
+                model, example_inputs, forward_fn=forward_fn, unwrapped_parameters=list(setup.unwrapped),
+                customized_pruners=dict(setup.customized), ignored_params=list(setup.ignored_params), verbose=False,
+            )
+    finally:
+        model.train(was)
+    names = {id(m): n for n, m in model.named_modules()}
+    pnames = {id(p): n for n, p in model.named_parameters()}
+    out: list[RemovedItem] = []
+    for name, idxs in removed_out.items():
+        if not idxs:
+            continue
+        module = model.get_submodule(name)
+        pruner = DG.get_pruner_of_module(module)
+        group = DG.get_pruning_group(module, pruner.prune_out_channels, [int(i) for i in idxs])
+        out.extend(_record(group, DG, names, pnames))
+    return out
+
+
 def _flat(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]

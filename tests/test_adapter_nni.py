@@ -434,3 +434,29 @@ def test_prune_and_speedup_emit_no_warnings(resnet):
         res = mnni.prune(m, p.strategy("magnitude:all-max"), "l1", example_inputs=x)
         mnni.speedup(res.model, res.masks, x)
     assert not [w for w in caught if re.search("nni", str(w.filename))], [str(w.message) for w in caught][:3]
+
+
+def test_channel_masks_cover_batchnorm_so_the_masked_model_equals_the_sped_up_one(trained_tiny_resnet, digits):
+    m = trained_tiny_resnet
+    x = digits.val.tensors[0][:8]
+    p = mm.plan(m, signals=("magnitude",), target=0.4, on_unreachable="extend")
+    res = mnni.prune(m, p.strategy("magnitude:all-max"), "l1", example_inputs=x)
+    bns = [n for n in res.masks if isinstance(res.model.get_submodule(n), nn.BatchNorm2d)]
+    assert bns, "the BatchNorms of removed channels are masked too"
+    fast = mnni.speedup(res.model, res.masks, x)  # verifies output equality itself
+    with torch.no_grad():
+        assert torch.allclose(fast(x), res.model(x), atol=1e-4, rtol=1e-4)
+    # NNI's own masks (Conv/Linear rows only) leave the BatchNorm shift of a removed channel alive
+    conv_only = {n: mk for n, mk in res.masks.items() if n not in bns}
+    masked = copy.deepcopy(m)
+    with torch.no_grad():
+        for n, mk in conv_only.items():
+            mod = masked.get_submodule(n)
+            mod.weight.mul_(mk["weight"])
+            if mk.get("bias") is not None and mod.bias is not None:
+                mod.bias.mul_(mk["bias"])
+    raw = copy.deepcopy(masked)
+    _speedup_raw(raw, conv_only, x, mnni.FIXES)
+    raw.eval()
+    with torch.no_grad():
+        assert (raw(x) - masked(x)).abs().max() > 1e-3
