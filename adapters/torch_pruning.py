@@ -172,7 +172,10 @@ class GroupPlan:
 
 @dataclass
 class GroupResult:
-    """Planned against realized pruning of one group (realized = removed / original, per channel group)."""
+    """Planned against realized pruning of one group (realized = removed / original, per channel group).
+
+    ``unit`` is ``ch`` (channels per channel group; head_dim for attention) or ``heads``.
+    """
 
     key: str
     producers: list[str]
@@ -182,6 +185,7 @@ class GroupResult:
     kept: int
     target: float
     clamped: str = ""
+    unit: str = "ch"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -231,7 +235,7 @@ class PruneReport:
         for g in self.groups:
             if g.planned > 0 or g.realized > 0:
                 lines.append(
-                    f"  {g.key:<40} {g.channels:>5} ch  target {g.target:.3f}  planned {g.planned:.3f}  "
+                    f"  {g.key:<40} {g.channels:>5} {g.unit:<5} target {g.target:.3f}  planned {g.planned:.3f}  "
                     f"realized {g.realized:.3f}" + (f"  ({g.clamped})" if g.clamped else "")
                 )
         lines += [f"note: {n}" for n in self.notes]
@@ -704,10 +708,6 @@ def _kwargs_from(setup: _Setup, plans: Sequence[GroupPlan], prune_heads: bool, f
             ratio_dict[p.module] = 0.5 if removed else 0.0
         else:
             ratio_dict[p.module] = p.ratio
-    qkv_of = {a.qkv: a for _, a in _attn_items(setup)}
-    for p in plans:  # head ratios are looked up on the qkv layer, which may not be the group's key
-        if p.heads and p.module not in qkv_of:
-            raise MixMatchError(f"internal: head group {p.key} is not keyed on a qkv layer")  # pragma: no cover
     return {
         "pruning_ratio": 0.0,
         "pruning_ratio_dict": ratio_dict,
@@ -1189,7 +1189,7 @@ def prune(
         if p.heads:
             kept_heads = p.heads - round((out_before[p.key] - now) / max(out_before[p.key] / p.heads, 1))
             groups.append(GroupResult(p.key, p.producers, p.heads, (p.heads - p.keep) / p.heads,
-                                      (p.heads - kept_heads) / p.heads, kept_heads, p.target, p.clamped))
+                                      (p.heads - kept_heads) / p.heads, kept_heads, p.target, p.clamped, "heads"))
             continue
         kept = now // max(p.channel_groups, 1) // (3 if p.module in qkv_mods else 1)
         groups.append(GroupResult(p.key, p.producers, p.channels, (p.channels - p.keep) / p.channels,
