@@ -22,7 +22,9 @@ Public API:
 
 * :func:`pruning_ratio_dict` -- ``{module: ratio}``, one leaf Conv/Linear key per group, for your own
   ``tp.pruner.MetaPruner``; :func:`pruner_kwargs` gives every keyword that dict needs
-  (``num_heads``, ``ignored_layers``, ``customized_pruners``, ``unwrapped_parameters`` ...).
+  (``num_heads``, ``ignored_layers``, ``customized_pruners``, ``unwrapped_parameters`` ...);
+  :func:`attention_head_dims` and :func:`fix_attention` repair timm attention after your ``step()``;
+  :func:`plan_groups` shows the groups and their planned ratios.
 * :func:`prune` -- prunes a copy (or the model, ``inplace=True``) and returns a :class:`TPResult` with the
   pruned model and a :class:`PruneReport` (parameters and MACs before/after, planned and realized
   ratio per group, importance used, consistency error).
@@ -677,10 +679,12 @@ def pruner_kwargs(
 
     Example::
 
-        kw = mixmatch_plugin.adapters.torch_pruning.pruner_kwargs(model, strategy, x)
+        from mixmatch_plugin.adapters import torch_pruning as mm_tp
+        kw = mm_tp.pruner_kwargs(model, strategy, x)
+        dims = mm_tp.attention_head_dims(model)          # before pruning
         pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **kw)
         pruner.step()
-        mixmatch_plugin.adapters.torch_pruning.fix_attention(model, original_head_dims)
+        mm_tp.fix_attention(model, dims)
     """
     _check_strategy(model, strategy)
     _check_opts(fold, round_to, max_ratio)
@@ -747,8 +751,13 @@ def pruning_ratio_dict(
     original width, clamped so that at least one channel (``round_to`` channels, one head_dim per
     head) remains, and exact under Torch-Pruning's ``floor``.
     """
+    if prune_heads:
+        raise MixMatchError(
+            "whole-head removal needs head_pruning_ratio_dict and prune_num_heads as well: use pruner_kwargs(...), "
+            "which returns all of them"
+        )
     kw = pruner_kwargs(
-        model, strategy, example_inputs, fold=fold, round_to=round_to, max_ratio=max_ratio, prune_heads=prune_heads,
+        model, strategy, example_inputs, fold=fold, round_to=round_to, max_ratio=max_ratio,
         ignored_layers=ignored_layers, ignore_classifier=ignore_classifier, forward_fn=forward_fn,
     )
     return dict(kw["pruning_ratio_dict"])
@@ -843,6 +852,17 @@ def _importance(choice: Any, signal: str) -> tuple[Any, str, bool]:
 
 
 # ------------------------------------------------------------------------------------------ pruning
+def attention_head_dims(model: nn.Module) -> dict[str, int]:
+    """``{name: head_dim}`` of every timm ``Attention``/``WindowAttention`` (call it before pruning)."""
+    known = _timm_classes()
+    out: dict[str, int] = {}
+    m: Any
+    for name, m in model.named_modules():
+        if isinstance(m, known["attention"] + known["window_attention"]):
+            out[name] = int(m.qkv.out_features) // (3 * int(m.num_heads))
+    return out
+
+
 def fix_attention(model: nn.Module, head_dims: Mapping[str, int], num_heads: Mapping[str, int] | None = None) -> None:
     """After pruning, make timm attention modules agree with their pruned ``qkv``.
 

@@ -207,11 +207,30 @@ def test_ratio_dict_has_one_leaf_module_key_per_group_and_torch_pruning_realizes
     # hand it to Torch-Pruning itself: every group ends at the planned width
     pruner = tp.pruner.MetaPruner(work, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **kw)
     pruner.step()
+    assert mtp.attention_head_dims(work) == {}
     for g in plans:
         assert work.get_submodule(g.key).out_channels == g.keep, g.key
     # coupled layers realize one ratio
     g = next(g for g in plans if g.key == "layer3.0.downsample.0")
     assert {work.get_submodule(q).out_channels for q in g.producers} == {g.keep}
+
+
+def test_your_own_metapruner_on_a_vit_with_pruner_kwargs_and_fix_attention():
+    vit = small_vit(num_heads=2, embed_dim=32).eval()
+    x = torch.randn(2, 1, 16, 16)
+    s = _uniform(vit, 0.5)
+    kw = mtp.pruner_kwargs(vit, s, x)
+    dims = mtp.attention_head_dims(vit)
+    assert dims == {"blocks.0.attn": 16, "blocks.1.attn": 16}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tp.pruner.MetaPruner(vit, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **kw).step()
+    mtp.fix_attention(vit, dims)
+    for blk in vit.blocks:
+        assert blk.attn.head_dim == 8 and blk.attn.qkv.out_features == 48
+    assert vit(x).shape == (2, 10)
+    with pytest.raises(MixMatchError, match="use pruner_kwargs"):
+        mtp.pruning_ratio_dict(vit, s, x, prune_heads=True)
 
 
 def test_pruning_ratio_dict_leaves_the_model_alone():
