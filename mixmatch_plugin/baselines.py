@@ -68,13 +68,14 @@ def _threshold_counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]
     """Per-layer counts of the ``k`` globally lowest scores (exactly ``k``; ties broken in layer order)."""
     if k == 0:
         return dict.fromkeys(scores, 0)
-    flat = torch.cat([s.flatten().float() for s in scores.values()])
+    # one dtype for the threshold and the comparisons (float64 LAMP scores rounded to float32 miscount)
+    flat = torch.cat([s.flatten().double() for s in scores.values()])
     thr = torch.kthvalue(flat, k).values
-    below = {n: int((s < thr).sum()) for n, s in scores.items()}
+    below = {n: int((s.double() < thr).sum()) for n, s in scores.items()}
     left = k - sum(below.values())
     counts = {}
     for n, s in scores.items():
-        ties = int((s == thr).sum())
+        ties = int((s.double() == thr).sum())
         take = min(ties, left)
         counts[n] = below[n] + take
         left -= take

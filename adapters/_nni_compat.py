@@ -1,0 +1,225 @@
+"""Make NNI 3.0's ``ModelSpeedup`` work on torch >= 2.2 and Python 3.11, inside a context manager.
+
+NNI 3.0 (the last release) traces models with its own ``concrete_trace``, which breaks on modern
+torch (NNI issue 5768). The five causes, and what :func:`speedup_compat` does about each while the
+``with`` block runs (everything is restored on exit; nothing is patched at import):
+
+1. **Builtins with** ``__module__ = None``. torch renamed ``torch._C._TensorBase`` to ``TensorBase``;
+   the tracer only recognises tensor methods by the ``_TensorBase`` prefix of their ``__qualname__``,
+   sends the others down a branch that reads ``func.__module__.startswith(...)`` and crashes. The
+   tracer's ``trace`` method is recompiled from NNI's own source with both prefixes accepted.
+2. ``Node.is_impure`` **gained an argument** (``impure_random``). NNI replaces it with a one-argument
+   wrapper; it is swapped for one that accepts and ignores the extra arguments.
+3. **Python 3.11 bytecode.** ``ConcreteProxy`` finds the calling instruction with
+   ``dis.get_instructions(code)[f_lasti // 2]``, which assumes one entry per 2-byte code unit; 3.11
+   inserts inline ``CACHE`` entries (only listed with ``show_caches``) and renamed the conditional
+   jumps (``POP_JUMP_FORWARD_IF_FALSE`` ...). The proxy module sees a ``dis`` whose
+   ``get_instructions`` is indexed by code unit, and the new jump opcodes are added.
+4. ``handle_torch_function`` **is wrapped as a leaf.** It is listed in ``torch.nn.functional``, so the
+   tracer records it as an opaque call instead of dispatching; it (and the ``has_torch_function*``
+   helpers) are removed from the tracer's leaf functions.
+5. ``torch._assert`` **on a traced value.** Modules that imported ``_assert`` from torch (timm's patch
+   embedding) call the original, which cannot evaluate a proxy; every module-level ``_assert`` bound
+   to ``torch._assert`` is pointed to a wrapper that asserts on the proxy's concrete value.
+
+4 and 5 are two halves of one crash on timm ViTs (``_assert`` dispatches through
+``handle_torch_function``, which fails on the traced condition whether or not it is a leaf): fix 5
+alone resolves it on the tested models; fix 4 is kept so that dispatch is not recorded as an opaque
+call. The tests show fixes 1, 2, 3 and 5 are each necessary, and 4 together with 5.
+
+ViTs also need :class:`LayerNormMaskUpdater`: NNI infers masks from values that do not vary over the
+batch, and a LayerNorm's weight (traced as a ``get_attr`` of a 1-D parameter) looks constant, so the
+LayerNorm's output mask comes out empty and every layer after it would be removed.
+:func:`mask_updaters` returns it for ``ModelSpeedup(customized_mask_updaters=...)``.
+
+After speed-up call ``model.eval()``: BatchNorm comes back in training mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import inspect
+import logging
+import sys
+import textwrap
+import types
+import warnings
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_JUMPS_311 = (
+    "POP_JUMP_FORWARD_IF_FALSE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE",
+    "POP_JUMP_FORWARD_IF_NONE", "POP_JUMP_FORWARD_IF_NOT_NONE", "POP_JUMP_BACKWARD_IF_NONE",
+    "POP_JUMP_BACKWARD_IF_NOT_NONE", "POP_JUMP_IF_NONE", "POP_JUMP_IF_NOT_NONE", "POP_JUMP_IF_FALSE",
+    "POP_JUMP_IF_TRUE",
+)
+_ACTIVE = [0]
+#: The five fixes, by name (see the module docstring for what each one does).
+FIXES = ("tensorbase", "is_impure", "bytecode", "handle_torch_function", "assert")
+_OLD_PREFIX = "func.__qualname__.startswith('_TensorBase')"
+_NEW_PREFIX = "func.__qualname__.startswith(('_TensorBase', 'TensorBase'))"
+
+
+def _modules() -> tuple[Any, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nni.common.concrete_trace_utils import concrete_proxy, concrete_tracer
+    return concrete_tracer, concrete_proxy
+
+
+def _patched_trace(ct: Any) -> Callable[..., Any]:
+    """``ConcreteTracer.trace`` recompiled from NNI's source, accepting ``TensorBase`` methods (cause 1)."""
+    src = textwrap.dedent(inspect.getsource(ct.ConcreteTracer.trace))
+    if _OLD_PREFIX not in src:
+        raise RuntimeError("this NNI version's ConcreteTracer.trace is not the one the compatibility layer knows (NNI 3.0)")
+    src = src.replace(_OLD_PREFIX, _NEW_PREFIX)
+    namespace: dict[str, Any] = {}
+    exec(compile(src, ct.__file__, "exec"), ct.__dict__, namespace)  # NNI's own code, one expression changed
+    fn: Callable[..., Any] = namespace["trace"]
+    return fn
+
+
+def _instructions_by_code_unit(code: types.CodeType, *args: Any, **kwargs: Any) -> list[Any]:
+    """``dis`` instructions indexed by 2-byte code unit, caches included (cause 3)."""
+    if sys.version_info < (3, 13):
+        insts = list(dis.get_instructions(code, show_caches=True))
+    else:  # pragma: no cover - 3.13 lists no caches; the slots below are filled
+        insts = list(dis.get_instructions(code))
+    n = len(code.co_code) // 2
+    out: list[Any] = [None] * n
+    for inst in insts:
+        if 0 <= inst.offset // 2 < n:
+            out[inst.offset // 2] = inst
+    prev = None
+    for i in range(n):
+        if out[i] is None:
+            out[i] = prev
+        prev = out[i]
+    return out
+
+
+def _dis_shim() -> types.SimpleNamespace:
+    shim = types.SimpleNamespace(**{k: getattr(dis, k) for k in dir(dis) if not k.startswith("__")})
+    shim.get_instructions = _instructions_by_code_unit
+    return shim
+
+
+@contextlib.contextmanager
+def speedup_compat(fixes: Collection[str] = FIXES) -> Iterator[None]:
+    """Patch NNI 3.0's tracer for torch >= 2.2 while the block runs; restore everything afterwards.
+
+    ``fixes`` selects which of the five fixes (:data:`FIXES`) to apply: all by default. Leaving
+    one out reproduces that crash (the tests do this to show each fix is needed).
+
+    Example::
+
+        from mixmatch_plugin.adapters.nni import speedup_compat, mask_updaters
+        from nni.compression.speedup import ModelSpeedup
+        with speedup_compat():
+            ModelSpeedup(model, dummy_input, masks, customized_mask_updaters=mask_updaters()).speedup_model()
+        model.eval()
+    """
+    unknown = set(fixes) - set(FIXES)
+    if unknown:
+        raise ValueError(f"unknown fix {sorted(unknown)[0]!r}; fixes are {', '.join(FIXES)}")
+    ct, cp = _modules()
+    saved: list[tuple[Any, str, Any]] = []
+
+    def setp(obj: Any, name: str, value: Any) -> None:
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    try:
+        if "tensorbase" in fixes:  # 1
+            setp(ct.ConcreteTracer, "trace", _patched_trace(ct))
+        if "is_impure" in fixes:  # 2: Node.is_impure(self, impure_random=True)
+            original_impure = ct.node_is_impure_wrapper
+
+            def node_is_impure_wrapper(node: Any, *args: Any, **kwargs: Any) -> bool:
+                return bool(original_impure(node))
+
+            setp(ct, "node_is_impure_wrapper", node_is_impure_wrapper)
+        if "bytecode" in fixes:  # 3: Python 3.11 caches and jump names
+            setp(cp, "dis", _dis_shim())
+            jumps = tuple(dis.opmap[n] for n in _JUMPS_311 if n in dis.opmap)
+            setp(cp.ConcreteProxy, "jump_opcodes", tuple(dict.fromkeys((*cp.ConcreteProxy.jump_opcodes, *jumps))))
+        if "handle_torch_function" in fixes:  # 4: dispatch, do not record as a leaf
+            import torch.overrides as overrides
+
+            leaf = dict(ct.ConcreteTracer.default_autowrap_leaf_function)
+            for f in (overrides.handle_torch_function, overrides.has_torch_function,
+                      overrides.has_torch_function_unary, overrides.has_torch_function_variadic):
+                leaf.pop(f, None)
+            setp(ct.ConcreteTracer, "default_autowrap_leaf_function", leaf)
+        if "assert" in fixes:  # 5: torch._assert on proxies
+            original_assert = torch._assert
+
+            def _assert(condition: Any, message: Any) -> None:
+                while isinstance(condition, cp.ConcreteProxy):
+                    condition = condition.value
+                return original_assert(condition, message)
+
+            for mod in list(sys.modules.values()):
+                d = getattr(mod, "__dict__", None)
+                if isinstance(d, dict) and d.get("_assert") is original_assert:
+                    setp(mod, "_assert", _assert)
+        _ACTIVE[0] += 1
+        try:
+            yield
+        finally:
+            _ACTIVE[0] -= 1
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+def is_active() -> bool:
+    """Whether a :func:`speedup_compat` block is running."""
+    return _ACTIVE[0] > 0
+
+
+def _layer_norm_updater_class() -> type:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nni.compression.speedup.mask_updater import DefaultMaskUpdater
+
+    class LayerNormMaskUpdater(DefaultMaskUpdater):
+        """LayerNorm passes masks through unchanged (NNI would empty them; see the module docstring)."""
+
+        def detect(self, model_speedup: Any, node: Any) -> bool:
+            if node.op == "call_function":
+                return node.target in (torch.nn.functional.layer_norm, torch.layer_norm)
+            if node.op == "call_module":
+                return isinstance(model_speedup.fetch_attr(node.target), torch.nn.LayerNorm)
+            return False
+
+        def direct_update_process(self, model_speedup: Any, node: Any) -> None:
+            info = model_speedup.node_infos[node]
+            out = info.output_origin
+            shape = list(out.shape)
+            shape[model_speedup.batch_dim] = 1
+            info.output_masks = torch.ones(shape, dtype=torch.float32, device=out.device)
+
+        def indirect_update_process(self, model_speedup: Any, node: Any) -> None:
+            from torch.fx.node import Node
+
+            info = model_speedup.node_infos[node]
+            info.output_masks = model_speedup.indirect_calc_mask(info.output_grad, info.output_masks)
+            input_node = node.args[0] if node.args else node.kwargs.get("input")
+            if isinstance(input_node, Node):
+                origin = model_speedup.node_infos[input_node].output_origin
+                dummy = torch.rand_like(origin)
+                dummy.grad = torch.ones_like(origin)
+                model_speedup.indirect_pass_grad(input_node, dummy)
+
+    return LayerNormMaskUpdater
+
+
+def mask_updaters() -> list[Any]:
+    """Mask updaters for ``ModelSpeedup(customized_mask_updaters=...)``: :class:`LayerNormMaskUpdater`."""
+    return [_layer_norm_updater_class()()]

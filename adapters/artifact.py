@@ -1,0 +1,108 @@
+"""The pruned-model file written by ``mixmatch prune``: weights plus enough to rebuild the model.
+
+``mixmatch.pruned/1`` is a ``torch.save`` of plain data (loadable with ``weights_only=True``)::
+
+    {"format": "mixmatch.pruned/1", "backend": "torch" | "nni" | "tp",
+     "model": {"model": "<spec>", "model_kwargs": {...}, "input_shape": [C, H, W]},
+     "strategy": {...},            # the strategy, as in the plan JSON
+     "state_dict": {...},          # the pruned weights
+     "tp": {"history": [[module, is_out, [indices]], ...], "num_heads": {...}},   # tp only
+     "report": {...}}              # what the backend reported
+
+For ``torch`` and ``nni`` the architecture is unchanged (pruned weights are zeros), so the model is
+rebuilt from its spec and the state dict loaded. For ``tp`` the channels are gone: the original
+model is rebuilt and Torch-Pruning's pruning history re-applied before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.io import atomic_torch_save, safe_torch_load
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "mixmatch.pruned/1"
+BACKENDS = ("torch", "nni", "tp")
+
+
+def save_pruned(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    backend: str,
+    model_spec: Mapping[str, Any],
+    strategy: Mapping[str, Any],
+    report: Mapping[str, Any] | None = None,
+    tp_history: list[list[Any]] | None = None,
+    num_heads: Mapping[str, int] | None = None,
+) -> Path:
+    """Write the pruned model atomically (see the module docstring for the layout)."""
+    if backend not in BACKENDS:
+        raise MixMatchError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "tp" and tp_history is None:
+        raise MixMatchError("a tp artifact needs the pruning history (TPResult.history)")
+    obj: dict[str, Any] = {
+        "format": FORMAT,
+        "backend": backend,
+        "model": dict(model_spec),
+        "strategy": dict(strategy),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "report": _plain(report or {}),
+    }
+    if backend == "tp":
+        obj["tp"] = {"history": tp_history, "num_heads": dict(num_heads or {})}
+    return atomic_torch_save(path, obj)
+
+
+def _plain(obj: Any) -> Any:
+    """Only containers, str, numbers, bools and None (``weights_only`` loading accepts them)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the pruned model from a ``mixmatch prune`` file; return ``(model, metadata)``.
+
+    The model comes back in eval mode. Raises :class:`MixMatchError` for files of another format,
+    or when the model cannot be rebuilt (an unknown spec, or a history that does not fit it).
+    """
+    from mixmatch_plugin.models import build_model
+
+    obj = safe_torch_load(path)
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
+        raise MixMatchError(f"{path} is not a pruned-model file written by `mixmatch prune` (format {FORMAT})")
+    spec = obj["model"]
+    kwargs = spec.get("model_kwargs") or {}
+    if isinstance(kwargs, str):
+        kwargs = json.loads(kwargs)
+    model = build_model(spec["model"], model_kwargs=kwargs)
+    if obj["backend"] == "tp":
+        from .torch_pruning import rebuild
+
+        shape = spec.get("input_shape")
+        if not shape:
+            raise MixMatchError(f"{path} has no input_shape; it is needed to trace the model for rebuilding")
+        model.eval()
+        rebuild(model, obj["tp"]["history"], torch.zeros(1, *[int(v) for v in shape]), obj["tp"].get("num_heads") or {})
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({first})") from None
+    model.eval()
+    meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    return model, meta

@@ -1,0 +1,115 @@
+"""``mixmatch prune``: prune a model by one strategy of a plan, with plain PyTorch, NNI or Torch-Pruning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..errors import MixMatchError
+from .common import data_options, load_data, parse_json, parse_shape, table
+
+NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
+
+
+@click.command("prune")
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="A plan written by `mixmatch plan`.")
+@click.option("--strategy", "strategy_name", required=True, metavar="NAME", help="A strategy of the plan, e.g. magnitude:alpha-0.7.")
+@click.option("--backend", type=click.Choice(["torch", "nni", "tp"]), default="torch", show_default=True,
+              help="torch: unstructured masks (plain PyTorch); nni: NNI's pruner; tp: structured, Torch-Pruning.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model (atomically).")
+@click.option("--model", "model_spec", default=None, metavar="SPEC", help="Model spec; default: the one recorded in the plan.")
+@click.option("--model-kwargs", default=None, metavar="JSON", help="Factory kwargs; default: the plan's.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Trained weights (a state dict).")
+@click.option("--input-shape", default=None, metavar="C,H,W", help="Input shape of one sample; default: the plan's.")
+@click.option("--nni-pruner", type=click.Choice(NNI_PRUNERS), default="level", show_default=True,
+              help="NNI pruner for --backend nni (level is unstructured; the others prune channels per group).")
+@click.option("--fold", type=click.Choice(["mean", "min", "max"]), default="mean", show_default=True,
+              help="tp/nni channel pruning: how a dependency group's layer targets become one ratio.")
+@click.option("--round-to", type=click.IntRange(1), default=None, help="tp: keep channel counts at multiples of this.")
+@click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT/DeiT) instead of head dims.")
+@data_options
+def command(plan_path, strategy_name, backend, out, model_spec, model_kwargs, checkpoint, input_shape, nni_pruner,
+            fold, round_to, prune_heads, calib, data_dir, calib_samples, batch_size, seed):
+    """Prune the plan's model by one strategy and write it (weights + how to rebuild it).
+
+    \b
+    Example:
+      mixmatch plan --model timm:resnet18 --model-kwargs '{"in_chans": 1, "num_classes": 10}' \\
+                    --input-shape 1,28,28 --calib digits --target 0.5 --extend-ranges --out plan.json
+      mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --out pruned.pt
+    Load it again with:
+      from mixmatch_plugin.adapters.artifact import load_pruned; model, meta = load_pruned("pruned.pt")
+    """
+    import torch
+
+    from ..models import build_model
+    from ..plan import load_plan
+
+    p = load_plan(plan_path)
+    strategy = p.strategy(strategy_name)
+    recorded = p.meta.get("model_spec") or {}
+    spec = model_spec or recorded.get("model")
+    if not spec:
+        raise MixMatchError("the plan does not record its model: pass --model (and --model-kwargs)")
+    raw_kwargs = model_kwargs if model_kwargs is not None else recorded.get("model_kwargs") or "{}"
+    kwargs = raw_kwargs if isinstance(raw_kwargs, dict) else parse_json(raw_kwargs, "--model-kwargs")
+    shape = parse_shape(input_shape) or (tuple(recorded["input_shape"]) if recorded.get("input_shape") else None)
+    model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint)
+    model.eval()
+
+    loader = None
+    if calib != "none":
+        data = load_data(calib, data_dir, shape, seed, num_classes=int(kwargs.get("num_classes", 10)))
+        loader = data.calibration(calib_samples, batch_size, seed)
+        shape = shape or tuple(data.input_shape)
+    if shape is None:
+        raise MixMatchError("the input shape is unknown: pass --input-shape C,H,W (or a --calib dataset)")
+    example = next(iter(loader))[0][:2] if loader is not None else torch.randn(2, *shape)
+    needs_grad = strategy.signal != "magnitude"
+    if needs_grad and loader is None:
+        raise MixMatchError(f"strategy {strategy.name!r} ranks by {strategy.signal}, which needs calibration data: drop --calib none")
+
+    from mixmatch_plugin.adapters.artifact import save_pruned
+
+    model_meta = {"model": spec, "model_kwargs": kwargs, "input_shape": list(shape)}
+    if backend == "torch":
+        from ..masks import apply as mm_apply
+
+        res = mm_apply(model, strategy, calib=loader, plan_layers=p.layers)
+        report: dict[str, Any] = {"global_sparsity": res.global_sparsity, "layer_sparsity": res.layer_sparsity}
+        path = save_pruned(out, res.model, backend="torch", model_spec=model_meta, strategy=strategy.to_dict(), report=report)
+        _print_layers(res.layer_sparsity, p)
+        click.echo(f"\nplain PyTorch: global sparsity {res.global_sparsity:.4f} (planned {strategy.global_sparsity:.4f})")
+    elif backend == "nni":
+        from mixmatch_plugin.adapters import nni as nni_adapter
+
+        nres = nni_adapter.prune(model, strategy, nni_pruner, example_inputs=example, calib=loader)
+        report = {"pruner": nni_pruner, "layer_sparsity": nres.sparsity, "config_list": nres.config}
+        path = save_pruned(out, nres.model, backend="nni", model_spec=model_meta, strategy=strategy.to_dict(), report=report)
+        _print_layers(nres.sparsity, p)
+        total = sum(float((m.weight == 0).sum()) for m in nres.model.modules() if _prunable(m))
+        count = sum(m.weight.numel() for m in nres.model.modules() if _prunable(m))
+        click.echo(f"\nNNI {nni_pruner}: {len(nres.config)} config entries; zero weights {total / max(count, 1):.4f} of Conv/Linear")
+    else:
+        from mixmatch_plugin.adapters import torch_pruning as tp_adapter
+
+        tres = tp_adapter.prune(model, strategy, example, calib=loader if needs_grad else None, fold=fold,
+                                round_to=round_to, prune_heads=prune_heads)
+        path = save_pruned(out, tres.model, backend="tp", model_spec=model_meta, strategy=strategy.to_dict(),
+                           report=tres.report.to_dict(), tp_history=tres.history, num_heads=tres.num_heads)
+        click.echo(tres.report.summary())
+    click.echo(f"wrote {path}")
+
+
+def _prunable(m: Any) -> bool:
+    from torch import nn
+
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+
+
+def _print_layers(sparsity: dict[str, float], p: Any) -> None:
+    roles = {layer.name: layer.role for layer in p.layers}
+    rows = [(n, roles.get(n, "?"), f"{s:.4f}") for n, s in sparsity.items() if s > 0]
+    if rows:
+        click.echo(table(rows, ("layer", "role", "sparsity")))
