@@ -15,5 +15,5 @@ FULL: dict[str, TrainConfig] = {
 QUICK: dict[str, TrainConfig] = {
     "resnet": TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 24}, epochs=2,
                           lr=3e-3, max_train=6000, warmup_steps=20),
-    "swin": TrainConfig(model="mixmatch_plugin.models:swin_fmnist", epochs=1, lr=2e-3, max_train=4000, warmup_steps=20),
+    "swin": TrainConfig(model="mixmatch_plugin.models:swin_fmnist", epochs=2, lr=2e-3, max_train=6000, warmup_steps=20),
 }

@@ -66,6 +66,7 @@ class BenchConfig:
     finetune_methods: tuple[str, ...] = ("uniform", "global_magnitude", "lamp", "mm")
     variants: tuple[str, ...] = ("rules", "empirical")
     test_samples: int | None = None  # None: the whole 10,000-image test split
+    val_samples: int | None = None  # None: the whole 5,000-image validation split
     structured: bool = True
 
     @classmethod
@@ -75,7 +76,7 @@ class BenchConfig:
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(models=dict(QUICK), sparsities={"resnet": (0.7, 0.9), "swin": (0.5, 0.7)}, seeds=(0, 1), calib_samples=256,
-                   screen_samples=200, top_k=2, bn_batches=2, finetune_steps=15, test_samples=2000)
+                   screen_samples=200, top_k=2, bn_batches=2, finetune_steps=10, test_samples=1000, val_samples=1000)
 
 
 def environment() -> dict[str, Any]:
@@ -110,7 +111,7 @@ def _choose(ev: _Evaluator, cands: Sequence[Strategy], screen: Any, val: Any, to
     """Validation-only choice: screen every candidate on a small split, re-rank the top ``top_k`` on all of it."""
     ranked = rank(ev.model, cands, screen, signals=ev.scores, bn_loader=ev.bn, bn_batches=ev.bn_batches)
     by = {s.name: s for s in cands}
-    finals = []
+    finals: list[dict[str, Any]] = []
     for r in ranked[:top_k]:
         m = evaluate(ev.masked(by[r.strategy]), val)
         finals.append({"strategy": r.strategy, "screen_accuracy": r.accuracy, "val_accuracy": m.accuracy, "val_loss": m.loss})
@@ -129,7 +130,7 @@ def run_model(
                                    "runs": [], "choices": [], "seconds": {}}
     test_ds = data.subset(splits.test, cfg.test_samples, 0) if cfg.test_samples else splits.test
     test = data.loader(test_ds, 1000)
-    val = data.loader(splits.val, 1000)
+    val = data.loader(data.subset(splits.val, cfg.val_samples, 0) if cfg.val_samples else splits.val, 1000)
     out["dense"]["test_accuracy_eval"] = evaluate(model, test).accuracy
     out["dense"]["val_accuracy_eval"] = evaluate(model, val).accuracy
     finished = {r["seed"] for r in out["runs"]}
