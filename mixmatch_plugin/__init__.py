@@ -26,6 +26,7 @@ from .evaluate import Metrics, Ranked, evaluate, rank, reestimate_bn
 from .finetune import FinetuneResult, finetune
 from .inventory import Layer, inventory
 from .masks import PruneResult, apply, compute_masks, sparsity_of, to_torch_prune
+from .mixing import mix_signals
 from .plan import Plan, load_plan, plan
 from .rules import builtin_presets, load_rules, preset_for
 from .signals import SIGNALS, Signals, compute_grasp, compute_signals
@@ -37,6 +38,6 @@ __all__ = [
     "SHAPES", "SIGNALS", "BudgetError", "FinetuneResult", "Layer", "Metrics", "MixMatchError", "Plan",
     "PlanMismatchError", "PruneResult", "Ranked", "RulesError", "SignalError", "Signals", "Strategy",
     "StrategySpace", "__version__", "apply", "baselines", "builtin_presets", "compute_grasp", "compute_masks",
-    "compute_signals", "evaluate", "finetune", "inventory", "load_plan", "load_rules", "plan", "preset_for",
+    "compute_signals", "evaluate", "finetune", "inventory", "load_plan", "load_rules", "mix_signals", "plan", "preset_for",
     "rank", "reestimate_bn", "sparsity_of", "to_torch_prune",
 ]

@@ -101,9 +101,10 @@ def compute_masks(
     """Keep-masks for every layer the strategy prunes (layers at ratio 0 are omitted)."""
     layers = list(layers) if layers is not None else inventory(model)
     if signals is None:
-        if strategy.signal != "magnitude":
+        needed = {strategy.signal, *strategy.layer_signals.values()} - {"magnitude"}
+        if needed:
             raise MixMatchError(
-                f"strategy {strategy.name!r} ranks weights by {strategy.signal!r}, which needs calibration "
+                f"strategy {strategy.name!r} ranks weights by {', '.join(sorted(needed))}, which needs calibration "
                 "scores: pass signals=compute_signals(model, calib) (or calib=...)"
             )
         signals = compute_signals(model, layers=layers, signals=("magnitude",))
@@ -112,10 +113,11 @@ def compute_masks(
         k = prune_count(strategy.ratios.get(layer.name, 0.0), layer.params)
         if k == 0:
             continue
+        signal = strategy.signal_of(layer.name)
         if cache is not None:
-            masks[layer.name] = cache.mask(layer.name, strategy.signal, k)
+            masks[layer.name] = cache.mask(layer.name, signal, k)
         else:
-            masks[layer.name] = layer_mask(signals.score(layer.name, strategy.signal), k)
+            masks[layer.name] = layer_mask(signals.score(layer.name, signal), k)
         if masks[layer.name].shape != tuple(layer.shape):
             raise PlanMismatchError(f"the scores of layer {layer.name!r} do not have its shape; recompute the signals on this model")
     return masks
@@ -185,7 +187,7 @@ def apply(
     """
     layers = inventory(model)
     check_strategy(strategy, layers, plan_layers)
-    if signals is None and strategy.signal != "magnitude" and calib is not None:
+    if signals is None and {strategy.signal, *strategy.layer_signals.values()} != {"magnitude"} and calib is not None:
         signals = compute_signals(model, calib, layers=layers, loss_fn=loss_fn)
     masks = compute_masks(model, strategy, signals, layers=layers)
     target = model if inplace else copy.deepcopy(model)

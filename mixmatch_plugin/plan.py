@@ -37,7 +37,7 @@ from .masks import PruneResult
 from .masks import apply as _apply
 from .ranges import Range, bounds, clamp_ranges, combine, empirical_ranges, rule_ranges, validate_ratio
 from .rules import RuleSet, load_rules, preset_for
-from .signals import SIGNALS, Signals, compute_grasp, compute_signals
+from .signals import ALL_SIGNALS, SIGNALS, Signals, compute_grasp, compute_signals
 from .strategies import SHAPES, Strategy, StrategySpace
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,9 @@ class Plan:
             raise MixMatchError(f"{source}: malformed plan (missing or wrong field {exc}); regenerate it with `mixmatch plan`") from None
         names = {layer.name for layer in layers}
         for s in strategies:
+            for name, sig in s.layer_signals.items():
+                if name not in names or sig not in ALL_SIGNALS:
+                    raise MixMatchError(f"{source}: strategy {s.name!r} has an invalid layer signal {name!r}: {sig!r}")
             for name, r in s.ratios.items():
                 if name not in names:
                     raise MixMatchError(f"{source}: strategy {s.name!r} names unknown layer {name!r}")

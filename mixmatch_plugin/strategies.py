@@ -63,6 +63,8 @@ class Strategy:
             :func:`mixmatch_plugin.masks.prune_count` does.
         meta: provenance: ``shape``, ``mode``, ``alphas``, ``out_of_range`` (layers a budget had to
             move outside their original range), ``method`` for baselines, ``trial`` for searched ones.
+        layer_signals: per-layer exceptions to ``signal`` (see :func:`mixmatch_plugin.mixing.mix_signals`);
+            a layer not listed uses ``signal``.
     """
 
     name: str
@@ -70,15 +72,23 @@ class Strategy:
     ratios: dict[str, float]
     global_sparsity: float
     meta: dict[str, Any] = field(default_factory=dict)
+    layer_signals: dict[str, str] = field(default_factory=dict)
+
+    def signal_of(self, layer: str) -> str:
+        """The signal that ranks the weights of ``layer``."""
+        return self.layer_signals.get(layer, self.signal)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "signal": self.signal,
             "global_sparsity": self.global_sparsity,
             "layers": dict(self.ratios),
             "meta": self.meta,
         }
+        if self.layer_signals:
+            d["layer_signals"] = dict(self.layer_signals)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Strategy:
@@ -89,6 +99,7 @@ class Strategy:
                 ratios={str(k): float(v) for k, v in d["layers"].items()},
                 global_sparsity=float(d["global_sparsity"]),
                 meta=dict(d.get("meta") or {}),
+                layer_signals={str(k): str(v) for k, v in (d.get("layer_signals") or {}).items()},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise MixMatchError(f"malformed strategy entry ({type(exc).__name__}: {exc}); regenerate the plan") from None

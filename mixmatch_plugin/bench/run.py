@@ -37,6 +37,7 @@ from ..evaluate import evaluate, rank, reestimate_bn
 from ..finetune import finetune
 from ..io import atomic_write_json, read_json
 from ..masks import apply_masks, compute_masks
+from ..mixing import mix_signals
 from ..plan import Plan, plan
 from ..progress import progress_bar
 from ..signals import Signals, compute_grasp, compute_signals
@@ -65,6 +66,7 @@ class BenchConfig:
     finetune_lr: float = 3e-4
     finetune_methods: tuple[str, ...] = ("uniform", "global_magnitude", "lamp", "mm")
     variants: tuple[str, ...] = ("rules", "empirical")
+    mix_signals: bool = True
     test_samples: int | None = None  # None: the whole 10,000-image test split
     val_samples: int | None = None  # None: the whole 5,000-image validation split
     structured: bool = True
@@ -168,7 +170,17 @@ def run_model(
                 vc = [s for k, s in cands.items() if k.startswith(variant + "/")]
                 chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
                 out["choices"].append({"seed": seed, "sparsity": target, "variant": variant, "ranking": log})
-            # the overall choice: the best validation accuracy among the variants' finalists
+            if cfg.mix_signals:  # per-layer signal choice applied to each variant's winner
+                mixed = []
+                for s in chosen_by_variant.values():
+                    mx = mix_signals(model, s, scores, calib, layers=layers)
+                    cands[mx.name] = mx
+                    m = evaluate(ev.masked(mx), val)
+                    mixed.append({"strategy": mx.name, "val_accuracy": m.accuracy, "val_loss": m.loss})
+                mixed.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
+                chosen_by_variant["mixed"] = cands[mixed[0]["strategy"]]
+                out["choices"].append({"seed": seed, "sparsity": target, "variant": "mixed", "ranking": mixed})
+            # the overall choice: the best validation accuracy among all finalists
             finalists = [c for c in out["choices"] if c["seed"] == seed and c["sparsity"] == target]
             best_name = max((f for c in finalists for f in c["ranking"] if "val_accuracy" in f),
                             key=lambda f: (f["val_accuracy"], -f["val_loss"]))["strategy"]

@@ -11,10 +11,10 @@ from typing import Any
 
 from ..io import atomic_write_text
 
-ORDER = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm_rules", "mm_empirical", "mm")
+ORDER = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm_rules", "mm_empirical", "mm_mixed", "mm")
 LABEL = {
     "uniform": "uniform", "global_magnitude": "global mag.", "snip": "SNIP", "grasp": "GraSP", "lamp": "LAMP",
-    "erk": "ERK", "mm_rules": "M&M rules", "mm_empirical": "M&M empirical", "mm": "**M&M**",
+    "erk": "ERK", "mm_rules": "M&M rules", "mm_empirical": "M&M empirical", "mm_mixed": "M&M mixed signals", "mm": "**M&M**",
     "mm_oracle": "M&M oracle†", "mm_mean": "M&M mean of 30†",
 }
 FIGHT = ("uniform", "global_magnitude", "lamp", "snip", "grasp", "erk")
