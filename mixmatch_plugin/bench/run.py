@@ -175,8 +175,8 @@ def run_model(
                 for s in chosen_by_variant.values():
                     mx = mix_signals(model, s, scores, calib, layers=layers)
                     cands[mx.name] = mx
-                    m = evaluate(ev.masked(mx), val)
-                    mixed.append({"strategy": mx.name, "val_accuracy": m.accuracy, "val_loss": m.loss})
+                    met = evaluate(ev.masked(mx), val)
+                    mixed.append({"strategy": mx.name, "val_accuracy": met.accuracy, "val_loss": met.loss})
                 mixed.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
                 chosen_by_variant["mixed"] = cands[mixed[0]["strategy"]]
                 out["choices"].append({"seed": seed, "sparsity": target, "variant": "mixed", "ranking": mixed})
