@@ -171,7 +171,7 @@ def run_model(
                 chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
                 out["choices"].append({"seed": seed, "sparsity": target, "variant": variant, "ranking": log})
             if cfg.mix_signals:  # per-layer signal choice applied to each variant's winner
-                mixed = []
+                mixed: list[dict[str, Any]] = []
                 for s in chosen_by_variant.values():
                     mx = mix_signals(model, s, scores, calib, layers=layers)
                     cands[mx.name] = mx
