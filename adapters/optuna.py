@@ -42,9 +42,10 @@ whose worker died (SIGKILL, lost machine) is failed once its heartbeat is ``grac
 re-queued by :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` (up to ``max_retry`` times).
 Journal files have no heartbeat: a RUNNING trial whose worker process (same host name) no longer
 exists is failed and re-queued the same way at the start of every run and after every trial.
-Seeding runs under a study-level lock (PostgreSQL advisory lock, MySQL ``GET_LOCK``, or an
-``flock`` beside a SQLite/journal file) and skips seeds whose name the study already holds, so
-re-runs and concurrent workers enqueue every rule exactly once.
+Opening the storage, creating or loading the study and seeding run under one storage-wide lock
+(PostgreSQL advisory lock, MySQL ``GET_LOCK``, or an ``flock`` beside a SQLite/journal file), and
+seeding skips seeds whose name the study already holds, so re-runs and concurrent workers enqueue
+every rule exactly once (and never race to create the tables of a fresh database).
 
 **MACs.** :class:`MacsProfile` measures each weight layer's dense MACs once with forward hooks
 (output positions x weight elements, i.e. output spatial size x kernel MACs) and estimates a
@@ -500,7 +501,8 @@ def open_storage(
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     spec = _parse_storage(storage)
-    return _open(spec, heartbeat_interval, grace_period, max_retry)
+    with storage_lock(spec):  # two workers creating the tables of a fresh database at once collide
+        return _open(spec, heartbeat_interval, grace_period, max_retry)
 
 
 def _open(spec: _StorageSpec, heartbeat_interval: int | None, grace_period: int | None, max_retry: int | None) -> optuna.storages.BaseStorage:
@@ -554,8 +556,7 @@ _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
-def _lock_key(study_name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"mixmatch:{study_name}".encode()).digest()[:8], "big", signed=True)
+_PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mixmatch-plugin:storage").digest()[:8], "big", signed=True)
 
 
 @contextlib.contextmanager
@@ -586,9 +587,14 @@ def _file_lock(path: Path, key: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def study_lock(spec: _StorageSpec, study_name: str) -> Iterator[None]:
-    """A lock shared by every worker of ``study_name`` in this storage (see the module docstring)."""
-    key = f"{spec.display}|{study_name}"
+def storage_lock(spec: _StorageSpec) -> Iterator[None]:
+    """A lock shared by every worker of a storage, held while it opens the storage, the study, and seeds.
+
+    PostgreSQL: a session advisory lock; MySQL: ``GET_LOCK``; SQLite and journal files: an ``flock`` on
+    ``<file>.mixmatch-lock``. The database or the kernel releases each of them when the holder dies,
+    so a killed worker never leaves the lock held. Not re-entrant.
+    """
+    key = spec.display
     if spec.kind == "journal":
         assert spec.path is not None
         with _file_lock(spec.path.with_name(spec.path.name + ".mixmatch-lock"), key):
@@ -601,6 +607,7 @@ def study_lock(spec: _StorageSpec, study_name: str) -> Iterator[None]:
     assert spec.url is not None
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.pool import NullPool
 
     url = make_url(spec.url)
@@ -622,22 +629,27 @@ def study_lock(spec: _StorageSpec, study_name: str) -> Iterator[None]:
         return
     engine = create_engine(spec.url, poolclass=NullPool)
     try:
-        with _local_lock(key), engine.connect() as conn:
-            if backend == "postgresql":
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(study_name)})
-                conn.commit()
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(study_name)})
+        with _local_lock(key):
+            try:
+                conn = engine.connect()
+            except SQLAlchemyError as exc:
+                first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+                raise MixMatchError(f"cannot open storage {spec.display} ({first}); check the URL and that the server is running") from None
+            with conn:
+                if backend == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
                     conn.commit()
-            else:
-                name = f"mixmatch:{hashlib.sha256(study_name.encode()).hexdigest()[:40]}"
-                conn.execute(text("SELECT GET_LOCK(:n, 600)"), {"n": name})
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+                    try:
+                        yield
+                    finally:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+                        conn.commit()
+                else:
+                    conn.execute(text("SELECT GET_LOCK('mixmatch-plugin:storage', 600)"))
+                    try:
+                        yield
+                    finally:
+                        conn.execute(text("SELECT RELEASE_LOCK('mixmatch-plugin:storage')"))
     finally:
         engine.dispose()
 
@@ -715,7 +727,7 @@ def _fail_stale(study: optuna.Study) -> None:
 def seed_study(study: optuna.Study, seeds: Sequence[Strategy]) -> int:
     """Enqueue the seed strategies the study does not hold yet (by name, in ``user_attrs``); returns how many.
 
-    Call it under :func:`study_lock` when several workers may seed at once (:func:`search` does).
+    Call it under :func:`storage_lock` when several workers may seed at once (:func:`search` does).
     A seed counts as present in any state (waiting, running, done, failed, or re-queued).
     """
     have = {t.user_attrs.get(SEED_ATTR) for t in study.get_trials(deepcopy=False)}
@@ -1019,7 +1031,6 @@ def search(
     tol = 0.5 / max(float(space.n.sum()), 1.0) if metric == "sparsity" else 1e-9
 
     spec = _parse_storage(storage) if not isinstance(storage, optuna.storages.BaseStorage) else _StorageSpec("object")
-    store = storage if isinstance(storage, optuna.storages.BaseStorage) else _open(spec, heartbeat_interval, grace_period, max_retry)
     first_dir = optuna.study.StudyDirection.MAXIMIZE if score == "accuracy" else optuna.study.StudyDirection.MINIMIZE
     directions = [first_dir] + ([optuna.study.StudyDirection.MAXIMIZE] if objective == "multi" else [])
     smp = make_sampler(
@@ -1030,7 +1041,11 @@ def search(
         "plan": plan_fingerprint(p), "objective": objective, "metric": metric, "target": target, "score": score,
         "signals": choices, "groups": list(space.groups),
     }
-    with study_lock(spec, study_name):
+    with storage_lock(spec):
+        if isinstance(storage, optuna.storages.BaseStorage):
+            store = storage
+        else:
+            store = _open(spec, heartbeat_interval, grace_period, max_retry)
         try:
             study = optuna.create_study(storage=store, sampler=smp, study_name=study_name, directions=directions, load_if_exists=True)
         except Exception as exc:
