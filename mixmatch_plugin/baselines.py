@@ -70,11 +70,13 @@ def _threshold_counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]
         return dict.fromkeys(scores, 0)
     flat = torch.cat([s.flatten().float() for s in scores.values()])
     thr = torch.kthvalue(flat, k).values
-    below = {n: int((s < thr).sum()) for n, s in scores.items()}
+    # compare in the dtype the threshold was taken in: float64 scores (LAMP) against a float32
+    # threshold would miss ties and prune fewer than k weights
+    below = {n: int((s.float() < thr).sum()) for n, s in scores.items()}
     left = k - sum(below.values())
     counts = {}
     for n, s in scores.items():
-        ties = int((s == thr).sum())
+        ties = int((s.float() == thr).sum())
         take = min(ties, left)
         counts[n] = below[n] + take
         left -= take

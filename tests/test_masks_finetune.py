@@ -104,5 +104,5 @@ def test_torch_prune_model_can_be_planned_again(tiny_resnet):
     res = p.apply(tiny_resnet, p.strategies[0], torch_prune=True)
     layers = mm.inventory(res.model)
     assert [layer.name for layer in layers] == [layer.name for layer in p.layers]
-    per, glob = mm.sparsity_of(res.model, layers)
+    _per, glob = mm.sparsity_of(res.model, layers)
     assert glob == pytest.approx(res.global_sparsity)
