@@ -1281,7 +1281,7 @@ def plot_pareto(result: SearchResult, path: str | os.PathLike[str]) -> Path:
     if result.best:
         xs, ys = [r.x for r in result.best], [r.accuracy for r in result.best]
         if result.objective == "multi" and len(result.best) > 1:
-            ax.step(xs, ys, where="post", color="tab:red", lw=1.4, zorder=4)
+            ax.step(xs, ys, where="pre", color="tab:red", lw=1.4, zorder=4)
         ax.scatter(xs, ys, s=70, marker="*", c="tab:red", edgecolor="k", linewidths=0.5, zorder=5,
                    label="Pareto front" if result.objective == "multi" else "best feasible")
     if result.best_rule is not None:
@@ -1322,7 +1322,7 @@ def plot_history(result: SearchResult, path: str | os.PathLike[str]) -> Path:
         if cur is not None:
             best.append((r.number, cur))
     if best:
-        ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="tab:red", lw=1.3, label="best feasible so far")
+        ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="tab:red", lw=1.3, label="best so far" + (" (within the budget)" if result.target is not None else ""))
     if result.best_rule is not None:
         ax.axhline(result.best_rule.accuracy, color="tab:blue", ls=":", lw=1, label="best rule")
     ax.set_xlabel("trial number")
