@@ -100,10 +100,11 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ALPHA_PREFIX", "SEED_ATTR", "SIGNAL_PARAM", "CallbackEvaluator", "Evaluator", "FinetuneEvaluator",
-    "MacsProfile", "ProxyEvaluator", "SearchResult", "TrialRecord", "export", "make_sampler", "open_storage",
-    "params_of", "plot_history", "plot_importances", "plot_pareto", "recover_orphans", "rule_seeds", "search",
-    "search_space", "seed_study", "strategy_of",
+    "ALPHA_PREFIX", "RESULT_ATTR", "SEED_ATTR", "SIGNAL_PARAM", "WORKER_ATTR", "CallbackEvaluator", "Evaluator",
+    "FinetuneEvaluator", "MacsProfile", "ProxyEvaluator", "SearchResult", "TrialRecord", "export", "make_sampler",
+    "open_storage", "param_importances", "params_of", "plan_fingerprint", "plot_history", "plot_importances",
+    "plot_pareto", "recover_orphans", "result_of", "rule_seeds", "search", "search_space", "seed_study",
+    "storage_lock", "strategy_of",
 ]
 
 SIGNAL_PARAM = "signal"
@@ -909,6 +910,55 @@ def _check_target(target: float | None) -> float | None:
     return float(target)
 
 
+def _validate(
+    p: Plan, *, objective: str, metric: str, score: str, sampler: Any, target: float | None, n_trials: int | None,
+    total_trials: int | None, timeout: float | None, macs: MacsProfile | None, study_name: str,
+) -> float | None:
+    """Check :func:`search`'s arguments (one-line errors); returns the effective target."""
+    if objective not in OBJECTIVES:
+        raise MixMatchError(f"unknown objective {objective!r}; choose multi or single")
+    if metric not in METRICS:
+        raise MixMatchError(f"unknown metric {metric!r}; choose sparsity or macs")
+    if score not in SCORES:
+        raise MixMatchError(f"unknown score {score!r}; choose accuracy or loss")
+    if isinstance(sampler, str) and sampler not in SAMPLERS:
+        raise MixMatchError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
+    if not isinstance(sampler, (str, optuna.samplers.BaseSampler)) and sampler is not None:
+        raise MixMatchError(f"sampler must be one of {', '.join(SAMPLERS)} or an optuna sampler, got {type(sampler).__name__}")
+    target = _check_target(target)
+    if n_trials is not None and n_trials < 0:
+        raise MixMatchError(f"n_trials must be 0 or more, got {n_trials}")
+    if total_trials is not None and total_trials < 1:
+        raise MixMatchError(f"total_trials must be at least 1, got {total_trials}")
+    if n_trials is None and total_trials is None and timeout is None:
+        raise MixMatchError("give n_trials, total_trials or timeout: the search would never stop")
+    if metric == "macs" and macs is None:
+        raise MixMatchError("metric 'macs' needs macs=MacsProfile.measure(model, input_shape)")
+    if not re.fullmatch(r"[^\x00-\x1f]{1,200}", study_name or ""):
+        raise MixMatchError(f"study name {study_name!r} must be 1-200 printable characters")
+    plan_target = p.meta.get("target")
+    if objective == "single" and target is None:
+        if metric == "sparsity" and plan_target is not None:
+            target = float(plan_target)
+        else:
+            what = "fraction of MACs removed" if metric == "macs" else "global sparsity"
+            raise MixMatchError(
+                f"a single-objective search needs target=<{what} in [0, 1)> (CLI: --target), "
+                "or for sparsity a plan budget-matched at it (`mixmatch plan --target S`)"
+            )
+    if metric == "sparsity" and target is not None and plan_target is not None and target > float(plan_target) + 1e-9:
+        raise MixMatchError(
+            f"the plan is budget-matched at sparsity {plan_target}: no point reaches target {target}; "
+            f"make the plan at that target (`mixmatch plan --target {target}`) or lower the target"
+        )
+    if objective == "multi" and metric == "sparsity" and plan_target is not None:
+        logger.warning(
+            "the plan is budget-matched at %s: every point has that sparsity, so the front has one point; "
+            "use objective='single' or metric='macs'", plan_target,
+        )
+    return target
+
+
 def search(
     plan: Plan | str | os.PathLike[str],
     evaluator: Evaluator | Callable[[Strategy], float | Mapping[str, float]],
@@ -969,43 +1019,10 @@ def search(
             another objective or for another plan.
     """
     p = plan if isinstance(plan, Plan) else load_plan(Path(plan))
-    if objective not in OBJECTIVES:
-        raise MixMatchError(f"unknown objective {objective!r}; choose multi or single")
-    if metric not in METRICS:
-        raise MixMatchError(f"unknown metric {metric!r}; choose sparsity or macs")
-    if score not in SCORES:
-        raise MixMatchError(f"unknown score {score!r}; choose accuracy or loss")
-    if isinstance(sampler, str) and sampler not in SAMPLERS:
-        raise MixMatchError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
-    if not isinstance(sampler, (str, optuna.samplers.BaseSampler)) and sampler is not None:
-        raise MixMatchError(f"sampler must be one of {', '.join(SAMPLERS)} or an optuna sampler, got {type(sampler).__name__}")
-    target = _check_target(target)
-    if n_trials is not None and n_trials < 0:
-        raise MixMatchError(f"n_trials must be 0 or more, got {n_trials}")
-    if total_trials is not None and total_trials < 1:
-        raise MixMatchError(f"total_trials must be at least 1, got {total_trials}")
-    if n_trials is None and total_trials is None and timeout is None:
-        raise MixMatchError("give n_trials, total_trials or timeout: the search would never stop")
-    if metric == "macs" and macs is None:
-        raise MixMatchError("metric 'macs' needs macs=MacsProfile.measure(model, input_shape)")
-    if not re.fullmatch(r"[^\x00-\x1f]{1,200}", study_name or ""):
-        raise MixMatchError(f"study name {study_name!r} must be 1-200 printable characters")
-    plan_target = p.meta.get("target")
-    if objective == "single" and target is None:
-        if metric == "sparsity" and plan_target is not None:
-            target = float(plan_target)
-        elif metric == "macs":
-            raise MixMatchError("a single-objective search at a MACs budget needs target=<fraction of MACs removed>")
-    if metric == "sparsity" and target is not None and plan_target is not None and target > float(plan_target) + 1e-9:
-        raise MixMatchError(
-            f"the plan is budget-matched at sparsity {plan_target}: no point reaches target {target}; "
-            f"make the plan at that target (`mixmatch plan --target {target}`) or lower the target"
-        )
-    if objective == "multi" and metric == "sparsity" and plan_target is not None:
-        logger.warning(
-            "the plan is budget-matched at %s: every point has that sparsity, so the front has one point; "
-            "use objective='single' or metric='macs'", plan_target,
-        )
+    target = _validate(
+        p, objective=objective, metric=metric, score=score, sampler=sampler, target=target, n_trials=n_trials,
+        total_trials=total_trials, timeout=timeout, macs=macs, study_name=study_name,
+    )
     if not callable(evaluator):
         raise MixMatchError(f"the evaluator must be callable (strategy -> metrics), got {type(evaluator).__name__}")
     ev = evaluator
@@ -1041,22 +1058,7 @@ def search(
         "plan": plan_fingerprint(p), "objective": objective, "metric": metric, "target": target, "score": score,
         "signals": choices, "groups": list(space.groups),
     }
-    with storage_lock(spec):
-        if isinstance(storage, optuna.storages.BaseStorage):
-            store = storage
-        else:
-            store = _open(spec, heartbeat_interval, grace_period, max_retry)
-        try:
-            study = optuna.create_study(storage=store, sampler=smp, study_name=study_name, directions=directions, load_if_exists=True)
-        except Exception as exc:
-            from sqlalchemy.exc import SQLAlchemyError
-
-            if isinstance(exc, SQLAlchemyError):
-                first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-                raise MixMatchError(f"cannot open study {study_name!r} in {spec.display} ({first})") from None
-            raise
-        _check_study(study, info, directions, spec)
-        added = seed_study(study, seeds)
+    study, added = _open_study(spec, storage, study_name, smp, directions, info, seeds, heartbeat_interval, grace_period, max_retry)
     if added:
         logger.info("enqueued %d rule strategies as seeds of study %r", added, study_name)
     heartbeat = _heartbeat_on(study._storage)
@@ -1081,6 +1083,27 @@ def search(
     if heartbeat:
         _fail_stale(study)
     return result_of(study, p, evaluator_name=str(getattr(ev, "name", "evaluator")), storage=spec.display)
+
+
+def _open_study(
+    spec: _StorageSpec, storage: Any, study_name: str, sampler: optuna.samplers.BaseSampler,
+    directions: Sequence[optuna.study.StudyDirection], info: Mapping[str, Any], seeds: Sequence[Strategy],
+    heartbeat_interval: int | None, grace_period: int | None, max_retry: int | None,
+) -> tuple[optuna.Study, int]:
+    """Open the storage, create or load the study, check it, enqueue the missing seeds: all under one lock."""
+    with storage_lock(spec):
+        store = storage if isinstance(storage, optuna.storages.BaseStorage) else _open(spec, heartbeat_interval, grace_period, max_retry)
+        try:
+            study = optuna.create_study(storage=store, sampler=sampler, study_name=study_name, directions=directions, load_if_exists=True)
+        except Exception as exc:
+            from sqlalchemy.exc import SQLAlchemyError
+
+            if isinstance(exc, SQLAlchemyError):
+                first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+                raise MixMatchError(f"cannot open study {study_name!r} in {spec.display} ({first})") from None
+            raise
+        _check_study(study, info, directions, spec)
+        return study, seed_study(study, seeds)
 
 
 def _forever() -> Iterator[int]:

@@ -222,7 +222,8 @@ def test_finetune_evaluator_keeps_masks_and_is_deterministic(trained_tiny_resnet
         ({"target": -0.1}, r"target must be a number in \[0, 1\)"),
         ({"objective": "pareto"}, "unknown objective"),
         ({"metric": "macs"}, "needs macs="),
-        ({"objective": "single", "metric": "macs", "macs": mmo.MacsProfile({})}, "needs target"),
+        ({"objective": "single", "metric": "macs", "macs": mmo.MacsProfile({})}, "needs target=<fraction of MACs"),
+        ({"objective": "single"}, "needs target=<global sparsity"),
         ({"n_trials": None}, "would never stop"),
     ],
 )
