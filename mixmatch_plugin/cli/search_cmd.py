@@ -40,8 +40,8 @@ def _callback(spec: str) -> Any:
                    "or a journal file journal:PATH. Default: sqlite:///<out>/search.db.")
 @click.option("--study", "study_name", default="mixmatch", show_default=True,
               help="Study name; workers with the same --storage and --study share one search.")
-@click.option("--n-trials", type=click.IntRange(0), default=40, show_default=True,
-              help="Trials this worker runs (the 30 rule seeds come first in a new study).")
+@click.option("--n-trials", type=click.IntRange(0), default=70, show_default=True,
+              help="Trials this worker runs; in a new study the 30 rule seeds come first (70 = 30 seeds + 40 searched).")
 @click.option("--total-trials", type=click.IntRange(1), default=None,
               help="Stop once the study holds this many completed trials (all workers); use it to resume to an end point.")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=None, help="Start no trial after this many seconds.")
@@ -93,9 +93,10 @@ def command(ctx, plan_path, model_spec, model_kwargs, checkpoint, input_shape, c
     Example:
       mixmatch plan --model mixmatch_plugin.models:tiny_resnet --checkpoint m.pt --calib digits --out plan.json
       mixmatch search --plan plan.json --model mixmatch_plugin.models:tiny_resnet --checkpoint m.pt \\
-                      --calib digits --n-trials 40 --out search-out
+                      --calib digits --out search-out
     Several workers (any machines): the same command with --storage postgresql+psycopg2://user@db/mm
-    --study resnet-80 on each. Killed? Run the same command again: the study continues.
+    --study resnet-80 on each. Killed? Run the same command again: the study continues (add
+    --total-trials N to stop at the same end point); a trial cut short is failed and retried.
     """
     import optuna
 
