@@ -1,0 +1,297 @@
+"""Optuna refinement: the space holds every rule strategy, seeding, objectives, samplers, storages, export, CLI.
+
+Real Optuna, real storages (in memory, SQLite files, journal files), a real trained model; no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import mixmatch_plugin as mm
+from mixmatch_plugin.errors import MixMatchError
+
+mmo = pytest.importorskip("mixmatch_plugin.adapters.optuna")
+optuna = pytest.importorskip("optuna")
+
+TrialState = optuna.trial.TrialState
+
+
+@pytest.fixture(scope="module")
+def plan(trained_tiny_resnet, calib):
+    return mm.plan(trained_tiny_resnet, calib)
+
+
+@pytest.fixture(scope="module")
+def evaluator(trained_tiny_resnet, digits_loaders, plan):
+    _, val, _ = digits_loaders
+    return mmo.ProxyEvaluator(trained_tiny_resnet, val, signals=plan.signals, max_batches=2)
+
+
+def seeds_of(study):
+    return [t.user_attrs.get(mmo.SEED_ATTR) for t in study.get_trials(deepcopy=False) if t.user_attrs.get(mmo.SEED_ATTR)]
+
+
+def test_every_rule_strategy_is_a_point_and_the_seeds_run_first(plan, evaluator):
+    res = mmo.search(plan, evaluator, n_trials=32, sampler_seed=0)
+    trials = res.study.get_trials(deepcopy=False)
+    assert len(trials) == 32 and all(t.state == TrialState.COMPLETE for t in trials)
+    rules = [s for s in plan.strategies if s.meta.get("shape")]
+    assert len(rules) == 30
+    space = plan.space()
+    for rule, t in zip(rules, trials[:30], strict=True):
+        assert t.user_attrs[mmo.SEED_ATTR] == rule.name
+        again = mmo.strategy_of(space, t.params, rule.name)
+        assert again.signal == rule.signal
+        assert again.ratios == rule.ratios  # exactly, not approximately
+        assert t.values[1] == rule.global_sparsity
+    assert all(mmo.SEED_ATTR not in t.user_attrs for t in trials[30:])
+    # the records carry the rule names, and the searched ones are named by trial
+    assert [r.seed for r in res.trials[:30]] == [s.name for s in rules]
+    assert res.trials[31].strategy.name.endswith("-t31")
+    # the Pareto front is non-dominated and sorted by sparsity
+    front = res.best
+    assert front and [r.x for r in front] == sorted(r.x for r in front)
+    for r in front:
+        assert not any(o.accuracy >= r.accuracy and o.x >= r.x and (o.accuracy > r.accuracy or o.x > r.x) for o in res.trials)
+
+
+def test_rerun_on_sqlite_never_enqueues_a_seed_twice(plan, evaluator, tmp_path):
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=3)
+    res = mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=3)
+    study = optuna.load_study(study_name="s", storage=url)
+    seeds = seeds_of(study)
+    assert len(seeds) == len(set(seeds)) == 30
+    assert len(study.trials) == 30
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert [t.number for t in done] == list(range(6))
+    assert len(res.trials) == 6
+
+
+def test_single_objective_at_a_budget_uses_set_constraint(trained_tiny_resnet, calib, digits_loaders):
+    _, val, _ = digits_loaders
+    p = mm.plan(trained_tiny_resnet, calib, target=0.6, signals=("magnitude", "product"))
+    ev = mmo.ProxyEvaluator(trained_tiny_resnet, val, signals=p.signals, max_batches=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = mmo.search(p, ev, objective="single", n_trials=24, sampler="tpe", sampler_seed=1)
+    assert not [w for w in caught if "constraints_func" in str(w.message)]
+    assert res.target == 0.6  # the plan's target by default
+    n = sum(layer.params for layer in p.layers)
+    for t in res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        assert set(t.constraints) == {"budget"} and t.constraints["budget"] <= 0.0
+    for r in res.trials:
+        assert round(r.x * n) == round(0.6 * n)  # every point prunes exactly the budget
+    assert len(res.best) == 1
+    assert res.best[0].accuracy == max(r.accuracy for r in res.trials)
+    assert res.best[0].accuracy >= res.best_rule.accuracy
+    assert res.study.best_trial.number == res.best[0].number
+
+
+def test_native_plan_single_objective_marks_points_below_the_target_infeasible(plan, evaluator):
+    xs = sorted(s.global_sparsity for s in plan.strategies)
+    target = xs[len(xs) // 2]
+    res = mmo.search(plan, evaluator, objective="single", target=target, n_trials=10, signals=("magnitude",))
+    assert [r.seed for r in res.trials] == [f"magnitude:{shape}" for shape in mm.SHAPES]  # only the magnitude seeds
+    tol = 0.5 / sum(layer.params for layer in plan.layers)
+    for r in res.trials:
+        assert r.feasible == (r.x >= target - tol)
+    assert any(not r.feasible for r in res.trials) and any(r.feasible for r in res.trials)
+    assert res.best[0].feasible and res.best[0].x >= target - tol
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "nsga2"])
+def test_samplers_propose_points_inside_the_space(plan, evaluator, sampler):
+    objective = "multi" if sampler == "nsga2" else "single"
+    target = None if objective == "multi" else 0.55
+    res = mmo.search(plan, evaluator, objective=objective, target=target, sampler=sampler, n_trials=12,
+                     seed_rules=False, sampler_seed=0, population_size=4 if sampler == "nsga2" else None)
+    assert len(res.trials) == 12 and all(r.seed is None for r in res.trials)
+    expected = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler}
+    assert isinstance(res.study.sampler, expected[sampler])
+    space = plan.space()
+    for r in res.trials:
+        for name, ratio in r.strategy.ratios.items():
+            lo, hi = space.lo[space.names.index(name)], space.hi[space.names.index(name)]
+            assert lo - 1e-12 <= ratio <= hi + 1e-12
+
+
+def test_journal_storage_recovers_a_trial_left_running_by_a_dead_worker(plan, evaluator, tmp_path):
+    path = tmp_path / "search.log"
+    mmo.search(plan, evaluator, storage=path, study_name="j", n_trials=2)
+    # a worker that died in the middle of trial 2: it popped the trial and recorded itself
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    storage = mmo.open_storage(f"journal:{path}")
+    study = optuna.load_study(study_name="j", storage=storage)
+    orphan = study.ask()
+    orphan.set_user_attr(mmo.WORKER_ATTR, {"host": mmo.socket.gethostname(), "pid": dead.pid, "start": None})
+    live = study.ask()  # a trial of a live worker (this process) must be left alone
+    live.set_user_attr(mmo.WORKER_ATTR, mmo._worker_token())
+    res = mmo.search(plan, evaluator, storage=path, study_name="j", n_trials=2)
+    by = {t.number: t for t in res.study.get_trials(deepcopy=False)}
+    assert by[orphan.number].state == TrialState.FAIL
+    assert by[live.number].state == TrialState.RUNNING
+    retried = [t for t in by.values() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.WAITING  # queued behind the remaining seeds
+    assert retried[0].system_attrs["fixed_params"] == by[orphan.number].system_attrs["fixed_params"]
+    assert retried[0].user_attrs[mmo.SEED_ATTR] == by[orphan.number].user_attrs[mmo.SEED_ATTR]
+    assert [t.number for t in res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))] == [0, 1, 4, 5]
+    assert len(seeds_of(res.study)) == 31  # 30 seeds plus the one retry copy, nothing enqueued again
+    study.tell(live, state=TrialState.FAIL)
+
+
+def test_export_appends_searched_strategies_that_load_and_reproduce(plan, evaluator, trained_tiny_resnet, tmp_path):
+    res = mmo.search(plan, evaluator, n_trials=40, sampler_seed=3)
+    path = tmp_path / "plan.json"
+    out = mmo.export(res, path, which="all")
+    again = mm.load_plan(path)
+    searched = [s for s in again.strategies if s.meta.get("source") == "optuna"]
+    assert len(searched) == 10 and len(again.strategies) == 40
+    space = again.space()
+    for s in searched:
+        assert space.strategy(s.name, s.signal, s.meta["alphas"]).ratios == s.ratios
+        assert s.meta["validation"]["accuracy"] == pytest.approx(next(r.accuracy for r in res.trials if r.strategy.name == s.name))
+    assert again.meta["search"]["best"] == [r.strategy.name for r in res.best]
+    assert [s.name for s in out.strategies] == [s.name for s in again.strategies]
+    mmo.export(res, path, which="all")  # idempotent: the same names are replaced, not added twice
+    assert len(mm.load_plan(path).strategies) == 40
+    # searched strategies prune like any other
+    pruned = again.apply(trained_tiny_resnet, searched[0], signals=plan.signals)
+    assert pruned.global_sparsity == pytest.approx(searched[0].global_sparsity, abs=1e-6)
+
+
+def test_plots_are_written(plan, evaluator, tmp_path):
+    res = mmo.search(plan, evaluator, n_trials=34, sampler_seed=0)
+    for fn, name in ((mmo.plot_pareto, "pareto.png"), (mmo.plot_history, "history.png"), (mmo.plot_importances, "imp.png")):
+        p = fn(res, tmp_path / name)
+        assert p is not None and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    imp = mmo.param_importances(res)
+    assert set(imp) <= set(mmo.search_space(plan.space(), ["magnitude"])) and abs(sum(imp.values()) - 1) < 1e-6
+
+
+def test_macs_profile_counts_conv_and_linear_macs():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    prof = mmo.MacsProfile.measure(model, (1, 8, 8))
+    assert prof.layer_macs == {"0": 64 * 4 * 9, "3": 256 * 10}
+    s = mm.Strategy("x", "magnitude", {"0": 0.5, "3": 0.25}, 0.0)
+    assert prof.sparse(s) == pytest.approx(0.5 * 2304 + 0.75 * 2560)
+    assert prof.reduction(s) == pytest.approx(1 - prof.sparse(s) / (2304 + 2560))
+
+
+def test_macs_objective_on_a_transformer():
+    from .helpers import small_vit
+
+    model = small_vit().eval()
+    p = mm.plan(model, signals=("magnitude",))
+    prof = mmo.MacsProfile.measure(model, (1, 16, 16))
+    # qkv of a 17-token ViT with width 32: 17 tokens x 32 x 96
+    assert prof.layer_macs["blocks.0.attn.qkv"] == 17 * 32 * 96
+    res = mmo.search(p, lambda s: 1.0 - s.global_sparsity / 2, metric="macs", macs=prof, n_trials=12)
+    for r in res.trials:
+        assert r.x == pytest.approx(prof.reduction(r.strategy))
+
+
+def test_finetune_evaluator_keeps_masks_and_is_deterministic(trained_tiny_resnet, digits_loaders, plan):
+    train, val, _ = digits_loaders
+    ev = mmo.FinetuneEvaluator(trained_tiny_resnet, train, val, signals=plan.signals, steps=3, lr=1e-3, max_batches=2)
+    s = plan.strategy("product:alpha-0.7")
+    a, b = ev(s), ev(s)
+    assert a == b
+    assert a["realized_sparsity"] == pytest.approx(s.global_sparsity, abs=1e-9)
+    cb = mmo.CallbackEvaluator(lambda st: 0.5)
+    assert cb(s) == {"accuracy": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"storage": "nosuchdb://x/y"}, "bad storage URL"),
+        ({"storage": "postgresql+psycopg2://nobody@127.0.0.1:1/none"}, "cannot open storage"),
+        ({"storage": "search.txt"}, "bad storage"),
+        ({"sampler": "cmaes"}, "unknown sampler"),
+        ({"target": 1.0}, r"target must be a number in \[0, 1\)"),
+        ({"target": -0.1}, r"target must be a number in \[0, 1\)"),
+        ({"objective": "pareto"}, "unknown objective"),
+        ({"metric": "macs"}, "needs macs="),
+        ({"objective": "single", "metric": "macs", "macs": mmo.MacsProfile({})}, "needs target=<fraction of MACs"),
+        ({"objective": "single"}, "needs target=<global sparsity"),
+        ({"n_trials": None}, "would never stop"),
+    ],
+)
+def test_user_errors_are_one_line(plan, kwargs, message):
+    with pytest.raises(MixMatchError, match=message) as info:
+        mmo.search(plan, lambda s: 0.0, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_a_study_refuses_another_objective_or_plan(plan, evaluator, trained_tiny_resnet, calib, tmp_path):
+    url = tmp_path / "s.db"
+    mmo.search(plan, evaluator, storage=url, study_name="a", n_trials=1)
+    with pytest.raises(MixMatchError, match="exists with 2 objective"):
+        mmo.search(plan, evaluator, storage=url, study_name="a", n_trials=1, objective="single", target=0.5)
+    other = mm.plan(trained_tiny_resnet, calib, target=0.6)
+    with pytest.raises(MixMatchError, match="was made with plan"):
+        mmo.search(other, evaluator, storage=url, study_name="a", n_trials=1)
+
+
+def test_budget_plan_rejects_a_higher_target(trained_tiny_resnet, calib):
+    p = mm.plan(trained_tiny_resnet, calib, target=0.6, signals=("magnitude",))
+    with pytest.raises(MixMatchError, match=r"budget-matched at sparsity 0\.6"):
+        mmo.search(p, lambda s: 0.0, objective="single", target=0.62)
+
+
+@pytest.fixture(scope="module")
+def cli_files(trained_tiny_resnet, plan, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.save(trained_tiny_resnet.state_dict(), d / "model.pt")
+    plan.save(d / "plan.json")
+    return d
+
+
+def cli_args(d, *extra):
+    return [
+        "search", "--plan", str(d / "plan.json"), "--model", "mixmatch_plugin.models:tiny_resnet",
+        "--model-kwargs", '{"num_classes": 10, "in_chans": 1, "width": 8}', "--checkpoint", str(d / "model.pt"),
+        "--calib", "digits", "--calib-samples", "256", "--batch-size", "64", "--val-samples", "128", *extra,
+    ]
+
+
+def test_cli_search_writes_sqlite_study_plan_and_plots(cli_files, tmp_path):
+    from mixmatch_plugin.cli import main
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["-q", *cli_args(cli_files, "--n-trials", "32", "--out", str(out), "--sampler-seed", "0")])
+    assert r.exit_code == 0, r.output
+    for name in ("search.db", "plan.json", "search.json", "pareto.png", "history.png", "importances.png"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["states"] == {"COMPLETE": 32} and len(summary["trials"]) == 32
+    assert "best rule strategy:" in r.output and "per trial" in r.output
+    study = optuna.load_study(study_name="mixmatch", storage=f"sqlite:///{out / 'search.db'}")
+    assert len(study.trials) == 32
+    exported = mm.load_plan(out / "plan.json")
+    assert exported.meta["search"]["trials"] == 32
+    # resume the same study to a total: 4 more trials, seeds untouched
+    r = CliRunner().invoke(main, ["-q", *cli_args(cli_files, "--n-trials", "10", "--total-trials", "36", "--out", str(out),
+                                                  "--no-plots")])
+    assert r.exit_code == 0, r.output
+    study = optuna.load_study(study_name="mixmatch", storage=f"sqlite:///{out / 'search.db'}")
+    assert len(study.trials) == 36 and len(seeds_of(study)) == 30
+
+
+def test_cli_errors_are_one_line(cli_files, tmp_path):
+    from mixmatch_plugin.cli import main
+
+    r = CliRunner().invoke(main, cli_args(cli_files, "--storage", "nosuchdb://x", "--out", str(tmp_path)))
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "bad storage URL" in r.output
+    r = CliRunner().invoke(main, cli_args(cli_files, "--target", "1.5", "--out", str(tmp_path)))
+    assert r.exit_code == 2 and "target must be a number in [0, 1)" in r.output
