@@ -36,7 +36,7 @@ from ..errors import BudgetError
 from ..evaluate import evaluate, rank, reestimate_bn
 from ..finetune import finetune
 from ..io import atomic_write_json, read_json
-from ..masks import apply_masks, compute_masks
+from ..masks import MaskCache, apply_masks, compute_masks
 from ..mixing import mix_signals
 from ..plan import Plan, plan
 from ..progress import progress_bar
@@ -100,10 +100,11 @@ class _Evaluator:
         self.work = copy.deepcopy(model)
         self.state = {k: v.clone() for k, v in model.state_dict().items()}
         self.bn, self.bn_batches = bn, bn_batches
+        self.cache = MaskCache(scores)
 
     def masked(self, s: Strategy) -> torch.nn.Module:
         self.work.load_state_dict(self.state)
-        apply_masks(self.work, compute_masks(self.work, s, self.scores, layers=self.layers))
+        apply_masks(self.work, compute_masks(self.work, s, self.scores, layers=self.layers, cache=self.cache))
         if self.bn_batches:
             reestimate_bn(self.work, self.bn, self.bn_batches)
         return self.work

@@ -1,0 +1,59 @@
+"""The benchmark pipeline end to end on reduced sizes (real Fashion-MNIST, or digits-free skip)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mixmatch_plugin import data
+from mixmatch_plugin.bench import tables
+from mixmatch_plugin.bench.run import BenchConfig, run
+from mixmatch_plugin.train import TrainConfig
+
+pytestmark = pytest.mark.skipif(
+    not data.has_fashion_mnist() and os.environ.get("CI") != "true",
+    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); required in CI",
+)
+
+
+def tiny_config() -> BenchConfig:
+    model = TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 24}, epochs=1, lr=3e-3,
+                        max_train=2000, warmup_steps=10)
+    return BenchConfig(models={"resnet": model}, sparsities={"resnet": (0.8,)}, seeds=(0,), calib_samples=128,
+                       screen_samples=64, top_k=1, bn_batches=1, finetune_steps=3, test_samples=256, val_samples=256,
+                       structured=False)
+
+
+def test_bench_pipeline_end_to_end_and_resume(tmp_path):
+    cfg = tiny_config()
+    res = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
+    doc = json.loads(res.path.read_text())
+    assert doc["schema"] == "mixmatch.bench/1" and doc["environment"]["torch"]
+    runs = doc["models"]["resnet"]["runs"]
+    methods = {r["method"] for r in runs}
+    assert {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm_rules", "mm_empirical",
+            "mm_mixed", "mm_oracle", "mm_mean", "uniform_reseeded"} <= methods
+    one_shot = [r for r in runs if r["regime"] == "one-shot" and r["realized_sparsity"] is not None]
+    assert all(abs(r["realized_sparsity"] - 0.8) < 1e-3 for r in one_shot)  # every method at the same sparsity
+    ft = [r for r in runs if r["regime"] == "fine-tuned"]
+    assert {r["method"] for r in ft} >= {"uniform", "global_magnitude", "lamp", "mm"}
+    assert all(abs(r["realized_sparsity"] - 0.8) < 2e-3 for r in ft)  # fine-tuning kept the masks
+    # every choice was made on validation: the chosen strategy is the validation-best finalist
+    for c in doc["models"]["resnet"]["choices"]:
+        finals = [f for f in c["ranking"] if "val_accuracy" in f]
+        assert finals and finals[0]["val_accuracy"] == max(f["val_accuracy"] for f in finals)
+    md = tables.markdown(doc, command="mixmatch bench --quick")
+    assert "noise floor" in md and "| 80% |" in md
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
+    assert tables.update_readme(readme, md)
+    text = readme.read_text()
+    assert "old" not in text and "noise floor" in text and text.endswith("rest\n")
+    files = tables.plots(doc, tmp_path / "out")
+    assert files and all(os.path.getsize(f) > 0 for f in files.values())
+    # a rerun finds the seed done: nothing recomputed, nothing duplicated
+    again = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
+    assert len(again.doc["models"]["resnet"]["runs"]) == len(runs)
+    assert again.doc["models"]["resnet"]["seconds"] == doc["models"]["resnet"]["seconds"]
