@@ -82,10 +82,10 @@ from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.evaluate import evaluate, reestimate_bn
 from mixmatch_plugin.finetune import finetune
 from mixmatch_plugin.inventory import Layer, inventory
-from mixmatch_plugin.masks import MaskCache, apply_masks, check_strategy, compute_masks
+from mixmatch_plugin.masks import Masker
 from mixmatch_plugin.plan import Plan, load_plan
 from mixmatch_plugin.progress import progress_bar
-from mixmatch_plugin.signals import SIGNALS, Signals, compute_signals
+from mixmatch_plugin.signals import SIGNALS, Signals
 from mixmatch_plugin.strategies import SHAPES, Strategy, StrategySpace
 
 try:
@@ -134,28 +134,16 @@ class Evaluator(Protocol):
 
 
 class _MaskingEvaluator:
-    """Shared state of the built-in evaluators: a working copy, the original weights and a mask cache."""
+    """Shared state of the built-in evaluators: the core's :class:`~mixmatch_plugin.masks.Masker`."""
 
     deterministic = True
 
     def __init__(self, model: nn.Module, signals: Signals | None) -> None:
-        self.layers = inventory(model)
-        self.signals = signals if signals is not None else compute_signals(model, layers=self.layers, signals=("magnitude",))
-        self.work = copy.deepcopy(model)
-        self.original = {k: v.detach().clone() for k, v in self.work.state_dict().items()}
-        self.cache = MaskCache(self.signals)
+        self.masker = Masker(model, signals)
+        self.layers, self.signals, self.work = self.masker.layers, self.masker.signals, self.masker.work
 
     def _masked(self, strategy: Strategy) -> dict[str, torch.Tensor]:
-        check_strategy(strategy, self.layers)
-        if strategy.signal not in self.signals.available:
-            raise MixMatchError(
-                f"strategy {strategy.name!r} ranks weights by {strategy.signal!r}, but the evaluator's signals only hold "
-                f"{', '.join(self.signals.available)}: pass signals=compute_signals(model, calib) (or plan.signals)"
-            )
-        self.work.load_state_dict(self.original)
-        masks = compute_masks(self.work, strategy, self.signals, layers=self.layers, cache=self.cache)
-        apply_masks(self.work, masks)
-        return masks
+        return self.masker(strategy)[1]
 
 
 class ProxyEvaluator(_MaskingEvaluator):

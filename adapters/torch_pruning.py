@@ -66,8 +66,9 @@ import torch_pruning as tp
 from torch import nn
 
 from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device, to_device
-from mixmatch_plugin.errors import MixMatchError, PlanMismatchError
+from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.inventory import inventory
+from mixmatch_plugin.masks import check_strategy
 from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger(__name__)
@@ -605,16 +606,7 @@ def _ignored_names(model: nn.Module, pruner: tp.pruner.MetaPruner) -> set[str]:
 def _check_strategy(model: nn.Module, strategy: Strategy) -> None:
     if not isinstance(strategy, Strategy):
         raise MixMatchError(f"strategy must be a mixmatch_plugin Strategy (plan.strategy(name)), got {type(strategy).__name__}")
-    have = {n for n, _ in model.named_modules()}
-    unknown = sorted(set(strategy.ratios) - have)
-    if unknown:
-        raise PlanMismatchError(
-            f"strategy {strategy.name!r} names {len(unknown)} layer(s) the model does not have (first: {unknown[0]!r}); "
-            "was the plan made for another model? Regenerate it with `mixmatch plan`"
-        )
-    for name, r in strategy.ratios.items():
-        if not (isinstance(r, float) and math.isfinite(r) and 0.0 <= r < 1.0):
-            raise MixMatchError(f"strategy {strategy.name!r}: sparsity {r!r} of layer {name!r} must lie in [0, 1)")
+    check_strategy(strategy, inventory(model), complete=False)
 
 
 def _check_opts(fold: str, round_to: int | None, max_ratio: float) -> None:

@@ -7,7 +7,6 @@ statistics on a few *training* batches (as EagleEye does), and measures accuracy
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,10 +16,9 @@ import torch
 from torch import nn
 
 from .batches import LossFn, default_loss, forward, iterate, model_device, split_batch, to_device
-from .inventory import inventory
-from .masks import MaskCache, apply_masks, compute_masks
+from .masks import Masker
 from .progress import progress_bar
-from .signals import Signals, compute_signals
+from .signals import Signals
 from .strategies import Strategy
 
 logger = logging.getLogger(__name__)
@@ -126,16 +124,10 @@ def rank(
     """
     if key not in ("accuracy", "loss"):
         raise ValueError(f"key must be 'accuracy' or 'loss', got {key!r}")
-    layers = inventory(model)
-    if signals is None:
-        signals = compute_signals(model, layers=layers, signals=("magnitude",))
-    cache = MaskCache(signals)
-    work = copy.deepcopy(model)
-    original = {k: v.clone() for k, v in work.state_dict().items()}
+    masker = Masker(model, signals)
     out = []
     for s in progress_bar(strategies, "rank", enable=progress):
-        work.load_state_dict(original)
-        apply_masks(work, compute_masks(work, s, signals, layers=layers, cache=cache))
+        work, _ = masker(s)
         if bn_batches and bn_loader is not None:
             reestimate_bn(work, bn_loader, bn_batches)
         m = evaluate(work, val_loader, loss_fn=loss_fn, max_batches=max_batches)

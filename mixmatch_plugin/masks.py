@@ -60,8 +60,13 @@ class MaskCache:
         return keep.view_as(score)
 
 
-def check_strategy(strategy: Strategy, layers: Sequence[Layer], plan_layers: Sequence[Layer] | None = None) -> None:
-    """Raise :class:`PlanMismatchError` unless ``strategy`` fits the model whose inventory is ``layers``."""
+def check_strategy(
+    strategy: Strategy, layers: Sequence[Layer], plan_layers: Sequence[Layer] | None = None, *, complete: bool = True
+) -> None:
+    """Raise :class:`PlanMismatchError` unless ``strategy`` fits the model whose inventory is ``layers``.
+
+    With ``complete=False`` the strategy may leave layers out (they count as ratio 0).
+    """
     names = {layer.name for layer in layers}
     have = set(strategy.ratios)
     unknown = sorted(have - names)
@@ -71,7 +76,7 @@ def check_strategy(strategy: Strategy, layers: Sequence[Layer], plan_layers: Seq
             f"(first: {unknown[0]!r}); was the plan made for another model? Regenerate it with `mixmatch plan`"
         )
     missing = sorted(n for n in names - have)
-    if missing:
+    if missing and complete:
         raise PlanMismatchError(
             f"the model has {len(missing)} prunable layer(s) the strategy does not cover (first: {missing[0]!r}); "
             "regenerate the plan for this model"
@@ -88,6 +93,35 @@ def check_strategy(strategy: Strategy, layers: Sequence[Layer], plan_layers: Seq
                     f"layer {pl.name!r} has shape {tuple(cur.shape)} in the model but {tuple(pl.shape)} in the plan; "
                     "regenerate the plan for this model"
                 )
+
+
+class Masker:
+    """A reusable working copy of ``model`` that any strategy can mask cheaply, leaving ``model`` untouched.
+
+    Calling it restores the working copy's original weights (and buffers), applies the strategy's
+    masks (one sort per layer and signal, cached) and returns ``(working_copy, masks)``. Used by
+    ranking, the benchmark and the Optuna evaluators, so many strategies cost one copy of the model.
+    """
+
+    def __init__(self, model: nn.Module, signals: Signals | None = None, *, layers: Sequence[Layer] | None = None) -> None:
+        self.layers = list(layers) if layers is not None else inventory(model)
+        self.signals = signals if signals is not None else compute_signals(model, layers=self.layers, signals=("magnitude",))
+        self.work = copy.deepcopy(model)
+        self.original = {k: v.detach().clone() for k, v in self.work.state_dict().items()}
+        self.cache = MaskCache(self.signals)
+
+    def __call__(self, strategy: Strategy) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        check_strategy(strategy, self.layers)
+        missing = {strategy.signal, *strategy.layer_signals.values()} - set(self.signals.available)
+        if missing:
+            raise MixMatchError(
+                f"strategy {strategy.name!r} ranks weights by {', '.join(sorted(missing))}, but the scores only hold "
+                f"{', '.join(self.signals.available)}: pass signals=compute_signals(model, calib) (or plan.signals)"
+            )
+        self.work.load_state_dict(self.original)
+        masks = compute_masks(self.work, strategy, self.signals, layers=self.layers, cache=self.cache)
+        apply_masks(self.work, masks)
+        return self.work, masks
 
 
 def compute_masks(

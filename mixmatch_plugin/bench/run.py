@@ -36,7 +36,7 @@ from ..errors import BudgetError
 from ..evaluate import evaluate, rank, reestimate_bn
 from ..finetune import finetune
 from ..io import atomic_write_json, read_json
-from ..masks import MaskCache, apply_masks, compute_masks
+from ..masks import Masker, compute_masks
 from ..mixing import mix_signals
 from ..plan import Plan, plan
 from ..progress import progress_bar
@@ -93,21 +93,18 @@ def environment() -> dict[str, Any]:
 
 
 class _Evaluator:
-    """Masked evaluation of strategies on one model, with a reusable working copy."""
+    """Masked strategies on one model (a shared :class:`~mixmatch_plugin.masks.Masker`), BatchNorm re-estimated."""
 
     def __init__(self, model: torch.nn.Module, scores: Signals, layers: Sequence[Any], bn: Iterable[Any], bn_batches: int) -> None:
         self.model, self.scores, self.layers = model, scores, layers
-        self.work = copy.deepcopy(model)
-        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.masker = Masker(model, scores, layers=layers)
         self.bn, self.bn_batches = bn, bn_batches
-        self.cache = MaskCache(scores)
 
     def masked(self, s: Strategy) -> torch.nn.Module:
-        self.work.load_state_dict(self.state)
-        apply_masks(self.work, compute_masks(self.work, s, self.scores, layers=self.layers, cache=self.cache))
+        work, _ = self.masker(s)
         if self.bn_batches:
-            reestimate_bn(self.work, self.bn, self.bn_batches)
-        return self.work
+            reestimate_bn(work, self.bn, self.bn_batches)
+        return work
 
 
 def _choose(ev: _Evaluator, cands: Sequence[Strategy], screen: Any, val: Any, top_k: int) -> tuple[Strategy, list[dict[str, Any]]]:
