@@ -239,39 +239,47 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     """Run the benchmark for every model in ``cfg`` and write ``out/<quick|full>.json`` (resumable)."""
     out = Path(out)
     path = out / ("quick.json" if quick else "full.json")
+    common = _cfg_dict(cfg)
     doc: dict[str, Any] = {}
     if path.exists() and not fresh:
         doc = read_json(path, "benchmark results")
-        if doc.get("config") != _cfg_dict(cfg):
+        if doc.get("schema") != SCHEMA or doc.get("config") != common:
             logger.warning("%s was made with another configuration: starting fresh", path)
             doc = {}
     doc.setdefault("schema", SCHEMA)
-    doc["config"] = _cfg_dict(cfg)
+    doc["config"] = common
     doc.setdefault("models", {})
     doc["environment"] = environment()
     splits = data.fashion_mnist(data_dir, seed=0)
     t0 = time.time()
     for name in cfg.models:
-        def save(partial: dict[str, Any], name: str = name) -> None:
+        model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name])}
+        done = doc["models"].get(name)
+        if done is not None and done.get("config") != model_cfg:
+            logger.warning("%s: earlier results used another model configuration: redone", name)
+            done = None
+
+        def save(partial: dict[str, Any], name: str = name, model_cfg: dict[str, Any] = model_cfg) -> None:
+            partial["config"] = model_cfg
             doc["models"][name] = partial
             atomic_write_json(path, doc)
 
-        doc["models"][name] = run_model(name, cfg, splits, done=doc["models"].get(name), on_seed=save,
-                                        cache_dir=cache_dir, progress=progress)
-        save(doc["models"][name])
-    doc["seconds"] = time.time() - t0
-    if cfg.structured:
-        from .structured import structured_rows
+        result = run_model(name, cfg, splits, done=done, on_seed=save, cache_dir=cache_dir, progress=progress)
+        if cfg.structured and "structured" not in result:
+            from .structured import structured_rows
 
-        doc["structured"] = structured_rows(cfg, splits, cache_dir=cache_dir, progress=progress)
+            result["structured"] = structured_rows(name, cfg, splits, cache_dir=cache_dir, progress=progress)
+        save(result)
+    doc["seconds"] = time.time() - t0
     atomic_write_json(path, doc)
     return BenchResult(path, doc)
 
 
 def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:
+    """The settings shared by all models (per-model settings are stored with each model's results)."""
     d = asdict(cfg)
-    d["models"] = {k: asdict(v) for k, v in cfg.models.items()}
-    d["sparsities"] = {k: list(v) for k, v in cfg.sparsities.items()}
+    for k in ("models", "sparsities", "structured"):
+        d.pop(k)
     for k in ("seeds", "finetune_methods", "variants"):
         d[k] = list(d[k])
     return d

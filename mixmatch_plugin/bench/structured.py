@@ -50,20 +50,15 @@ def _bisect(fn: Callable[[float], float], goal: float, lo: float = 0.0, hi: floa
     return (lo + hi) / 2
 
 
-def structured_rows(cfg: Any, splits: data.Splits, *, cache_dir: str | Path | None = None, progress: bool = True,
+def structured_rows(name: str, cfg: Any, splits: data.Splits, *, cache_dir: str | Path | None = None, progress: bool = True,
                     macs_targets: tuple[float, ...] = (0.3, 0.5), tolerance: float = 0.03) -> list[dict[str, Any]]:
-    """Run the structured comparison for every benchmark model; one row per (model, MACs target, method)."""
+    """The structured comparison for benchmark model ``name``: one row per (MACs target, method)."""
     try:
         from ..adapters import torch_pruning as tpa
     except ImportError:
         logger.warning("structured rows skipped: install the tp extra (torch-pruning)")
         return []
-    rows: list[dict[str, Any]] = []
-    for name, tcfg in cfg.models.items():
-        rows += _model_rows(tpa, name, tcfg, cfg, splits, cache_dir, progress, macs_targets, tolerance)
-    if rows:
-        rows.append({"markdown": markdown(rows)})
-    return rows
+    return _model_rows(tpa, name, cfg.models[name], cfg, splits, cache_dir, progress, macs_targets, tolerance)
 
 
 def _model_rows(tpa: Any, name: str, tcfg: Any, cfg: Any, splits: data.Splits, cache_dir: str | Path | None,
@@ -137,6 +132,7 @@ def _val(m: torch.nn.Module, bn: Any, bn_batches: int, val: Any) -> float:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The structured rows of all models as one Markdown table."""
     lines = ["**Structured (Torch-Pruning adapter, channels removed physically)**: test accuracy in %, one seed; "
              "Mix-and-Match's strategy chosen on validation among those within 3 points of the MACs target.",
              "", "| model | MACs target | method | MACs removed | params removed | test one-shot | test fine-tuned |",

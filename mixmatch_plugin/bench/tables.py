@@ -131,9 +131,11 @@ def markdown(doc: Mapping[str, Any], *, command: str) -> str:
     ]
     for name, md in doc["models"].items():
         parts += ["", model_table(name, md), "", reduction_table(name, md)]
-    for row in doc.get("structured") or []:
-        parts.append("")
-        parts.append(row.get("markdown", ""))
+    rows = [r for md in doc["models"].values() for r in md.get("structured") or []]
+    if rows:
+        from .structured import markdown as structured_markdown
+
+        parts += ["", structured_markdown(rows)]
     return "\n".join(parts)
 
 
