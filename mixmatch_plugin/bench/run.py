@@ -278,8 +278,8 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
 def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:
     """The settings shared by all models (per-model settings are stored with each model's results)."""
     d = asdict(cfg)
-    for k in ("models", "sparsities", "structured"):
+    for k in ("models", "sparsities", "structured", "seeds"):  # seeds: results are kept per seed
         d.pop(k)
-    for k in ("seeds", "finetune_methods", "variants"):
+    for k in ("finetune_methods", "variants"):
         d[k] = list(d[k])
     return d

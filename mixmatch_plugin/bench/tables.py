@@ -123,7 +123,7 @@ def markdown(doc: Mapping[str, Any], *, command: str) -> str:
     cfg = doc.get("config", {})
     parts = [
         f"Measured with `{command}` on {env.get('threads', '?')} CPU threads ({env.get('date', '')}, torch {env.get('torch')}, "
-        f"timm {env.get('timm')}). Seeds {cfg.get('seeds')}; every method prunes exactly the same number of weights; "
+        f"timm {env.get('timm')}). Seeds {sorted({r['seed'] for m in doc['models'].values() for r in m['runs']})}; every method prunes exactly the same number of weights; "
         f"fine-tuning: {cfg.get('finetune_steps')} mask-keeping Adam steps at lr {cfg.get('finetune_lr')}, the same for every "
         "method. Mix-and-Match's strategy is chosen on the validation split; † oracle and mean use the test split "
         "and are shown only to make the selection cost visible. A difference within the noise floor (the largest seed "
