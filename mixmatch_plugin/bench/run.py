@@ -110,7 +110,7 @@ def _choose(ev: _Evaluator, cands: Sequence[Strategy], screen: Any, val: Any, to
     """Validation-only choice: screen every candidate on a small split, re-rank the top ``top_k`` on all of it."""
     ranked = rank(ev.model, cands, screen, signals=ev.scores, bn_loader=ev.bn, bn_batches=ev.bn_batches)
     by = {s.name: s for s in cands}
-    finals = []
+    finals: list[dict[str, Any]] = []
     for r in ranked[:top_k]:
         m = evaluate(ev.masked(by[r.strategy]), val)
         finals.append({"strategy": r.strategy, "screen_accuracy": r.accuracy, "val_accuracy": m.accuracy, "val_loss": m.loss})
