@@ -441,7 +441,7 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 
 def _check_resume(path: Path, state: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-    for key in ("model_hash", "input_shape", "config", "meta"):
+    for key in ("config", "meta", "input_shape", "model_hash"):
         got, want = state.get(key), expected[key]
         if got == want:
             continue
