@@ -628,7 +628,8 @@ def _iteration(
     if depth_model is not None and (width is None or depth_info["cka"] >= width_info["cka"]):  # type: ignore[index]
         choice, chosen = "depth", depth_model
         op: dict[str, Any] = {"kind": "depth", "block": depth_info["block"]}  # type: ignore[index]
-        reason = "higher CKA to the parent (ties go to depth)" if both else "no width candidate"
+        tie = both and depth_info["cka"] == width_info["cka"]  # type: ignore[index]
+        reason = ("equal CKA: a tie goes to depth" if tie else "higher CKA to the parent") if both else "no width candidate"
     else:
         assert width is not None and width_info is not None
         choice, chosen = "width", width.model
