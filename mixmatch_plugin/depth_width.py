@@ -23,7 +23,8 @@ The loop stops when the MACs removed reach ``target`` (a fraction of the origina
 nothing more can be removed, or after ``max_iterations``. When no block can be removed any more the
 width candidate alone continues, removing as many MACs as the last depth candidate did (or
 ``width_step`` of the original MACs). ``mode="depth"`` and ``mode="width"`` run the same loop with
-one kind of candidate only (for baselines; ``width`` still uses the depth candidate's MACs as step).
+one kind of candidate only (for baselines; ``width`` still uses the depth candidate's MACs as step,
+or follows a given ``schedule`` of MACs reductions, e.g. a depth-only run's).
 
 **Checkpoint** (``mixmatch.depth_width/1``, a ``torch.save`` of plain data, loadable with
 ``weights_only=True``)::
@@ -98,6 +99,9 @@ class DepthWidthConfig:
         macs_tolerance: relative MACs mismatch at which the bisection stops early.
         bisect_steps: most bisection steps per width candidate.
         max_iterations: stop after this many iterations in total (None: no limit).
+        schedule: ``mode="width"`` only: the MACs reduction (fraction of the original, increasing) to
+            reach after each iteration, e.g. a depth-only run's, so that width-only baselines follow the
+            same MACs schedule; later iterations use the depth candidate's MACs again.
         fold, round_to, max_ratio: passed to the Torch-Pruning adapter.
         preset, disable_constraints: passed to ``mm.plan`` (rules preset; structural constraints off).
         seed: seeds every iteration's fine-tuning (with the iteration number).
@@ -118,6 +122,7 @@ class DepthWidthConfig:
     macs_tolerance: float = 0.02
     bisect_steps: int = 14
     max_iterations: int | None = None
+    schedule: tuple[float, ...] = ()
     fold: str = "mean"
     round_to: int | None = None
     max_ratio: float = 0.95
@@ -151,6 +156,10 @@ class DepthWidthConfig:
             raise MixMatchError(f"macs_tolerance must lie in (0, 1), got {self.macs_tolerance}")
         if self.bisect_steps < 1:
             raise MixMatchError(f"bisect_steps must be >= 1, got {self.bisect_steps}")
+        if any(not 0.0 < v < 1.0 for v in self.schedule) or list(self.schedule) != sorted(self.schedule):
+            raise MixMatchError(f"schedule must be increasing MACs reductions in (0, 1), got {list(self.schedule)}")
+        if self.schedule and self.mode != "width":
+            raise MixMatchError("a MACs schedule only applies to mode='width' (depth and CKA modes follow the blocks)")
         if self.max_iterations is not None and self.max_iterations < 0:
             raise MixMatchError(f"max_iterations must be >= 0, got {self.max_iterations}")
 
@@ -469,6 +478,7 @@ def prune_depth_width(
     meta: Mapping[str, Any] | None = None,
     progress: bool = False,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    on_model: Callable[[nn.Module, dict[str, Any]], None] | None = None,
 ) -> DepthWidthResult:
     """Prune layers and channels together, keeping at each step the candidate closest to its parent by CKA.
 
@@ -485,6 +495,8 @@ def prune_depth_width(
         meta: JSON data describing how ``model`` and the loaders were made (model spec, data, seeds...);
             stored, and required to match on resume.
         on_iteration: called with each iteration's log entry after it is checkpointed.
+        on_model: called with the current model and the log entry after each iteration (to measure
+            something the loop does not, e.g. a test-set curve for a report); it must not change the model.
 
     Raises:
         MixMatchError: a setting out of range (the MACs target, the mode ...), a model without supported
@@ -546,7 +558,8 @@ def prune_depth_width(
             break
         it = len(log) + 1
         entry = _iteration(work, example_inputs, calib, val_loader, train_loader, config, it, macs_now, macs0,
-                           last_step if last_step is not None else round(config.width_step * macs0), has_blocks)
+                           last_step if last_step is not None else round(config.width_step * macs0), has_blocks,
+                           _scheduled(config, it, macs0, macs_now))
         if entry is None:
             stopped = "exhausted"
             break
@@ -563,6 +576,9 @@ def prune_depth_width(
                     100 * record["macs_reduction"])
         if on_iteration is not None:
             on_iteration(record)
+        if on_model is not None:
+            on_model(work, record)
+            work.eval()
     save(stopped)
     macs1, params1 = count_macs(work, example_inputs)
     return DepthWidthResult(work.eval(), log, ops, macs0, params0, macs1, params1, stopped, start, resumed)
@@ -571,7 +587,7 @@ def prune_depth_width(
 def _iteration(
     work: nn.Module, example_inputs: Any, calib: Iterable[Any], val_loader: Iterable[Any],
     train_loader: Iterable[Any] | None, cfg: DepthWidthConfig, it: int, macs_now: int, macs0: int,
-    fallback_step: int, has_blocks: bool,
+    fallback_step: int, has_blocks: bool, scheduled: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]] | None:
     """One iteration: candidates, fine-tuning, CKA, choice. None when nothing can be removed."""
     t0 = time.perf_counter()
@@ -579,7 +595,7 @@ def _iteration(
     # 1. depth candidate (also the MACs step of the width candidate)
     depth_model = None
     depth_info: dict[str, Any] | None = None
-    if has_blocks:
+    if has_blocks and scheduled is None:
         candidates = removable_blocks(work, example_inputs, min_blocks=cfg.min_blocks)
         if candidates:
             scores = score_blocks(work, calib, candidates, method=cfg.block_score, max_batches=cfg.score_batches)
@@ -588,7 +604,7 @@ def _iteration(
             dmacs, dparams = count_macs(depth_model, example_inputs)
             depth_info = {"block": best.name, "score": scores[best.name], "scores": scores, "macs": dmacs,
                           "params": dparams, "removed_macs": macs_now - dmacs}
-    step = depth_info["removed_macs"] if depth_info else fallback_step
+    step = scheduled if scheduled is not None else depth_info["removed_macs"] if depth_info else fallback_step
     record["step_macs"] = int(step)
     if cfg.mode == "depth" and depth_model is None:
         return None
@@ -643,6 +659,13 @@ def _iteration(
                 depth_info and depth_info.get("cka"), width_info and width_info["strategy"], width_info and width_info.get("cka"),
                 choice)
     return chosen, op, record
+
+
+def _scheduled(cfg: DepthWidthConfig, it: int, macs0: int, macs_now: int) -> int | None:
+    """The MACs step that reaches the schedule's point for iteration ``it`` (width mode), else None."""
+    if cfg.mode != "width" or it > len(cfg.schedule):
+        return None
+    return max(1, round(cfg.schedule[it - 1] * macs0) - (macs0 - macs_now))
 
 
 def _best_width(work: nn.Module, step: int, example_inputs: Any, calib: Iterable[Any], val_loader: Iterable[Any],

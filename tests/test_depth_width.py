@@ -209,6 +209,16 @@ def test_depth_only_and_width_only_modes(trained, example, calib, digits_loaders
     assert w.stopped == "target" and {e["choice"] for e in w.log} == {"width"}
     assert depth.removed_blocks(w.model) == []
     assert all(e["step_macs"] == e["depth"]["removed_macs"] for e in w.log)  # the depth candidate sets the step
+    # a given MACs schedule (e.g. a depth-only run's) replaces the depth candidate's step
+    sched = (0.12, 0.25)
+    s = prune_depth_width(trained, example, calib, val, config=DepthWidthConfig(
+        0.9, mode="width", allocation="uniform", schedule=sched, max_iterations=2, bisect_steps=10))
+    assert [e["depth"] for e in s.log] == [None, None]
+    assert [e["macs_reduction"] for e in s.log] == pytest.approx(list(sched), abs=0.02)
+    with pytest.raises(MixMatchError, match="schedule must be increasing"):
+        DepthWidthConfig(0.5, mode="width", schedule=(0.3, 0.2)).validate()
+    with pytest.raises(MixMatchError, match="only applies to mode='width'"):
+        DepthWidthConfig(0.5, schedule=(0.2,)).validate()
 
 
 def test_models_without_blocks_run_width_only_or_are_refused(calib, digits_loaders):
