@@ -338,7 +338,8 @@ def width_candidate(
 
 
 def _per_input(macs_after: int, macs_before: int, macs0: int) -> int:
-    """Scale the adapter's MACs (counted on the whole example batch) to one input."""
+    """The adapter's MACs after pruning, on the scale of :func:`count_macs` (its counts on the example
+    batch and ours on one input agree up to rounding; the ratio keeps the two consistent)."""
     return round(macs_after * macs0 / max(macs_before, 1))
 
 

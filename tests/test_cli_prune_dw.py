@@ -21,7 +21,7 @@ pytest.importorskip("timm")
 
 ROOT = Path(__file__).resolve().parents[1]
 KWARGS = json.dumps({"num_classes": 10, "in_chans": 1, "stem_type": "deep", "stem_width": 4, "channels": [8, 16, 32, 64]})
-ARGS = ["--model", "timm:resnet18", "--model-kwargs", KWARGS, "--data", "digits", "--target", "0.3", "--min-blocks", "1",
+ARGS = ["--model", "timm:resnet18", "--model-kwargs", KWARGS, "--data", "digits", "--target", "0.2", "--min-blocks", "1",
         "--finetune-steps", "2", "--calib-samples", "64", "--bisect-steps", "6", "--macs-tolerance", "0.05"]
 
 
@@ -78,7 +78,7 @@ def _invoke(*args: str):
 
 
 def test_out_of_range_target_and_bad_strategy_are_one_line_errors(tmp_path):
-    res = _invoke(*[a if a != "0.3" else "1.5" for a in ARGS], "--out", str(tmp_path / "x.pt"))
+    res = _invoke(*[a if a != "0.2" else "1.5" for a in ARGS], "--out", str(tmp_path / "x.pt"))
     assert res.exit_code == 2 and "error: MACs target 1.5 is out of range" in res.output
     assert len(res.output.strip().splitlines()) == 1
     res = _invoke(*ARGS, "--strategy", "magnitude:sideways", "--out", str(tmp_path / "x.pt"))

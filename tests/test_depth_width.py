@@ -204,15 +204,15 @@ def test_depth_only_and_width_only_modes(trained, example, calib, digits_loaders
     assert all(e["width"] is None for e in d.log)
     kept = [b.stage for b in depth.find_blocks(d.model) if not b.removed]
     assert sorted(kept) == ["layer1", "layer2", "layer3", "layer4"] and len(d.log) == 4  # min 1 per stage
-    w = prune_depth_width(trained, example, calib, val,
-                          config=DepthWidthConfig(0.3, mode="width", min_blocks=1, allocation="uniform", bisect_steps=8))
-    assert w.stopped == "target" and {e["choice"] for e in w.log} == {"width"}
+    w = prune_depth_width(trained, example, calib, val, config=DepthWidthConfig(
+        0.9, mode="width", min_blocks=1, allocation="uniform", bisect_steps=8, max_iterations=2))
+    assert w.stopped == "max_iterations" and [e["choice"] for e in w.log] == ["width", "width"]
     assert depth.removed_blocks(w.model) == []
     assert all(e["step_macs"] == e["depth"]["removed_macs"] for e in w.log)  # the depth candidate sets the step
     # a given MACs schedule (e.g. a depth-only run's) replaces the depth candidate's step
     sched = (0.12, 0.25)
     s = prune_depth_width(trained, example, calib, val, config=DepthWidthConfig(
-        0.9, mode="width", allocation="uniform", schedule=sched, max_iterations=2, bisect_steps=10))
+        0.9, mode="width", allocation="uniform", schedule=sched, max_iterations=2, bisect_steps=8))
     assert [e["depth"] for e in s.log] == [None, None]
     assert [e["macs_reduction"] for e in s.log] == pytest.approx(list(sched), abs=0.02)
     with pytest.raises(MixMatchError, match="schedule must be increasing"):
