@@ -165,3 +165,20 @@ def test_rank_by_cka_orders_strategies_and_leaves_the_model_alone(trained_tiny_r
     assert {r.strategy for r in ranked} == {s.name for s in p.strategies}
     assert all(r.cka < 1.0 for r in ranked)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rank_with_key_cka_is_the_cka_ranking_option(trained_tiny_resnet, digits_loaders, calib):
+    import mixmatch_plugin as mm
+
+    _, val, _ = digits_loaders
+    model = trained_tiny_resnet
+    p = mm.plan(model, calib, target=0.6, on_unreachable="extend", signals=("magnitude",),
+                shapes=("all-min", "midpoint", "late-heavy", "early-heavy"))
+    by_key = mm.rank(model, p.strategies, val, signals=p.signals, key="cka")
+    direct = cka.rank_by_cka(model, p.strategies, val, signals=p.signals)
+    assert [r.strategy for r in by_key] == [r.strategy for r in direct]
+    assert [r.cka for r in by_key] == pytest.approx([r.cka for r in direct], rel=1e-12)
+    by_acc = {r.strategy: r for r in mm.rank(model, p.strategies, val, signals=p.signals)}
+    assert all(r.accuracy == by_acc[r.strategy].accuracy and by_acc[r.strategy].cka is None for r in by_key)
+    with pytest.raises(ValueError, match="'accuracy', 'loss' or 'cka'"):
+        mm.rank(model, p.strategies, val, signals=p.signals, key="kl")
