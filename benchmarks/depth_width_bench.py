@@ -4,12 +4,14 @@ Every method runs the same loop (:func:`mixmatch_plugin.depth_width.prune_depth_
 MACs schedule, so their points line up: each iteration removes the MACs of that iteration's depth
 candidate (the least damaging block by KL divergence), and
 
-* ``depth``: always removes that block (its MACs reductions become the schedule of the width runs);
-* ``width-uniform``: reaches the same MACs reduction at each iteration with channels, one ratio for
-  every layer (Torch-Pruning);
-* ``width-mm``: the same with a Mix-and-Match strategy (magnitude:midpoint, budget-matched by bisection);
-* ``mix``: builds both (the Mix-and-Match width candidate), fine-tunes both, keeps the one with the
-  higher CKA to the parent on the validation split.
+* ``depth``: always removes that block, until each stage is down to ``--min-blocks`` (it may stop
+  short of the target);
+* ``mix``: builds both candidates (the width one with Mix-and-Match, MACs-matched), fine-tunes both,
+  keeps the one with the higher CKA to the parent on the validation split; continues with width
+  candidates once no block can go, until the target;
+* ``width-uniform``: reaches the mix run's MACs reduction at each of its iterations with channels only,
+  one ratio for every layer (Torch-Pruning);
+* ``width-mm``: the same with a Mix-and-Match strategy (magnitude:midpoint, budget-matched by bisection).
 
 Fine-tuning budget, the same for every method: ``--steps`` Adam steps after each iteration for the
 kept model (``mix`` also fine-tunes the losing candidate: twice the compute, not more training of
@@ -51,11 +53,11 @@ from mixmatch_plugin import data
 from mixmatch_plugin.depth_width import DepthWidthConfig, prune_depth_width
 from mixmatch_plugin.io import atomic_write_json, read_json
 
-METHODS: dict[str, dict[str, Any]] = {
+METHODS: dict[str, dict[str, Any]] = {  # in run order: the width runs follow the mix run's MACs schedule
     "depth": {"mode": "depth"},
+    "mix": {"mode": "cka", "allocation": "mm"},
     "width-uniform": {"mode": "width", "allocation": "uniform"},
     "width-mm": {"mode": "width", "allocation": "mm"},
-    "mix": {"mode": "cka", "allocation": "mm"},
 }
 
 
@@ -208,9 +210,9 @@ def main() -> None:
         for m in methods:
             if any(r["method"] == m and r["seed"] == seed for r in done):
                 continue
-            depth_run = next((r for r in done if r["method"] == "depth" and r["seed"] == seed), None)
-            schedule = tuple(c["macs_reduction"] for c in depth_run["curve"]) if depth_run and m.startswith("width") else ()
-            print(f"  running {m}, seed {seed}" + (f" (MACs schedule of depth: {len(schedule)} steps)" if schedule else ""),
+            ref = next((r for r in done if r["method"] == "mix" and r["seed"] == seed), None)
+            schedule = tuple(c["macs_reduction"] for c in ref["curve"]) if ref and m.startswith("width") else ()
+            print(f"  running {m}, seed {seed}" + (f" (MACs schedule of mix: {len(schedule)} steps)" if schedule else ""),
                   flush=True)
             r = run_one(m, seed, model, splits, args, note, schedule)
             r["key"] = key
