@@ -2,7 +2,9 @@
 
 Ranking prunes a working copy with each strategy (no fine-tuning), optionally re-estimates BatchNorm
 statistics on a few *training* batches (as EagleEye does), and measures accuracy and loss on the
-*validation* loader. Pass the validation split here, never the test split.
+*validation* loader. Pass the validation split here, never the test split. ``key="cka"`` ranks by the
+linear CKA (debiased, minibatch) of the masked model's penultimate features to the dense model's
+instead (see :mod:`mixmatch_plugin.cka`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from .batches import LossFn, default_loss, forward, iterate, model_device, split_batch, to_device
+from .cka import cka_to_parent, collect_features
 from .masks import Masker
 from .progress import progress_bar
 from .signals import Signals
@@ -95,12 +98,13 @@ def reestimate_bn(model: nn.Module, loader: Iterable[Any], batches: int = 10) ->
 
 @dataclass(frozen=True)
 class Ranked:
-    """One strategy's cheap (no fine-tune) validation result."""
+    """One strategy's cheap (no fine-tune) validation result; ``cka`` only with ``rank(key="cka")``."""
 
     strategy: str
     accuracy: float
     loss: float
     global_sparsity: float
+    cka: float | None = None
 
 
 def rank(
@@ -116,23 +120,30 @@ def rank(
     key: str = "accuracy",
     progress: bool = False,
 ) -> list[Ranked]:
-    """Rank strategies by masked validation accuracy (or ``key="loss"``), best first. ``model`` is not changed.
+    """Rank strategies by masked validation accuracy (or ``key="loss"`` or ``"cka"``), best first. ``model`` is not changed.
 
     Args:
+        key: ``accuracy`` (default), ``loss``, or ``cka``: the CKA of the masked model's penultimate
+            features to the dense model's on ``val_loader`` (accuracy and loss are measured as well).
         bn_loader, bn_batches: re-estimate BatchNorm statistics on that many training batches after
             masking, before evaluating (EagleEye's adaptive BN); 0 switches it off.
     """
-    if key not in ("accuracy", "loss"):
-        raise ValueError(f"key must be 'accuracy' or 'loss', got {key!r}")
+    if key not in ("accuracy", "loss", "cka"):
+        raise ValueError(f"key must be 'accuracy', 'loss' or 'cka', got {key!r}")
     masker = Masker(model, signals)
+    ref = collect_features(model, val_loader, max_batches=max_batches) if key == "cka" else None
     out = []
     for s in progress_bar(strategies, "rank", enable=progress):
         work, _ = masker(s)
         if bn_batches and bn_loader is not None:
             reestimate_bn(work, bn_loader, bn_batches)
         m = evaluate(work, val_loader, loss_fn=loss_fn, max_batches=max_batches)
-        out.append(Ranked(s.name, m.accuracy, m.loss, s.global_sparsity))
-    out.sort(key=(lambda r: (-r.accuracy, r.loss)) if key == "accuracy" else (lambda r: (r.loss, -r.accuracy)))
+        c = None if ref is None else cka_to_parent(model, work, val_loader, max_batches=max_batches, parent_features=ref)
+        out.append(Ranked(s.name, m.accuracy, m.loss, s.global_sparsity, c))
+    if key == "cka":
+        out.sort(key=lambda r: (-(r.cka or 0.0), -r.accuracy))
+    else:
+        out.sort(key=(lambda r: (-r.accuracy, r.loss)) if key == "accuracy" else (lambda r: (r.loss, -r.accuracy)))
     return out
 
 
