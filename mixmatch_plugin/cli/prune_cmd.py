@@ -43,7 +43,9 @@ def command(plan_path, strategy_name, backend, out, model_spec, model_kwargs, ch
     """
     import torch
 
-    from ..models import build_model
+    from ..inventory import check_untied, inventory
+    from ..masks import check_strategy
+    from ..models import build_model, check_recorded_spec
     from ..plan import load_plan
 
     p = load_plan(plan_path)
@@ -52,11 +54,17 @@ def command(plan_path, strategy_name, backend, out, model_spec, model_kwargs, ch
     spec = model_spec or recorded.get("model")
     if not spec:
         raise MixMatchError("the plan does not record its model: pass --model (and --model-kwargs)")
+    if not model_spec:  # the plan's record is data from a file: it may not choose which code runs
+        check_recorded_spec(spec, plan_path, f"pass --model {spec} (and --model-kwargs) to confirm it")
     raw_kwargs = model_kwargs if model_kwargs is not None else recorded.get("model_kwargs") or "{}"
     kwargs = raw_kwargs if isinstance(raw_kwargs, dict) else parse_json(raw_kwargs, "--model-kwargs")
     shape = parse_shape(input_shape) or (tuple(recorded["input_shape"]) if recorded.get("input_shape") else None)
     model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint)
     model.eval()
+    layers = inventory(model)
+    check_strategy(strategy, layers, p.layers)  # every backend: the plan must have been made for this model
+    if backend != "torch":
+        check_untied(layers, f"--backend {backend}")
 
     loader = None
     if calib != "none":
