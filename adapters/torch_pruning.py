@@ -67,7 +67,7 @@ from torch import nn
 
 from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device, to_device
 from mixmatch_plugin.errors import MixMatchError, PlanMismatchError
-from mixmatch_plugin.inventory import inventory
+from mixmatch_plugin.inventory import check_untied, inventory
 from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger(__name__)
@@ -605,6 +605,7 @@ def _ignored_names(model: nn.Module, pruner: tp.pruner.MetaPruner) -> set[str]:
 def _check_strategy(model: nn.Module, strategy: Strategy) -> None:
     if not isinstance(strategy, Strategy):
         raise MixMatchError(f"strategy must be a mixmatch_plugin Strategy (plan.strategy(name)), got {type(strategy).__name__}")
+    check_untied(inventory(model), "Torch-Pruning")
     have = {n for n, _ in model.named_modules()}
     unknown = sorted(set(strategy.ratios) - have)
     if unknown:
