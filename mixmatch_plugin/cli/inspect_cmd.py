@@ -22,12 +22,13 @@ def command(model_spec, model_kwargs, checkpoint, input_shape, preset, role_over
       mixmatch inspect --model timm:swin_tiny_patch4_window7_224
       mixmatch inspect --model timm:resnet18 --role 'layer4\\..*conv2$=other' --json
     """
-    from ..inventory import inventory
+    from ..inventory import check_prunable, inventory
     from ..ranges import bounds, clamp_ranges, rule_ranges
     from ..rules import load_rules, preset_for
 
     model = load_model(model_spec, model_kwargs, checkpoint)
     layers = inventory(model, roles=parse_roles(role_overrides))
+    check_prunable(layers)
     rules = load_rules(preset_for(model) if preset == "auto" else preset)
     hard = bounds(layers, rules)
     ranges = clamp_ranges(rule_ranges(layers, rules), hard) if rules.source == "rules" else {}
