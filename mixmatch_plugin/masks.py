@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 def prune_count(ratio: float, n: int) -> int:
-    """Whole weights a layer of ``n`` weights loses at ``ratio`` (round half to even, as numpy's rint)."""
-    return round(ratio * n)
+    """Whole weights a layer of ``n`` weights loses at ``ratio`` (round half to even, as numpy's rint),
+    at most ``n - 1``: a ratio below 1 never empties a layer (0.96 of 10 weights prunes 9)."""
+    return min(round(ratio * n), max(n - 1, 0))
 
 
 def layer_mask(score: torch.Tensor, k: int) -> torch.Tensor:

@@ -141,6 +141,10 @@ class StrategySpace:
     ) -> None:
         if on_unreachable not in ("error", "extend"):
             raise MixMatchError(f"on_unreachable must be 'error' or 'extend', got {on_unreachable!r}")
+        if target is not None:
+            from .ranges import validate_ratio
+
+            target = validate_ratio(target, "target sparsity")
         self.layers = tuple(layers)
         self.names = [layer.name for layer in self.layers]
         self.n = np.array([layer.params for layer in self.layers], dtype=np.float64)
@@ -230,7 +234,8 @@ class StrategySpace:
             raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(SIGNALS)}")
         rho = self.ratios(alphas)
         n = self.n.astype(np.int64)
-        k = exact_counts(rho, n, self.target)
+        cap = np.floor(self.ceil * self.n + 1e-9).astype(np.int64)  # rounding up stays under the hard bound
+        k = exact_counts(rho, n, self.target, cap)
         ratios = {m: float(k[i]) / float(n[i]) if self.target is not None else float(rho[i]) for i, m in enumerate(self.names)}
         outside = [
             m for i, m in enumerate(self.names)
