@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,27 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits of the file being replaced, or those a new file gets under the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(umask)
+    return umask
 
 
 def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
@@ -69,6 +91,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _mode_for(path))  # mkstemp creates 0600; the result gets what open() would have given it
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
