@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from mixmatch_plugin.adapters import optuna as mmo
 from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin import data
+from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.io import atomic_write_json
 from mixmatch_plugin.models import build_model
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+
 from mixmatch_plugin.adapters import torch_pruning as mtp
 from mixmatch_plugin.adapters.artifact import load_pruned
-
 from mixmatch_plugin.cli import main
 from mixmatch_plugin.plan import load_plan
 
