@@ -111,38 +111,30 @@ def extend_ranges(
     return new_lo, new_hi, u
 
 
-def exact_counts(
-    rho: np.ndarray, n: np.ndarray, target: float | None = None, cap: np.ndarray | None = None
-) -> np.ndarray:
+def exact_counts(rho: np.ndarray, n: np.ndarray, target: float | None = None) -> np.ndarray:
     """Whole numbers of weights to prune per layer; never every weight of a layer.
 
     Without ``target``: ``round(rho * n)``, at most ``n - 1``. With ``target``: the largest-remainder
-    rounding whose total is ``round(target * sum(n))`` exactly, each layer within one weight of
-    ``rho * n``. ``cap`` (per layer, e.g. the hard bound ``floor(ceil * n)``, at least ``floor(rho * n)``) limits the rounding up;
-    only when the capped layers cannot absorb the total is a layer rounded past its cap, by one weight
-    at most and never to ``n``.
+    rounding whose total is ``round(target * sum(n))`` exactly (each layer is at most one weight off
+    ``rho * n``, and keeps at least one weight: a ratio of 1 is not a strategy).
 
     Raises:
         BudgetError: the total cannot be met without emptying a layer.
     """
     raw = rho * n
     most = np.maximum(n - 1, 0)
-    limit = most if cap is None else np.clip(np.asarray(cap, dtype=np.int64), 0, most)
     if target is None:
         return np.minimum(np.rint(raw).astype(np.int64), most)
     k = np.minimum(np.floor(raw).astype(np.int64), most)
     want = round(target * float(n.sum()))
-    frac = raw - np.floor(raw)
-    order = np.argsort(-frac, kind="stable")
-    for room in (limit, most):  # the cap first; past it only if the total needs it
-        short = want - int(k.sum())
-        if short <= 0:
-            break
-        eligible = order[(frac[order] > 0) & (k[order] < room[order]) & (k[order] <= np.floor(raw[order]))]
+    short = want - int(k.sum())
+    if short > 0:
+        frac = raw - np.floor(raw)
+        order = np.argsort(-frac, kind="stable")
+        eligible = order[(frac[order] > 0) & (k[order] < most[order])]
         k[eligible[:short]] += 1
     if int(k.sum()) < want:
         raise BudgetError(
-            f"{want} of {int(n.sum())} weights cannot be pruned in whole weights without emptying a layer; "
-            "lower the target"
+            f"{want} of {int(n.sum())} weights cannot be pruned in whole weights without emptying a layer; lower the target"
         )
     return k

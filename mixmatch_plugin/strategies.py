@@ -232,8 +232,7 @@ class StrategySpace:
             raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(SIGNALS)}")
         rho = self.ratios(alphas)
         n = self.n.astype(np.int64)
-        cap = np.floor(self.ceil * self.n + 1e-9).astype(np.int64)  # rounding up stays under the hard bound
-        k = exact_counts(rho, n, self.target, cap)
+        k = exact_counts(rho, n, self.target)
         ratios = {m: float(k[i]) / float(n[i]) if self.target is not None else float(rho[i]) for i, m in enumerate(self.names)}
         outside = [
             m for i, m in enumerate(self.names)
