@@ -10,7 +10,8 @@ Tolerances, stated once:
 * native mode: a layer's ratio lies in its range up to 1e-9 (``lo + alpha * (hi - lo)`` in floats);
 * budget mode: ratios are whole weights (``k / n``), so a layer lies in its range up to one weight
   (``1 / n``); the global count is exact, ``sum(k) == round(S * N)`` (:func:`budget.exact_counts`);
-* masks: exactly ``round(ratio * n)`` weights are zeroed per layer (one weight of ``ratio * n``).
+* masks: exactly ``round(ratio * n)`` weights are zeroed per layer (one weight of ``ratio * n``), at most
+  ``n - 1``: no layer is ever emptied.
 
 A deeper hunt than the suite's 40 examples per test: ``MIXMATCH_HYPOTHESIS_EXAMPLES=2000 pytest tests/test_properties.py``.
 """
@@ -34,6 +35,7 @@ from torch import nn
 import mixmatch_plugin as mm
 from mixmatch_plugin.budget import exact_counts, reachable
 from mixmatch_plugin.errors import BudgetError
+from mixmatch_plugin.masks import prune_count
 
 EXAMPLES = int(os.environ.get("MIXMATCH_HYPOTHESIS_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -161,7 +163,7 @@ def check_strategy(p: mm.Plan, s: mm.Strategy, protected: set[str]) -> None:
     if s.meta["mode"] == "native" or p.meta["range_shift"] is None:
         assert not outside, (s.name, outside)
     n = np.array([layer.params for layer in layers], dtype=np.int64)
-    k = np.array([round(s.ratios[layer.name] * layer.params) for layer in layers])
+    k = np.array([prune_count(s.ratios[layer.name], layer.params) for layer in layers])
     if s.meta["mode"] == "budget":
         target = p.meta["target"]
         assert int(k.sum()) == round(target * float(n.sum())), (s.name, int(k.sum()), target * n.sum())  # exact
@@ -177,8 +179,8 @@ def check_apply(model: nn.Module, p: mm.Plan, s: mm.Strategy, protected: set[str
     assert res.model is not model
     zeroed = 0
     for layer in p.layers:
-        k = round(s.ratios[layer.name] * layer.params)
-        assert abs(k - s.ratios[layer.name] * layer.params) <= 1.0  # within one weight of the planned ratio
+        k = prune_count(s.ratios[layer.name], layer.params)  # round(ratio * n), never the whole layer
+        assert abs(k - s.ratios[layer.name] * layer.params) <= 1.0 and k < layer.params  # within one weight
         w0 = before["params"][f"{layer.name}.weight"]
         w1 = res.model.get_submodule(layer.name).weight.detach()
         keep = res.masks.get(layer.name, torch.ones_like(w0, dtype=torch.bool))
