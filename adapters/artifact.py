@@ -106,7 +106,9 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
             kwargs = json.loads(kwargs)
         if not isinstance(kwargs, Mapping):
             raise TypeError("model_kwargs")
-        history = obj["tp"]["history"] if backend == "tp" else None
+        history = obj["tp"]["history"] if backend == "tp" else []
+        if not isinstance(history, list):
+            raise TypeError("tp history")
         num_heads = (obj["tp"].get("num_heads") or {}) if backend == "tp" else {}
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         raise MixMatchError(f"{path} is a malformed pruned-model file ({type(exc).__name__}: {exc}); write it again with `mixmatch prune`") from None

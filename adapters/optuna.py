@@ -68,7 +68,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -255,8 +255,8 @@ class FinetuneEvaluator(_MaskingEvaluator):
         if isinstance(gen, torch.Generator):
             gen.manual_seed(self.seed)
         try:
-            per_epoch = len(self.train_loader)  # type: ignore[arg-type]
-        except TypeError:
+            per_epoch = len(self.train_loader) if isinstance(self.train_loader, Sized) else self.steps
+        except TypeError:  # a DataLoader over an IterableDataset has __len__ but no length
             per_epoch = self.steps
         epochs = max(1, math.ceil(self.steps / max(per_epoch, 1)))
         res = finetune(

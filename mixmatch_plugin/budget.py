@@ -14,6 +14,8 @@ All functions work on numpy vectors over the layers of an inventory: ``n`` (weig
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .errors import BudgetError
@@ -36,7 +38,7 @@ def reachable(n: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[float, flo
     return float((n * lo).sum()) / total, float((n * hi).sum()) / total
 
 
-def _solve(fn, target: float, lo_t: float = -40.0, hi_t: float = 40.0, iters: int = 90) -> float:
+def _solve(fn: Callable[[float], float], target: float, lo_t: float = -40.0, hi_t: float = 40.0, iters: int = 90) -> float:
     """Bisection for the ``t`` with ``fn(t) = target``, ``fn`` non-decreasing."""
     for _ in range(iters):
         mid = 0.5 * (lo_t + hi_t)

@@ -182,12 +182,17 @@ def fashion_mnist(root: str | os.PathLike[str] | None = None, seed: int = 0, n_v
 def random_data(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, n: int = 256, seed: int = 0) -> Splits:
     """Gaussian inputs and random labels (for timing and smoke tests; not for accuracy claims)."""
     g = torch.Generator().manual_seed(seed)
-    shape = tuple(int(s) for s in input_shape)
+    shape = _chw(input_shape)
 
     def make(m: int) -> TensorDataset:
         return TensorDataset(torch.randn(m, *shape, generator=g), torch.randint(0, num_classes, (m,), generator=g))
 
-    return Splits("random", make(n), make(max(n // 4, 8)), make(max(n // 4, 8)), num_classes, shape)  # type: ignore[arg-type]
+    return Splits("random", make(n), make(max(n // 4, 8)), make(max(n // 4, 8)), num_classes, shape)
+
+
+def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
+    c, h, w = (int(v) for v in shape)
+    return (c, h, w)
 
 
 def _resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -222,5 +227,5 @@ def load(name: str, *, root: str | os.PathLike[str] | None = None, seed: int = 0
         raise MixMatchError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if input_shape is not None and tuple(input_shape) != s.input_shape:
         s = Splits(s.name, fit_input(s.train, input_shape), fit_input(s.val, input_shape), fit_input(s.test, input_shape),
-                   s.num_classes, tuple(int(v) for v in input_shape))  # type: ignore[arg-type]
+                   s.num_classes, _chw(input_shape))
     return s

@@ -67,7 +67,7 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     """Delete the temp files of ``path`` left by writers on this host that no longer run; return them."""
     path = Path(path)
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(path.parent.iterdir())
     except OSError:

@@ -15,7 +15,7 @@ computed only for the GraSP baseline and the paper's empirical ranges (:func:`co
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +120,7 @@ class Signals:
 
 
 @contextmanager
-def _grad_mode(model: nn.Module, params: Sequence[torch.Tensor]):
+def _grad_mode(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[None]:
     """Eval mode and requires_grad on ``params`` for the duration; both restored afterwards."""
     was_training = model.training
     flags = [p.requires_grad for p in params]

@@ -394,6 +394,6 @@ def test_the_package_and_the_command_start_without_torch():
     assert r.returncode == 0, r.stderr
     # importing a submodule does not replace the function of the same name on the package
     import mixmatch_plugin.finetune
-    import mixmatch_plugin.plan  # noqa: F401
+    import mixmatch_plugin.plan  # noqa: F401 - imported for what the import does to the package, not for a name
 
     assert all(callable(f) for f in (mm.plan, mm.inventory, mm.evaluate, mm.finetune))

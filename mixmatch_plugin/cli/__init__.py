@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 import click
 
@@ -34,7 +35,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 class _Group(click.Group):
     """A click group that turns exceptions into one clear line and a non-zero exit status."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):

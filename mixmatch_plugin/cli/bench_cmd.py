@@ -21,7 +21,8 @@ import click
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
 @click.option("--tiny", is_flag=True, hidden=True,
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
-def command(quick, models, seeds, out, data_dir, cache_dir, update_readme, fresh, no_structured, tiny):
+def command(quick: bool, models: str | None, seeds: str | None, out: str, data_dir: str | None, cache_dir: str | None,
+            update_readme: str | None, fresh: bool, no_structured: bool, tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
 

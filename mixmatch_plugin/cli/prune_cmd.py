@@ -29,8 +29,9 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
 @click.option("--round-to", type=click.IntRange(1), default=None, help="tp: keep channel counts at multiples of this.")
 @click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT/DeiT) instead of head dims.")
 @data_options
-def command(plan_path, strategy_name, backend, out, model_spec, model_kwargs, checkpoint, input_shape, nni_pruner,
-            fold, round_to, prune_heads, calib, data_dir, calib_samples, batch_size, seed):
+def command(plan_path: str, strategy_name: str, backend: str, out: str, model_spec: str | None, model_kwargs: str | None,
+            checkpoint: str | None, input_shape: str | None, nni_pruner: str, fold: str, round_to: int | None,
+            prune_heads: bool, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int) -> None:
     """Prune the plan's model by one strategy and write it (weights + how to rebuild it).
 
     \b
