@@ -209,3 +209,35 @@ def test_search_interrupted_by_ctrl_c_reruns_the_cut_trial(search_files, tmp_pat
     seeds = {t.user_attrs.get(mmo.SEED_ATTR) for t in complete} - {None}
     assert seeds == {f"magnitude:{shape}" for shape in mm.SHAPES}  # every rule seed evaluated, the cut one too
     assert mm.load_plan(out / "plan.json").meta["search"]["trials"] >= 12
+
+
+# ---------------------------------------------------------------------------------- every command
+COMMAND_ARGS = {
+    "inspect": ["--model", "timm:resnet18"], "plan": ["--model", "timm:resnet18"],
+    "prune": ["--plan", "p.json", "--strategy", "s", "--out", "o.pt"], "search": ["--plan", "p.json", "--model", "timm:resnet18"],
+    "bench": [], "demo": [], "report": ["r.json"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_ARGS))
+@pytest.mark.parametrize(("exc", "code", "line"), [(KeyboardInterrupt, 130, "error: interrupted"),
+                                                    (None, 143, "error: terminated (SIGTERM)")])
+def test_every_command_turns_an_interrupt_into_one_line(monkeypatch, name, exc, code, line):
+    """Whatever a command is doing when Ctrl-C (or SIGTERM) arrives, the group says it in one line."""
+    from click.testing import CliRunner
+
+    from mixmatch_plugin.cli import Terminated, main
+
+    def interrupted(*args, **kwargs):
+        raise (exc or Terminated)()
+
+    monkeypatch.setattr(main.commands[name], "callback", interrupted)
+    r = CliRunner().invoke(main, ["-q", name, *COMMAND_ARGS[name]], catch_exceptions=False)
+    assert r.exit_code == code and r.stderr == line + "\n" and r.stdout == "", (r.exit_code, r.output)
+
+
+def test_sigterm_unwinds_the_command_like_ctrl_c(tmp_path):
+    """SIGTERM (schedulers, timeouts) reaches the command as an exception: one line, status 143."""
+    p = start("bench", "--tiny", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"))
+    code, err = kill_after(p, 1.5, signal.SIGTERM)
+    assert code == 143 and error_lines(err) == ["error: terminated (SIGTERM)"] and "Traceback" not in err, (code, err[-2000:])
