@@ -397,3 +397,18 @@ def test_the_package_and_the_command_start_without_torch():
     import mixmatch_plugin.plan  # noqa: F401 - imported for what the import does to the package, not for a name
 
     assert all(callable(f) for f in (mm.plan, mm.inventory, mm.evaluate, mm.finetune))
+
+
+def test_an_unusable_cached_checkpoint_is_trained_again(digits, tmp_path):
+    """The checkpoint cache is the plugin's own: a broken entry is rebuilt, not a dead end."""
+    from mixmatch_plugin.io import safe_torch_load
+    from mixmatch_plugin.train import TrainConfig, train_cached
+
+    cfg = TrainConfig(model=TINY, model_kwargs={"width": 4}, dataset="digits", epochs=1, max_train=64, warmup_steps=1,
+                      augment=False)
+    path = tmp_path / f"tiny_resnet-{cfg.key()}.pt"
+    path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    model, info = train_cached(cfg, digits, cache_dir=tmp_path, progress=False)
+    assert info["config"]["model"] == TINY and not model.training
+    blob = safe_torch_load(path)  # replaced by a good one
+    assert set(blob["state_dict"]) == set(model.state_dict())
