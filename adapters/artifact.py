@@ -12,6 +12,9 @@
 For ``torch`` and ``nni`` the architecture is unchanged (pruned weights are zeros), so the model is
 rebuilt from its spec and the state dict loaded. For ``tp`` the channels are gone: the original
 model is rebuilt and Torch-Pruning's pruning history re-applied before the weights are loaded.
+The model is rebuilt from the file's spec only for ``timm:NAME`` and this package's factories; for
+any other factory pass the original model yourself (``load_pruned(path, model=...)``): a file may
+not choose which code runs.
 """
 
 from __future__ import annotations
@@ -74,32 +77,55 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def load_pruned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the pruned model from a ``mixmatch prune`` file; return ``(model, metadata)``.
 
-    The model comes back in eval mode. Raises :class:`MixMatchError` for files of another format,
-    or when the model cannot be rebuilt (an unknown spec, or a history that does not fit it).
+    Args:
+        path: the file.
+        model: the *original* (unpruned) model to load into, built by you. Needed when the file
+            names a factory other than ``timm:NAME`` or ``mixmatch_plugin.models:NAME``: a file may not
+            choose which code runs, so such a factory is not imported from it. The model is changed
+            in place (for ``tp`` its channels are removed) and returned.
+
+    The model comes back in eval mode. Raises :class:`MixMatchError` for files of another format or
+    malformed ones, or when the model cannot be rebuilt (a history or weights that do not fit it).
     """
-    from mixmatch_plugin.models import build_model
+    from mixmatch_plugin.models import build_model, check_recorded_spec
 
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
         raise MixMatchError(f"{path} is not a pruned-model file written by `mixmatch prune` (format {FORMAT})")
-    spec = obj["model"]
-    kwargs = spec.get("model_kwargs") or {}
-    if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs)
-    model = build_model(spec["model"], model_kwargs=kwargs)
-    if obj["backend"] == "tp":
+    try:
+        spec = obj["model"]
+        backend = obj["backend"]
+        state = obj["state_dict"]
+        if backend not in BACKENDS or not isinstance(spec, Mapping) or not isinstance(state, Mapping):
+            raise TypeError("backend, model or state_dict")
+        kwargs = spec.get("model_kwargs") or {}
+        if isinstance(kwargs, str):
+            kwargs = json.loads(kwargs)
+        if not isinstance(kwargs, Mapping):
+            raise TypeError("model_kwargs")
+        history = obj["tp"]["history"] if backend == "tp" else []
+        if not isinstance(history, list):
+            raise TypeError("tp history")
+        num_heads = (obj["tp"].get("num_heads") or {}) if backend == "tp" else {}
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise MixMatchError(f"{path} is a malformed pruned-model file ({type(exc).__name__}: {exc}); write it again with `mixmatch prune`") from None
+    if model is None:
+        name = check_recorded_spec(spec.get("model"), str(path), "build the original model yourself and pass it: "
+                                   "load_pruned(path, model=<your factory>(**kwargs))")
+        model = build_model(name, model_kwargs=kwargs)
+    if backend == "tp":
         from .torch_pruning import rebuild
 
         shape = spec.get("input_shape")
         if not shape:
             raise MixMatchError(f"{path} has no input_shape; it is needed to trace the model for rebuilding")
         model.eval()
-        rebuild(model, obj["tp"]["history"], torch.zeros(1, *[int(v) for v in shape]), obj["tp"].get("num_heads") or {})
+        rebuild(model, history, torch.zeros(1, *[int(v) for v in shape]), num_heads)
     try:
-        model.load_state_dict(obj["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({first})") from None

@@ -47,7 +47,7 @@ from torch import nn
 
 from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device, to_device
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.inventory import Layer, inventory
+from mixmatch_plugin.inventory import Layer, check_untied, inventory
 from mixmatch_plugin.strategies import Strategy
 
 from ._nni_compat import FIXES, is_active, mask_updaters, speedup_compat
@@ -154,7 +154,9 @@ def config_list(
     roles = set(only) if only is not None else None
     if mode == "level":
         out: list[dict[str, Any]] = []
-        for layer in _layers_of(model, layers):
+        level_layers = _layers_of(model, layers)
+        check_untied(level_layers, "NNI")
+        for layer in level_layers:
             if layer.kind == "norm" or not _selectable(layer.type):
                 continue
             if roles is not None and layer.role not in roles:
@@ -177,6 +179,7 @@ def config_list(
             "pip install 'mixmatch-plugin[tp]'"
         ) from None
     inv = {layer.name: layer for layer in inventory(model)}
+    check_untied(list(inv.values()), "NNI")
     groups = tpa.plan_groups(model, strategy, example_inputs, fold=fold, max_ratio=max_ratio)
     out = []
     gid = 0
@@ -426,6 +429,7 @@ def prune(
         raise MixMatchError(f"pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if pruner == "taylor" and calib is None:
         raise MixMatchError("the taylor pruner needs calibration data for its gradients: pass calib=<DataLoader>")
+    check_untied(inventory(model), "NNI")  # NNI wraps modules one by one: a shared weight would come back untied
     target = model if inplace else copy.deepcopy(model)
     if config is None:
         mode = "level" if pruner == "level" else "channel"

@@ -68,7 +68,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -243,8 +243,8 @@ class FinetuneEvaluator(_MaskingEvaluator):
         if isinstance(gen, torch.Generator):
             gen.manual_seed(self.seed)
         try:
-            per_epoch = len(self.train_loader)  # type: ignore[arg-type]
-        except TypeError:
+            per_epoch = len(self.train_loader) if isinstance(self.train_loader, Sized) else self.steps
+        except TypeError:  # a DataLoader over an IterableDataset has __len__ but no length
             per_epoch = self.steps
         epochs = max(1, math.ceil(self.steps / max(per_epoch, 1)))
         res = finetune(
@@ -705,6 +705,38 @@ def recover_orphans(study: optuna.Study, max_retry: int | None = 3) -> list[int]
     return failed
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a trial cut short by Ctrl-C as a failure, with its traceback, then its value (None);
+    both records are dropped: the trial is re-queued (:func:`_requeue_interrupted`), not failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        msg = record.getMessage()
+        if isinstance(exc, KeyboardInterrupt):
+            self.dropped.add(msg.split(" failed", 1)[0])  # "Trial 7"
+            return False
+        return not any(msg.startswith(f"{t} failed with value") for t in self.dropped)
+
+
+def _requeue_interrupted(study: optuna.Study, trial: optuna.Trial, max_retry: int | None) -> None:
+    """Re-queue a trial that Ctrl-C (or SIGTERM) cut short, as a killed worker's trial is: the rerun evaluates it.
+
+    Optuna marks such a trial failed; without this, an interrupted rule seed would never be evaluated
+    (a seed counts as present in any state).
+    """
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state != TrialState.FAIL:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, copy.deepcopy(frozen))
+    logger.info("trial %d was interrupted: re-queued for the next run", frozen.number)
+
+
 def _fail_stale(study: optuna.Study) -> None:
     if _heartbeat_on(study._storage):
         with warnings.catch_warnings():
@@ -1055,19 +1087,34 @@ def search(
     else:
         recover_orphans(study, max_retry)
 
+    current: list[optuna.Trial] = []
+
     def run(trial: optuna.Trial) -> float | tuple[float, float]:
+        current[:] = [trial]
         return _objective(trial, space, ev, info, choices, macs, target, tol, study_name)
 
     t_start = time.monotonic()
     counter: Iterable[int] = range(n_trials) if n_trials is not None else _forever()
-    for _ in progress_bar(counter, f"search {study_name}", enable=progress, total=n_trials):
-        if total_trials is not None and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= total_trials:
-            break
-        if timeout is not None and time.monotonic() - t_start >= timeout:
-            break
-        study.optimize(run, n_trials=1, catch=catch, callbacks=list(callbacks), gc_after_trial=False)
-        if not heartbeat:
-            recover_orphans(study, max_retry)
+    quiet = _NoInterruptTraceback()
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    optimize_logger.addFilter(quiet)
+    try:
+        for _ in progress_bar(counter, f"search {study_name}", enable=progress, total=n_trials):
+            if total_trials is not None and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= total_trials:
+                break
+            if timeout is not None and time.monotonic() - t_start >= timeout:
+                break
+            current.clear()
+            try:
+                study.optimize(run, n_trials=1, catch=catch, callbacks=list(callbacks), gc_after_trial=False)
+            except KeyboardInterrupt:
+                if current:
+                    _requeue_interrupted(study, current[0], max_retry)
+                raise
+            if not heartbeat:
+                recover_orphans(study, max_retry)
+    finally:
+        optimize_logger.removeFilter(quiet)
     if heartbeat:
         _fail_stale(study)
     return result_of(study, p, evaluator_name=str(getattr(ev, "name", "evaluator")), storage=spec.display)

@@ -67,7 +67,7 @@ from torch import nn
 
 from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device, to_device
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.inventory import inventory
+from mixmatch_plugin.inventory import check_untied, inventory
 from mixmatch_plugin.masks import check_strategy
 from mixmatch_plugin.strategies import Strategy
 
@@ -606,7 +606,9 @@ def _ignored_names(model: nn.Module, pruner: tp.pruner.MetaPruner) -> set[str]:
 def _check_strategy(model: nn.Module, strategy: Strategy) -> None:
     if not isinstance(strategy, Strategy):
         raise MixMatchError(f"strategy must be a mixmatch_plugin Strategy (plan.strategy(name)), got {type(strategy).__name__}")
-    check_strategy(strategy, inventory(model), complete=False)
+    layers = inventory(model)
+    check_untied(layers, "Torch-Pruning")
+    check_strategy(strategy, layers, complete=False)
 
 
 def _check_opts(fold: str, round_to: int | None, max_ratio: float) -> None:

@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from mixmatch_plugin.adapters import optuna as mmo
 from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin import data
+from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.io import atomic_write_json
 from mixmatch_plugin.models import build_model
 
@@ -92,7 +92,8 @@ def main() -> None:
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
     splits = data.load("fashion-mnist", root=args.data, seed=args.seed, input_shape=shape)
     train_loader, _, test_loader = splits.loaders(batch_size=128, seed=args.seed)
-    val_loader = data.loader(data.subset(splits.val, args.val_samples, args.seed), 256)
+    val_set = data.subset(splits.val, args.val_samples, args.seed)
+    val_loader = data.loader(val_set, 256)
 
     model = build_model(args.model, model_kwargs=json.loads(args.model_kwargs), checkpoint=args.checkpoint)
     ckpt = out / "model.pt"
@@ -108,7 +109,7 @@ def main() -> None:
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     dense_val = mm.evaluate(model, val_loader).accuracy
-    print(f"parameters {n_params:,}; dense validation accuracy {dense_val:.4f} ({len(val_loader.dataset)} samples)")
+    print(f"parameters {n_params:,}; dense validation accuracy {dense_val:.4f} ({len(val_set)} samples)")
 
     t0 = time.perf_counter()
     plan = mm.plan(model, splits.calibration(args.calib_samples, 128, args.seed), target=args.target, on_unreachable="extend")

@@ -19,9 +19,9 @@ import statistics
 import time
 
 import torch
-from mixmatch_plugin.adapters import torch_pruning as mm_tp
 
 import mixmatch_plugin as mm
+from mixmatch_plugin.adapters import torch_pruning as mm_tp
 
 
 def latency(model: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:

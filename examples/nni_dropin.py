@@ -17,10 +17,10 @@ import logging
 import warnings
 
 import torch
-from mixmatch_plugin.adapters import nni as mm_nni
 from torch import nn
 
 import mixmatch_plugin as mm
+from mixmatch_plugin.adapters import nni as mm_nni
 from mixmatch_plugin.data import digits
 from mixmatch_plugin.models import tiny_resnet
 
@@ -47,7 +47,9 @@ def nni_level_prune(model: nn.Module, config_list: list[dict]) -> nn.Module:
     pruner.unwrap_model()
     with torch.no_grad():
         for name, m in masks.items():
-            work.get_submodule(name).weight.mul_(m["weight"])
+            weight = work.get_submodule(name).weight
+            assert isinstance(weight, torch.Tensor)  # Conv/Linear weights (NNI only masks those here)
+            weight.mul_(m["weight"])
     return work
 
 

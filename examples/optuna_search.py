@@ -21,11 +21,11 @@ from pathlib import Path
 
 import optuna
 import torch
-from mixmatch_plugin.adapters import optuna as mmo
 from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin import data
+from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.models import tiny_resnet
 
 

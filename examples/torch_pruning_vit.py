@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from mixmatch_plugin.adapters import torch_pruning as mm_tp
 from torch import nn
 
 import mixmatch_plugin as mm
+from mixmatch_plugin.adapters import torch_pruning as mm_tp
 from mixmatch_plugin.data import digits
 
 

@@ -17,20 +17,76 @@ only when used.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-from . import baselines
 from ._version import __version__
 from .errors import BudgetError, MixMatchError, PlanMismatchError, RulesError, SignalError
-from .evaluate import Metrics, Ranked, evaluate, rank, reestimate_bn
-from .finetune import FinetuneResult, finetune
-from .inventory import Layer, inventory
-from .masks import PruneResult, apply, compute_masks, sparsity_of, to_torch_prune
-from .mixing import mix_signals
-from .plan import Plan, load_plan, plan
-from .rules import builtin_presets, load_rules, preset_for
-from .signals import SIGNALS, Signals, compute_grasp, compute_signals
-from .strategies import SHAPES, Strategy, StrategySpace
+
+# The public names are loaded on first use (PEP 562): ``import mixmatch_plugin`` and the ``mixmatch``
+# command start without importing torch, so the command answers --help at once and a Ctrl-C during
+# its start-up is handled by the command (one line, ``error: interrupted``) instead of a traceback.
+_LAZY = {
+    "baselines": ".baselines",
+    **dict.fromkeys(("Metrics", "Ranked", "evaluate", "rank", "reestimate_bn"), ".evaluate"),
+    **dict.fromkeys(("FinetuneResult", "finetune"), ".finetune"),
+    **dict.fromkeys(("Layer", "inventory"), ".inventory"),
+    **dict.fromkeys(("PruneResult", "apply", "compute_masks", "sparsity_of", "to_torch_prune"), ".masks"),
+    "mix_signals": ".mixing",
+    **dict.fromkeys(("Plan", "load_plan", "plan"), ".plan"),
+    **dict.fromkeys(("builtin_presets", "load_rules", "preset_for"), ".rules"),
+    **dict.fromkeys(("SIGNALS", "Signals", "compute_grasp", "compute_signals"), ".signals"),
+    **dict.fromkeys(("SHAPES", "Strategy", "StrategySpace"), ".strategies"),
+}
+
+if TYPE_CHECKING:
+    from . import baselines
+    from .evaluate import Metrics, Ranked, evaluate, rank, reestimate_bn
+    from .finetune import FinetuneResult, finetune
+    from .inventory import Layer, inventory
+    from .masks import PruneResult, apply, compute_masks, sparsity_of, to_torch_prune
+    from .mixing import mix_signals
+    from .plan import Plan, load_plan, plan
+    from .rules import builtin_presets, load_rules, preset_for
+    from .signals import SIGNALS, Signals, compute_grasp, compute_signals
+    from .strategies import SHAPES, Strategy, StrategySpace
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(target, __name__)
+    value = module if name == "baselines" else getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+_SHADOWED = frozenset(n for n, target in _LAZY.items() if target == f".{n}" and n != "baselines")
+
+
+class _Package(types.ModuleType):
+    """The package: ``plan``, ``inventory``, ``evaluate`` and ``finetune`` stay the functions.
+
+    Importing a submodule binds it to its name on the package; those four names belong to the
+    functions of the same name (as with eager imports), so that binding is skipped.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

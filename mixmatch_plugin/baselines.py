@@ -44,10 +44,12 @@ def _budget(layers: Sequence[Layer], target: float) -> int:
     target = validate_ratio(target, "target sparsity")
     total = sum(layer.params for layer in layers)
     k = round(target * total)
-    cap = sum(layer.params for layer in _eligible(layers))
+    elig = _eligible(layers)
+    cap = sum(layer.params - 1 for layer in elig)  # every layer keeps at least one weight
     if k > cap:
         raise MixMatchError(
-            f"target {target} needs {k} pruned weights but only {cap} are outside normalization layers; lower the target"
+            f"target {target} needs {k} pruned weights but only {cap} can go (outside normalization layers, "
+            "one weight kept per layer); lower the target"
         )
     return k
 
@@ -65,11 +67,16 @@ def _strategy(name: str, signal: str, layers: Sequence[Layer], counts: dict[str,
 
 
 def _threshold_counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]:
-    """Per-layer counts of the ``k`` globally lowest scores (exactly ``k``; ties broken in layer order)."""
+    """Per-layer counts of the ``k`` globally lowest scores (exactly ``k``; ties broken in layer order).
+
+    Each layer's highest-scoring weight is exempt, so no layer is emptied (a ratio of 1 is not a
+    strategy); the threshold is global over all the other weights.
+    """
     if k == 0:
         return dict.fromkeys(scores, 0)
     # one dtype for the threshold and the comparisons (float64 LAMP scores rounded to float32 miscount)
-    flat = torch.cat([s.flatten().double() for s in scores.values()])
+    scores = {n: _exempt_top(s.flatten().double()) for n, s in scores.items()}
+    flat = torch.cat(list(scores.values()))
     thr = torch.kthvalue(flat, k).values
     below = {n: int((s.double() < thr).sum()) for n, s in scores.items()}
     left = k - sum(below.values())
@@ -80,6 +87,12 @@ def _threshold_counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]
         counts[n] = below[n] + take
         left -= take
     return counts
+
+
+def _exempt_top(s: torch.Tensor) -> torch.Tensor:
+    out = s.clone()
+    out[int(torch.argmax(s))] = float("inf")
+    return out
 
 
 def _global(name: str, signal: str, layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:

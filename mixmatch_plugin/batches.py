@@ -41,6 +41,13 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         )
     if not x.dtype.is_floating_point:
         raise MixMatchError(f"inputs must be floating point tensors, got dtype {x.dtype}; convert them with .float()")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise MixMatchError(f"a batch holds no samples (inputs of shape {tuple(x.shape)}); drop empty batches from the loader")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise MixMatchError(
+            f"labels of shape {tuple(y.shape)} do not fit inputs of shape {tuple(x.shape)}: the default loss expects "
+            "one class index per sample, shape (batch,); pass a loss_fn for other targets"
+        )
     return x, y
 
 
@@ -65,9 +72,15 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     try:
         out = model(x)
     except RuntimeError as exc:
-        if "out of memory" in str(exc).lower() or "can't allocate" in str(exc).lower():
+        if is_oom(exc):
             raise
-        first = str(exc).strip().splitlines()[0][:200]
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        p = next(model.parameters(), None)
+        if p is not None and p.dtype.is_floating_point and x.dtype != p.dtype:
+            raise MixMatchError(
+                f"the model could not run a batch of dtype {x.dtype} ({first}); its weights are {p.dtype}: "
+                f"convert the inputs with .to({p.dtype})"
+            ) from None
         raise MixMatchError(
             f"the model could not run a batch of shape {tuple(x.shape)} ({first}); "
             "check the input shape (--input-shape C,H,W) and the number of channels"
@@ -91,7 +104,7 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
             f"labels range over [{int(y.min())}, {int(y.max())}] but the model has {logits.shape[1]} outputs; "
             "set num_classes to match the data"
         )
-    return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits, y.long())  # int32/uint8 class indices are fine too
 
 
 def batch_size(batch: Any) -> int:
@@ -125,6 +138,10 @@ def iterate(loader: Iterable[Any], max_batches: int | None = None, what: str = "
     """Yield at most ``max_batches`` batches; raise if the loader yields nothing at all."""
     if max_batches is not None and max_batches < 1:
         raise MixMatchError(f"max_batches must be at least 1, got {max_batches}")
+    if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes, torch.Tensor, Mapping)):
+        raise MixMatchError(
+            f"the {what} data must be an iterable of batches such as a DataLoader, got {type(loader).__name__}"
+        )
     count = 0
     for batch in loader:
         yield batch
@@ -135,6 +152,15 @@ def iterate(loader: Iterable[Any], max_batches: int | None = None, what: str = "
         raise MixMatchError(f"the {what} loader yielded no batches; pass a non-empty DataLoader")
 
 
+#: How allocation failures read: CUDA, the CPU allocator (POSIX and Windows), C++ ``new``, and oneDNN
+#: (the CPU convolution backend reports a failed scratchpad allocation as "could not create a primitive").
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "bad_alloc", "could not create a primitive")
+
+
 def is_oom(exc: BaseException) -> bool:
+    """True for an allocation failure: ``torch.OutOfMemoryError``, ``MemoryError``, or a ``RuntimeError``
+    whose message is one of :data:`_OOM_TEXT` (found by running signals under an address-space limit)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
     text = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    return any(s in text for s in _OOM_TEXT)

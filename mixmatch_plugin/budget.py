@@ -14,6 +14,8 @@ All functions work on numpy vectors over the layers of an inventory: ``n`` (weig
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .errors import BudgetError
@@ -36,7 +38,7 @@ def reachable(n: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[float, flo
     return float((n * lo).sum()) / total, float((n * hi).sum()) / total
 
 
-def _solve(fn, target: float, lo_t: float = -40.0, hi_t: float = 40.0, iters: int = 90) -> float:
+def _solve(fn: Callable[[float], float], target: float, lo_t: float = -40.0, hi_t: float = 40.0, iters: int = 90) -> float:
     """Bisection for the ``t`` with ``fn(t) = target``, ``fn`` non-decreasing."""
     for _ in range(iters):
         mid = 0.5 * (lo_t + hi_t)
@@ -112,20 +114,29 @@ def extend_ranges(
 
 
 def exact_counts(rho: np.ndarray, n: np.ndarray, target: float | None = None) -> np.ndarray:
-    """Whole numbers of weights to prune per layer.
+    """Whole numbers of weights to prune per layer; never every weight of a layer.
 
-    Without ``target``: ``round(rho * n)``. With ``target``: the largest-remainder rounding whose total
-    is ``round(target * sum(n))`` exactly (each layer is at most one weight off ``rho * n``).
+    Without ``target``: ``round(rho * n)``, at most ``n - 1``. With ``target``: the largest-remainder
+    rounding whose total is ``round(target * sum(n))`` exactly (each layer is at most one weight off
+    ``rho * n``, and keeps at least one weight: a ratio of 1 is not a strategy).
+
+    Raises:
+        BudgetError: the total cannot be met without emptying a layer.
     """
     raw = rho * n
+    most = np.maximum(n - 1, 0)
     if target is None:
-        return np.rint(raw).astype(np.int64)
-    k = np.floor(raw).astype(np.int64)
+        return np.minimum(np.rint(raw).astype(np.int64), most)
+    k = np.minimum(np.floor(raw).astype(np.int64), most)
     want = round(target * float(n.sum()))
     short = want - int(k.sum())
     if short > 0:
-        frac = raw - k
+        frac = raw - np.floor(raw)
         order = np.argsort(-frac, kind="stable")
-        eligible = order[(frac[order] > 0) & (k[order] < n[order])]
+        eligible = order[(frac[order] > 0) & (k[order] < most[order])]
         k[eligible[:short]] += 1
+    if int(k.sum()) < want:
+        raise BudgetError(
+            f"{want} of {int(n.sum())} weights cannot be pruned in whole weights without emptying a layer; lower the target"
+        )
     return k

@@ -67,11 +67,28 @@ def loader(ds: TensorDataset, batch_size: int = 128, *, shuffle: bool = False, s
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
+class Resized(TensorDataset):
+    """A ``TensorDataset`` whose images are resized to ``(C, H, W)`` as they are read.
+
+    Resizing lazily keeps memory at the size of the stored images: resizing Fashion-MNIST's 55,000
+    training images to 3x224x224 up front would take 33 GB. ``tensors`` holds the stored images.
+    """
+
+    def __init__(self, *tensors: torch.Tensor, shape: Sequence[int]) -> None:
+        super().__init__(*tensors)
+        self.shape = tuple(int(v) for v in shape)
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, ...]:
+        x, *rest = super().__getitem__(index)
+        return (_resize(x.unsqueeze(0), self.shape)[0], *rest)
+
+
 def subset(ds: TensorDataset, n: int, seed: int = 0) -> TensorDataset:
-    """A seeded random subset of at most ``n`` samples."""
+    """A seeded random subset of at most ``n`` samples (still resized lazily for a :class:`Resized` set)."""
     total = len(ds)
     idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: min(n, total)]
-    return TensorDataset(*(t[idx] for t in ds.tensors))
+    tensors = (t[idx] for t in ds.tensors)
+    return Resized(*tensors, shape=ds.shape) if isinstance(ds, Resized) else TensorDataset(*tensors)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
@@ -165,25 +182,36 @@ def fashion_mnist(root: str | os.PathLike[str] | None = None, seed: int = 0, n_v
 def random_data(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, n: int = 256, seed: int = 0) -> Splits:
     """Gaussian inputs and random labels (for timing and smoke tests; not for accuracy claims)."""
     g = torch.Generator().manual_seed(seed)
-    shape = tuple(int(s) for s in input_shape)
+    shape = _chw(input_shape)
 
     def make(m: int) -> TensorDataset:
         return TensorDataset(torch.randn(m, *shape, generator=g), torch.randint(0, num_classes, (m,), generator=g))
 
-    return Splits("random", make(n), make(max(n // 4, 8)), make(max(n // 4, 8)), num_classes, shape)  # type: ignore[arg-type]
+    return Splits("random", make(n), make(max(n // 4, 8)), make(max(n // 4, 8)), num_classes, shape)
 
 
-def fit_input(ds: TensorDataset, input_shape: Sequence[int]) -> TensorDataset:
-    """Resize images to ``(C, H, W)``: bilinear resize, channels repeated or averaged."""
-    x, *rest = ds.tensors
-    c, h, w = (int(s) for s in input_shape)
-    if tuple(x.shape[1:]) == (c, h, w):
-        return ds
+def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
+    c, h, w = (int(v) for v in shape)
+    return (c, h, w)
+
+
+def _resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resize a batch of images ``(N, C', H', W')`` to ``(N, C, H, W)``: bilinear, channels repeated or averaged."""
+    c, h, w = (int(s) for s in shape)
     if x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     if x.shape[1] != c:
         x = x.mean(1, keepdim=True).repeat(1, c, 1, 1) if c != 1 else x.mean(1, keepdim=True)
-    return TensorDataset(x, *rest)
+    return x
+
+
+def fit_input(ds: TensorDataset, input_shape: Sequence[int]) -> TensorDataset:
+    """Images resized to ``(C, H, W)`` (bilinear, channels repeated or averaged) when read: a :class:`Resized` view."""
+    x, *rest = ds.tensors
+    shape = tuple(int(s) for s in input_shape)
+    if tuple(x.shape[1:]) == shape:
+        return ds
+    return Resized(x, *rest, shape=shape)
 
 
 def load(name: str, *, root: str | os.PathLike[str] | None = None, seed: int = 0,
@@ -199,5 +227,5 @@ def load(name: str, *, root: str | os.PathLike[str] | None = None, seed: int = 0
         raise MixMatchError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if input_shape is not None and tuple(input_shape) != s.input_shape:
         s = Splits(s.name, fit_input(s.train, input_shape), fit_input(s.val, input_shape), fit_input(s.test, input_shape),
-                   s.num_classes, tuple(int(v) for v in input_shape))  # type: ignore[arg-type]
+                   s.num_classes, _chw(input_shape))
     return s

@@ -157,7 +157,7 @@ def finetune(
         model.train(was)
     if best_state is not None:
         model.load_state_dict(best_state)
-    per, glob = sparsity_of(model, inventory(model))
+    per, glob = sparsity_of(model, inventory(model), masks)
     result = FinetuneResult(steps, best, history, per, glob)
     logger.info("fine-tuned %d steps; best validation accuracy %s", steps, f"{best.accuracy:.4f}" if best else "n/a")
     return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,21 @@ def check_prunable(layers: list[Layer]) -> None:
         raise MixMatchError(
             "the model has no prunable layer (no Conv, Linear or Embedding weight); "
             "Mix-and-Match prunes weights of those modules"
+        )
+
+
+def check_untied(layers: Sequence[Layer], what: str) -> None:
+    """Raise if a weight is shared by several modules: ``what`` (a structural or NNI pruner) would untie it.
+
+    Plain masks (:func:`mixmatch_plugin.apply`) prune a shared weight once, for all its modules; pruners
+    that wrap or resize modules one by one silently untie it or prune it inconsistently.
+    """
+    tied = next((layer for layer in layers if layer.aliases), None)
+    if tied is not None:
+        raise MixMatchError(
+            f"layer {tied.name!r} shares its weight with {', '.join(repr(a) for a in tied.aliases)} (tied weights), "
+            f"which {what} cannot prune without untying them; prune with plain masks (mm.apply, "
+            "`mixmatch prune --backend torch`) or untie the weights first"
         )
 
 

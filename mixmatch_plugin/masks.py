@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 def prune_count(ratio: float, n: int) -> int:
-    """Whole weights a layer of ``n`` weights loses at ``ratio`` (round half to even, as numpy's rint)."""
-    return round(ratio * n)
+    """Whole weights a layer of ``n`` weights loses at ``ratio`` (round half to even, as numpy's rint),
+    at most ``n - 1``: a ratio below 1 never empties a layer (0.96 of 10 weights prunes 9)."""
+    return min(round(ratio * n), max(n - 1, 0))
 
 
 def layer_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -175,16 +176,24 @@ class PruneResult:
     global_sparsity: float
 
 
-def sparsity_of(model: nn.Module, layers: Sequence[Layer]) -> tuple[dict[str, float], float]:
+def sparsity_of(
+    model: nn.Module, layers: Sequence[Layer], masks: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict[str, float], float]:
     """Fraction of exactly-zero weights per layer and over all inventory weights.
 
-    Normalization layers are never pruned and count as dense (some models initialise BatchNorm
-    scales to zero; those zeros are not sparsity a method created).
+    Zeros of normalization layers are not counted (some models initialise BatchNorm scales to zero;
+    those zeros are not sparsity a method created), except the entries ``masks`` removed: a strategy
+    prunes norms only when their constraint was switched off, and those weights are its sparsity.
     """
+    masks = masks or {}
     per, zeros, total = {}, 0, 0
     for layer in layers:
         w = weight_of(model, layer.name)
-        z = 0 if layer.kind == "norm" else int(torch.count_nonzero(w == 0))
+        if layer.kind == "norm":
+            keep = masks.get(layer.name)
+            z = 0 if keep is None else int(torch.count_nonzero(~keep))
+        else:
+            z = int(torch.count_nonzero(w == 0))
         per[layer.name] = z / layer.params
         zeros += z
         total += layer.params
@@ -229,7 +238,7 @@ def apply(
         to_torch_prune(target, masks)
     else:
         apply_masks(target, masks)
-    per, glob = sparsity_of(target, layers)
+    per, glob = sparsity_of(target, layers, masks)
     logger.info("applied %s: global sparsity %.4f", strategy.name, glob)
     return PruneResult(target, masks, per, glob)
 

@@ -7,6 +7,11 @@ A model spec is one string:
 * ``pkg.module:factory``, imported only because the user named it, called with ``model_kwargs``;
 * either of those plus a checkpoint (a state dict), loaded with ``torch.load(weights_only=True)``.
 
+A spec read from a *file* (a plan's recorded model, a pruned-model file) is data from someone else:
+importing and calling the factory it names would let the file choose code to run (``subprocess:run``
+with kwargs is a spec too). :func:`check_recorded_spec` therefore accepts only ``timm:NAME`` and this
+package's own factories from files; any other factory must be named by the user (``--model``).
+
 The small models sized for 2 CPU cores live here too, so they are ordinary specs:
 ``mixmatch_plugin.models:tiny_resnet``, ``...:resnet18_fmnist``, ``...:vit_fmnist``, ``...:swin_fmnist``.
 """
@@ -65,6 +70,26 @@ def swin_fmnist(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) ->
     )
 
 
+#: The factories a spec read from a file may name besides ``timm:NAME`` (they only build models; the
+#: module's other callables, ``build_model`` among them, are not factories and stay off the list).
+TRUSTED_FACTORIES = tuple(f"mixmatch_plugin.models:{n}" for n in ("tiny_resnet", "resnet18_fmnist", "vit_fmnist", "swin_fmnist"))
+
+
+def check_recorded_spec(spec: Any, source: str, fix: str) -> str:
+    """Refuse a model spec read from ``source`` (a file) unless it is ``timm:NAME`` or a factory of this package.
+
+    ``fix`` tells the user how to name the factory themselves. Returns the spec.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise MixMatchError(f"{source} records no usable model spec ({spec!r}): {fix}")
+    if spec.startswith("timm:") or spec in TRUSTED_FACTORIES:
+        return spec
+    raise MixMatchError(
+        f"{source} names the model factory {spec!r}; a file may not choose which code runs "
+        f"(only timm:NAME and mixmatch_plugin.models:NAME are taken from files): {fix}"
+    )
+
+
 def build_model(
     spec: str, *, model_kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None
 ) -> nn.Module:
@@ -85,7 +110,7 @@ def build_model(
         mod_name, _, attr = spec.partition(":")
         try:
             module = importlib.import_module(mod_name)
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:  # ValueError: an empty or relative module name
             raise MixMatchError(
                 f"cannot import module {mod_name!r} from --model {spec!r} ({exc}); check the name, or install the package"
             ) from None

@@ -36,7 +36,7 @@ from .io import atomic_write_json, read_json
 from .masks import PruneResult
 from .masks import apply as _apply
 from .ranges import Range, bounds, clamp_ranges, combine, empirical_ranges, rule_ranges, validate_ratio
-from .rules import RuleSet, load_rules, preset_for
+from .rules import KINDS, RuleSet, load_rules, preset_for
 from .signals import ALL_SIGNALS, SIGNALS, Signals, compute_grasp, compute_signals
 from .strategies import SHAPES, Strategy, StrategySpace
 
@@ -117,14 +117,22 @@ class Plan:
                 "upgrade mixmatch-plugin (pip install -U mixmatch-plugin)"
             )
         try:
-            layers = [Layer.from_dict(x) for x in d["layers"]]
+            layers = [_layer(x, source) for x in d["layers"]]
             ranges = {x["name"]: _range(x["range"], f"{source}: layer {x['name']!r} range") for x in d["layers"]}
             hard = {x["name"]: _range(x.get("bounds", [0.0, 0.99]), f"{source}: layer {x['name']!r} bounds") for x in d["layers"]}
             strategies = [Strategy.from_dict(s) for s in d["strategies"]]
-        except (KeyError, TypeError) as exc:
+            sensitivity = {str(k): {str(n): float(v) for n, v in per.items()} for k, per in (d.get("sensitivity") or {}).items()}
+            meta = dict(d.get("meta") or {})
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise MixMatchError(f"{source}: malformed plan (missing or wrong field {exc}); regenerate it with `mixmatch plan`") from None
         names = {layer.name for layer in layers}
+        if len(names) != len(layers):
+            dup = next(n for n in names if sum(layer.name == n for layer in layers) > 1)
+            raise MixMatchError(f"{source}: layer {dup!r} is listed twice; regenerate the plan with `mixmatch plan`")
         for s in strategies:
+            if s.signal not in ALL_SIGNALS:
+                raise MixMatchError(f"{source}: strategy {s.name!r} has an unknown signal {s.signal!r}; signals are {', '.join(ALL_SIGNALS)}")
+            _ratio(s.global_sparsity, f"{source}: strategy {s.name!r} global_sparsity")
             for name, sig in s.layer_signals.items():
                 if name not in names or sig not in ALL_SIGNALS:
                     raise MixMatchError(f"{source}: strategy {s.name!r} has an invalid layer signal {name!r}: {sig!r}")
@@ -132,7 +140,8 @@ class Plan:
                 if name not in names:
                     raise MixMatchError(f"{source}: strategy {s.name!r} names unknown layer {name!r}")
                 _ratio(r, f"{source}: strategy {s.name!r} layer {name!r}")
-        return cls(layers, ranges, hard, strategies, dict(d.get("sensitivity") or {}), dict(d.get("meta") or {}))
+        _check_meta(meta, source)
+        return cls(layers, ranges, hard, strategies, sensitivity, meta)
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON, atomically."""
@@ -150,6 +159,55 @@ def _ratio(v: Any, where: str) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0.0 <= v < 1.0:
         raise MixMatchError(f"{where}: sparsity {v!r} must be a number in [0, 1)")
     return float(v)
+
+
+def _layer(x: Any, source: str) -> Layer:
+    """A :class:`Layer` from a plan's layer entry, every field type-checked (the file may come from anyone)."""
+    if not isinstance(x, Mapping):
+        raise MixMatchError(f"{source}: a layer entry must be a JSON object, got {type(x).__name__}")
+    name = x.get("name")
+    where = f"{source}: layer {name!r}"
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    problems = [
+        ("name", isinstance(name, str) and bool(name)),
+        ("type", isinstance(x.get("type"), str)),
+        ("kind", x.get("kind") in KINDS),
+        ("role", isinstance(x.get("role"), str)),
+        ("stage", isinstance(x.get("stage"), int) and not isinstance(x.get("stage"), bool)),
+        ("params", count(x.get("params")) and x["params"] > 0),
+        ("shape", isinstance(x.get("shape"), list) and all(count(v) for v in x["shape"])
+         and count(x.get("params")) and math.prod(x["shape"]) == x["params"]),
+        ("position", isinstance(x.get("position"), (int, float)) and not isinstance(x.get("position"), bool)
+         and math.isfinite(x["position"])),
+        ("groups", count(x.get("groups", 1)) and x.get("groups", 1) >= 1),
+        ("aliases", isinstance(x.get("aliases", []), list) and all(isinstance(a, str) for a in x.get("aliases", []))),
+    ]
+    bad = next((key for key, ok in problems if not ok), None)
+    if bad is not None:
+        raise MixMatchError(f"{where}: field {bad!r} is missing or invalid ({x.get(bad)!r}); regenerate the plan with `mixmatch plan`")
+    return Layer.from_dict(x)
+
+
+def _check_meta(meta: Mapping[str, Any], source: str) -> None:
+    """The meta fields that code acts on: the target and the recorded model spec."""
+    if meta.get("target") is not None:
+        _ratio(meta["target"], f"{source}: meta target")
+    spec = meta.get("model_spec")
+    if spec is None:
+        return
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("model", ""), str):
+        raise MixMatchError(f"{source}: meta model_spec must be an object with a 'model' string, got {spec!r}")
+    kwargs = spec.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, (str, Mapping)):
+        raise MixMatchError(f"{source}: meta model_spec model_kwargs must be an object or a JSON string, got {kwargs!r}")
+    shape = spec.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    ):
+        raise MixMatchError(f"{source}: meta model_spec input_shape must be [C, H, W] with positive integers, got {shape!r}")
 
 
 def _range(v: Any, where: str) -> Range:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 _SIGNAL_COLORS = {"magnitude": "#1f77b4", "gradient": "#ff7f0e", "product": "#2ca02c", "grasp": "#9467bd"}
 
 
-def _plt():
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -30,11 +30,11 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
-def _plan_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list[str], list[Path]]:
+def _plan_section(doc: Mapping[str, Any], folder: Path, stem: str, source: str = "") -> tuple[list[str], list[Path]]:
     from . import plots
     from .plan import Plan
 
-    p = Plan.from_dict(doc)
+    p = Plan.from_dict(doc, source=source or "plan")
     imgs = [
         plots.strategy_heatmap(p, folder / f"{stem}-strategies.png",
                                strategies=[s.name for s in p.strategies if "method" not in s.meta]),
@@ -55,7 +55,7 @@ def _plan_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list
     return lines, imgs
 
 
-def _demo_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list[str], list[Path]]:
+def _demo_section(doc: Mapping[str, Any], folder: Path, stem: str, source: str = "") -> tuple[list[str], list[Path]]:
     rows = [(r["method"], _pct(r["sparsity"]), _pct(r["val_one_shot"]), _pct(r["test_one_shot"]), _pct(r["test_finetuned"]),
              r["finetune_steps"] or "–") for r in doc["rows"]]
     lines = [
@@ -72,14 +72,15 @@ def _demo_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list
     return lines, imgs
 
 
-def _generic_section(doc: Mapping[str, Any], folder: Path, stem: str) -> tuple[list[str], list[Path]]:
+def _generic_section(doc: Mapping[str, Any], folder: Path, stem: str, source: str = "") -> tuple[list[str], list[Path]]:
     md = doc.get("markdown")
     lines = [str(md)] if md else ["```", str({k: v for k, v in doc.items() if k != "files"})[:4000], "```"]
     imgs = [Path(v) for v in doc.get("plots", {}).values() if Path(v).exists()]
     return lines, imgs
 
 
-_SECTIONS: dict[str, Callable[[Mapping[str, Any], Path, str], tuple[list[str], list[Path]]]] = {
+_SCHEMA_VERSION = 1  # every kind below is at version 1
+_SECTIONS: dict[str, Callable[[Mapping[str, Any], Path, str, str], tuple[list[str], list[Path]]]] = {
     "mixmatch.plan": _plan_section,
     "mixmatch.demo": _demo_section,
     "mixmatch.bench": _generic_section,
@@ -92,17 +93,28 @@ def write_report(source: str | Path, out: str | Path, *, fmt: str | None = None)
     source, out = Path(source), Path(out)
     doc = read_json(source, "report input")
     schema = str(doc.get("schema", "")) if isinstance(doc, Mapping) else ""
-    kind = re.sub(r"/\d+$", "", schema)
-    section = _SECTIONS.get(kind)
-    if section is None:
+    m = re.fullmatch(r"(.+)/(\d+)", schema)
+    section = _SECTIONS.get(m.group(1)) if m else None
+    if m is None or section is None:
         raise MixMatchError(
             f"{source} is not a plan, demo, search or bench output (schema {schema!r}); "
             "pass a file written by mixmatch plan/demo/search/bench"
         )
+    if int(m.group(2)) > _SCHEMA_VERSION:
+        raise MixMatchError(
+            f"{source} has schema {schema}, newer than this version reads ({m.group(1)}/{_SCHEMA_VERSION}); "
+            "upgrade mixmatch-plugin (pip install -U mixmatch-plugin)"
+        )
     fmt = fmt or ("html" if out.suffix in (".html", ".htm") else "md")
     if fmt not in ("md", "html"):
         raise MixMatchError(f"report format must be md or html, got {fmt!r}")
-    lines, imgs = section(doc, out.parent, out.stem)
+    try:
+        lines, imgs = section(doc, out.parent, out.stem, str(source))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, MixMatchError):
+            raise
+        raise MixMatchError(f"{source} is a malformed {m.group(1)} file (missing or wrong field {exc}); regenerate it") from None
+    imgs = [p for p in imgs if _is_png(p)]
     if fmt == "md":
         body = "\n".join(lines) + "\n\n" + "\n\n".join(f"![{p.stem}]({_rel(p, out.parent)})" for p in imgs) + "\n"
         return atomic_write_text(out, f"# Mix-and-Match report\n\nSource: `{source.name}`\n\n{body}")
@@ -116,6 +128,18 @@ def write_report(source: str | Path, out: str | Path, *, fmt: str | None = None)
             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style></head><body>"
             + "\n".join(parts) + "</body></html>\n")
     return atomic_write_text(out, page)
+
+
+def _is_png(p: Path) -> bool:
+    """Only real PNG files are linked or embedded: a hostile input must not pull other files into a report."""
+    try:
+        with p.open("rb") as fh:
+            ok = p.is_file() and fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        ok = False
+    if not ok:
+        logger.warning("not a PNG image, left out of the report: %s", p)
+    return ok
 
 
 def _rel(p: Path, base: Path) -> str:

@@ -14,6 +14,7 @@ may ``extends: <preset or path>``; its rules are tried first and its constraints
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -147,6 +148,13 @@ def _matcher(d: Mapping[str, Any], where: str, roles: Mapping[str, str]) -> Matc
     return Matcher(**kw)
 
 
+def _number(value: Any, where: str, key: str) -> float:
+    """A finite number (not a bool), or a :class:`RulesError` naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RulesError(f"{where}: '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _interval(value: Any, where: str, key: str) -> tuple[float, float]:
     if (
         not isinstance(value, (list, tuple))
@@ -222,7 +230,10 @@ def load_role_rules(spec: str | Path | None = None) -> RoleRules:
             raise RulesError(f"{w}: needs 'name', a regular expression with one group ({exc})") from None
         if pat.groups < 1:
             raise RulesError(f"{w}: the pattern needs a group that captures the stage number")
-        stages.append(StagePattern(pat, int(s.get("offset", 0))))
+        offset = s.get("offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise RulesError(f"{w}: 'offset' must be an integer, got {offset!r}")
+        stages.append(StagePattern(pat, offset))
     return RoleRules(roles=dict(roles), rules=tuple(rules), stages=tuple(stages))
 
 
@@ -312,7 +323,7 @@ def _load_ruleset(spec: str | Path | Mapping[str, Any], roles: Mapping[str, str]
             raise RulesError(f"{w}: unknown key {sorted(bad)[0]!r}; allowed: {', '.join(sorted(_RULE_KEYS))}")
         if "range" not in r:
             raise RulesError(f"{w}: missing 'range: [low, high]'")
-        per = {k: float(r.get(k, 0.0)) for k in ("per_stage", "per_depth")}
+        per = {k: _number(r.get(k, 0.0), w, k) for k in ("per_stage", "per_depth")}
         rules.append(RangeRule(_matcher(r, w, roles), _interval(r["range"], w, "range"), **per))
 
     constraints: dict[str, Constraint | None] = {c.id: c for c in base.constraints} if base else {}
@@ -338,7 +349,20 @@ def _load_ruleset(spec: str | Path | Mapping[str, Any], roles: Mapping[str, str]
     if source not in ("rules", "empirical"):
         raise RulesError(f"{where}: 'source' must be 'rules' or 'empirical', got {source!r}")
     emp = data.get("empirical") or {}
-    mls = float(data.get("max_layer_sparsity", base.max_layer_sparsity if base else 0.99))
+    if not isinstance(emp, dict) or set(emp) - {"methods", "sparsities"}:
+        raise RulesError(f"{where}: 'empirical' must be a mapping with 'methods' and 'sparsities'")
+    sparsities = emp.get("sparsities", (0.7, 0.8, 0.9))
+    if not isinstance(sparsities, (list, tuple)) or not sparsities:
+        raise RulesError(f"{where}: 'empirical.sparsities' must be a non-empty list of numbers in (0, 1)")
+    for v in sparsities:
+        if not 0.0 < _number(v, where, "empirical.sparsities") < 1.0:
+            raise RulesError(f"{where}: 'empirical.sparsities' must lie in (0, 1), got {v!r}")
+    methods = emp.get("methods", ("global_magnitude", "snip", "grasp"))
+    from .baselines import available
+
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods or set(methods) - set(available()):
+        raise RulesError(f"{where}: 'empirical.methods' must be a non-empty list of {', '.join(available())}, got {methods!r}")
+    mls = _number(data.get("max_layer_sparsity", base.max_layer_sparsity if base else 0.99), where, "max_layer_sparsity")
     if not 0.0 < mls < 1.0:
         raise RulesError(f"{where}: 'max_layer_sparsity' must lie in (0, 1), got {mls}")
     all_rules = tuple(rules) + (base.rules if base else ())
@@ -349,8 +373,8 @@ def _load_ruleset(spec: str | Path | Mapping[str, Any], roles: Mapping[str, str]
         description=str(data.get("description", "")),
         class_names=_as_tuple(match.get("class_names", []), where, "class_names"),
         source=source,
-        empirical_methods=tuple(emp.get("methods", ("global_magnitude", "snip", "grasp"))),
-        empirical_sparsities=tuple(float(s) for s in emp.get("sparsities", (0.7, 0.8, 0.9))),
+        empirical_methods=tuple(methods),
+        empirical_sparsities=tuple(float(s) for s in sparsities),
         rules=all_rules,
         constraints=tuple(c for c in constraints.values() if c is not None),
         max_layer_sparsity=mls,

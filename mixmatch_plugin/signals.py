@@ -15,7 +15,7 @@ computed only for the GraSP baseline and the paper's empirical ranges (:func:`co
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from torch import nn
 
 from .batches import LossFn, chunk_batch, default_loss, is_oom, iterate, model_device, to_device
 from .errors import MixMatchError, SignalError
-from .inventory import Layer, inventory, weight_of
+from .inventory import Layer, check_prunable, inventory, weight_of
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class Signals:
 
 
 @contextmanager
-def _grad_mode(model: nn.Module, params: Sequence[torch.Tensor]):
+def _grad_mode(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[None]:
     """Eval mode and requires_grad on ``params`` for the duration; both restored afterwards."""
     was_training = model.training
     flags = [p.requires_grad for p in params]
@@ -140,40 +140,61 @@ def _params(model: nn.Module, layers: Sequence[Layer]) -> list[torch.Tensor]:
     return [weight_of(model, layer.name, leaf=True) for layer in layers]
 
 
+def _grads(
+    model: nn.Module, batch: Any, params: Sequence[torch.Tensor], loss_fn: LossFn, index: int, parts: int
+) -> list[torch.Tensor]:
+    """Gradient of the batch's mean loss, summed over ``parts`` micro-batches weighted by their size."""
+    from .batches import batch_size
+
+    n = batch_size(batch)
+    total: list[torch.Tensor] | None = None
+    for chunk in chunk_batch(batch, parts) if parts > 1 else [batch]:
+        loss = loss_fn(model, chunk)
+        if not torch.isfinite(loss):
+            raise SignalError(
+                f"the loss is {float(loss)} on calibration batch {index}; check the inputs and the model "
+                "(a diverged checkpoint?) before computing signals"
+            )
+        weight = batch_size(chunk) / n if parts > 1 else 1.0  # mean over the batch = size-weighted mean of the parts
+        raw = torch.autograd.grad(loss * weight, params, allow_unused=True)
+        del loss
+        gs = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(raw, params, strict=True)]
+        del raw
+        total = gs if total is None else [t.add_(g) for t, g in zip(total, gs, strict=True)]
+    assert total is not None
+    return total
+
+
 def _batch_grads(
     model: nn.Module, batch: Any, params: Sequence[torch.Tensor], loss_fn: LossFn, index: int
 ) -> list[torch.Tensor]:
-    """Gradient of the mean loss over ``batch``; split into micro-batches if it does not fit in memory."""
+    """Gradient of the mean loss over ``batch``; split into micro-batches if it does not fit in memory.
+
+    An allocation failure (CUDA out of memory, the CPU allocator's error, ``std::bad_alloc``,
+    ``MemoryError``) halves the micro-batch size until one sample at a time fails too, which is a
+    :class:`MixMatchError`. The failed attempt's graph is released before the retry.
+    """
+    from .batches import batch_size
+
     parts = 1
     while True:
         try:
-            total: list[torch.Tensor] | None = None
-            for chunk in chunk_batch(batch, parts) if parts > 1 else [batch]:
-                loss = loss_fn(model, chunk)
-                if not torch.isfinite(loss):
-                    raise SignalError(
-                        f"the loss is {float(loss)} on calibration batch {index}; check the inputs and the model "
-                        "(a diverged checkpoint?) before computing signals"
-                    )
-                weight = 1.0 / parts
-                raw = torch.autograd.grad(loss * weight, params, allow_unused=True)
-                gs = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(raw, params, strict=True)]
-                total = gs if total is None else [t + g for t, g in zip(total, gs, strict=True)]
-            assert total is not None
-            return total
-        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            return _grads(model, batch, params, loss_fn, index, parts)
+        except (RuntimeError, MemoryError) as exc:
             if not is_oom(exc):
                 raise
-            from .batches import batch_size
-
-            n = batch_size(batch)
-            if parts >= n:
-                raise MixMatchError(
-                    "computing gradients ran out of memory even one sample at a time; use a smaller model "
-                    "input, fewer layers, or a machine with more memory"
-                ) from None
-            parts = min(n, parts * 2)
-            logger.warning("calibration batch %d did not fit in memory: retrying in %d micro-batches", index, parts)
+            last = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        # outside the except block: the traceback, and with it the failed attempt's tensors, are gone
+        n = batch_size(batch)
+        if parts >= n:
+            raise MixMatchError(
+                f"computing gradients ran out of memory even one sample at a time ({last}); use a smaller "
+                "model input, fewer layers, or a machine with more memory"
+            )
+        parts = min(n, parts * 2)
+        logger.warning("calibration batch %d did not fit in memory: retrying in %d micro-batches", index, parts)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _check_finite(scores: dict[str, torch.Tensor], what: str) -> None:
@@ -214,8 +235,9 @@ def compute_signals(
     if unknown:
         raise MixMatchError(f"unknown signal {unknown[0]!r}; signals are {', '.join(SIGNALS)}")
     layers = list(layers) if layers is not None else inventory(model)
+    check_prunable(layers)
     params = _params(model, layers)
-    magnitude = {layer.name: p.detach().abs().clone() for layer, p in zip(layers, params, strict=True)}
+    magnitude = {layer.name: p.detach().abs() for layer, p in zip(layers, params, strict=True)}  # abs() copies
     _check_finite(magnitude, "the weights")
     if not any(s in ("gradient", "product") for s in signals):
         return Signals(magnitude=magnitude)

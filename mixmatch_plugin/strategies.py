@@ -39,7 +39,7 @@ import numpy as np
 from .budget import exact_counts, extend_ranges, move_to_budget
 from .errors import MixMatchError
 from .inventory import Layer
-from .ranges import Range
+from .ranges import Range, validate_ratio
 from .signals import SIGNALS, Signals
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,8 @@ class StrategySpace:
     ) -> None:
         if on_unreachable not in ("error", "extend"):
             raise MixMatchError(f"on_unreachable must be 'error' or 'extend', got {on_unreachable!r}")
+        if target is not None:
+            target = validate_ratio(target, "target sparsity")
         self.layers = tuple(layers)
         self.names = [layer.name for layer in self.layers]
         self.n = np.array([layer.params for layer in self.layers], dtype=np.float64)

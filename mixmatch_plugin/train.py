@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .data import Splits, loader
+from .errors import MixMatchError
 from .evaluate import evaluate
 from .io import atomic_torch_save, safe_torch_load
 from .models import build_model
@@ -132,11 +133,18 @@ def train_cached(
     path = cache / f"{cfg.model.split(':')[-1]}-{cfg.key()}.pt"
     model = build_model(cfg.model, model_kwargs=cfg.model_kwargs)
     if path.exists():
-        blob = safe_torch_load(path)
-        model.load_state_dict(blob["state_dict"])
-        logger.info("loaded cached checkpoint %s", path)
-        model.eval()
-        return model, dict(blob["info"])
+        try:
+            blob = safe_torch_load(path)
+            model.load_state_dict(blob["state_dict"])
+            info = dict(blob["info"])
+        except (MixMatchError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            # the cache is ours to rebuild: an unusable entry (another torch version, edited by hand) is trained again
+            logger.warning("cached checkpoint %s is unusable (%s): training again", path, str(exc).splitlines()[0][:160])
+            model = build_model(cfg.model, model_kwargs=cfg.model_kwargs)
+        else:
+            logger.info("loaded cached checkpoint %s", path)
+            model.eval()
+            return model, info
     info = train(model, splits, cfg, progress=progress)
     info["test_accuracy"] = evaluate(model, loader(splits.test, 512)).accuracy
     info["config"] = asdict(cfg)

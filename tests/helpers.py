@@ -37,3 +37,25 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.out(torch.relu(self.b(torch.relu(self.bn(self.a(self.flat(x)))))))
+
+
+class TiedMLP(nn.Module):
+    """An MLP whose second and third Linear layers share one weight tensor (tied weights)."""
+
+    def __init__(self, d_in: int = 256, hidden: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.a = nn.Linear(d_in, hidden)
+        self.b = nn.Linear(hidden, hidden)
+        self.c = nn.Linear(hidden, hidden)
+        self.c.weight = self.b.weight
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.a(self.flat(x)))
+        return self.out(torch.relu(self.c(torch.relu(self.b(h)))))
+
+
+def tied_mlp(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return TiedMLP(d_in=256 * in_chans, classes=num_classes)

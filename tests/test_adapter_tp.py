@@ -14,10 +14,10 @@ import warnings
 import pytest
 import torch
 import torch_pruning as tp
-from mixmatch_plugin.adapters import torch_pruning as mtp
 from torch import nn
 
 import mixmatch_plugin as mm
+from mixmatch_plugin.adapters import torch_pruning as mtp
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.strategies import Strategy
 

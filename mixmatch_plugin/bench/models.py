@@ -17,3 +17,9 @@ QUICK: dict[str, TrainConfig] = {
                           lr=3e-3, max_train=6000, warmup_steps=20),
     "swin": TrainConfig(model="mixmatch_plugin.models:swin_fmnist", epochs=2, lr=2e-3, max_train=6000, warmup_steps=20),
 }
+
+#: ``--tiny`` (hidden; for the interruption tests): an 8-channel ResNet trained for one epoch on 512 images.
+TINY: dict[str, TrainConfig] = {
+    "resnet": TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 8}, epochs=1, lr=3e-3,
+                          max_train=512, warmup_steps=5, augment=False),
+}

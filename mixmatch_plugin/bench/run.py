@@ -32,7 +32,7 @@ import torch
 
 from .. import baselines, data
 from .._version import __version__
-from ..errors import BudgetError
+from ..errors import BudgetError, MixMatchError
 from ..evaluate import evaluate, rank, reestimate_bn
 from ..finetune import finetune
 from ..io import atomic_write_json, read_json
@@ -43,7 +43,7 @@ from ..progress import progress_bar
 from ..signals import Signals, compute_grasp, compute_signals
 from ..strategies import Strategy
 from ..train import TrainConfig, train_cached
-from .models import FULL, QUICK
+from .models import FULL, QUICK, TINY
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,13 @@ class BenchConfig:
     @classmethod
     def full(cls) -> BenchConfig:
         return cls(models=dict(FULL), sparsities={"resnet18": (0.7, 0.9, 0.95), "vit": (0.5, 0.7, 0.8), "swin": (0.5, 0.7, 0.8)})
+
+    @classmethod
+    def tiny(cls) -> BenchConfig:
+        """Smoke-sized (seconds per seed), for the tests that kill and resume a run; not a benchmark."""
+        return cls(models=dict(TINY), sparsities={"resnet": (0.5,)}, seeds=(0, 1, 2), calib_samples=64, screen_samples=64,
+                   top_k=1, bn_batches=0, finetune_steps=2, finetune_methods=("uniform", "mm"), variants=("rules",),
+                   mix_signals=False, test_samples=128, val_samples=128, structured=False)
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -156,6 +163,11 @@ def run_model(
                 except BudgetError as exc:
                     logger.warning("%s at %.2f: variant %s skipped (%s)", name, target, variant, exc)
             variants = list(plans)
+            if not variants:
+                raise MixMatchError(
+                    f"benchmark model {name}: no range variant ({', '.join(cfg.variants)}) reaches sparsity {target}; "
+                    "change the configuration's sparsities"
+                )
             layers = plans[variants[0]].layers
             ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
             base = {b: baselines.make(b, layers, scores, target) for b in BASELINES}
@@ -235,16 +247,23 @@ class BenchResult:
 
 
 def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str | None = None,
-        cache_dir: str | Path | None = None, progress: bool = True, fresh: bool = False) -> BenchResult:
-    """Run the benchmark for every model in ``cfg`` and write ``out/<quick|full>.json`` (resumable)."""
+        cache_dir: str | Path | None = None, progress: bool = True, fresh: bool = False, name: str | None = None) -> BenchResult:
+    """Run the benchmark for every model in ``cfg`` and write ``out/<name>.json`` (resumable).
+
+    ``name`` defaults to ``quick`` or ``full``. Results are written (atomically) after every
+    (model, seed); a rerun with the same configuration skips what is done, unless ``fresh``.
+    """
     out = Path(out)
-    path = out / ("quick.json" if quick else "full.json")
+    path = out / f"{name or ('quick' if quick else 'full')}.json"
     common = _cfg_dict(cfg)
     doc: dict[str, Any] = {}
     if path.exists() and not fresh:
-        doc = read_json(path, "benchmark results")
-        if doc.get("schema") != SCHEMA or doc.get("config") != common:
-            logger.warning("%s was made with another configuration: starting fresh", path)
+        try:
+            doc = read_json(path, "benchmark results")
+        except MixMatchError as exc:
+            raise MixMatchError(f"{exc}; or pass --fresh to start over") from None
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("config") != common:
+            logger.warning("%s was made with another configuration or version: starting fresh", path)
             doc = {}
     doc.setdefault("schema", SCHEMA)
     doc["config"] = common

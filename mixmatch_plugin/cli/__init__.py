@@ -2,13 +2,17 @@
 
 Each subcommand lives in its own module and is registered below. Errors a user can cause print one
 line (``error: ...``) and exit with status 2; anything unexpected prints one line and exits 1, and
-``-v`` shows the traceback.
+``-v`` shows the traceback. Ctrl-C prints ``error: interrupted`` and exits 130; SIGTERM unwinds the
+same way (temp files removed, a running trial marked failed) and exits 143.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
+from typing import Any
 
 import click
 
@@ -19,14 +23,26 @@ from ..progress import set_progress
 logger = logging.getLogger(__name__)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that it unwinds like Ctrl-C: temp files are removed and a
+    running Optuna trial is marked failed, instead of the process vanishing mid-write."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
     """A click group that turns exceptions into one clear line and a non-zero exit status."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except Terminated:
+            click.echo("error: terminated (SIGTERM)", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
@@ -62,6 +78,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mixmatch_plugin").setLevel(level)

@@ -19,7 +19,10 @@ import click
               help="Regenerate the table between <!-- bench:start --> and <!-- bench:end --> in this README.")
 @click.option("--fresh", is_flag=True, help="Ignore earlier partial results instead of resuming them.")
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
-def command(quick, models, seeds, out, data_dir, cache_dir, update_readme, fresh, no_structured):
+@click.option("--tiny", is_flag=True, hidden=True,
+              help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
+def command(quick: bool, models: str | None, seeds: str | None, out: str, data_dir: str | None, cache_dir: str | None,
+            update_readme: str | None, fresh: bool, no_structured: bool, tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
 
@@ -33,7 +36,11 @@ def command(quick, models, seeds, out, data_dir, cache_dir, update_readme, fresh
     from ..bench.run import BenchConfig, run
     from ..errors import MixMatchError
 
-    cfg = BenchConfig.quick() if quick else BenchConfig.full()
+    if update_readme:  # checked before hours of work, not after
+        readme = Path(update_readme)
+        if not readme.is_file() or "<!-- bench:start -->" not in readme.read_text(encoding="utf-8", errors="replace"):
+            raise MixMatchError(f"--update-readme {update_readme}: no such file with <!-- bench:start --> / <!-- bench:end --> markers")
+    cfg = BenchConfig.tiny() if tiny else BenchConfig.quick() if quick else BenchConfig.full()
     if models:
         wanted = [m.strip() for m in models.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in cfg.models]
@@ -47,9 +54,9 @@ def command(quick, models, seeds, out, data_dir, cache_dir, update_readme, fresh
             raise MixMatchError(f"--seeds {seeds!r} must be comma-separated integers") from None
     if no_structured:
         cfg.structured = False
-    res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh)
+    res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None)
     files = tables.plots(res.doc, Path(out))
-    cmd = "mixmatch bench" + (" --quick" if quick else "")
+    cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "")
     md = tables.markdown(res.doc, command=cmd)
     res.doc["markdown"] = md
     res.doc["plots"] = files

@@ -20,7 +20,8 @@ from .common import table
 @click.option("--quick", is_flag=True, help="Smaller everything (about 30 s): for smoke tests.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where trained checkpoints are cached (default ~/.cache/mixmatch or $MIXMATCH_CACHE).")
-def command(out, dataset, data_dir, target, finetune_steps, seed, quick, cache_dir):
+def command(out: str, dataset: str, data_dir: str | None, target: float, finetune_steps: int, seed: int, quick: bool,
+            cache_dir: str | None) -> None:
     """Train a small model (or load it from the cache), build the 30 strategies, rank them on
     validation, prune with the best, compare with the baselines at the same sparsity, and report.
 
@@ -37,7 +38,7 @@ def command(out, dataset, data_dir, target, finetune_steps, seed, quick, cache_d
     r = run_demo(out, dataset=dataset, data_dir=data_dir, target=target, seed=seed, finetune_steps=finetune_steps,
                  quick=quick, cache_dir=cache_dir)
 
-    def pct(x):
+    def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.2f}"
 
     rows = [(x["method"], pct(x["sparsity"]), pct(x["val_one_shot"]), pct(x["test_one_shot"]), pct(x["test_finetuned"]))

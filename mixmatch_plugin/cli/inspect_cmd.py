@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import click
 
@@ -14,7 +15,8 @@ from .common import fmt_range, load_model, model_options, table
 @click.option("--preset", default="auto", show_default=True, help="Rules preset or file for the range column.")
 @click.option("--role", "role_overrides", multiple=True, metavar="REGEX=ROLE", help="Override roles by name pattern.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def command(model_spec, model_kwargs, checkpoint, input_shape, preset, role_overrides, as_json):
+def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_shape: str | None, preset: str,
+            role_overrides: tuple[str, ...], as_json: bool) -> None:
     """Show every prunable weight tensor: name, role, stage, parameters and range.
 
     \b
@@ -22,12 +24,13 @@ def command(model_spec, model_kwargs, checkpoint, input_shape, preset, role_over
       mixmatch inspect --model timm:swin_tiny_patch4_window7_224
       mixmatch inspect --model timm:resnet18 --role 'layer4\\..*conv2$=other' --json
     """
-    from ..inventory import inventory
+    from ..inventory import check_prunable, inventory
     from ..ranges import bounds, clamp_ranges, rule_ranges
     from ..rules import load_rules, preset_for
 
     model = load_model(model_spec, model_kwargs, checkpoint)
     layers = inventory(model, roles=parse_roles(role_overrides))
+    check_prunable(layers)
     rules = load_rules(preset_for(model) if preset == "auto" else preset)
     hard = bounds(layers, rules)
     ranges = clamp_ranges(rule_ranges(layers, rules), hard) if rules.source == "rules" else {}
@@ -42,7 +45,7 @@ def command(model_spec, model_kwargs, checkpoint, input_shape, preset, role_over
                + ("" if ranges else " (empirical: ranges need calibration data, see `mixmatch plan`)"))
 
 
-def parse_roles(items) -> dict[str, str]:
+def parse_roles(items: Iterable[str]) -> dict[str, str]:
     from ..errors import MixMatchError
 
     out = {}

@@ -27,8 +27,10 @@ from .inspect_cmd import parse_roles
 @click.option("--role", "role_overrides", multiple=True, metavar="REGEX=ROLE", help="Override roles by name pattern.")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
-def command(model_spec, model_kwargs, checkpoint, input_shape, calib, data_dir, calib_samples, batch_size, seed,
-            signals, target, extend_ranges, preset, range_source, disabled, protect, role_overrides, out):
+def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_shape: str | None, calib: str,
+            data_dir: str | None, calib_samples: int, batch_size: int, seed: int, signals: str, target: float | None,
+            extend_ranges: bool, preset: str, range_source: str, disabled: tuple[str, ...], protect: tuple[str, ...],
+            role_overrides: tuple[str, ...], out: str) -> None:
     """Build per-layer ranges and ten strategies per signal, and write them as plan JSON.
 
     \b

@@ -29,8 +29,9 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
 @click.option("--round-to", type=click.IntRange(1), default=None, help="tp: keep channel counts at multiples of this.")
 @click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT/DeiT) instead of head dims.")
 @data_options
-def command(plan_path, strategy_name, backend, out, model_spec, model_kwargs, checkpoint, input_shape, nni_pruner,
-            fold, round_to, prune_heads, calib, data_dir, calib_samples, batch_size, seed):
+def command(plan_path: str, strategy_name: str, backend: str, out: str, model_spec: str | None, model_kwargs: str | None,
+            checkpoint: str | None, input_shape: str | None, nni_pruner: str, fold: str, round_to: int | None,
+            prune_heads: bool, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int) -> None:
     """Prune the plan's model by one strategy and write it (weights + how to rebuild it).
 
     \b
@@ -43,7 +44,9 @@ def command(plan_path, strategy_name, backend, out, model_spec, model_kwargs, ch
     """
     import torch
 
-    from ..models import build_model
+    from ..inventory import check_untied, inventory
+    from ..masks import check_strategy
+    from ..models import build_model, check_recorded_spec
     from ..plan import load_plan
 
     p = load_plan(plan_path)
@@ -52,11 +55,17 @@ def command(plan_path, strategy_name, backend, out, model_spec, model_kwargs, ch
     spec = model_spec or recorded.get("model")
     if not spec:
         raise MixMatchError("the plan does not record its model: pass --model (and --model-kwargs)")
+    if not model_spec:  # the plan's record is data from a file: it may not choose which code runs
+        check_recorded_spec(spec, plan_path, f"pass --model {spec} (and --model-kwargs) to confirm it")
     raw_kwargs = model_kwargs if model_kwargs is not None else recorded.get("model_kwargs") or "{}"
     kwargs = raw_kwargs if isinstance(raw_kwargs, dict) else parse_json(raw_kwargs, "--model-kwargs")
     shape = parse_shape(input_shape) or (tuple(recorded["input_shape"]) if recorded.get("input_shape") else None)
     model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint)
     model.eval()
+    layers = inventory(model)
+    check_strategy(strategy, layers, p.layers)  # every backend: the plan must have been made for this model
+    if backend != "torch":
+        check_untied(layers, f"--backend {backend}")
 
     loader = None
     if calib != "none":

@@ -11,7 +11,7 @@ import click
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Report file; .html gives a self-contained page, .md Markdown (default: SOURCE with .md).")
-def command(source, out):
+def command(source: str, out: str | None) -> None:
     """Write a report, with plots, from a plan, demo, search or bench output.
 
     \b

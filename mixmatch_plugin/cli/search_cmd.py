@@ -79,10 +79,13 @@ def _callback(spec: str) -> Any:
 @click.option("--top", type=click.IntRange(1), default=None, help="Export at most this many.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.pass_context
-def command(ctx, plan_path, model_spec, model_kwargs, checkpoint, input_shape, calib, data_dir, calib_samples, batch_size,
-            seed, out_dir, storage, study_name, n_trials, total_trials, timeout, objective, metric, target, score, sampler,
-            sampler_seed, population_size, signal_list, evaluator_kind, val_samples, bn_batches, finetune_steps,
-            finetune_lr, heartbeat_interval, grace_period, max_retry, export_which, top, no_plots):
+def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: str, checkpoint: str | None,
+            input_shape: str | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int,
+            out_dir: str, storage: str | None, study_name: str, n_trials: int, total_trials: int | None,
+            timeout: float | None, objective: str, metric: str, target: float | None, score: str, sampler: str | None,
+            sampler_seed: int | None, population_size: int | None, signal_list: str | None, evaluator_kind: str,
+            val_samples: int | None, bn_batches: int, finetune_steps: int, finetune_lr: float, heartbeat_interval: int,
+            grace_period: int | None, max_retry: int, export_which: str, top: int | None, no_plots: bool) -> None:
     """Search around the plan's 30 rule strategies with Optuna; resumable, and shareable by many workers.
 
     Evaluates on the validation split of the --calib dataset (never the test split). Writes the study
