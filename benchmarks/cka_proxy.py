@@ -66,7 +66,7 @@ def measure(name: str, splits: data.Splits, args: argparse.Namespace) -> dict[st
     by_acc = {r.strategy: r for r in mm.rank(model, p.strategies, val, signals=p.signals)}
     by_cka = {r.strategy: r.cka for r in rank_by_cka(model, p.strategies, val, signals=p.signals)}
     t_proxy = time.time() - t0
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, s in enumerate(p.strategies):
         pruned = p.apply(model, s)
         _reseed(train, 1234)

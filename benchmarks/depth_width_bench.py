@@ -136,7 +136,7 @@ def report(runs: list[dict[str, Any]], dense: dict[str, Any], note: str, args: a
         for m in methods:
             r = next((x for x in runs if x["method"] == m and x["seed"] == first), None)
             c = r["curve"][i] if r and i < len(r["curve"]) else None
-            if c is None or c["curve_test_accuracy"] is None:
+            if r is None or c is None or c["curve_test_accuracy"] is None:
                 cells.append(f"{'-':>22}")
                 continue
             cells.append(f"{'-' + format(c['macs_reduction'], '.1%'):>9} {c['curve_test_accuracy']:.4f}" +

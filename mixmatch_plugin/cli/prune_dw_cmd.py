@@ -44,9 +44,11 @@ from .common import load_data, model_options, parse_json, parse_shape
 @click.option("--bisect-steps", type=click.IntRange(1), default=14, show_default=True)
 @click.option("--max-iterations", type=click.IntRange(0), default=None, help="Stop after this many iterations in total.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, calibration draw and fine-tuning.")
-def command(model_spec, model_kwargs, checkpoint, input_shape, dataset, data_dir, target, out, restart, mode, min_blocks,
-            block_score, allocation, strategies, finetune_steps, lr, calib_samples, val_samples, batch_size, cka_batch_size,
-            macs_tolerance, bisect_steps, max_iterations, seed):
+def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_shape: str | None,
+            dataset: str, data_dir: str | None, target: float, out: str, restart: bool, mode: str, min_blocks: int | None,
+            block_score: str, allocation: str, strategies: str, finetune_steps: int, lr: float, calib_samples: int,
+            val_samples: int | None, batch_size: int, cka_batch_size: int, macs_tolerance: float, bisect_steps: int,
+            max_iterations: int | None, seed: int) -> None:
     """Prune blocks and channels together: each step keeps the candidate closest to its parent by CKA.
 
     Each iteration removes the least damaging block (depth candidate) and, separately, the same MACs of
