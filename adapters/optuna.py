@@ -761,6 +761,11 @@ def seed_study(study: optuna.Study, seeds: Sequence[Strategy]) -> int:
     return added
 
 
+def quiet() -> None:
+    """Silence Optuna's per-trial INFO lines (the CLI does this unless ``-v``)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 # ============================================================================== samplers
 def make_sampler(
     name: str | optuna.samplers.BaseSampler | None, objective: str, *, seed: int | None = None,

@@ -901,7 +901,8 @@ def _fix_dims(model: nn.Module) -> None:
             m.dim = int(norm1.normalized_shape[-1])
 
 
-def _count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """``(MACs, params)`` of ``model`` on ``example_inputs`` by Torch-Pruning's counter (no gradients)."""
     was = model.training
     try:
         with torch.no_grad():
@@ -1146,7 +1147,7 @@ def prune(
         ignored_layers = _translate(model, work, ignored_layers)
     t0 = time.perf_counter()
     try:
-        macs0, params0 = _count(work, example_inputs)
+        macs0, params0 = count_macs(work, example_inputs)
     except Exception as exc:
         raise MixMatchError(
             f"the model does not run on example_inputs ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}); "
@@ -1209,7 +1210,7 @@ def prune(
         groups.append(GroupResult(p.key, p.producers, p.channels, (p.channels - p.keep) / p.channels,
                                   (p.channels - kept) / p.channels, kept, p.target, p.clamped))
     _check_runs(work, example_inputs, forward_fn, setup)
-    macs1, params1 = _count(work, example_inputs)
+    macs1, params1 = count_macs(work, example_inputs)
     report = PruneReport(strategy.name, strategy.signal, imp_name, fold, params0, params1, macs0, macs1, groups,
                          t_groups, t_prune)
     if imp_name == "GroupTaylorImportance":

@@ -203,16 +203,13 @@ def _probe(example_inputs: Any) -> Any:
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """``(MACs, params)`` of ``model`` on one sample of ``example_inputs`` (Torch-Pruning's counter)."""
-    import torch_pruning as tp
-
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            macs, params = tp.utils.count_ops_and_params(model, _probe(example_inputs))
+        macs, params = _tp().count_macs(model, _probe(example_inputs))
     finally:
         model.train(was)
-    return int(macs), int(params)
+    return macs, params
 
 
 # ---------------------------------------------------------------------------------- width candidate

@@ -101,8 +101,6 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: s
     --study resnet-80 on each. Killed? Run the same command again: the study continues (add
     --total-trials N to stop at the same end point); a trial cut short is failed and retried.
     """
-    import optuna
-
     from .. import data as mmdata
     from ..adapters import optuna as mmo
     from ..inventory import inventory
@@ -112,7 +110,7 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: s
     from ..signals import SIGNALS, compute_signals
 
     if not (ctx.find_root().obj or {}).get("verbose"):
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        mmo.quiet()
     out = Path(out_dir)
     plan = load_plan(plan_path)
     shape = parse_shape(input_shape)
