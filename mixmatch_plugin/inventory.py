@@ -24,6 +24,7 @@ from .errors import MixMatchError
 from .rules import RoleRules, load_role_rules
 
 logger = logging.getLogger(__name__)
+_REPORTED: set[str] = set()
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -186,7 +187,10 @@ def inventory(
                  shape=tuple(w.shape), groups=int(getattr(module, "groups", 1)), aliases=[])
         )
     if skipped:
-        logger.info("not prunable here (not a module's weight): %s", ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+        text = ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else "")
+        # INFO once per distinct list (inventory runs for every plan, rank and prune of a model), DEBUG after
+        logger.log(logging.DEBUG if text in _REPORTED else logging.INFO, "not prunable here (not a module's weight): %s", text)
+        _REPORTED.add(text)
     for pat, _, text in overrides:
         if not any(pat.search(r["name"]) for r in rows):
             raise MixMatchError(f"role override {text!r} matches no layer; run `mixmatch inspect` to see the layer names")

@@ -6,6 +6,7 @@ Real Optuna, real storages (in memory, SQLite files, journal files), a real trai
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import warnings
@@ -20,6 +21,7 @@ from mixmatch_plugin.errors import MixMatchError
 
 mmo = pytest.importorskip("mixmatch_plugin.adapters.optuna")
 optuna = pytest.importorskip("optuna")
+worker_token = pytest.importorskip("mixmatch_plugin.adapters.optuna.storage").worker_token
 
 TrialState = optuna.trial.TrialState
 
@@ -133,9 +135,9 @@ def test_journal_storage_recovers_a_trial_left_running_by_a_dead_worker(plan, ev
     storage = mmo.open_storage(f"journal:{path}")
     study = optuna.load_study(study_name="j", storage=storage)
     orphan = study.ask()
-    orphan.set_user_attr(mmo.WORKER_ATTR, {"host": mmo.socket.gethostname(), "pid": dead.pid, "start": None})
+    orphan.set_user_attr(mmo.WORKER_ATTR, {"host": socket.gethostname(), "pid": dead.pid, "start": None})
     live = study.ask()  # a trial of a live worker (this process) must be left alone
-    live.set_user_attr(mmo.WORKER_ATTR, mmo._worker_token())
+    live.set_user_attr(mmo.WORKER_ATTR, worker_token())
     res = mmo.search(plan, evaluator, storage=path, study_name="j", n_trials=2)
     by = {t.number: t for t in res.study.get_trials(deepcopy=False)}
     assert by[orphan.number].state == TrialState.FAIL
