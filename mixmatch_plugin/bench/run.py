@@ -195,9 +195,12 @@ def run_model(
             best_name = max((f for c in finalists for f in c["ranking"] if "val_accuracy" in f),
                             key=lambda f: (f["val_accuracy"], -f["val_loss"]))["strategy"]
             methods: dict[str, Strategy] = {**base, "mm": cands[best_name], **{f"mm_{v}": s for v, s in chosen_by_variant.items()}}
+            measured: dict[str, tuple[float, float]] = {}  # "mm" is always one of the variants' choices: measured once
             for method, s in methods.items():
-                m = ev.masked(s)
-                rows.append(_row(name, target, seed, method, "one-shot", s, evaluate(m, val).accuracy, evaluate(m, test).accuracy))
+                if s.name not in measured:
+                    m = ev.masked(s)
+                    measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
+                rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
             if seed == cfg.seeds[0]:  # selection cost: every rule strategy on test (diagnostic, first seed only)
                 accs = [evaluate(ev.masked(s), test).accuracy for k, s in cands.items() if k.startswith("rules/")]
                 rows.append(_row(name, target, seed, "mm_oracle", "one-shot", None, None, max(accs)))

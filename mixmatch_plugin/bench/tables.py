@@ -15,7 +15,7 @@ ORDER = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm_rule
 LABEL = {
     "uniform": "uniform", "global_magnitude": "global mag.", "snip": "SNIP", "grasp": "GraSP", "lamp": "LAMP",
     "erk": "ERK", "mm_rules": "M&M rules", "mm_empirical": "M&M empirical", "mm_mixed": "M&M mixed signals", "mm": "**M&M**",
-    "mm_oracle": "M&M oracle†", "mm_mean": "M&M mean of 30†",
+    "mm_oracle": "best of 30 rules†", "mm_mean": "mean of 30 rules†",
 }
 FIGHT = ("uniform", "global_magnitude", "lamp", "snip", "grasp", "erk")
 
@@ -125,8 +125,10 @@ def markdown(doc: Mapping[str, Any], *, command: str) -> str:
         f"Measured with `{command}` on {env.get('threads', '?')} CPU threads ({env.get('date', '')}, torch {env.get('torch')}, "
         f"timm {env.get('timm')}). Seeds {sorted({r['seed'] for m in doc['models'].values() for r in m['runs']})}; every method prunes exactly the same number of weights; "
         f"fine-tuning: {cfg.get('finetune_steps')} mask-keeping Adam steps at lr {cfg.get('finetune_lr')}, the same for every "
-        "method. Mix-and-Match's strategy is chosen on the validation split; † oracle and mean use the test split "
-        "and are shown only to make the selection cost visible. A difference within the noise floor (the largest seed "
+        "method. **M&M** is the strategy chosen on the validation split among all finalists (the 30 rule-range "
+        "strategies, the 30 empirical-range ones, and each variant's winner with the signal mixed per layer); "
+        "M&M rules / empirical / mixed signals are each variant's own validation choice. † best and mean of the 30 "
+        "rule-range strategies on the test split (first seed only), shown to make the selection cost visible. A difference within the noise floor (the largest seed "
         "std, or the spread of one strategy fine-tuned with two seeds) is a tie.",
     ]
     for name, md in doc["models"].items():
