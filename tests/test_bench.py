@@ -57,3 +57,23 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     again = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
     assert len(again.doc["models"]["resnet"]["runs"]) == len(runs)
     assert again.doc["models"]["resnet"]["seconds"] == doc["models"]["resnet"]["seconds"]
+
+
+def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
+    from mixmatch_plugin.bench import tables
+
+    def runs(method, accs, regime="one-shot"):
+        return [{"regime": regime, "sparsity": 0.8, "method": method, "seed": i, "test_accuracy": a} for i, a in enumerate(accs)]
+
+    doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90},
+           "runs": runs("mm", [0.80, 0.81, 0.79]) + runs("global_magnitude", [0.70, 0.70, 0.70])
+           + runs("snip", [0.795, 0.80, 0.805]) + runs("grasp", [0.10, 0.40, 0.20])}
+    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]
+    by = dict(zip(tables.FIGHT, cells, strict=True))
+    # mm drops 10 points, global magnitude 20, both with stds far below the gap: a win of +50 %
+    assert by["global_magnitude"] == "**win** +50 %"
+    # SNIP is within mm's own seed spread: a tie, whatever GraSP's spread
+    assert by["snip"].startswith("tie")
+    assert by["grasp"].startswith("**win**")
+    assert tables.noise_floor(tables.drops(doc), "one-shot", 0.8, ("mm", "global_magnitude")) < 1.5

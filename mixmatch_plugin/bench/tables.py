@@ -33,12 +33,20 @@ def drops(model_doc: Mapping[str, Any]) -> dict[tuple[str, float, str], list[flo
     return out
 
 
-def noise_floor(d: Mapping[tuple[str, float, str], list[float]], regime: str, sparsity: float) -> float:
-    """Largest seed standard deviation among methods, or the same-strategy reseed difference, whichever is larger."""
-    stds = [_stats(v)[1] for (rg, sp, m), v in d.items() if rg == regime and sp == sparsity and len(v) > 1]
-    reseed = [abs(a - b) for (rg, sp, m), v in d.items() if rg == regime and m.endswith("_reseeded")
-              for a, b in zip(v, d.get((rg, sp, m.replace("_reseeded", "")), []), strict=False)]
-    return max(stds + reseed + [0.0])
+def reseed_spread(d: Mapping[tuple[str, float, str], list[float]], regime: str, sparsity: float) -> float:
+    """Largest difference between one strategy fine-tuned twice with different data orders (0 without reseeded runs)."""
+    return max([abs(a - b) for (rg, sp, m), v in d.items() if rg == regime and sp == sparsity and m.endswith("_reseeded")
+                for a, b in zip(v, d.get((rg, sp, m.replace("_reseeded", "")), []), strict=False)] + [0.0])
+
+
+def noise_floor(d: Mapping[tuple[str, float, str], list[float]], regime: str, sparsity: float, methods: tuple[str, ...]) -> float:
+    """The noise floor of comparing ``methods``: the largest of their seed stds and the reseed spread.
+
+    Pairwise on purpose: a collapsed method's large spread (GraSP near chance) must not turn every
+    other comparison at that sparsity into a tie.
+    """
+    stds = [_stats(d[(regime, sparsity, m)])[1] for m in methods if len(d.get((regime, sparsity, m), [])) > 1]
+    return max([*stds, reseed_spread(d, regime, sparsity)])
 
 
 def model_table(name: str, model_doc: Mapping[str, Any]) -> str:
@@ -51,7 +59,7 @@ def model_table(name: str, model_doc: Mapping[str, Any]) -> str:
              "(lower is better)."]
     for regime in regimes:
         methods = [m for m in (*ORDER, "mm_oracle", "mm_mean") if any(k == (regime, s, m) for s in sparsities for k in d)]
-        lines += ["", f"*{regime}*", "", "| sparsity | " + " | ".join(LABEL.get(m, m) for m in methods) + " | noise floor |",
+        lines += ["", f"*{regime}*", "", "| sparsity | " + " | ".join(LABEL.get(m, m) for m in methods) + " | reseed spread |",
                   "|---" * (len(methods) + 2) + "|"]
         for s in sparsities:
             cells = []
@@ -62,7 +70,8 @@ def model_table(name: str, model_doc: Mapping[str, Any]) -> str:
                     continue
                 mu, sd = _stats(v)
                 cells.append(f"{mu:.2f} ± {sd:.2f}" if len(v) > 1 else f"{mu:.2f}")
-            lines.append(f"| {s:.0%} | " + " | ".join(cells) + f" | {noise_floor(d, regime, s):.2f} |")
+            spread = reseed_spread(d, regime, s)
+            lines.append(f"| {s:.0%} | " + " | ".join(cells) + f" | {f'{spread:.2f}' if spread else '–'} |")
     return "\n".join(lines)
 
 
@@ -74,7 +83,6 @@ def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:
         if m != "mm":
             continue
         mm_mu = _stats(v)[0]
-        nf = noise_floor(d, regime, s)
         cells = []
         for b in FIGHT:
             bv = d.get((regime, s, b))
@@ -82,7 +90,7 @@ def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:
                 cells.append("–")
                 continue
             b_mu = _stats(bv)[0]
-            if abs(b_mu - mm_mu) <= nf:
+            if abs(b_mu - mm_mu) <= noise_floor(d, regime, s, ("mm", b)):
                 cells.append(f"tie ({_red(b_mu, mm_mu)})")
             else:
                 cells.append(("**win** " if mm_mu < b_mu else "loss ") + _red(b_mu, mm_mu))
@@ -128,8 +136,9 @@ def markdown(doc: Mapping[str, Any], *, command: str) -> str:
         "method. **M&M** is the strategy chosen on the validation split among all finalists (the 30 rule-range "
         "strategies, the 30 empirical-range ones, and each variant's winner with the signal mixed per layer); "
         "M&M rules / empirical / mixed signals are each variant's own validation choice. † best and mean of the 30 "
-        "rule-range strategies on the test split (first seed only), shown to make the selection cost visible. A difference within the noise floor (the largest seed "
-        "std, or the spread of one strategy fine-tuned with two seeds) is a tie.",
+        "rule-range strategies on the test split (first seed only), shown to make the selection cost visible. "
+        "A difference within the noise floor of a comparison (the larger of the two methods' seed stds, or the "
+        "reseed spread: one strategy fine-tuned with two data orders) is a tie.",
     ]
     for name, md in doc["models"].items():
         parts += ["", model_table(name, md), "", reduction_table(name, md)]

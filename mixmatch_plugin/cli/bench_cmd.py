@@ -56,7 +56,7 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
         cfg.structured = False
     res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None)
     files = tables.plots(res.doc, Path(out))
-    cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "")
+    cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "")
     md = tables.markdown(res.doc, command=cmd)
     res.doc["markdown"] = md
     res.doc["plots"] = files
