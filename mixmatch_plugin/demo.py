@@ -75,7 +75,7 @@ def run_demo(
     data_dir: str | None = None,
     target: float = 0.9,
     seed: int = 0,
-    finetune_steps: int = 150,
+    finetune_steps: int = 100,
     quick: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,

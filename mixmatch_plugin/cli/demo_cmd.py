@@ -14,7 +14,7 @@ from .common import table
               help="auto: Fashion-MNIST when installed (apt-get install dataset-fashion-mnist), else digits.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Folder with Fashion-MNIST IDX files.")
 @click.option("--target", type=float, default=0.9, show_default=True, help="Global sparsity every method is matched to.")
-@click.option("--finetune-steps", type=click.IntRange(1), default=150, show_default=True,
+@click.option("--finetune-steps", type=click.IntRange(1), default=100, show_default=True,
               help="Mask-keeping fine-tune budget, the same for every fine-tuned method.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="Smaller everything (about 30 s): for smoke tests.")
