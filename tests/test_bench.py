@@ -77,3 +77,16 @@ def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
     assert by["snip"].startswith("tie")
     assert by["grasp"].startswith("**win**")
     assert tables.noise_floor(tables.drops(doc), "one-shot", 0.8, ("mm", "global_magnitude")) < 1.5
+
+
+def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing():
+    from mixmatch_plugin.bench import tables
+
+    runs = [{"regime": "fine-tuned", "sparsity": 0.5, "method": m, "seed": i, "test_accuracy": a}
+            for m, accs in (("mm", [0.905, 0.906]), ("uniform", [0.91, 0.912]), ("lamp", [0.80, 0.81]))
+            for i, a in enumerate(accs)]
+    doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90}, "runs": runs}
+    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| fine-tuned"))
+    by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    assert "no baseline drop" in by["uniform"] and "%" not in by["uniform"]  # uniform gained accuracy: no ratio
+    assert by["lamp"].startswith("**win** +")

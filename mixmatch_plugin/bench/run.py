@@ -70,6 +70,7 @@ class BenchConfig:
     test_samples: int | None = None  # None: the whole 10,000-image test split
     val_samples: int | None = None  # None: the whole 5,000-image validation split
     structured: bool = True
+    structured_macs: tuple[float, ...] = (0.3, 0.5)  # MACs reductions of the structured rows
 
     @classmethod
     def full(cls) -> BenchConfig:
@@ -84,8 +85,9 @@ class BenchConfig:
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        return cls(models=dict(QUICK), sparsities={"resnet": (0.7, 0.9), "swin": (0.5, 0.7)}, seeds=(0, 1), calib_samples=256,
-                   screen_samples=200, top_k=2, bn_batches=2, finetune_steps=10, test_samples=1000, val_samples=1000)
+        return cls(models=dict(QUICK), sparsities={"resnet": (0.7, 0.9), "swin": (0.5, 0.7)}, seeds=(0, 1), calib_samples=128,
+                   screen_samples=100, top_k=1, bn_batches=1, finetune_steps=10, test_samples=500, val_samples=500,
+                   structured_macs=(0.5,))
 
 
 def environment() -> dict[str, Any]:
@@ -300,7 +302,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
 def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:
     """The settings shared by all models (per-model settings are stored with each model's results)."""
     d = asdict(cfg)
-    for k in ("models", "sparsities", "structured", "seeds"):  # seeds: results are kept per seed
+    for k in ("models", "sparsities", "structured", "structured_macs", "seeds"):  # seeds: results are kept per seed
         d.pop(k)
     for k in ("finetune_methods", "variants"):
         d[k] = list(d[k])

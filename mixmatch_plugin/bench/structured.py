@@ -51,14 +51,18 @@ def _bisect(fn: Callable[[float], float], goal: float, lo: float = 0.0, hi: floa
 
 
 def structured_rows(name: str, cfg: Any, splits: data.Splits, *, cache_dir: str | Path | None = None, progress: bool = True,
-                    macs_targets: tuple[float, ...] = (0.3, 0.5), tolerance: float = 0.03) -> list[dict[str, Any]]:
-    """The structured comparison for benchmark model ``name``: one row per (MACs target, method)."""
+                    tolerance: float = 0.03) -> list[dict[str, Any]]:
+    """The structured comparison for benchmark model ``name``: one row per (MACs target, method).
+
+    The MACs targets are ``cfg.structured_macs`` (reductions, e.g. ``(0.3, 0.5)``).
+    """
     try:
         from ..adapters import torch_pruning as tpa
     except ImportError:
         logger.warning("structured rows skipped: install the tp extra (torch-pruning)")
         return []
-    return _model_rows(tpa, name, cfg.models[name], cfg, splits, cache_dir, progress, macs_targets, tolerance)
+    return _model_rows(tpa, name, cfg.models[name], cfg, splits, cache_dir, progress,
+                       tuple(cfg.structured_macs), tolerance)
 
 
 def _model_rows(tpa: Any, name: str, tcfg: Any, cfg: Any, splits: data.Splits, cache_dir: str | Path | None,
