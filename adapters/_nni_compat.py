@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from mixmatch_plugin.errors import MixMatchError
+
 logger = logging.getLogger(__name__)
 
 _JUMPS_311 = (
@@ -126,7 +128,7 @@ def speedup_compat(fixes: Collection[str] = FIXES) -> Iterator[None]:
     """
     unknown = set(fixes) - set(FIXES)
     if unknown:
-        raise ValueError(f"unknown fix {sorted(unknown)[0]!r}; fixes are {', '.join(FIXES)}")
+        raise MixMatchError(f"unknown fix {sorted(unknown)[0]!r}; fixes are {', '.join(FIXES)}")
     ct, cp = _modules()
     saved: list[tuple[Any, str, Any]] = []
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .batches import LossFn, default_loss, forward, iterate, model_device, split_batch, to_device
 from .cka import cka_to_parent, collect_features
+from .errors import MixMatchError
 from .masks import Masker
 from .progress import progress_bar
 from .signals import Signals
@@ -129,7 +130,7 @@ def rank(
             masking, before evaluating (EagleEye's adaptive BN); 0 switches it off.
     """
     if key not in ("accuracy", "loss", "cka"):
-        raise ValueError(f"key must be 'accuracy', 'loss' or 'cka', got {key!r}")
+        raise MixMatchError(f"rank(key={key!r}): key must be 'accuracy', 'loss' or 'cka'")
     masker = Masker(model, signals)
     ref = collect_features(model, val_loader, max_batches=max_batches) if key == "cka" else None
     out = []
