@@ -20,22 +20,10 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin.data import digits
 from mixmatch_plugin.depth_width import DepthWidthConfig, load_depth_width, prune_depth_width
-
-
-def train(model: nn.Module, loader, epochs: int, lr: float = 3e-3) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
 
 
 def main() -> None:
@@ -51,7 +39,8 @@ def main() -> None:
     width = 8 if args.quick else 16
     model = timm.create_model("resnet18", num_classes=10, in_chans=1, stem_type="deep", stem_width=width // 2,
                               channels=(width, 2 * width, 4 * width, 8 * width))
-    train(model, train_loader, epochs=2 if args.quick else 6)
+    mm.finetune(model, {}, train_loader, epochs=2 if args.quick else 6, lr=3e-3)  # dense training: no masks
+    model.eval()
     print(f"dense: val {mm.evaluate(model, val_loader).accuracy:.4f}, test {mm.evaluate(model, test_loader).accuracy:.4f}")
 
     config = DepthWidthConfig(
@@ -73,7 +62,7 @@ def main() -> None:
 
     pruned = result.model
     snapshot = copy.deepcopy(pruned)  # the loop's result, as checkpointed
-    train(pruned, train_loader, epochs=1 if args.quick else 3, lr=5e-4)  # the same final fine-tune for any method
+    mm.finetune(pruned, {}, train_loader, epochs=1 if args.quick else 3, lr=5e-4)  # the same final fine-tune for any method
     print(f"pruned after fine-tuning: val {mm.evaluate(pruned, val_loader).accuracy:.4f}, "
           f"test {mm.evaluate(pruned, test_loader).accuracy:.4f} (test is reported, never used to choose)")
 

@@ -25,17 +25,6 @@ from mixmatch_plugin.data import digits
 from mixmatch_plugin.models import tiny_resnet
 
 
-def train(model: nn.Module, loader, epochs: int) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
-
-
 def nni_level_prune(model: nn.Module, config_list: list[dict]) -> nn.Module:
     """Plain NNI: LevelPruner, then multiply the masks in (unwrap_model() would restore dense weights)."""
     with warnings.catch_warnings():
@@ -65,7 +54,8 @@ def main() -> None:
     train_loader, val_loader, _ = data.loaders(batch_size=64, seed=0)
     calib = data.calibration(samples=128 if args.quick else 256, batch_size=64, seed=0)
     model = tiny_resnet(num_classes=10, in_chans=1, width=8)
-    train(model, train_loader, epochs=1 if args.quick else 6)
+    mm.finetune(model, {}, train_loader, epochs=1 if args.quick else 6, lr=3e-3)  # dense training: no masks
+    model.eval()
     print(f"dense accuracy: {mm.evaluate(model, val_loader).accuracy:.4f}")
 
     # ---- before: a uniform config_list

@@ -21,23 +21,11 @@ from pathlib import Path
 
 import optuna
 import torch
-from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin import data
 from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.models import tiny_resnet
-
-
-def train(model: nn.Module, loader, epochs: int, lr: float = 3e-3) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
 
 
 def main() -> None:
@@ -61,8 +49,9 @@ def main() -> None:
         model.load_state_dict(torch.load(ckpt, weights_only=True))
         model.eval()
     else:
-        train(model, train_loader if quick else data.loader(data.subset(splits.train, 12000), 128, shuffle=True),
-              epochs=4 if quick else 2)
+        mm.finetune(model, {}, train_loader if quick else data.loader(data.subset(splits.train, 12000), 128, shuffle=True),
+                    epochs=4 if quick else 2, lr=3e-3)  # dense training: no masks
+        model.eval()
         out.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), ckpt)
     print(f"{splits.name}: dense validation accuracy {mm.evaluate(model, val_loader).accuracy:.4f} "

@@ -13,22 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin.adapters import torch_pruning as mm_tp
 from mixmatch_plugin.data import digits
-
-
-def train(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
 
 
 def main() -> None:
@@ -45,7 +33,8 @@ def main() -> None:
     calib = data.calibration(samples=128, batch_size=64, seed=0)
     model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=48 if args.quick else 96,
                               depth=2 if args.quick else 4, num_heads=3, init_values=0.1)
-    train(model, train_loader, epochs=2 if args.quick else 15)
+    mm.finetune(model, {}, train_loader, epochs=2 if args.quick else 15, lr=1e-3, optimizer="adamw")  # dense: no masks
+    model.eval()
     print(f"dense accuracy: {mm.evaluate(model, val_loader).accuracy:.4f}")
 
     plan = mm.plan(model, calib, target=args.target, on_unreachable="extend", disable_constraints=("small_layers",))
@@ -58,7 +47,7 @@ def main() -> None:
     print(f"pruned accuracy (no fine-tuning): {mm.evaluate(pruned, val_loader).accuracy:.4f}")
     blk = pruned.blocks[0].attn
     print(f"block 0 attention: {blk.num_heads} heads x head_dim {blk.head_dim} (attn_dim {blk.attn_dim})")
-    train(pruned, train_loader, epochs=1 if args.quick else 5, lr=5e-4)
+    mm.finetune(pruned, {}, train_loader, epochs=1 if args.quick else 5, lr=5e-4, optimizer="adamw")
     print(f"pruned accuracy after fine-tuning: {mm.evaluate(pruned, val_loader).accuracy:.4f}")
 
     # the same ratios, for your own Torch-Pruning pipeline
