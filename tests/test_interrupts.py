@@ -121,6 +121,28 @@ def test_prune_killed_at_random_moments_leaves_no_partial_file(prune_plan, tmp_p
             assert all(torch.equal(earlier[k], final[k]) for k in final)
 
 
+PROBE = '''
+from mixmatch_plugin.cli import main
+
+@main.command("probe")
+def probe() -> None:
+    # Ctrl-C while a string is being exec'd, as when a dataclass is created during a lazy import
+    exec("import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(10**8): pass")
+
+main(prog_name="mixmatch")
+'''
+
+
+def test_ctrl_c_inside_exec_under_python_m_still_exits_130(tmp_path):
+    """CPython 3.11 under ``python -m`` ends with SIGINT (status -2) if a plain KeyboardInterrupt ever
+    escaped an ``exec`` of a string, whatever the program did next; the CLI raises a subclass instead."""
+    (tmp_path / "mm_probe.py").write_text(PROBE)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "mm_probe", "probe"], env=env, text=True, capture_output=True,
+                       timeout=120, cwd=tmp_path)
+    assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT inside exec")
+    assert r.returncode == 130
+
 # ------------------------------------------------------------------------------------------- bench
 @pytest.mark.skipif(not has_fashion_mnist(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 def test_bench_killed_mid_run_resumes_where_it_stopped(tmp_path):

@@ -28,8 +28,18 @@ class Terminated(KeyboardInterrupt):
     running Optuna trial is marked failed, instead of the process vanishing mid-write."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C. A subclass on purpose: CPython 3.11 remembers a plain ``KeyboardInterrupt`` that escapes
+    any ``exec`` of a string (a dataclass being created during a lazy import, say) and, under
+    ``python -m``, then ends the process by SIGINT instead of with the status we chose (130)."""
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    raise Interrupted()
 
 
 class _Group(click.Group):
@@ -81,6 +91,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # leave a host's own handler alone
+            signal.signal(signal.SIGINT, _on_sigint)
+            ctx.call_on_close(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mixmatch_plugin").setLevel(level)
