@@ -519,7 +519,7 @@ def _add_coupled_masks(model: nn.Module, masks: dict[str, dict[str, Any]], examp
 def _speedup_blockers(model: nn.Module, masks: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Transformer layers whose masks NNI's speed-up cannot apply (qkv, attention proj, fc2)."""
     try:
-        from .torch_pruning import _timm_classes
+        from .torch_pruning._timm import _timm_classes
 
         known = _timm_classes()
         attn_types = known["attention"] + known["window_attention"]

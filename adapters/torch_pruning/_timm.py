@@ -1,0 +1,126 @@
+"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, and the repair of
+attention modules after their ``qkv`` was pruned."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from mixmatch_plugin.errors import MixMatchError
+
+logger = logging.getLogger(__name__)
+
+
+def _timm_classes() -> dict[str, tuple[Any, ...]]:
+    """The timm classes this adapter knows; empty tuples when timm (or a class) is missing."""
+    out: dict[str, tuple[Any, ...]] = {"attention": (), "window_attention": (), "patch_merging": (), "layernorm2d": ()}
+    try:
+        from timm.layers import Attention
+
+        out["attention"] = (Attention,)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    try:
+        from timm.models.swin_transformer import PatchMerging, WindowAttention
+
+        out["window_attention"] = (WindowAttention,)
+        out["patch_merging"] = (PatchMerging,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.layers import LayerNorm2d
+
+        out["layernorm2d"] = (LayerNorm2d,)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+class PatchMergingPruner(tp.pruner.BasePruningFunc):
+    """Torch-Pruning pruner for timm's Swin ``PatchMerging`` (2×2 neighbours concatenated into 4·C).
+
+    Input channel ``c`` sits at ``k·C + c`` (k = 0..3) of ``norm`` and of ``reduction``'s input, because
+    ``forward`` flattens ``(..., 2, 2, C)``; output channels are ``reduction``'s rows.
+    """
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        tp.prune_linear_out_channels(layer.reduction, idxs)
+        layer.out_dim = layer.reduction.out_features
+        return layer
+
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        dim = int(layer.dim)
+        expanded = [k * dim + i for k in range(4) for i in idxs]
+        tp.prune_layernorm_out_channels(layer.norm, expanded)
+        tp.prune_linear_in_channels(layer.reduction, expanded)
+        layer.dim = dim - len(idxs)
+        return layer
+
+    def get_out_channels(self, layer: Any) -> int:
+        return int(layer.reduction.out_features)
+
+    def get_in_channels(self, layer: Any) -> int:
+        return int(layer.dim)
+
+
+def attention_head_dims(model: nn.Module) -> dict[str, int]:
+    """``{name: head_dim}`` of every timm ``Attention``/``WindowAttention`` (call it before pruning)."""
+    known = _timm_classes()
+    out: dict[str, int] = {}
+    m: Any
+    for name, m in model.named_modules():
+        if isinstance(m, known["attention"] + known["window_attention"]):
+            out[name] = int(m.qkv.out_features) // (3 * int(m.num_heads))
+    return out
+
+
+def fix_attention(model: nn.Module, head_dims: Mapping[str, int], num_heads: Mapping[str, int] | None = None) -> None:
+    """After pruning, make timm attention modules agree with their pruned ``qkv``.
+
+    Args:
+        model: the pruned model.
+        head_dims: the original head_dim of every attention module, by module name.
+        num_heads: the new head count by module name (default: unchanged).
+
+    Sets ``num_heads``, ``head_dim``, ``attn_dim`` and ``dim``; when head_dim shrank from ``d`` to
+    ``d'``, scales the query rows of ``qkv`` by ``sqrt(d'/d)`` and sets ``scale = d'^-0.5``, so the
+    attention logits stay those of the original model with the pruned dims zeroed.
+    """
+    for name, d0 in head_dims.items():
+        attn: Any = model.get_submodule(name)
+        heads = int((num_heads or {}).get(name, attn.num_heads))
+        out = attn.qkv.out_features
+        if out % (3 * heads):
+            raise MixMatchError(f"{name}: qkv has {out} outputs, not a multiple of 3 x {heads} heads; the pruning is inconsistent")
+        d = out // (3 * heads)
+        attn.num_heads = heads
+        if hasattr(attn, "head_dim"):
+            attn.head_dim = d
+        if hasattr(attn, "attn_dim"):
+            attn.attn_dim = heads * d
+        if hasattr(attn, "dim"):
+            attn.dim = attn.qkv.in_features
+        if d != d0:
+            factor = math.sqrt(d / d0)
+            with torch.no_grad():
+                attn.qkv.weight[: heads * d].mul_(factor)
+                if attn.qkv.bias is not None:
+                    attn.qkv.bias[: heads * d].mul_(factor)
+        attn.scale = d ** -0.5
+
+
+def _fix_dims(model: nn.Module) -> None:
+    """Keep informational ``dim`` attributes of Swin blocks/stages in step with their layers."""
+    m: Any
+    for m in model.modules():
+        norm1 = getattr(m, "norm1", None)
+        if hasattr(m, "dim") and isinstance(norm1, nn.LayerNorm) and isinstance(m.dim, int):
+            m.dim = int(norm1.normalized_shape[-1])

@@ -1,0 +1,499 @@
+"""Planning: one ratio per Torch-Pruning dependency group, and the keywords a ``MetaPruner`` needs for it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.inventory import check_untied, inventory
+from mixmatch_plugin.masks import check_strategy
+from mixmatch_plugin.strategies import Strategy
+
+from ._constants import _TOKEN_PARAMS, FOLDS
+from ._timm import PatchMergingPruner, _timm_classes
+from .report import GroupPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Setup:
+    """Everything a MetaPruner needs for this model, built once per model instance."""
+
+    ignored: list[nn.Module]
+    ignored_params: list[nn.Parameter]
+    num_heads: dict[nn.Module, int]
+    attentions: dict[str, nn.Module]
+    customized: dict[Any, tp.pruner.BasePruningFunc]
+    unwrapped: list[tuple[nn.Parameter, int]]
+    guessed: list[str]
+    swin: bool
+
+
+def _classifiers(model: nn.Module) -> list[nn.Module]:
+    get = getattr(model, "get_classifier", None)
+    heads: list[nn.Module] = []
+    if callable(get):
+        try:
+            c = get()
+        except Exception:  # a model's own helper may fail; fall back to the inventory
+            c = None
+        for m in c if isinstance(c, (tuple, list)) else [c]:
+            if isinstance(m, nn.Module) and any(True for _ in m.parameters()):
+                heads.append(m)
+    if not heads:
+        for layer in inventory(model):
+            if layer.role == "head":
+                heads.append(model.get_submodule(layer.name))
+    return heads
+
+
+def _check_ignored(items: Iterable[Any] | None) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    mods: list[nn.Module] = []
+    params: list[nn.Parameter] = []
+    for it in items or ():
+        if isinstance(it, nn.Parameter):
+            params.append(it)
+        elif isinstance(it, nn.Module):
+            mods.append(it)
+        elif isinstance(it, type):
+            raise MixMatchError(
+                f"ignored_layers contains the type {it.__name__}: Torch-Pruning silently drops types; "
+                "pass module instances (e.g. [m for m in model.modules() if isinstance(m, T)]) or Parameters"
+            )
+        else:
+            raise MixMatchError(
+                f"ignored_layers contains {type(it).__name__}; pass nn.Module instances or nn.Parameters"
+            )
+    return mods, params
+
+
+def _setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_heads: bool, ignore_heads: bool) -> _Setup:
+    known = _timm_classes()
+    user_mods, user_params = _check_ignored(ignored_layers)
+    ignored = list(user_mods) + (_classifiers(model) if ignore_heads else [])
+    ignored_ids = {id(s) for m in ignored for s in m.modules()}
+    ignored_params = list(user_params)
+
+    num_heads: dict[nn.Module, int] = {}
+    attentions: dict[str, nn.Module] = {}
+    unsupported: list[str] = []
+    swin = False
+    m: Any
+    for name, m in model.named_modules():
+        if isinstance(m, known["attention"] + known["window_attention"]):
+            if isinstance(m, known["attention"]) and not isinstance(getattr(m, "q_norm", nn.Identity()), nn.Identity):
+                if id(m.qkv) not in ignored_ids:
+                    unsupported.append(f"{name} ({type(m).__name__} with qk_norm)")
+                continue
+            if getattr(m, "gate", None) is not None and id(m.qkv) not in ignored_ids:
+                unsupported.append(f"{name} ({type(m).__name__} with a gate)")
+                continue
+            num_heads[m.qkv] = int(m.num_heads)
+            attentions[name] = m
+            if isinstance(m, known["window_attention"]):
+                swin = True
+                ignored_params.append(m.relative_position_bias_table)
+        elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids:
+            lin = [c for c in m.modules() if isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids]
+            if lin:
+                unsupported.append(f"{name} ({type(m).__name__})")
+    if unsupported:
+        raise MixMatchError(
+            f"unsupported layer {unsupported[0]}"
+            + (f" and {len(unsupported) - 1} more" if len(unsupported) > 1 else "")
+            + ": its head attributes would not be updated after pruning; pass the module in ignored_layers "
+            "to keep it intact, or use the plain PyTorch backend (mm.apply)"
+        )
+    if prune_heads and swin:
+        raise MixMatchError(
+            "whole-head removal is not supported for Swin (each relative_position_bias_table has one column per "
+            "head and Torch-Pruning cannot keep it in step); use prune_heads=False, which prunes head_dim"
+        )
+
+    customized: dict[Any, tp.pruner.BasePruningFunc] = {}
+    if known["patch_merging"] and any(isinstance(m, known["patch_merging"]) for m in model.modules()):
+        customized[known["patch_merging"][0]] = PatchMergingPruner()
+
+    # Free parameters: every parameter not owned by a module type Torch-Pruning prunes itself.
+    registered = tuple(
+        tp.ops.type2class(t) for t in tp.pruner.function.PrunerBox if tp.ops.type2class(t) is not None
+    )
+    cust_types = tuple(t for t in customized if isinstance(t, type))
+    ignored_param_ids = {id(p) for p in ignored_params}
+    unwrapped: list[tuple[nn.Parameter, int]] = []
+    guessed: list[str] = []
+    for mname, m in model.named_modules():
+        if isinstance(m, registered) and tp.ops.module2type(m) != tp.ops.OPTYPE.ELEMENTWISE:
+            continue
+        if isinstance(m, cust_types):
+            continue
+        if any(isinstance(a, cust_types) for a in _ancestors(model, mname)):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if id(p) in ignored_param_ids:
+                continue
+            if pname in _TOKEN_PARAMS and p.dim() >= 2:
+                unwrapped.append((p, p.dim() - 1))
+            elif p.dim() == 1:
+                unwrapped.append((p, 0))  # layer-scale gamma and other per-channel vectors
+            else:
+                dims = [i for i, s in enumerate(p.shape) if s > 1]
+                if dims:
+                    unwrapped.append((p, dims[-1]))
+                    guessed.append(f"{full} ({type(m).__name__}, shape {tuple(p.shape)})")
+    if guessed:
+        logger.info("free parameters whose channel dimension is guessed (last non-singleton): %s", ", ".join(guessed))
+    return _Setup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed, swin)
+
+
+def _attn_items(setup: _Setup) -> list[tuple[str, Any]]:
+    return list(setup.attentions.items())
+
+
+def _head_dims(setup: _Setup) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n, a in setup.attentions.items():
+        attn: Any = a
+        out[n] = int(attn.qkv.out_features) // (3 * int(attn.num_heads))
+    return out
+
+
+def _width(module: nn.Module) -> int:
+    """Output width of a Conv or Linear."""
+    m: Any = module
+    return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+
+
+def _translate(model: nn.Module, copy_: nn.Module, items: Sequence[Any]) -> list[Any]:
+    """The modules and Parameters of ``copy_`` that correspond (by name) to ``items`` of ``model``."""
+    mods = {id(m): n for n, m in model.named_modules()}
+    params = {id(p): n for n, p in model.named_parameters()}
+    out: list[Any] = []
+    for it in items:
+        if isinstance(it, nn.Parameter) and id(it) in params:
+            out.append(copy_.get_parameter(params[id(it)]))
+        elif isinstance(it, nn.Module) and id(it) in mods:
+            out.append(copy_.get_submodule(mods[id(it)]))
+        elif isinstance(it, (nn.Module, nn.Parameter)):
+            raise MixMatchError(f"ignored_layers contains a {type(it).__name__} that is not part of the model")
+        else:
+            out.append(it)  # refused with a message by _check_ignored
+    return out
+
+
+def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
+    parts = name.split(".") if name else []
+    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+
+
+def _build_pruner(
+    model: nn.Module,
+    example_inputs: Any,
+    setup: _Setup,
+    importance: Any,
+    ratio_dict: Mapping[nn.Module, float] | None,
+    head_dict: Mapping[nn.Module, float] | None,
+    prune_heads: bool,
+    forward_fn: Callable[..., Any] | None,
+) -> tp.pruner.MetaPruner:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
+        return tp.pruner.MetaPruner(
+            model,
+            example_inputs,
+            importance=importance,
+            pruning_ratio=0.0,  # every group has an entry; anything else must stay intact
+            pruning_ratio_dict=dict(ratio_dict) if ratio_dict else None,
+            max_pruning_ratio=1.0,  # it would not cap dict ratios anyway (TP issue 448): clamped here instead
+            ignored_layers=list(setup.ignored) + list(setup.ignored_params),
+            round_to=None,  # rounding is planned here, to the nearest multiple, not TP's floor
+            in_channel_groups={},  # fresh dicts: TP's defaults are shared mutable objects
+            out_channel_groups={},
+            num_heads=dict(setup.num_heads),
+            prune_num_heads=prune_heads,
+            prune_head_dims=not prune_heads,
+            head_pruning_ratio_dict=dict(head_dict) if head_dict else None,
+            customized_pruners=dict(setup.customized),
+            unwrapped_parameters=list(setup.unwrapped),
+            forward_fn=forward_fn,
+        )
+
+
+def fold_ratio(targets: Mapping[str, float], weights: Mapping[str, int], fold: str = "mean") -> float:
+    """Fold the targets of a group's producers into one channel ratio.
+
+    ``mean``: parameter-weighted mean ``Σ n_l ρ_l / Σ n_l``; ``min``/``max``: the smallest/largest target.
+    An empty group folds to 0.
+    """
+    if fold not in FOLDS:
+        raise MixMatchError(f"fold must be one of {', '.join(FOLDS)}, got {fold!r}")
+    if not targets:
+        return 0.0
+    if fold == "min":
+        return min(targets.values())
+    if fold == "max":
+        return max(targets.values())
+    total = sum(weights[n] for n in targets)
+    if total <= 0:
+        return 0.0
+    return sum(targets[n] * weights[n] for n in targets) / total
+
+
+def _tp_ratio(channels: int, keep: int) -> float:
+    """The ratio r for which Torch-Pruning keeps exactly ``keep`` of ``channels`` (``floor(C·(1-r))``)."""
+    if keep >= channels:
+        return 0.0
+    r = (channels - keep) / channels
+    while int(channels * (1 - r)) < keep:
+        r = math.nextafter(r, 0.0)
+    return r
+
+
+def _plan_keep(channels: int, target: float, min_keep: int, round_to: int | None, max_ratio: float) -> tuple[int, str]:
+    """Channels to keep: the nearest count (or multiple of ``round_to``), at least ``min_keep`` and the ``max_ratio`` floor."""
+    keep = round(channels * (1.0 - target))
+    cap = math.ceil(channels * (1.0 - max_ratio) - 1e-9)
+    if round_to and round_to > 1:
+        keep = round_to * round(keep / round_to)
+        cap = round_to * math.ceil(cap / round_to)
+    lowest = max(min_keep, cap)
+    why = ""
+    if keep < lowest:
+        keep, why = lowest, ("min-keep" if min_keep >= cap else "max_ratio")
+    return min(keep, channels), why
+
+
+def _analyse(
+    pruner: tp.pruner.MetaPruner,
+    model: nn.Module,
+    strategy: Strategy,
+    setup: _Setup,
+    *,
+    fold: str,
+    round_to: int | None,
+    max_ratio: float,
+    prune_heads: bool,
+) -> list[GroupPlan]:
+    names = {m: n for n, m in model.named_modules()}
+    params = {n: int(m.weight.numel()) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    DG = pruner.DG
+    plans: list[GroupPlan] = []
+    for group in DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        producers: list[str] = []
+        consumers: list[str] = []
+        key_mod: Any = None
+        qkv: Any = None
+        for dep, _ in group:
+            mod = dep.target.module
+            if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            n = names.get(mod)
+            if n is None:
+                continue
+            if DG.is_out_channel_pruning_fn(dep.handler):
+                if n not in producers:
+                    producers.append(n)
+                if key_mod is None:
+                    key_mod = mod
+                if mod in setup.num_heads:
+                    qkv = mod
+            elif n not in consumers:
+                consumers.append(n)
+        if key_mod is None:
+            continue
+        key = names[key_mod]
+        ch_groups = int(pruner._get_channel_groups(group))
+        width = int(DG.get_out_channels(key_mod))
+        channels = width // max(ch_groups, 1)
+        if qkv is not None:  # TP ranks head dims: proj's inputs, num_heads groups of head_dim
+            ch_groups = int(setup.num_heads[qkv])
+            channels = int(qkv.out_features) // (3 * ch_groups)
+            key_mod = qkv
+        targets = {p: float(strategy.ratios.get(p, 0.0)) for p in producers if p not in _ignored_names(model, pruner)}
+        target = fold_ratio(targets, params, fold)
+        if qkv is not None and prune_heads:
+            heads = int(setup.num_heads[qkv])
+            keep, why = _plan_keep(heads, target, 1, None, max_ratio)
+            ratio = (heads - keep) / heads
+            plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep, ratio,
+                                   heads=heads, clamped=why, module=key_mod))
+            continue
+        min_keep = max(1, round_to or 1)
+        keep, why = _plan_keep(channels, target, min_keep, round_to, max_ratio)
+        plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep,
+                               _tp_ratio(channels, keep), clamped=why, module=key_mod))
+    return plans
+
+
+def _ignored_names(model: nn.Module, pruner: tp.pruner.MetaPruner) -> set[str]:
+    cached = getattr(pruner, "_mixmatch_ignored_names", None)
+    if cached is None:
+        ids = {id(m) for m in pruner.ignored_layers}
+        cached = {n for n, m in model.named_modules() if id(m) in ids}
+        pruner._mixmatch_ignored_names = cached
+    return cached
+
+
+def _check_strategy(model: nn.Module, strategy: Strategy) -> None:
+    if not isinstance(strategy, Strategy):
+        raise MixMatchError(f"strategy must be a mixmatch_plugin Strategy (plan.strategy(name)), got {type(strategy).__name__}")
+    layers = inventory(model)
+    check_untied(layers, "Torch-Pruning")
+    check_strategy(strategy, layers, complete=False)
+
+
+def _check_opts(fold: str, round_to: int | None, max_ratio: float) -> None:
+    if fold not in FOLDS:
+        raise MixMatchError(f"fold must be one of {', '.join(FOLDS)}, got {fold!r}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise MixMatchError(f"round_to must be a positive integer or None, got {round_to!r}")
+    if not (0.0 <= max_ratio < 1.0):
+        raise MixMatchError(f"max_ratio must lie in [0, 1), got {max_ratio!r}")
+
+
+def plan_groups(
+    model: nn.Module,
+    strategy: Strategy,
+    example_inputs: Any,
+    *,
+    fold: str = "mean",
+    round_to: int | None = None,
+    max_ratio: float = 0.95,
+    prune_heads: bool = False,
+    ignored_layers: Sequence[Any] | None = None,
+    ignore_classifier: bool = True,
+    forward_fn: Callable[..., Any] | None = None,
+) -> list[GroupPlan]:
+    """The dependency groups of ``model`` and the ratio planned for each (see the module docstring).
+
+    The model is traced once (in eval mode, restored afterwards) and not otherwise changed.
+    """
+    _check_strategy(model, strategy)
+    _check_opts(fold, round_to, max_ratio)
+    was_training = model.training
+    try:
+        setup = _setup(model, ignored_layers, prune_heads, ignore_classifier)
+        pruner = _build_pruner(model, example_inputs, setup, tp.importance.GroupMagnitudeImportance(p=1), None, None,
+                               prune_heads, forward_fn)
+        return _analyse(pruner, model, strategy, setup, fold=fold, round_to=round_to, max_ratio=max_ratio,
+                        prune_heads=prune_heads)
+    finally:
+        model.train(was_training)
+
+
+def pruner_kwargs(
+    model: nn.Module,
+    strategy: Strategy,
+    example_inputs: Any,
+    *,
+    fold: str = "mean",
+    round_to: int | None = None,
+    max_ratio: float = 0.95,
+    prune_heads: bool = False,
+    ignored_layers: Sequence[Any] | None = None,
+    ignore_classifier: bool = True,
+    forward_fn: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``tp.pruner.MetaPruner(model, example_inputs, importance=..., **kwargs)``.
+
+    They carry the Mix-and-Match ratios (``pruning_ratio_dict``, and ``head_pruning_ratio_dict`` with
+    ``prune_heads``), ``pruning_ratio=0.0`` so that no group falls back to a default ratio, the heads
+    of every attention layer, the ignored classifier(s) and relative-position tables, the Swin
+    ``PatchMerging`` pruner, the free parameters as a list of ``(param, dim)``, and fresh channel-group
+    dicts. After ``pruner.step()`` call :func:`fix_attention` (timm attention attributes) yourself.
+
+    Example::
+
+        from mixmatch_plugin.adapters import torch_pruning as mm_tp
+        kw = mm_tp.pruner_kwargs(model, strategy, x)
+        dims = mm_tp.attention_head_dims(model)          # before pruning
+        pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **kw)
+        pruner.step()
+        mm_tp.fix_attention(model, dims)
+    """
+    _check_strategy(model, strategy)
+    _check_opts(fold, round_to, max_ratio)
+    was_training = model.training
+    try:
+        setup = _setup(model, ignored_layers, prune_heads, ignore_classifier)
+        pruner = _build_pruner(model, example_inputs, setup, tp.importance.GroupMagnitudeImportance(p=1), None, None,
+                               prune_heads, forward_fn)
+        plans = _analyse(pruner, model, strategy, setup, fold=fold, round_to=round_to, max_ratio=max_ratio,
+                         prune_heads=prune_heads)
+    finally:
+        model.train(was_training)
+    return _kwargs_from(setup, plans, prune_heads, forward_fn)
+
+
+def _kwargs_from(setup: _Setup, plans: Sequence[GroupPlan], prune_heads: bool, forward_fn: Any) -> dict[str, Any]:
+    ratio_dict: dict[nn.Module, float] = {}
+    head_dict: dict[nn.Module, float] = {}
+    for p in plans:
+        assert p.module is not None
+        if p.heads:
+            removed = p.heads - p.keep
+            # TP removes ceil(r·H) heads, and only when the group's width ratio is > 0.
+            head_dict[p.module] = (removed - 0.5) / p.heads if removed else 0.0
+            ratio_dict[p.module] = 0.5 if removed else 0.0
+        else:
+            ratio_dict[p.module] = p.ratio
+    return {
+        "pruning_ratio": 0.0,
+        "pruning_ratio_dict": ratio_dict,
+        "max_pruning_ratio": 1.0,
+        "ignored_layers": list(setup.ignored) + list(setup.ignored_params),
+        "in_channel_groups": {},
+        "out_channel_groups": {},
+        "num_heads": dict(setup.num_heads),
+        "prune_num_heads": prune_heads,
+        "prune_head_dims": not prune_heads,
+        "head_pruning_ratio_dict": head_dict or None,
+        "customized_pruners": dict(setup.customized),
+        "unwrapped_parameters": list(setup.unwrapped),
+        "forward_fn": forward_fn,
+    }
+
+
+def pruning_ratio_dict(
+    model: nn.Module,
+    strategy: Strategy,
+    example_inputs: Any,
+    *,
+    fold: str = "mean",
+    round_to: int | None = None,
+    max_ratio: float = 0.95,
+    prune_heads: bool = False,
+    ignored_layers: Sequence[Any] | None = None,
+    ignore_classifier: bool = True,
+    forward_fn: Callable[..., Any] | None = None,
+) -> dict[nn.Module, float]:
+    """``{module: ratio}`` for ``tp.pruner.MetaPruner(pruning_ratio_dict=...)``: one entry per dependency group.
+
+    Keys are leaf Conv/Linear modules of ``model`` (never strings, never containers, which would
+    spread the ratio to every submodule). Every prunable group has an entry (0.0 for groups left
+    intact); pass ``pruning_ratio=0.0`` and the same ``ignored_layers``/``num_heads`` as
+    :func:`pruner_kwargs` returns, or simply use :func:`pruner_kwargs`. Ratios are fractions of the
+    original width, clamped so that at least one channel (``round_to`` channels, one head_dim per
+    head) remains, and exact under Torch-Pruning's ``floor``.
+    """
+    if prune_heads:
+        raise MixMatchError(
+            "whole-head removal needs head_pruning_ratio_dict and prune_num_heads as well: use pruner_kwargs(...), "
+            "which returns all of them"
+        )
+    kw = pruner_kwargs(
+        model, strategy, example_inputs, fold=fold, round_to=round_to, max_ratio=max_ratio,
+        ignored_layers=ignored_layers, ignore_classifier=ignore_classifier, forward_fn=forward_fn,
+    )
+    return dict(kw["pruning_ratio_dict"])
