@@ -273,6 +273,8 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     doc.setdefault("schema", SCHEMA)
     doc["config"] = common
     doc.setdefault("models", {})
+    for kept in doc["models"].values():  # results kept from earlier runs remember where they were measured
+        kept.setdefault("environment", doc.get("environment"))
     doc["environment"] = environment()
     splits = data.fashion_mnist(data_dir, seed=0)
     t0 = time.time()
@@ -285,6 +287,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
 
         def save(partial: dict[str, Any], name: str = name, model_cfg: dict[str, Any] = model_cfg) -> None:
             partial["config"] = model_cfg
+            partial.setdefault("environment", doc["environment"])
             doc["models"][name] = partial
             atomic_write_json(path, doc)
 
@@ -292,7 +295,9 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
         if cfg.structured and "structured" not in result:
             from .structured import structured_rows
 
+            t_structured = time.time()
             result["structured"] = structured_rows(name, cfg, splits, cache_dir=cache_dir, progress=progress)
+            result["seconds"]["structured"] = time.time() - t_structured
         save(result)
     doc["seconds"] = time.time() - t0
     atomic_write_json(path, doc)
