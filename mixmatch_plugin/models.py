@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import MixMatchError
@@ -91,10 +92,26 @@ def check_recorded_spec(spec: Any, source: str, fix: str) -> str:
 
 
 def build_model(
-    spec: str, *, model_kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None
+    spec: str, *, model_kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
+    init_seed: int = 0,
 ) -> nn.Module:
-    """Build a model from ``timm:NAME`` or ``pkg.module:factory``, then load ``checkpoint`` if given."""
-    kwargs = dict(model_kwargs or {})
+    """Build a model from ``timm:NAME`` or ``pkg.module:factory``, then load ``checkpoint`` if given.
+
+    The factory runs under ``torch.manual_seed(init_seed)`` in a forked RNG (the caller's random state
+    is untouched), so a model built without a checkpoint (pruning at initialisation, a smoke test) has
+    the same weights every time: the same command prunes the same model.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = _build(spec, dict(model_kwargs or {}))
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    else:
+        logger.info("%s: no checkpoint given, so the weights are the factory's initialisation (seed %d)", spec, init_seed)
+    return model
+
+
+def _build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     if spec.startswith("timm:"):
         import timm
 
@@ -125,8 +142,6 @@ def build_model(
             raise MixMatchError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     else:
         raise MixMatchError(f"model spec {spec!r} must be 'timm:NAME' or 'pkg.module:factory'")
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
     return model
 
 

@@ -53,6 +53,20 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     assert "old" not in text and "noise floor" in text and text.endswith("rest\n")
     files = tables.plots(doc, tmp_path / "out")
     assert files and all(os.path.getsize(f) > 0 for f in files.values())
+    # --tables-only regenerates the tables and README section from the saved file, runs and writes nothing else
+    from click.testing import CliRunner
+
+    from mixmatch_plugin.cli import main
+
+    saved = res.path.read_bytes()
+    r = CliRunner().invoke(main, ["-q", "bench", "--quick", "--tables-only", "--models", "resnet", "--out", str(tmp_path / "out"),
+                                  "--update-readme", str(readme)])
+    assert r.exit_code == 0, r.output
+    assert res.path.read_bytes() == saved
+    text = readme.read_text()
+    assert "--tables-only" in text and "Preliminary: 1 seed(s)" in text and "| 80% |" in text
+    r = CliRunner().invoke(main, ["bench", "--quick", "--tables-only", "--out", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no results at" in r.output
     # a rerun finds the seed done: nothing recomputed, nothing duplicated
     again = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
     assert len(again.doc["models"]["resnet"]["runs"]) == len(runs)

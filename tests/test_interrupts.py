@@ -32,9 +32,15 @@ RNG = random.Random()
 pytestmark = pytest.mark.slow
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal. A shell's background job (``pytest &``) has SIGINT ignored,
+    and children inherit that; the CLI rightly leaves an ignored SIGINT ignored (``nohup``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mixmatch_plugin", "-q", *args], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
 
 
 def kill_after(p: subprocess.Popen, seconds: float, sig: int) -> tuple[int, str]:
@@ -139,7 +145,7 @@ def test_ctrl_c_inside_exec_under_python_m_still_exits_130(tmp_path):
     (tmp_path / "mm_probe.py").write_text(PROBE)
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "mm_probe", "probe"], env=env, text=True, capture_output=True,
-                       timeout=120, cwd=tmp_path)
+                       timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
     assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT inside exec")
     assert r.returncode == 130
 

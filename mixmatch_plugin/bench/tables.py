@@ -86,7 +86,10 @@ def _when(model_doc: Mapping[str, Any]) -> str:
     if "structured" in secs:
         cost += f" + {secs['structured'] / 60:.0f} min of structured rows"
     when = f" on {env['date'][:16]}" if env.get("date") else ""
-    return f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads (dense training excluded, cached)."
+    text = f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads (dense training excluded, cached)."
+    if len(seeds) < 3:
+        text += f" **Preliminary: {len(seeds)} seed(s) so far**; `mixmatch bench` resumes the run."
+    return text
 
 
 def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:

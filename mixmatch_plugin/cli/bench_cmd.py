@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,10 +20,12 @@ import click
               help="Regenerate the table between <!-- bench:start --> and <!-- bench:end --> in this README.")
 @click.option("--fresh", is_flag=True, help="Ignore earlier partial results instead of resuming them.")
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
+@click.option("--tables-only", is_flag=True,
+              help="Run nothing: regenerate the tables, plots and --update-readme section from OUT's results.")
 @click.option("--tiny", is_flag=True, hidden=True,
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
 def command(quick: bool, models: str | None, seeds: str | None, out: str, data_dir: str | None, cache_dir: str | None,
-            update_readme: str | None, fresh: bool, no_structured: bool, tiny: bool) -> None:
+            update_readme: str | None, fresh: bool, no_structured: bool, tables_only: bool, tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
 
@@ -30,6 +33,7 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
     Example:
       mixmatch bench --quick                             # about 5 minutes, smoke-sized
       mixmatch bench --update-readme README.md           # the full run; trains dense models once (cached)
+      mixmatch bench --tables-only --update-readme README.md   # tables and plots again, from the saved results
     Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh.
     """
     from ..bench import tables
@@ -54,19 +58,42 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
             raise MixMatchError(f"--seeds {seeds!r} must be comma-separated integers") from None
     if no_structured:
         cfg.structured = False
-    res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None)
-    files = tables.plots(res.doc, Path(out))
     cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "")
-    md = tables.markdown(res.doc, command=cmd)
-    res.doc["markdown"] = md
-    res.doc["plots"] = files
-    from ..io import atomic_write_json
+    if tables_only:
+        doc = _saved(Path(out) / f"{'tiny' if tiny else 'quick' if quick else 'full'}.json", list(cfg.models))
+        files = tables.plots(doc, Path(out))
+        md = tables.markdown(doc, command=cmd + " --tables-only")
+        path = Path(out)
+    else:
+        res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None)
+        files = tables.plots(res.doc, Path(out))
+        md = tables.markdown(res.doc, command=cmd)
+        res.doc["markdown"] = md
+        res.doc["plots"] = files
+        from ..io import atomic_write_json
 
-    atomic_write_json(res.path, res.doc)
+        atomic_write_json(res.path, res.doc)
+        path = res.path
     click.echo(md)
-    click.echo(f"\nresults: {res.path}; plots: {', '.join(files.values())}")
+    click.echo(f"\nresults: {path}; plots: {', '.join(files.values())}")
     if update_readme:
         section = md + "\n\n" + "\n".join(f"![{k}]({Path(v).as_posix()})" for k, v in files.items())
         if not tables.update_readme(update_readme, section):
             raise MixMatchError(f"{update_readme} has no <!-- bench:start --> / <!-- bench:end --> markers")
         click.echo(f"updated {update_readme}")
+
+
+def _saved(path: Path, models: list[str]) -> dict[str, Any]:
+    """The saved results at ``path``, restricted to ``models`` (those that have results); the file is not changed."""
+    from ..errors import MixMatchError
+    from ..io import read_json
+
+    if not path.is_file():
+        raise MixMatchError(f"--tables-only: no results at {path}; run `mixmatch bench` first (or point --out at them)")
+    doc = read_json(path, "benchmark results")
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
+        raise MixMatchError(f"{path} is not a benchmark results file (no 'models'); rerun `mixmatch bench`")
+    shown = {k: v for k, v in doc["models"].items() if k in models and v.get("runs")}
+    if not shown:
+        raise MixMatchError(f"{path} has no results for {', '.join(models)}; run `mixmatch bench` first")
+    return {**doc, "models": shown}
