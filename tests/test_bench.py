@@ -93,6 +93,19 @@ def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
     assert tables.noise_floor(tables.drops(doc), "one-shot", 0.8, ("mm", "global_magnitude")) < 1.5
 
 
+def test_one_seed_is_not_judged_a_win_or_a_loss():
+    from mixmatch_plugin.bench import tables
+
+    doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90},
+           "runs": [{"regime": "one-shot", "sparsity": 0.9, "method": m, "seed": 0, "test_accuracy": a}
+                    for m, a in (("mm", 0.89), ("global_magnitude", 0.80), ("lamp", 0.895))]}
+    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
+    by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    assert by["global_magnitude"] == "not judged, 1 seed (+90 %)"
+    assert by["lamp"] == "not judged, 1 seed (-100 %)"
+    assert "Preliminary: 1 seed(s)" in tables.model_table("m", doc)
+
+
 def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing():
     from mixmatch_plugin.bench import tables
 

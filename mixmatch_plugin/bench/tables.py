@@ -80,20 +80,24 @@ def _when(model_doc: Mapping[str, Any]) -> str:
     env = model_doc.get("environment") or {}
     secs = model_doc.get("seconds") or {}
     seeds = [v for k, v in secs.items() if k != "structured"]
-    if not seeds:
-        return ""
-    cost = f"{sum(seeds) / 60:.0f} min for {len(seeds)} seed(s)"
-    if "structured" in secs:
-        cost += f" + {secs['structured'] / 60:.0f} min of structured rows"
-    when = f" on {env['date'][:16]}" if env.get("date") else ""
-    text = f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads (dense training excluded, cached)."
-    if len(seeds) < 3:
-        text += f" **Preliminary: {len(seeds)} seed(s) so far**; `mixmatch bench` resumes the run."
+    text = ""
+    if seeds:
+        cost = f"{sum(seeds) / 60:.0f} min for {len(seeds)} seed(s)"
+        if "structured" in secs:
+            cost += f" + {secs['structured'] / 60:.0f} min of structured rows"
+        when = f" on {env['date'][:16]}" if env.get("date") else ""
+        text = f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads (dense training excluded, cached)."
+    n = len({r["seed"] for r in model_doc.get("runs", [])})
+    if n < 3:
+        text += f" **Preliminary: {n} seed(s) so far**; `mixmatch bench` resumes the run."
     return text
 
 
 def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:
-    """(drop_baseline - drop_mm) / drop_baseline per baseline; differences within the noise floor are ties."""
+    """(drop_baseline - drop_mm) / drop_baseline per baseline; differences within the noise floor are ties.
+
+    With a single seed of either method there is no noise floor, and the cell says so instead of judging.
+    """
     d = drops(model_doc)
     rows = []
     for (regime, s, m), v in sorted(d.items()):
@@ -107,7 +111,9 @@ def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:
                 cells.append("–")
                 continue
             b_mu = _stats(bv)[0]
-            if abs(b_mu - mm_mu) <= noise_floor(d, regime, s, ("mm", b)):
+            if min(len(v), len(bv)) < 2:  # one seed measures no noise floor: nothing can be called a win or a loss
+                cells.append(f"not judged, 1 seed ({_red(b_mu, mm_mu)})")
+            elif abs(b_mu - mm_mu) <= noise_floor(d, regime, s, ("mm", b)):
                 cells.append(f"tie ({_red(b_mu, mm_mu)})")
             else:
                 cells.append(("**win** " if mm_mu < b_mu else "loss ") + _red(b_mu, mm_mu))

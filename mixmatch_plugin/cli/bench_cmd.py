@@ -60,10 +60,10 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
         cfg.structured = False
     cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "")
     if tables_only:
-        doc = _saved(Path(out) / f"{'tiny' if tiny else 'quick' if quick else 'full'}.json", list(cfg.models))
+        path = Path(out) / f"{'tiny' if tiny else 'quick' if quick else 'full'}.json"
+        doc = _saved(path, list(cfg.models))
         files = tables.plots(doc, Path(out))
         md = tables.markdown(doc, command=cmd + " --tables-only")
-        path = Path(out)
     else:
         res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None)
         files = tables.plots(res.doc, Path(out))
