@@ -44,8 +44,13 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     for c in doc["models"]["resnet"]["choices"]:
         finals = [f for f in c["ranking"] if "val_accuracy" in f]
         assert finals and finals[0]["val_accuracy"] == max(f["val_accuracy"] for f in finals)
+    # where the time went: every phase timed, and the phases account for (most of) the seed's wall time
+    phases = doc["models"]["resnet"]["phase_seconds"]["0"]
+    assert {"signals", "strategies", "validation choice", "one-shot evaluation", "oracle diagnostic", "fine-tuning",
+            "noise floor (reseeded fine-tune)"} <= set(phases)
+    assert 0.5 * doc["models"]["resnet"]["seconds"]["0"] <= sum(phases.values()) <= doc["models"]["resnet"]["seconds"]["0"] + 0.5
     md = tables.markdown(doc, command="mixmatch bench --quick")
-    assert "noise floor" in md and "| 80% |" in md
+    assert "noise floor" in md and "| 80% |" in md and "Minutes per seed by phase (mean of 1): " in md
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
     assert tables.update_readme(readme, md)

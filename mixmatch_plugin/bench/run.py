@@ -23,7 +23,9 @@ import copy
 import logging
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,24 @@ class _Evaluator:
         return work
 
 
+class _PhaseClock:
+    """Wall seconds spent per phase of one seed (where the benchmark's time goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in self.seconds.items()}
+
+
 def _choose(ev: _Evaluator, cands: Sequence[Strategy], screen: Any, val: Any, top_k: int) -> tuple[Strategy, list[dict[str, Any]]]:
     """Validation-only choice: screen every candidate on a small split, re-rank the top ``top_k`` on all of it."""
     ranked = rank(ev.model, cands, screen, signals=ev.scores, bn_loader=ev.bn, bn_batches=ev.bn_batches)
@@ -148,12 +168,14 @@ def run_model(
             logger.info("%s seed %d already done: skipped", name, seed)
             continue
         t0 = time.time()
+        clock = _PhaseClock()
         torch.manual_seed(seed)
         calib = splits.calibration(cfg.calib_samples, 128, seed)
         screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), 500)
         bn = data.loader(splits.train, 128, shuffle=True, seed=seed)
-        scores = compute_signals(model, calib)
-        scores.grasp = compute_grasp(model, calib)
+        with clock("signals"):
+            scores = compute_signals(model, calib)
+            scores.grasp = compute_grasp(model, calib)
         layers = None
         rows: list[dict[str, Any]] = []
         for target in progress_bar(cfg.sparsities[name], f"{name} seed {seed}", enable=progress):
@@ -161,7 +183,8 @@ def run_model(
             for variant in cfg.variants:
                 preset = "paper" if variant == "empirical" else "auto"
                 try:
-                    plans[variant] = plan(model, calib, preset=preset, target=target, on_unreachable="extend", scores=scores)
+                    with clock("strategies"):
+                        plans[variant] = plan(model, calib, preset=preset, target=target, on_unreachable="extend", scores=scores)
                 except BudgetError as exc:
                     logger.warning("%s at %.2f: variant %s skipped (%s)", name, target, variant, exc)
             variants = list(plans)
@@ -180,14 +203,17 @@ def run_model(
             chosen_by_variant = {}
             for variant in variants:
                 vc = [s for k, s in cands.items() if k.startswith(variant + "/")]
-                chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
+                with clock("validation choice"):
+                    chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
                 out["choices"].append({"seed": seed, "sparsity": target, "variant": variant, "ranking": log})
             if cfg.mix_signals:  # per-layer signal choice applied to each variant's winner
                 mixed: list[dict[str, Any]] = []
                 for s in chosen_by_variant.values():
-                    mx = mix_signals(model, s, scores, calib, layers=layers)
+                    with clock("signal mixing"):
+                        mx = mix_signals(model, s, scores, calib, layers=layers)
                     cands[mx.name] = mx
-                    met = evaluate(ev.masked(mx), val)
+                    with clock("validation choice"):
+                        met = evaluate(ev.masked(mx), val)
                     mixed.append({"strategy": mx.name, "val_accuracy": met.accuracy, "val_loss": met.loss})
                 mixed.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
                 chosen_by_variant["mixed"] = cands[mixed[0]["strategy"]]
@@ -200,11 +226,13 @@ def run_model(
             measured: dict[str, tuple[float, float]] = {}  # "mm" is always one of the variants' choices: measured once
             for method, s in methods.items():
                 if s.name not in measured:
-                    m = ev.masked(s)
-                    measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
+                    with clock("one-shot evaluation"):
+                        m = ev.masked(s)
+                        measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
                 rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
             if seed == cfg.seeds[0]:  # selection cost: every rule strategy on test (diagnostic, first seed only)
-                accs = [evaluate(ev.masked(s), test).accuracy for k, s in cands.items() if k.startswith("rules/")]
+                with clock("oracle diagnostic"):
+                    accs = [evaluate(ev.masked(s), test).accuracy for k, s in cands.items() if k.startswith("rules/")]
                 rows.append(_row(name, target, seed, "mm_oracle", "one-shot", None, None, max(accs)))
                 rows.append(_row(name, target, seed, "mm_mean", "one-shot", None, None, sum(accs) / len(accs)))
             train_loader = data.loader(splits.train, 128, shuffle=True, seed=seed)
@@ -212,8 +240,9 @@ def run_model(
                 s = methods[method]
                 work = copy.deepcopy(ev.masked(s))
                 masks = compute_masks(work, s, scores, layers=layers)
-                ft = finetune(work, masks, train_loader, max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
-                r = _row(name, target, seed, method, "fine-tuned", s, evaluate(work, val).accuracy, evaluate(work, test).accuracy)
+                with clock("fine-tuning"):
+                    ft = finetune(work, masks, train_loader, max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+                    r = _row(name, target, seed, method, "fine-tuned", s, evaluate(work, val).accuracy, evaluate(work, test).accuracy)
                 r["realized_sparsity"] = ft.global_sparsity
                 rows.append(r)
         # the noise floor: the first fine-tuned method's strategy fine-tuned again with another data order
@@ -221,14 +250,16 @@ def run_model(
             target = cfg.sparsities[name][-1]
             s = baselines.make(cfg.finetune_methods[0], layers, scores, target)
             ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
-            work = copy.deepcopy(ev.masked(s))
-            finetune(work, compute_masks(work, s, scores, layers=layers),
-                     data.loader(splits.train, 128, shuffle=True, seed=seed + 1000), max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
-            r = _row(name, target, seed, cfg.finetune_methods[0] + "_reseeded", "fine-tuned", s, evaluate(work, val).accuracy,
-                     evaluate(work, test).accuracy)
+            with clock("noise floor (reseeded fine-tune)"):
+                work = copy.deepcopy(ev.masked(s))
+                finetune(work, compute_masks(work, s, scores, layers=layers),
+                         data.loader(splits.train, 128, shuffle=True, seed=seed + 1000), max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+                r = _row(name, target, seed, cfg.finetune_methods[0] + "_reseeded", "fine-tuned", s, evaluate(work, val).accuracy,
+                         evaluate(work, test).accuracy)
             rows.append(r)
         out["runs"] += rows
         out["seconds"][str(seed)] = time.time() - t0
+        out.setdefault("phase_seconds", {})[str(seed)] = clock.as_dict()
         if on_seed:
             on_seed(out)
     return out

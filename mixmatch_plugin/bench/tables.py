@@ -87,6 +87,14 @@ def _when(model_doc: Mapping[str, Any]) -> str:
             cost += f" + {secs['structured'] / 60:.0f} min of structured rows"
         when = f" on {env['date'][:16]}" if env.get("date") else ""
         text = f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads (dense training excluded, cached)."
+    phases = model_doc.get("phase_seconds") or {}
+    if phases:  # the mean per seed, largest first
+        total: dict[str, float] = {}
+        for per_seed in phases.values():
+            for k, v in per_seed.items():
+                total[k] = total.get(k, 0.0) + v / len(phases)
+        split = ", ".join(f"{k} {v / 60:.1f}" for k, v in sorted(total.items(), key=lambda kv: -kv[1]))
+        text += f" Minutes per seed by phase (mean of {len(phases)}): {split}."
     n = len({r["seed"] for r in model_doc.get("runs", [])})
     if n < 3:
         text += f" **Preliminary: {n} seed(s) so far**; `mixmatch bench` resumes the run."
