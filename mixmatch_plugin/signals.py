@@ -266,6 +266,28 @@ def compute_signals(
     return Signals(magnitude=magnitude, gradient=gradient, batches=batches, samples=samples)
 
 
+@contextmanager
+def _double_backward_kernels() -> Iterator[None]:
+    """Second derivatives through attention: the fused attention kernels have no double backward.
+
+    ``scaled_dot_product_attention`` (timm's ViT and others) runs a flash/efficient kernel whose
+    backward is not differentiable again; its math backend is the same function written with
+    differentiable operations. Any other operation without a second derivative gets a clear error.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    except RuntimeError as exc:
+        if "derivative for" not in str(exc) or "not implemented" not in str(exc):
+            raise
+        raise SignalError(
+            f"GraSP needs second derivatives (a Hessian-vector product), but an operation in this model has none "
+            f"({str(exc).splitlines()[0]}); use the magnitude, gradient or product signals, or the snip baseline"
+        ) from exc
+
+
 def compute_grasp(
     model: nn.Module,
     calib: Iterable[Any],
@@ -302,12 +324,13 @@ def compute_grasp(
                 a.add_(gi, alpha=1.0 / len(batches))
         hg = [torch.zeros_like(p) for p in params]
         for b in progress_bar(batches, "grasp", enable=progress):
-            loss = loss_fn(model, b)
-            gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            z = sum((gi * gd).sum() for gi, gd in zip(gs, g, strict=True) if gi is not None)
-            if not isinstance(z, torch.Tensor) or not z.requires_grad:
-                continue
-            hv = torch.autograd.grad(z, params, allow_unused=True)
+            with _double_backward_kernels():
+                loss = loss_fn(model, b)
+                gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                z = sum((gi * gd).sum() for gi, gd in zip(gs, g, strict=True) if gi is not None)
+                if not isinstance(z, torch.Tensor) or not z.requires_grad:
+                    continue
+                hv = torch.autograd.grad(z, params, allow_unused=True)
             for a, h in zip(hg, hv, strict=True):
                 if h is not None:
                     a.add_(h.detach(), alpha=1.0 / len(batches))

@@ -104,3 +104,39 @@ def test_grasp_is_weight_times_hessian_gradient(calib):
     g = torch.autograd.grad(loss_of(w), w)[0].detach()
     hvp = torch.autograd.functional.hvp(loss_of, w.detach(), g)[1]
     assert torch.allclose(scores["1"], w.detach() * hvp, rtol=1e-3, atol=1e-9)
+
+
+def test_grasp_works_through_fused_attention_and_matches_explicit_attention():
+    """timm's attention calls scaled_dot_product_attention, whose CPU flash kernel has no double backward."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=1, num_heads=2)
+    m.eval()
+    attn = m.blocks[0].attn
+    assert attn.fused_attn, f"timm {timm.__version__} no longer fuses attention here: this test would test nothing"
+    batches = [(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    fused = mm.compute_grasp(m, batches)
+    attn.fused_attn = False  # the same attention written out (matmul, softmax, matmul)
+    explicit = mm.compute_grasp(m, batches)
+    assert set(fused) == set(explicit) and any(float(v.abs().sum()) > 0 for v in fused.values())
+    for name in fused:
+        assert torch.allclose(fused[name], explicit[name], rtol=1e-3, atol=1e-10), name
+
+
+def test_grasp_through_an_operation_without_second_derivative_says_what_to_use_instead():
+    class FlashOnly(nn.Module):  # calls the CPU flash kernel directly, so no backend choice can route around it
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x.flatten(1).reshape(-1, 1, 2, 8)).chunk(3, dim=-1)
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+            return self.head(out.mean(dim=(1, 2)))
+
+    batches = [(torch.randn(4, 1, 4, 4), torch.randint(0, 3, (4,)))]
+    with pytest.raises(SignalError, match=r"GraSP needs second derivatives.*use the magnitude, gradient or product"):
+        mm.compute_grasp(FlashOnly(), batches)
