@@ -282,6 +282,11 @@ class BenchResult:
     doc: dict[str, Any] = field(default_factory=dict)
 
 
+def results_path(out: str | Path, *, quick: bool = False, name: str | None = None) -> Path:
+    """Where :func:`run` keeps its results: ``out/<name>.json``, ``name`` defaulting to ``quick`` or ``full``."""
+    return Path(out) / f"{name or ('quick' if quick else 'full')}.json"
+
+
 def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str | None = None,
         cache_dir: str | Path | None = None, progress: bool = True, fresh: bool = False, name: str | None = None) -> BenchResult:
     """Run the benchmark for every model in ``cfg`` and write ``out/<name>.json`` (resumable).
@@ -290,7 +295,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     (model, seed); a rerun with the same configuration skips what is done, unless ``fresh``.
     """
     out = Path(out)
-    path = out / f"{name or ('quick' if quick else 'full')}.json"
+    path = results_path(out, quick=quick, name=name)
     common = _cfg_dict(cfg)
     doc: dict[str, Any] = {}
     if path.exists() and not fresh:

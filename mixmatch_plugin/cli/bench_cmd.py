@@ -37,7 +37,7 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
     Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh.
     """
     from ..bench import tables
-    from ..bench.run import BenchConfig, run
+    from ..bench.run import BenchConfig, results_path, run
     from ..errors import MixMatchError
 
     if update_readme:  # checked before hours of work, not after
@@ -60,7 +60,7 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
         cfg.structured = False
     cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "")
     if tables_only:
-        path = Path(out) / f"{'tiny' if tiny else 'quick' if quick else 'full'}.json"
+        path = results_path(out, quick=quick, name="tiny" if tiny else None)
         doc = _saved(path, list(cfg.models))
         files = tables.plots(doc, Path(out))
         md = tables.markdown(doc, command=cmd + " --tables-only")
