@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, replace
 
 import pytest
 
 from mixmatch_plugin import data
 from mixmatch_plugin.bench import tables
-from mixmatch_plugin.bench.run import BenchConfig, run
+from mixmatch_plugin.bench.run import BenchConfig, _reusable, run
 from mixmatch_plugin.train import TrainConfig
 
 pytestmark = pytest.mark.skipif(
@@ -76,6 +77,22 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     again = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
     assert len(again.doc["models"]["resnet"]["runs"]) == len(runs)
     assert again.doc["models"]["resnet"]["seconds"] == doc["models"]["resnet"]["seconds"]
+    # a higher sparsity added later runs only that sparsity (and its noise floor); the rows measured before stay
+    cfg.sparsities = {"resnet": (0.8, 0.9)}
+    more = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False).doc["models"]["resnet"]
+    assert [r for r in more["runs"] if r["sparsity"] == 0.8] == runs
+    new = [r for r in more["runs"] if r["sparsity"] == 0.9]
+    assert {r["method"] for r in new} == methods  # baselines, M&M, diagnostics and the noise floor, at 0.9
+    assert all(abs(r["realized_sparsity"] - 0.9) < 2e-3 for r in new if r["realized_sparsity"] is not None)
+    assert more["seconds"]["0"] > doc["models"]["resnet"]["seconds"]["0"]  # the seed's total includes both runs
+    assert more["phase_seconds"]["0"]["fine-tuning"] > phases["fine-tuning"]
+    # dropping a sparsity keeps the others' rows and recomputes nothing
+    cfg.sparsities = {"resnet": (0.9,)}
+    fewer = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False).doc["models"]["resnet"]
+    assert fewer["runs"] == new and fewer["seconds"] == more["seconds"]
+    # a different dense model is not mixed with these results
+    cfg.models = {"resnet": replace(cfg.models["resnet"], lr=1e-3)}
+    assert _reusable("resnet", fewer, {"train": asdict(cfg.models["resnet"]), "sparsities": [0.9]}) is None
 
 
 def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
@@ -108,7 +125,14 @@ def test_one_seed_is_not_judged_a_win_or_a_loss():
     by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
     assert by["global_magnitude"] == "not judged, 1 seed (+90 %)"
     assert by["lamp"] == "not judged, 1 seed (-100 %)"
-    assert "Preliminary: 1 seed(s)" in tables.model_table("m", doc)
+    assert "Preliminary: 1 seed(s) so far" in tables.model_table("m", doc)
+    # a sparsity added after three seeds elsewhere: the note names it, and a configured one not yet run counts as 0
+    doc["runs"] += [{**r, "sparsity": 0.7, "seed": i} for r in doc["runs"] for i in range(3)]
+    doc["config"] = {"sparsities": [0.7, 0.9, 0.98]}
+    assert "Preliminary: 1 seed(s) at 90%, 0 seed(s) at 98% so far" in tables.model_table("m", doc)
+    doc["config"] = {"sparsities": [0.7]}
+    doc["runs"] = [r for r in doc["runs"] if r["sparsity"] == 0.7]
+    assert "Preliminary" not in tables.model_table("m", doc)
 
 
 def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing():

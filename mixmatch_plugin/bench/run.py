@@ -37,6 +37,7 @@ from .._version import __version__
 from ..errors import BudgetError, MixMatchError
 from ..evaluate import evaluate, rank, reestimate_bn
 from ..finetune import finetune
+from ..inventory import inventory
 from ..io import atomic_write_json, read_json
 from ..masks import Masker, compute_masks
 from ..mixing import mix_signals
@@ -76,7 +77,7 @@ class BenchConfig:
 
     @classmethod
     def full(cls) -> BenchConfig:
-        return cls(models=dict(FULL), sparsities={"resnet18": (0.7, 0.9, 0.95), "vit": (0.5, 0.7, 0.8), "swin": (0.5, 0.7, 0.8)})
+        return cls(models=dict(FULL), sparsities={"resnet18": (0.7, 0.9, 0.95, 0.98), "vit": (0.5, 0.7, 0.8), "swin": (0.5, 0.7, 0.8)})
 
     @classmethod
     def tiny(cls) -> BenchConfig:
@@ -162,11 +163,17 @@ def run_model(
     val = data.loader(data.subset(splits.val, cfg.val_samples, 0) if cfg.val_samples else splits.val, 1000)
     out["dense"]["test_accuracy_eval"] = evaluate(model, test).accuracy
     out["dense"]["val_accuracy_eval"] = evaluate(model, val).accuracy
-    finished = {r["seed"] for r in out["runs"]}
     for seed in cfg.seeds:
-        if seed in finished:
+        done_here = {r["sparsity"] for r in out["runs"] if r["seed"] == seed}
+        todo = [t for t in cfg.sparsities[name] if t not in done_here]
+        top = cfg.sparsities[name][-1]
+        needs_floor = bool(cfg.finetune_methods) and not any(
+            r["seed"] == seed and r["sparsity"] == top and r["method"].endswith("_reseeded") for r in out["runs"])
+        if not todo and not needs_floor:
             logger.info("%s seed %d already done: skipped", name, seed)
             continue
+        if done_here:
+            logger.info("%s seed %d: sparsities %s kept, running %s", name, seed, sorted(done_here), todo or "the noise floor")
         t0 = time.time()
         clock = _PhaseClock()
         torch.manual_seed(seed)
@@ -178,7 +185,7 @@ def run_model(
             scores.grasp = compute_grasp(model, calib)
         layers = None
         rows: list[dict[str, Any]] = []
-        for target in progress_bar(cfg.sparsities[name], f"{name} seed {seed}", enable=progress):
+        for target in progress_bar(todo, f"{name} seed {seed}", enable=progress):
             plans: dict[str, Plan] = {}
             for variant in cfg.variants:
                 preset = "paper" if variant == "empirical" else "auto"
@@ -246,8 +253,9 @@ def run_model(
                 r["realized_sparsity"] = ft.global_sparsity
                 rows.append(r)
         # the noise floor: the first fine-tuned method's strategy fine-tuned again with another data order
-        if cfg.finetune_methods and layers is not None:
-            target = cfg.sparsities[name][-1]
+        if needs_floor:
+            target = top
+            layers = layers if layers is not None else inventory(model)
             s = baselines.make(cfg.finetune_methods[0], layers, scores, target)
             ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
             with clock("noise floor (reseeded fine-tune)"):
@@ -258,8 +266,11 @@ def run_model(
                          evaluate(work, test).accuracy)
             rows.append(r)
         out["runs"] += rows
-        out["seconds"][str(seed)] = time.time() - t0
-        out.setdefault("phase_seconds", {})[str(seed)] = clock.as_dict()
+        # a seed extended by new sparsities keeps the time it took before (totals per seed)
+        out["seconds"][str(seed)] = out["seconds"].get(str(seed), 0.0) + time.time() - t0
+        phases = out.setdefault("phase_seconds", {}).setdefault(str(seed), {})
+        for phase, sec in clock.as_dict().items():
+            phases[phase] = phases.get(phase, 0.0) + sec
         if on_seed:
             on_seed(out)
     return out
@@ -316,10 +327,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     t0 = time.time()
     for name in cfg.models:
         model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name])}
-        done = doc["models"].get(name)
-        if done is not None and done.get("config") != model_cfg:
-            logger.warning("%s: earlier results used another model configuration: redone", name)
-            done = None
+        done = _reusable(name, doc["models"].get(name), model_cfg)
 
         def save(partial: dict[str, Any], name: str = name, model_cfg: dict[str, Any] = model_cfg) -> None:
             partial["config"] = model_cfg
@@ -338,6 +346,27 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     doc["seconds"] = time.time() - t0
     atomic_write_json(path, doc)
     return BenchResult(path, doc)
+
+
+def _reusable(name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """What of a model's earlier results a run with ``model_cfg`` can keep.
+
+    Everything when the configuration is the same; nothing when the dense model's training differs;
+    when only the sparsities differ, the rows and choices of the sparsities still asked for (so adding a
+    higher sparsity runs just that one for every seed).
+    """
+    if done is None or done.get("config") == model_cfg:
+        return done
+    if done.get("config", {}).get("train") != model_cfg["train"]:
+        logger.warning("%s: earlier results used another dense-model configuration: redone", name)
+        return None
+    wanted = set(model_cfg["sparsities"])
+    kept = {**done, "runs": [r for r in done["runs"] if r["sparsity"] in wanted],
+            "choices": [c for c in done["choices"] if c["sparsity"] in wanted]}
+    dropped = sorted({r["sparsity"] for r in done["runs"]} - wanted)
+    logger.warning("%s: earlier results had sparsities %s; kept those in %s%s", name, done["config"].get("sparsities"),
+                   sorted(wanted), f", dropped {dropped}" if dropped else "")
+    return kept
 
 
 def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:

@@ -95,9 +95,14 @@ def _when(model_doc: Mapping[str, Any]) -> str:
                 total[k] = total.get(k, 0.0) + v / len(phases)
         split = ", ".join(f"{k} {v / 60:.1f}" for k, v in sorted(total.items(), key=lambda kv: -kv[1]))
         text += f" Minutes per seed by phase (mean of {len(phases)}): {split}."
-    n = len({r["seed"] for r in model_doc.get("runs", [])})
-    if n < 3:
-        text += f" **Preliminary: {n} seed(s) so far**; `mixmatch bench` resumes the run."
+    per: dict[float, set[int]] = {s: set() for s in (model_doc.get("config") or {}).get("sparsities", [])}
+    for r in model_doc.get("runs", []):
+        per.setdefault(r["sparsity"], set()).add(r["seed"])
+    short = {s: len(v) for s, v in sorted(per.items()) if len(v) < 3}
+    if short:  # a sparsity added later (or an interrupted run) can have fewer seeds than the others
+        where = (f"{next(iter(short.values()))} seed(s)" if len(short) == len(per) and len(set(short.values())) == 1
+                 else ", ".join(f"{n} seed(s) at {s:.0%}" for s, n in short.items()))
+        text += f" **Preliminary: {where} so far**; `mixmatch bench` resumes the run."
     return text
 
 

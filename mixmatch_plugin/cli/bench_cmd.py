@@ -12,6 +12,9 @@ import click
 @click.option("--quick", is_flag=True, help="Reduced sizes (tiny models, 2 seeds, subsets): a few minutes, for CI.")
 @click.option("--models", default=None, help="Comma-separated subset of the models (resnet18, vit, swin; quick: resnet, swin).")
 @click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; quick 0,1).")
+@click.option("--sparsities", default=None,
+              help="Comma-separated sparsities for every chosen model, replacing its defaults (resnet18: 0.7,0.9,0.95,0.98; "
+                   "vit, swin: 0.5,0.7,0.8). Results already measured at these sparsities are kept, so adding one runs only it.")
 @click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
               help="Folder for the results JSON and the plots.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Folder with Fashion-MNIST IDX files.")
@@ -24,7 +27,7 @@ import click
               help="Run nothing: regenerate the tables, plots and --update-readme section from OUT's results.")
 @click.option("--tiny", is_flag=True, hidden=True,
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
-def command(quick: bool, models: str | None, seeds: str | None, out: str, data_dir: str | None, cache_dir: str | None,
+def command(quick: bool, models: str | None, seeds: str | None, sparsities: str | None, out: str, data_dir: str | None, cache_dir: str | None,
             update_readme: str | None, fresh: bool, no_structured: bool, tables_only: bool, tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
@@ -34,6 +37,7 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
       mixmatch bench --quick                             # about 5 minutes, smoke-sized
       mixmatch bench --update-readme README.md           # the full run; trains dense models once (cached)
       mixmatch bench --tables-only --update-readme README.md   # tables and plots again, from the saved results
+      mixmatch bench --models resnet18 --sparsities 0.7,0.9,0.95,0.98,0.99   # adds 99 %, keeps the rest
     Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh.
     """
     from ..bench import tables
@@ -56,9 +60,13 @@ def command(quick: bool, models: str | None, seeds: str | None, out: str, data_d
             cfg.seeds = tuple(int(s) for s in seeds.split(","))
         except ValueError:
             raise MixMatchError(f"--seeds {seeds!r} must be comma-separated integers") from None
+    if sparsities:
+        levels = _sparsities(sparsities)
+        cfg.sparsities = {m: levels for m in cfg.models}
     if no_structured:
         cfg.structured = False
-    cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "")
+    cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "") + (
+        f" --sparsities {','.join(map(str, cfg.sparsities[next(iter(cfg.models))]))}" if sparsities else "")
     if tables_only:
         path = results_path(out, quick=quick, name="tiny" if tiny else None)
         doc = _saved(path, list(cfg.models))
@@ -97,3 +105,19 @@ def _saved(path: Path, models: list[str]) -> dict[str, Any]:
     if not shown:
         raise MixMatchError(f"{path} has no results for {', '.join(models)}; run `mixmatch bench` first")
     return {**doc, "models": shown}
+
+
+def _sparsities(text: str) -> tuple[float, ...]:
+    """``--sparsities`` as sorted distinct ratios in (0, 1), or a :class:`MixMatchError` naming the bad entry."""
+    from ..errors import MixMatchError
+
+    levels: set[float] = set()
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise MixMatchError(f"--sparsities: {part!r} is not a number; write ratios such as 0.7,0.9,0.95") from None
+        if not 0.0 < value < 1.0:
+            raise MixMatchError(f"--sparsities: {value} is outside (0, 1); a sparsity is the fraction of weights removed, e.g. 0.9")
+        levels.add(value)
+    return tuple(sorted(levels))
