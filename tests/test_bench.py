@@ -10,7 +10,7 @@ import pytest
 
 from mixmatch_plugin import data
 from mixmatch_plugin.bench import tables
-from mixmatch_plugin.bench.run import BenchConfig, _reusable, run
+from mixmatch_plugin.bench.run import BenchConfig, _keep_copy, _reusable, run
 from mixmatch_plugin.train import TrainConfig
 
 pytestmark = pytest.mark.skipif(
@@ -86,13 +86,16 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     assert all(abs(r["realized_sparsity"] - 0.9) < 2e-3 for r in new if r["realized_sparsity"] is not None)
     assert more["seconds"]["0"] > doc["models"]["resnet"]["seconds"]["0"]  # the seed's total includes both runs
     assert more["phase_seconds"]["0"]["fine-tuning"] > phases["fine-tuning"]
-    # dropping a sparsity keeps the others' rows and recomputes nothing
+    # asking for fewer sparsities recomputes nothing and loses nothing: the other rows stay in the file
     cfg.sparsities = {"resnet": (0.9,)}
     fewer = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False).doc["models"]["resnet"]
-    assert fewer["runs"] == new and fewer["seconds"] == more["seconds"]
-    # a different dense model is not mixed with these results
+    assert fewer["runs"] == more["runs"] and fewer["seconds"] == more["seconds"]
+    # a different dense model is not mixed with these results, and the file it replaces is copied aside first
     cfg.models = {"resnet": replace(cfg.models["resnet"], lr=1e-3)}
     assert _reusable("resnet", fewer, {"train": asdict(cfg.models["resnet"]), "sparsities": [0.9]}) is None
+    before = res.path.read_bytes()
+    _keep_copy(res.path)
+    assert [p.read_bytes() for p in res.path.parent.glob("quick.json.before-*")] == [before]
 
 
 def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import platform
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -316,7 +317,10 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
             raise MixMatchError(f"{exc}; or pass --fresh to start over") from None
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("config") != common:
             logger.warning("%s was made with another configuration or version: starting fresh", path)
+            _keep_copy(path)
             doc = {}
+    elif path.exists():
+        _keep_copy(path)
     doc.setdefault("schema", SCHEMA)
     doc["config"] = common
     doc.setdefault("models", {})
@@ -328,6 +332,8 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     for name in cfg.models:
         model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name])}
         done = _reusable(name, doc["models"].get(name), model_cfg)
+        if done is None and name in doc["models"] and path.exists():
+            _keep_copy(path)
 
         def save(partial: dict[str, Any], name: str = name, model_cfg: dict[str, Any] = model_cfg) -> None:
             partial["config"] = model_cfg
@@ -351,22 +357,25 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
 def _reusable(name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any]) -> dict[str, Any] | None:
     """What of a model's earlier results a run with ``model_cfg`` can keep.
 
-    Everything when the configuration is the same; nothing when the dense model's training differs;
-    when only the sparsities differ, the rows and choices of the sparsities still asked for (so adding a
-    higher sparsity runs just that one for every seed).
+    All of them unless the dense model's training differs (then nothing). Results are kept per
+    (seed, sparsity), so a run asking for other sparsities measures only those it lacks, and the
+    rows at sparsities it does not ask for stay in the file and the tables.
     """
     if done is None or done.get("config") == model_cfg:
         return done
     if done.get("config", {}).get("train") != model_cfg["train"]:
         logger.warning("%s: earlier results used another dense-model configuration: redone", name)
         return None
-    wanted = set(model_cfg["sparsities"])
-    kept = {**done, "runs": [r for r in done["runs"] if r["sparsity"] in wanted],
-            "choices": [c for c in done["choices"] if c["sparsity"] in wanted]}
-    dropped = sorted({r["sparsity"] for r in done["runs"]} - wanted)
-    logger.warning("%s: earlier results had sparsities %s; kept those in %s%s", name, done["config"].get("sparsities"),
-                   sorted(wanted), f", dropped {dropped}" if dropped else "")
-    return kept
+    have = sorted({r["sparsity"] for r in done["runs"]})
+    logger.info("%s: results kept at sparsities %s; asked for %s", name, have, model_cfg["sparsities"])
+    return done
+
+
+def _keep_copy(path: Path) -> None:
+    """Copy ``path`` aside before results in it are replaced: nothing measured is lost silently."""
+    backup = path.with_name(f"{path.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(path, backup)
+    logger.warning("earlier results in %s are replaced; a copy is kept at %s", path, backup)
 
 
 def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:

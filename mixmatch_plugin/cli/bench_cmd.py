@@ -14,7 +14,7 @@ import click
 @click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; quick 0,1).")
 @click.option("--sparsities", default=None,
               help="Comma-separated sparsities for every chosen model, replacing its defaults (resnet18: 0.7,0.9,0.95,0.98; "
-                   "vit, swin: 0.5,0.7,0.8). Results already measured at these sparsities are kept, so adding one runs only it.")
+                   "vit, swin: 0.5,0.7,0.8). Only sparsities without results are run; results at other sparsities are kept.")
 @click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
               help="Folder for the results JSON and the plots.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Folder with Fashion-MNIST IDX files.")
@@ -37,8 +37,9 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
       mixmatch bench --quick                             # about 5 minutes, smoke-sized
       mixmatch bench --update-readme README.md           # the full run; trains dense models once (cached)
       mixmatch bench --tables-only --update-readme README.md   # tables and plots again, from the saved results
-      mixmatch bench --models resnet18 --sparsities 0.7,0.9,0.95,0.98,0.99   # adds 99 %, keeps the rest
-    Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh.
+      mixmatch bench --models resnet18 --sparsities 0.99   # adds 99 %, keeps the rest
+    Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh; results it has
+    to replace (--fresh, another configuration) are first copied to OUT/full.json.before-<time>.
     """
     from ..bench import tables
     from ..bench.run import BenchConfig, results_path, run
