@@ -78,9 +78,13 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     assert len(again.doc["models"]["resnet"]["runs"]) == len(runs)
     assert again.doc["models"]["resnet"]["seconds"] == doc["models"]["resnet"]["seconds"]
     # a higher sparsity added later runs only that sparsity (and its noise floor); the rows measured before stay
+    marked = json.loads(res.path.read_text())
+    for r in marked["models"]["resnet"]["runs"]:
+        r["kept"] = True  # rows read back from the file keep this; recomputed rows would not have it
+    res.path.write_text(json.dumps(marked))
     cfg.sparsities = {"resnet": (0.8, 0.9)}
     more = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False).doc["models"]["resnet"]
-    assert [r for r in more["runs"] if r["sparsity"] == 0.8] == runs
+    assert [r for r in more["runs"] if r["sparsity"] == 0.8] == [{**r, "kept": True} for r in runs]
     new = [r for r in more["runs"] if r["sparsity"] == 0.9]
     assert {r["method"] for r in new} == methods  # baselines, M&M, diagnostics and the noise floor, at 0.9
     assert all(abs(r["realized_sparsity"] - 0.9) < 2e-3 for r in new if r["realized_sparsity"] is not None)
