@@ -105,7 +105,7 @@ def empirical_ranges(per_run: Sequence[Mapping[str, float]]) -> dict[str, Range]
     return {n: (min(r[n] for r in per_run), max(r[n] for r in per_run)) for n in names}
 
 
-def validate_ratio(value: float, what: str = "sparsity") -> float:
+def validate_ratio(value: float | str, what: str = "sparsity") -> float:
     """Check a sparsity lies in [0, 1): the one check every entry point shares."""
     try:
         v = float(value)

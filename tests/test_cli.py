@@ -81,8 +81,8 @@ def test_plan_writes_a_loadable_plan(tmp_path):
         (["plan", *TINY, "--calib", "none", "--signals", "magnitude", "--target", "0.99", "--extend-ranges"], ["hard bounds"]),
         (["inspect", *TINY, "--role", "^fc$=mlp"], ["unknown role"]),
         (["report", "missing.json"], ["does not exist"]),
-        (["bench", "--tiny", "--sparsities", "0.7,1.5"], ["--sparsities: 1.5 is outside (0, 1)"]),
-        (["bench", "--tiny", "--sparsities", "0.7,x"], ["--sparsities: 'x' is not a number"]),
+        (["bench", "--tiny", "--sparsities", "0.7,1.5"], ["each --sparsities entry", "1.5"]),
+        (["bench", "--tiny", "--sparsities", "0.7,x"], ["each --sparsities entry must be a number", "'x'"]),
     ],
 )
 def test_bad_input_gets_one_clear_line(tmp_path, args, fragments):

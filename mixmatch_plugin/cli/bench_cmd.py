@@ -111,14 +111,9 @@ def _saved(path: Path, models: list[str]) -> dict[str, Any]:
 def _sparsities(text: str) -> tuple[float, ...]:
     """``--sparsities`` as sorted distinct ratios in (0, 1), or a :class:`MixMatchError` naming the bad entry."""
     from ..errors import MixMatchError
+    from ..ranges import validate_ratio
 
-    levels: set[float] = set()
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            value = float(part)
-        except ValueError:
-            raise MixMatchError(f"--sparsities: {part!r} is not a number; write ratios such as 0.7,0.9,0.95") from None
-        if not 0.0 < value < 1.0:
-            raise MixMatchError(f"--sparsities: {value} is outside (0, 1); a sparsity is the fraction of weights removed, e.g. 0.9")
-        levels.add(value)
+    levels = {validate_ratio(part.strip(), "each --sparsities entry") for part in text.split(",")}
+    if 0.0 in levels:
+        raise MixMatchError("--sparsities: 0 prunes nothing; give ratios such as 0.7,0.9,0.95")
     return tuple(sorted(levels))
