@@ -35,7 +35,16 @@ from .inventory import Layer, check_prunable, inventory
 from .io import atomic_write_json, read_json
 from .masks import PruneResult
 from .masks import apply as _apply
-from .ranges import Range, bounds, clamp_ranges, combine, empirical_ranges, rule_ranges, validate_ratio
+from .ranges import (
+    Range,
+    bounds,
+    clamp_ranges,
+    combine,
+    empirical_ranges,
+    pinned,
+    rule_ranges,
+    validate_ratio,
+)
 from .rules import KINDS, RuleSet, load_rules, preset_for
 from .signals import ALL_SIGNALS, SIGNALS, Signals, compute_grasp, compute_signals
 from .strategies import SHAPES, Strategy, StrategySpace
@@ -246,6 +255,30 @@ def compute_empirical_ranges(
     return empirical_ranges(runs)
 
 
+#: Share of the prunable weights above which fixed layers earn a warning rather than an info line.
+PINNED_WARN_SHARE = 0.05
+
+
+def _report_pinned(layers: Sequence[Layer], final: Mapping[str, Range], fixed: Mapping[str, list[str]]) -> None:
+    """Log the layers the constraints fix at a nonzero sparsity; warn when they hold a large share of the weights."""
+    if not fixed:
+        return
+    params = {layer.name: layer.params for layer in layers}
+    total = sum(params.values())
+    for cid, names in fixed.items():
+        share = sum(params[n] for n in names) / total
+        at = sorted({round(final[n][0], 4) for n in names})
+        level = logging.WARNING if share >= PINNED_WARN_SHARE else logging.INFO
+        logger.log(
+            level, "constraint %r fixes %d layer(s) holding %.1f %% of the prunable weights at sparsity %s (%s%s): "
+            "no strategy or search can move them and the budget goes to the other layers; if that is not meant "
+            "(the paper set its clamps for ImageNet-size models; on a small one they can catch whole roles), "
+            "plan(..., disable_constraints=[%r]) or `mixmatch plan --no-constraint %s`",
+            cid, len(names), 100 * share, "/".join(f"{v:g}" for v in at), ", ".join(names[:3]),
+            f" and {len(names) - 3} more" if len(names) > 3 else "", cid, cid,
+        )
+
+
 def plan(
     model: nn.Module,
     calib: Iterable[Any] | None = None,
@@ -322,6 +355,8 @@ def plan(
         emp = compute_empirical_ranges(layers, scores, rules.empirical_methods, rules.empirical_sparsities)
     raw = combine(rule_ranges(layers, rules) if how != "empirical" else None, emp, how)
     final = clamp_ranges(raw, hard)
+    fixed = pinned(layers, raw, final, rules)
+    _report_pinned(layers, final, fixed)
 
     space = StrategySpace(layers, final, hard, target=target, on_unreachable=on_unreachable)
     strategies = space.rule_strategies(signals, scores, shapes)
@@ -333,6 +368,7 @@ def plan(
         "preset": rules.name,
         "ranges": how,
         "constraints": [c.id for c in rules.constraints],
+        "pinned": fixed,
         "target": target,
         "extend_ranges": on_unreachable == "extend",
         "range_shift": space.extension,

@@ -97,6 +97,23 @@ def clamp_ranges(ranges: Mapping[str, Range], hard: Mapping[str, Range]) -> dict
     return {n: _clamp_into(r, hard[n]) for n, r in ranges.items()}
 
 
+def pinned(layers: Sequence[Layer], raw: Mapping[str, Range], final: Mapping[str, Range], rules: RuleSet) -> dict[str, list[str]]:
+    """Layers whose open range the hard bounds collapse to one nonzero sparsity, by the constraint that set it.
+
+    A range the rules or the empirical runs left open (``lo < hi``) but the constraints fix (``lo == hi > 0``)
+    cannot be moved by any strategy or search, and the budget goes to the other layers. Keeping a layer
+    dense (``[0, 0]``, as for normalization) is not reported. The key is the last constraint that matches
+    the layer (on a conflict the last match wins), or ``max_layer_sparsity``.
+    """
+    out: dict[str, list[str]] = {}
+    for layer in layers:
+        (a, b), (c, d) = raw[layer.name], final[layer.name]
+        if a < b and c == d > 0.0:
+            cid = next((k.id for k in reversed(rules.constraints) if k.match.matches(layer)), "max_layer_sparsity")
+            out.setdefault(cid, []).append(layer.name)
+    return out
+
+
 def empirical_ranges(per_run: Sequence[Mapping[str, float]]) -> dict[str, Range]:
     """Min and max of each layer's sparsity over several pruning runs (the paper's Phase 1)."""
     if not per_run:

@@ -147,3 +147,42 @@ def test_empirical_ranges_follow_the_paper(calib, trained_tiny_resnet):
         b = p.bounds[layer.name]
         expect = (min(max(lo, b[0]), b[1]), max(min(hi, b[1]), b[0]))
         assert p.ranges[layer.name] == pytest.approx(expect)
+
+
+def test_pinned_names_the_constraint_that_fixes_an_open_range():
+    from mixmatch_plugin.ranges import pinned
+
+    from .helpers import small_vit
+
+    layers = mm.inventory(small_vit())  # embed 32: every linear layer is under the paper's 10K-weight size
+    rules = mm.load_rules("paper")
+    raw = {layer.name: (0.3, 0.6) for layer in layers}
+    raw["head"] = (0.1, 0.1)  # a range the rules already closed is the rules' choice, not a constraint's
+    final = clamp_ranges(raw, bounds(layers, rules))
+    got = pinned(layers, raw, final, rules)
+    assert got["patch_embed"] == ["patch_embed.proj"] and final["patch_embed.proj"] == (0.15, 0.15)
+    small = got["small_layers"]
+    assert "blocks.0.attn.proj" in small and "blocks.1.mlp.fc2" in small and "head" not in small
+    assert all(final[n] == (0.1, 0.1) and next(x for x in layers if x.name == n).params < 10_000 for n in small)
+    kept_dense = [x.name for x in layers if x.kind == "norm"]
+    assert kept_dense and not set(kept_dense) & {n for names in got.values() for n in names}  # [0, 0] is not reported
+    off = rules.without("small_layers")
+    assert "small_layers" not in pinned(layers, raw, clamp_ranges(raw, bounds(layers, off)), off)
+
+
+def test_plan_warns_when_constraints_fix_many_weights(calib, caplog):
+    from .helpers import small_vit
+
+    model = small_vit(embed_dim=96)  # the benchmark ViT's width: only the 96x96 attention projections are under 10K
+    with caplog.at_level("INFO", logger="mixmatch_plugin.plan"):
+        p = mm.plan(model, calib, preset="paper", target=0.5, on_unreachable="extend")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "small_layers" in r.getMessage()]
+    assert len(warned) == 1 and "--no-constraint small_layers" in warned[0]
+    assert "blocks.0.attn.proj" in p.meta["pinned"]["small_layers"]
+    assert all(s.ratios["blocks.0.attn.proj"] == pytest.approx(0.1, abs=1.5e-3) for s in p.strategies)
+    assert mm.Plan.from_dict(p.to_dict()).meta["pinned"] == p.meta["pinned"]  # recorded in the plan file
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mixmatch_plugin.plan"):
+        q = mm.plan(model, calib, preset="paper", target=0.5, on_unreachable="extend", disable_constraints=["small_layers"])
+    assert "small_layers" not in q.meta["pinned"] and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len({round(s.ratios["blocks.0.attn.proj"], 3) for s in q.strategies}) > 1  # the search space opens again
