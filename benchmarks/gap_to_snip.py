@@ -50,7 +50,6 @@ from mixmatch_plugin import baselines, data
 from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.bench.models import FULL
 from mixmatch_plugin.bench.run import BenchConfig, _choose, _Evaluator, _has_bn
-from mixmatch_plugin.budget import exact_counts, move_to_budget
 from mixmatch_plugin.evaluate import evaluate
 from mixmatch_plugin.io import atomic_write_json, atomic_write_text
 from mixmatch_plugin.plan import Plan, plan
@@ -64,21 +63,9 @@ VAL_ROWS = ("snip", "snip allocation, magnitude order", "snip in the ranges", "s
 TEST_ROWS = ("snip", "best of 30", "searched", "best of 30, small-layer clamp off")
 
 
-def _budgeted(space: StrategySpace, name: str, signal: str, rho: np.ndarray, meta: dict[str, Any]) -> Strategy:
-    """Ratios ``rho`` (inside the space's ranges) moved to the space's budget, as exact per-layer counts."""
-    target = space.target
-    assert target is not None, "the plan is budget-matched"
-    rho = move_to_budget(rho, space.n, space.lo, space.hi, target)
-    n = space.n.astype(np.int64)
-    k = exact_counts(rho, n, target)
-    return Strategy(name, signal, {m: float(k[i]) / float(n[i]) for i, m in enumerate(space.names)},
-                    float(k.sum()) / float(n.sum()), meta)
-
-
 def snip_in_ranges(space: StrategySpace, snip: Strategy) -> Strategy:
     """SNIP's per-layer sparsities clipped into the (budget-moved) ranges, then moved back to the budget."""
-    rho = np.clip(np.array([snip.ratios[m] for m in space.names]), space.lo, space.hi)
-    return _budgeted(space, "snip-in-ranges", "product", rho, {"method": "snip clipped into the ranges"})
+    return space.from_ratios("snip-in-ranges", "product", snip.ratios, {"method": "snip clipped into the ranges"})
 
 
 def snip_in_space(space: StrategySpace, snip: Strategy) -> Strategy:

@@ -228,9 +228,27 @@ class StrategySpace:
         self, name: str, signal: str, alphas: Mapping[str, float], meta: Mapping[str, Any] | None = None
     ) -> Strategy:
         """Build a :class:`Strategy` from per-group alphas."""
+        return self._build(name, signal, self.ratios(alphas), {"alphas": {g: float(v) for g, v in alphas.items()}, **(meta or {})})
+
+    def from_ratios(
+        self, name: str, signal: str, ratios: Mapping[str, float], meta: Mapping[str, Any] | None = None
+    ) -> Strategy:
+        """Build a :class:`Strategy` from per-layer sparsities (e.g. another method's allocation).
+
+        The ratios are clipped into the ranges and, in budget mode, moved to the target as
+        :meth:`ratios` moves a shape's, so the result is a strategy this space could produce per layer.
+        """
+        missing = [m for m in self.names if m not in ratios]
+        if missing:
+            raise MixMatchError(f"no sparsity for layer {missing[0]!r}; give one for every layer of the inventory")
+        rho = np.clip(np.array([float(ratios[m]) for m in self.names]), self.lo, self.hi)
+        if self.target is not None:
+            rho = move_to_budget(rho, self.n, self.lo, self.hi, self.target)
+        return self._build(name, signal, rho, dict(meta or {}))
+
+    def _build(self, name: str, signal: str, rho: np.ndarray, meta: dict[str, Any]) -> Strategy:
         if signal not in SIGNALS:
             raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(SIGNALS)}")
-        rho = self.ratios(alphas)
         n = self.n.astype(np.int64)
         k = exact_counts(rho, n, self.target)
         ratios = {m: float(k[i]) / float(n[i]) if self.target is not None else float(rho[i]) for i, m in enumerate(self.names)}
@@ -238,11 +256,7 @@ class StrategySpace:
             m for i, m in enumerate(self.names)
             if ratios[m] < self.original_lo[i] - 1.0 / n[i] or ratios[m] > self.original_hi[i] + 1.0 / n[i]
         ]
-        info: dict[str, Any] = {
-            "mode": "budget" if self.target is not None else "native",
-            "alphas": {g: float(v) for g, v in alphas.items()},
-            **(meta or {}),
-        }
+        info: dict[str, Any] = {"mode": "budget" if self.target is not None else "native", **meta}
         if outside:
             info["out_of_range"] = outside
         return Strategy(name, signal, ratios, float(k.sum()) / float(n.sum()), info)

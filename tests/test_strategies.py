@@ -153,3 +153,21 @@ def test_exact_counts_meet_the_global_count():
     k = exact_counts(rho, n, t)
     assert k.sum() == round(t * n.sum())
     assert (np.abs(k - rho * n) <= 1.0).all()
+
+
+def test_from_ratios_puts_another_allocation_into_the_space(calib_swin):
+    model, calib = calib_swin
+    p = mm.plan(model, calib, target=0.3, signals=("magnitude", "product"), ranges="rules")
+    space = p.space()
+    rule = p.strategies[3]
+    again = space.from_ratios("again", rule.signal, rule.ratios)
+    assert again.ratios == rule.ratios  # a point of the space comes back unchanged
+    snip = mm.baselines.make("snip", p.layers, p.signals, 0.3)  # a free allocation, partly outside the ranges
+    inside = space.from_ratios("snip-in-ranges", "product", snip.ratios, {"method": "snip"})
+    n_total = sum(layer.params for layer in p.layers)
+    assert counts(inside, p.layers) == counts(snip, p.layers) == round(0.3 * n_total)
+    assert inside.meta["method"] == "snip" and "out_of_range" not in inside.meta
+    moved = [n for n in snip.ratios if abs(snip.ratios[n] - inside.ratios[n]) > 1e-3]
+    assert moved and all(p.ranges[n][0] - 1e-3 <= inside.ratios[n] <= p.ranges[n][1] + 1e-3 for n in inside.ratios)
+    with pytest.raises(mm.MixMatchError, match="no sparsity for layer"):
+        space.from_ratios("short", "product", dict(list(snip.ratios.items())[:2]))
