@@ -149,6 +149,44 @@ def test_ctrl_c_inside_exec_under_python_m_still_exits_130(tmp_path):
     assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT inside exec")
     assert r.returncode == 130
 
+# ------------------------------------------------------------------------------------ held signals
+def test_a_signal_inside_deferred_waits_for_its_end_and_a_second_one_does_not(default_sigint_in_process):
+    from mixmatch_plugin.interrupts import deferred, undeferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt), deferred():
+        signal.raise_signal(signal.SIGINT)
+        steps.append("after the signal")  # the bookkeeping step finishes
+    assert steps == ["after the signal"]
+    with pytest.raises(KeyboardInterrupt), deferred():  # a held one is raised when interruptible work starts
+        signal.raise_signal(signal.SIGINT)
+        with undeferred():
+            steps.append("never")
+    assert steps == ["after the signal"]
+    with pytest.raises(KeyboardInterrupt), deferred():  # Ctrl-C twice stops at once
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        steps.append("never")
+    assert steps == ["after the signal"]
+    with deferred():  # nothing held is left over for later
+        pass
+    with pytest.raises(ValueError), deferred():  # an error unwinding is not replaced by the held interrupt
+        signal.raise_signal(signal.SIGINT)
+        raise ValueError("the error")
+    with deferred():
+        pass
+
+
+@pytest.fixture
+def default_sigint_in_process():
+    from mixmatch_plugin.interrupts import sigint_defers
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with sigint_defers():
+        yield
+    signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------------------------------- bench
 @pytest.mark.skipif(not has_fashion_mnist(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 def test_bench_killed_mid_run_resumes_where_it_stopped(tmp_path):

@@ -6,9 +6,11 @@ Real Optuna, real storages (in memory, SQLite files, journal files), a real trai
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -76,6 +78,39 @@ def test_rerun_on_sqlite_never_enqueues_a_seed_twice(plan, evaluator, tmp_path):
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     assert [t.number for t in done] == list(range(6))
     assert len(res.trials) == 6
+
+
+OPENER = """
+import pathlib, sys, time
+from mixmatch_plugin.adapters.optuna.storage import open_spec, parse_storage
+ready, go = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+try:
+    open_spec(parse_storage(sys.argv[1]), 10, None, 3)
+except Exception as exc:
+    sys.exit(str(exc))
+"""
+
+
+def test_processes_opening_one_new_database_at_once_all_get_it(tmp_path):
+    # Optuna creates a new database's tables on first open, outside any lock: before the retry, about
+    # 2 in 5 of four simultaneous openers failed ("UNIQUE constraint failed: alembic_version", "table
+    # studies already exists"), e.g. a worker started next to a dashboard on a new study file
+    for round_ in range(2):
+        url, go = f"sqlite:///{tmp_path / f'new{round_}.db'}", tmp_path / f"go{round_}"
+        ready = [tmp_path / f"ready{round_}-{k}" for k in range(4)]
+        procs = [subprocess.Popen([sys.executable, "-c", OPENER, url, str(r), str(go)], stderr=subprocess.PIPE, text=True)
+                 for r in ready]
+        deadline = time.monotonic() + 120
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()  # all four open the database at the same moment
+        errors = [p.communicate(timeout=120)[1].strip().splitlines()[-1:] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    study = optuna.create_study(storage=url, study_name="after")
+    assert study.study_name == "after"
 
 
 def test_single_objective_at_a_budget_uses_set_constraint(trained_tiny_resnet, calib, digits_loaders):
@@ -149,6 +184,48 @@ def test_journal_storage_recovers_a_trial_left_running_by_a_dead_worker(plan, ev
     assert [t.number for t in res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))] == [0, 1, 4, 5]
     assert len(seeds_of(res.study)) == 31  # 30 seeds plus the one retry copy, nothing enqueued again
     study.tell(live, state=TrialState.FAIL)
+
+
+class InterruptingSampler(optuna.samplers.RandomSampler):
+    """Sends this process SIGINT from inside ``study.ask()`` of the ``at``-th trial, after the trial is
+    created in the storage and before the objective has it: a Ctrl-C there used to leave it RUNNING."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(seed=0)
+        self.at, self.calls = at, 0
+
+    def before_trial(self, study, trial):
+        self.calls += 1
+        if self.calls == self.at:
+            signal.raise_signal(signal.SIGINT)
+        super().before_trial(study, trial)
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler, as in a terminal (a background ``pytest &`` inherits SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_inside_optunas_bookkeeping_leaves_no_trial_running(plan, evaluator, tmp_path, default_sigint):
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=6, sampler=InterruptingSampler(at=4))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the search's own handler is gone
+    trials = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    assert [t.number for t in trials if t.state == TrialState.COMPLETE] == [0, 1, 2]
+    cut = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in cut] == [3]  # held until the objective started, then cut there: failed ...
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 3]  # ... and queued again, same point
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].user_attrs[mmo.SEED_ATTR] == cut[0].user_attrs[mmo.SEED_ATTR]
+    # the rerun evaluates the cut seed
+    res = mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=30)
+    done = {t.user_attrs.get(mmo.SEED_ATTR) for t in res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    assert cut[0].user_attrs[mmo.SEED_ATTR] in done
 
 
 def test_export_appends_searched_strategies_that_load_and_reproduce(plan, evaluator, trained_tiny_resnet, tmp_path):

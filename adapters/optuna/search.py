@@ -20,6 +20,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.interrupts import deferred, sigint_defers, undeferred
 from mixmatch_plugin.plan import Plan, load_plan
 from mixmatch_plugin.progress import progress_bar
 from mixmatch_plugin.signals import SIGNALS, Signals
@@ -410,30 +411,33 @@ def search(
 
     def run(trial: optuna.Trial) -> float | tuple[float, float]:
         current[:] = [trial]
-        return _objective(trial, space, ev, info, choices, macs, target, tol, study_name)
+        with undeferred():  # an interrupt cuts the evaluation short; Optuna records the trial as failed
+            return _objective(trial, space, ev, info, choices, macs, target, tol, study_name)
 
     t_start = time.monotonic()
     counter: Iterable[int] = range(n_trials) if n_trials is not None else _forever()
     quiet = NoInterruptTraceback()
     optimize_logger = logging.getLogger("optuna.study._optimize")
     optimize_logger.addFilter(quiet)
-    try:
-        for _ in progress_bar(counter, f"search {study_name}", enable=progress, total=n_trials):
-            if total_trials is not None and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= total_trials:
-                break
-            if timeout is not None and time.monotonic() - t_start >= timeout:
-                break
-            current.clear()
-            try:
-                study.optimize(run, n_trials=1, catch=catch, callbacks=list(callbacks), gc_after_trial=False)
-            except KeyboardInterrupt:
-                if current:
-                    requeue_interrupted(study, current[0], max_retry)
-                raise
-            if not heartbeat:
-                recover_orphans(study, max_retry)
-    finally:
-        optimize_logger.removeFilter(quiet)
+    with sigint_defers():
+        try:
+            for _ in progress_bar(counter, f"search {study_name}", enable=progress, total=n_trials):
+                if total_trials is not None and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= total_trials:
+                    break
+                if timeout is not None and time.monotonic() - t_start >= timeout:
+                    break
+                current.clear()
+                try:
+                    with deferred():  # not while Optuna writes the trial's state (ask, tell, heartbeat)
+                        study.optimize(run, n_trials=1, catch=catch, callbacks=list(callbacks), gc_after_trial=False)
+                except KeyboardInterrupt:
+                    if current:
+                        requeue_interrupted(study, current[0], max_retry)
+                    raise
+                if not heartbeat:
+                    recover_orphans(study, max_retry)
+        finally:
+            optimize_logger.removeFilter(quiet)
     if heartbeat:
         fail_stale(study)
     return result_of(study, p, evaluator_name=str(getattr(ev, "name", "evaluator")), storage=spec.display)

@@ -7,8 +7,10 @@ import copy
 import hashlib
 import logging
 import os
+import random
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -142,15 +144,38 @@ def open_spec(spec: StorageSpec, heartbeat_interval: int | None, grace_period: i
                 grace_period=int(grace_period) if grace_period is not None else None,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
             )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return optuna.storages.RDBStorage(spec.url, **kwargs)
-    except ImportError as exc:
-        raise MixMatchError(f"storage {spec.display} needs a database driver that is not installed ({exc})") from None
-    except SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        raise MixMatchError(f"cannot open storage {spec.display} ({first}); check the URL and that the server is running") from None
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec.url, **kwargs)
+        except ImportError as exc:
+            raise MixMatchError(f"storage {spec.display} needs a database driver that is not installed ({exc})") from None
+        except SQLAlchemyError as exc:
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+            if attempt < SCHEMA_RACE_RETRIES and _lost_schema_race(exc):
+                logger.info("storage %s: another process created its tables at the same moment (%s); opening again", spec.display, first)
+                time.sleep(0.05 * 2**attempt * (1.0 + random.random()))
+                continue
+            raise MixMatchError(f"cannot open storage {spec.display} ({first}); check the URL and that the server is running") from None
+    raise AssertionError("unreachable")
+
+
+SCHEMA_RACE_RETRIES = 5
+"""Times :func:`open_spec` opens a database again after losing the race to create its tables."""
+
+
+def _lost_schema_race(exc: Exception) -> bool:
+    """Optuna creates a new database's tables and stamps its schema version on first open, outside any
+    lock: two processes opening one new database at once (two workers, a worker and a dashboard) can
+    both try, and the loser fails with a duplicate table or version row. Opening again then finds the
+    tables made."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    msg = str(getattr(exc, "orig", None) or exc).lower()
+    if isinstance(exc, IntegrityError):
+        return "alembic_version" in msg or "version_info" in msg
+    return isinstance(exc, OperationalError | ProgrammingError) and "already exists" in msg
 
 
 def heartbeat_on(storage: optuna.storages.BaseStorage) -> bool:
@@ -345,9 +370,16 @@ def requeue_interrupted(study: optuna.Study, trial: optuna.Trial, max_retry: int
     """Re-queue a trial that Ctrl-C (or SIGTERM) cut short, as a killed worker's trial is: the rerun evaluates it.
 
     Optuna marks such a trial failed; without this, an interrupted rule seed would never be evaluated
-    (a seed counts as present in any state).
+    (a seed counts as present in any state). An interrupt that lands outside the objective (while Optuna
+    writes the result, or stops the heartbeat thread) leaves the trial RUNNING: it is this process's
+    own trial, so it is failed here and re-queued the same way.
     """
-    frozen = study._storage.get_trial(trial._trial_id)
+    storage = study._storage
+    frozen = storage.get_trial(trial._trial_id)
+    if frozen.state == TrialState.RUNNING:
+        with contextlib.suppress(UpdateFinishedTrialError):  # finished meanwhile by another worker's heartbeat check
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        frozen = storage.get_trial(trial._trial_id)
     if frozen.state != TrialState.FAIL:
         return
     with warnings.catch_warnings():

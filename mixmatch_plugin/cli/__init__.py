@@ -18,6 +18,7 @@ import click
 
 from .._version import __version__
 from ..errors import MixMatchError
+from ..interrupts import raise_or_defer
 from ..progress import set_progress
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
+    raise_or_defer(Terminated())
 
 
 def _on_sigint(signum: int, frame: object) -> None:
-    raise Interrupted()
+    raise_or_defer(Interrupted())
 
 
 class _Group(click.Group):
