@@ -153,3 +153,57 @@ def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing()
     by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
     assert "no baseline drop" in by["uniform"] and "%" not in by["uniform"]  # uniform gained accuracy: no ratio
     assert by["lamp"].startswith("**win** +")
+
+
+def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(tmp_path, monkeypatch):
+    from mixmatch_plugin import rules as rules_module
+    from mixmatch_plugin.bench.run import ranges_digest
+
+    cfg = tiny_config()
+    before = ranges_digest(cfg, "resnet")
+    assert ranges_digest(cfg, "resnet") == before  # the same presets give the same digest
+    copy = tmp_path / "rules"
+    copy.mkdir()
+    for f in rules_module.builtin_dir().glob("*.yaml"):
+        (copy / f.name).write_text(f.read_text())
+    monkeypatch.setattr(rules_module, "builtin_dir", lambda: copy)
+    generic = copy / "generic.yaml"
+    generic.write_text("# a comment changes nothing the model gets\n" + generic.read_text())
+    assert ranges_digest(cfg, "resnet") == before
+    generic.write_text(generic.read_text().replace("max_params: 9999", "max_params: 99"))  # another small-layer bound
+    after = ranges_digest(cfg, "resnet")
+    assert after != before
+    done = {"config": {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8], "ranges": before, "dense": "w"}, "runs": []}
+    asked = {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8, 0.9], "dense": "w"}
+    assert _reusable("resnet", done, {**asked, "ranges": after}) is None
+    assert _reusable("resnet", done, {**asked, "ranges": before}) is done
+
+
+def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
+    import torch
+
+    from mixmatch_plugin.depth_width import model_hash
+    from mixmatch_plugin.train import train_cached
+
+    tc = tiny_config().models["resnet"]
+    splits = data.fashion_mnist(None, seed=0)
+    model, info = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
+    asked = {"train": asdict(tc), "sparsities": [0.8, 0.9], "ranges": "same", "dense": model_hash(model)}
+    done = {"config": {**asked, "sparsities": [0.8]}, "dense": dict(info), "runs": []}
+    assert _reusable("resnet", done, asked, info) is done  # the same weights: kept
+    # the checkpoint trained again elsewhere (another torch version): the same configuration, other weights
+    ckpt = next(tmp_path.glob("*.pt"))
+    blob = torch.load(ckpt, weights_only=True)
+    name = next(k for k, v in blob["state_dict"].items() if v.is_floating_point() and v.ndim > 1)
+    blob["state_dict"][name] = blob["state_dict"][name] + 1e-3
+    torch.save(blob, ckpt)
+    other, other_info = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
+    assert model_hash(other) != asked["dense"]
+    assert _reusable("resnet", done, {**asked, "dense": model_hash(other)}, other_info) is None
+    # results saved before weights were hashed: the checkpoint's training record tells whether it is the same one
+    legacy = {**done, "config": {k: v for k, v in done["config"].items() if k != "dense"}}
+    assert _reusable("resnet", legacy, asked, info) is legacy
+    ckpt.unlink()
+    _, retrained = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
+    assert retrained["train_seconds"] != info["train_seconds"]
+    assert _reusable("resnet", legacy, asked, retrained) is None

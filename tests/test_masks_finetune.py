@@ -90,13 +90,19 @@ def test_pruned_weights_stay_exactly_zero_through_finetuning(digits_loaders, cal
 
 
 def test_finetuning_recovers_accuracy(digits_loaders, calib, trained_tiny_resnet):
+    # pruned hard enough to lose most of its accuracy (at 60 % this model loses nothing, and "recovery" was a
+    # coin flip between fine-tuning noise and zero: it failed under torch 2.14.1 at 0.955 vs 0.961)
     train, val, _ = digits_loaders
-    p = mm.plan(trained_tiny_resnet, calib, target=0.6, signals=("magnitude",))
-    res = p.apply(trained_tiny_resnet, "magnitude:all-max")
+    dense = mm.evaluate(trained_tiny_resnet, val).accuracy
+    p = mm.plan(trained_tiny_resnet, calib, target=0.9, signals=("magnitude",), disable_constraints=["small_layers"],
+                on_unreachable="extend")
+    res = p.apply(trained_tiny_resnet, "magnitude:midpoint")
     before = mm.evaluate(res.model, val).accuracy
+    assert before < dense - 0.2
     out = mm.finetune(res.model, res.masks, train, val_loader=val, epochs=3, lr=3e-3)
-    assert out.best.accuracy >= before
-    assert mm.evaluate(res.model, val).accuracy == pytest.approx(out.best.accuracy)
+    assert out.best.accuracy > dense - 0.05  # most of the loss recovered, the masks kept (tested above)
+    assert out.global_sparsity == pytest.approx(res.global_sparsity, abs=1e-6)
+    assert mm.evaluate(res.model, val).accuracy == pytest.approx(out.best.accuracy)  # the best weights are kept
 
 
 def test_torch_prune_model_can_be_planned_again(tiny_resnet):

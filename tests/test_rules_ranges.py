@@ -61,6 +61,20 @@ def test_paper_constraints_clamp_patch_embedding():
     assert hard_generic["patch_embed.proj"] == (0.0, 0.99)
 
 
+@pytest.mark.parametrize("preset", sorted(mm.builtin_presets()))
+def test_every_preset_keeps_every_norm_dense_even_inside_the_patch_embedding(preset):
+    # Swin's patch embedding holds a LayerNorm; the paper's patch_embed clamp [0.15, 0.30] once beat the
+    # norm constraint there (last match wins) and pruned 15 % of its scales
+    layers = mm.inventory(small_swin())
+    assert "patch_embed.norm" in {layer.name for layer in layers}
+    hard = bounds(layers, mm.load_rules(preset))
+    assert {layer.name: hard[layer.name] for layer in layers if layer.kind == "norm"} == {
+        layer.name: (0.0, 0.0) for layer in layers if layer.kind == "norm"
+    }
+    if preset == "paper":
+        assert hard["patch_embed.proj"] == (0.15, 0.15)  # small (< 10K) and a patch embedding: the later clamp wins
+
+
 def test_user_file_extends_and_overrides(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text(

@@ -20,6 +20,8 @@ Results are saved after every (model, seed) so an interrupted run resumes where 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import platform
 import shutil
@@ -35,6 +37,7 @@ import torch
 
 from .. import baselines, data
 from .._version import __version__
+from ..depth_width import model_hash
 from ..errors import BudgetError, MixMatchError
 from ..evaluate import evaluate, rank, reestimate_bn
 from ..finetune import finetune
@@ -42,8 +45,11 @@ from ..inventory import inventory
 from ..io import atomic_write_json, read_json
 from ..masks import Masker, compute_masks
 from ..mixing import mix_signals
+from ..models import build_model
 from ..plan import Plan, plan
 from ..progress import progress_bar
+from ..ranges import bounds, rule_ranges
+from ..rules import load_rules, preset_for
 from ..signals import Signals, compute_grasp, compute_signals
 from ..strategies import Strategy
 from ..train import TrainConfig, train_cached
@@ -150,12 +156,39 @@ def _choose(ev: _Evaluator, cands: Sequence[Strategy], screen: Any, val: Any, to
     return by[finals[0]["strategy"]], [{"strategy": r.strategy, "screen_accuracy": r.accuracy} for r in ranked] + finals
 
 
+def _variant_preset(variant: str, model: torch.nn.Module) -> str:
+    """The preset a Mix-and-Match variant plans with: the paper's for ``empirical``, else the model's own."""
+    return "paper" if variant == "empirical" else preset_for(model)
+
+
+def ranges_digest(cfg: BenchConfig, name: str) -> str:
+    """A digest of what the presets fix for model ``name`` before any data: its layers, hard bounds and rule ranges.
+
+    It keys the model's results, so rows measured before a preset changed what it gives this model (a
+    rules file edited, constraints reordered) are redone rather than reused; an edit that changes
+    nothing for this model keeps them.
+    """
+    tc = cfg.models[name]
+    model = build_model(tc.model, model_kwargs=tc.model_kwargs)
+    layers = inventory(model)
+    parts: dict[str, Any] = {"layers": [(x.name, x.role, x.stage, x.params) for x in layers]}
+    for variant in cfg.variants:
+        rules = load_rules(_variant_preset(variant, model))
+        parts[variant] = {"bounds": bounds(layers, rules), "rules": rule_ranges(layers, rules) if rules.rules else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_model(
     name: str, cfg: BenchConfig, splits: data.Splits, *, done: dict[str, Any] | None = None,
     on_seed: Any = None, cache_dir: str | Path | None = None, progress: bool = True,
+    dense: tuple[torch.nn.Module, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark one model over all its sparsities and seeds; ``done`` holds seeds finished earlier."""
-    model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
+    """Benchmark one model over all its sparsities and seeds; ``done`` holds seeds finished earlier.
+
+    ``dense`` is the trained model and its training record when the caller has them already (else they
+    come from :func:`train_cached`).
+    """
+    model, info = dense if dense is not None else train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
     model.eval()
     out: dict[str, Any] = done or {"dense": {k: v for k, v in info.items() if k != "history"}, "history": info.get("history"),
                                    "runs": [], "choices": [], "seconds": {}}
@@ -189,10 +222,10 @@ def run_model(
         for target in progress_bar(todo, f"{name} seed {seed}", enable=progress):
             plans: dict[str, Plan] = {}
             for variant in cfg.variants:
-                preset = "paper" if variant == "empirical" else "auto"
                 try:
                     with clock("strategies"):
-                        plans[variant] = plan(model, calib, preset=preset, target=target, on_unreachable="extend", scores=scores)
+                        plans[variant] = plan(model, calib, preset=_variant_preset(variant, model), target=target,
+                                              on_unreachable="extend", scores=scores)
                 except BudgetError as exc:
                     logger.warning("%s at %.2f: variant %s skipped (%s)", name, target, variant, exc)
             variants = list(plans)
@@ -330,8 +363,10 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     splits = data.fashion_mnist(data_dir, seed=0)
     t0 = time.time()
     for name in cfg.models:
-        model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name])}
-        done = _reusable(name, doc["models"].get(name), model_cfg)
+        model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
+        model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name]),
+                     "ranges": ranges_digest(cfg, name), "dense": model_hash(model)}
+        done = _reusable(name, doc["models"].get(name), model_cfg, info)
         if done is None and name in doc["models"] and path.exists():
             _keep_copy(path)
 
@@ -341,7 +376,8 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
             doc["models"][name] = partial
             atomic_write_json(path, doc)
 
-        result = run_model(name, cfg, splits, done=done, on_seed=save, cache_dir=cache_dir, progress=progress)
+        result = run_model(name, cfg, splits, done=done, on_seed=save, cache_dir=cache_dir, progress=progress,
+                           dense=(model, info))
         if cfg.structured and "structured" not in result:
             from .structured import structured_rows
 
@@ -354,17 +390,35 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     return BenchResult(path, doc)
 
 
-def _reusable(name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any]) -> dict[str, Any] | None:
+def _reusable(
+    name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any], info: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """What of a model's earlier results a run with ``model_cfg`` can keep.
 
-    All of them unless the dense model's training differs (then nothing). Results are kept per
-    (seed, sparsity), so a run asking for other sparsities measures only those it lacks, and the
-    rows at sparsities it does not ask for stay in the file and the tables.
+    All of them unless the dense model differs (its training configuration, or its weights: a
+    checkpoint trained again on another machine or torch version has other weights under the same
+    configuration) or the presets give it other ranges (then nothing). ``model_cfg["dense"]`` is the
+    hash of the cached weights; results saved before weights were hashed are matched by the
+    checkpoint's training record ``info`` instead. Results are kept per (seed, sparsity), so a run
+    asking for other sparsities measures only those it lacks, and the rows at sparsities it does not
+    ask for stay in the file and the tables.
     """
     if done is None or done.get("config") == model_cfg:
         return done
     if done.get("config", {}).get("train") != model_cfg["train"]:
         logger.warning("%s: earlier results used another dense-model configuration: redone", name)
+        return None
+    recorded = done.get("config", {}).get("dense")
+    if recorded is None:  # saved before weights were hashed: the training record identifies the checkpoint
+        same = info is not None and all(done.get("dense", {}).get(k) == info.get(k) for k in ("train_seconds", "test_accuracy"))
+    else:
+        same = recorded == model_cfg.get("dense")
+    if not same:
+        logger.warning("%s: earlier results were measured on other dense weights than the cached checkpoint's (trained "
+                       "again, e.g. on another machine or torch version): redone", name)
+        return None
+    if done.get("config", {}).get("ranges") != model_cfg["ranges"]:
+        logger.warning("%s: the presets now give this model other ranges or bounds than its earlier results had: redone", name)
         return None
     have = sorted({r["sparsity"] for r in done["runs"]})
     logger.info("%s: results kept at sparsities %s; asked for %s", name, have, model_cfg["sparsities"])

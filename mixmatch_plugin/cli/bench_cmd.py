@@ -39,7 +39,8 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
       mixmatch bench --tables-only --update-readme README.md   # tables and plots again, from the saved results
       mixmatch bench --models resnet18 --sparsities 0.99   # adds 99 %, keeps the rest
     Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh; results it has
-    to replace (--fresh, another configuration) are first copied to OUT/full.json.before-<time>.
+    to replace (--fresh, another configuration, other presets, a dense model trained again with
+    other weights) are first copied to OUT/full.json.before-<time>.
     """
     from ..bench import tables
     from ..bench.run import BenchConfig, results_path, run
