@@ -161,15 +161,17 @@ def _variant_preset(variant: str, model: torch.nn.Module) -> str:
     return "paper" if variant == "empirical" else preset_for(model)
 
 
-def ranges_digest(cfg: BenchConfig, name: str) -> str:
+def ranges_digest(cfg: BenchConfig, name: str, model: torch.nn.Module | None = None) -> str:
     """A digest of what the presets fix for model ``name`` before any data: its layers, hard bounds and rule ranges.
 
     It keys the model's results, so rows measured before a preset changed what it gives this model (a
     rules file edited, constraints reordered) are redone rather than reused; an edit that changes
-    nothing for this model keeps them.
+    nothing for this model keeps them. ``model`` is the model when the caller has it (weights do not
+    matter here); else it is built from ``cfg``.
     """
-    tc = cfg.models[name]
-    model = build_model(tc.model, model_kwargs=tc.model_kwargs)
+    if model is None:
+        tc = cfg.models[name]
+        model = build_model(tc.model, model_kwargs=tc.model_kwargs)
     layers = inventory(model)
     parts: dict[str, Any] = {"layers": [(x.name, x.role, x.stage, x.params) for x in layers]}
     for variant in cfg.variants:
@@ -365,7 +367,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     for name in cfg.models:
         model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
         model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name]),
-                     "ranges": ranges_digest(cfg, name), "dense": model_hash(model)}
+                     "ranges": ranges_digest(cfg, name, model), "dense": model_hash(model)}
         done = _reusable(name, doc["models"].get(name), model_cfg, info)
         if done is None and name in doc["models"] and path.exists():
             _keep_copy(path)
