@@ -181,16 +181,15 @@ def ranges_digest(cfg: BenchConfig, name: str, model: torch.nn.Module | None = N
 
 
 def run_model(
-    name: str, cfg: BenchConfig, splits: data.Splits, *, done: dict[str, Any] | None = None,
-    on_seed: Any = None, cache_dir: str | Path | None = None, progress: bool = True,
-    dense: tuple[torch.nn.Module, dict[str, Any]] | None = None,
+    name: str, cfg: BenchConfig, splits: data.Splits, dense: tuple[torch.nn.Module, dict[str, Any]], *,
+    done: dict[str, Any] | None = None, on_seed: Any = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """Benchmark one model over all its sparsities and seeds; ``done`` holds seeds finished earlier.
+    """Benchmark one model over all its sparsities and seeds.
 
-    ``dense`` is the trained model and its training record when the caller has them already (else they
-    come from :func:`train_cached`).
+    ``dense`` is the trained model and its training record (from :func:`train_cached`); ``done`` holds
+    seeds finished earlier.
     """
-    model, info = dense if dense is not None else train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
+    model, info = dense
     model.eval()
     out: dict[str, Any] = done or {"dense": {k: v for k, v in info.items() if k != "history"}, "history": info.get("history"),
                                    "runs": [], "choices": [], "seconds": {}}
@@ -378,8 +377,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
             doc["models"][name] = partial
             atomic_write_json(path, doc)
 
-        result = run_model(name, cfg, splits, done=done, on_seed=save, cache_dir=cache_dir, progress=progress,
-                           dense=(model, info))
+        result = run_model(name, cfg, splits, (model, info), done=done, on_seed=save, progress=progress)
         if cfg.structured and "structured" not in result:
             from .structured import structured_rows
 
