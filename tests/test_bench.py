@@ -155,6 +155,22 @@ def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing()
     assert by["lamp"].startswith("**win** +")
 
 
+def test_tables_name_the_build_each_model_was_measured_under():
+    """Models kept from an earlier run keep their environment: the header names every torch build, each model's line its own."""
+    from mixmatch_plugin.bench import tables
+
+    def model(torch_version):
+        runs = [{"regime": "one-shot", "sparsity": 0.5, "method": m, "seed": 0, "test_accuracy": 0.8} for m in ("mm", "lamp")]
+        return {"dense": {"test_accuracy_eval": 0.9, "val_accuracy_eval": 0.9}, "runs": runs, "seconds": {"0": 60.0},
+                "environment": {"torch": torch_version, "timm": "1.0.31", "threads": 2, "date": "2026-12-02 17:00:00"}}
+
+    doc = {"environment": {"torch": "2.14.1", "timm": "1.0.31"}, "config": {}, "models": {"a": model("2.15.0"), "b": model("2.14.1")}}
+    md = tables.markdown(doc, command="mixmatch bench --tables-only")
+    assert "measured under torch 2.14.1, 2.15.0," in md.splitlines()[0]
+    assert "CPU threads, torch 2.15.0 (dense" in tables.model_table("a", doc["models"]["a"])
+    assert "CPU threads, torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
+
+
 def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(tmp_path, monkeypatch):
     from mixmatch_plugin import rules as rules_module
     from mixmatch_plugin.bench.run import ranges_digest
