@@ -382,7 +382,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
             from .structured import structured_rows
 
             t_structured = time.time()
-            result["structured"] = structured_rows(name, cfg, splits, cache_dir=cache_dir, progress=progress)
+            result["structured"] = structured_rows(name, cfg, splits, model)
             result["seconds"]["structured"] = time.time() - t_structured
         save(result)
     doc["seconds"] = time.time() - t0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +28,6 @@ from ..inventory import inventory
 from ..plan import plan
 from ..signals import compute_signals
 from ..strategies import Strategy
-from ..train import train_cached
 
 logger = logging.getLogger(__name__)
 
@@ -50,26 +48,24 @@ def _bisect(fn: Callable[[float], float], goal: float, lo: float = 0.0, hi: floa
     return (lo + hi) / 2
 
 
-def structured_rows(name: str, cfg: Any, splits: data.Splits, *, cache_dir: str | Path | None = None, progress: bool = True,
-                    tolerance: float = 0.03) -> list[dict[str, Any]]:
+def structured_rows(name: str, cfg: Any, splits: data.Splits, model: torch.nn.Module, *, tolerance: float = 0.03) -> list[dict[str, Any]]:
     """The structured comparison for benchmark model ``name``: one row per (MACs target, method).
 
-    The MACs targets are ``cfg.structured_macs`` (reductions, e.g. ``(0.3, 0.5)``).
+    ``model`` is the trained dense model (left unchanged: every pruning works on a copy). The MACs
+    targets are ``cfg.structured_macs`` (reductions, e.g. ``(0.3, 0.5)``).
     """
     try:
         from ..adapters import torch_pruning as tpa
     except ImportError:
         logger.warning("structured rows skipped: install the tp extra (torch-pruning)")
         return []
-    return _model_rows(tpa, name, cfg.models[name], cfg, splits, cache_dir, progress,
-                       tuple(cfg.structured_macs), tolerance)
+    return _model_rows(tpa, name, model, cfg, splits, tuple(cfg.structured_macs), tolerance)
 
 
-def _model_rows(tpa: Any, name: str, tcfg: Any, cfg: Any, splits: data.Splits, cache_dir: str | Path | None,
-                progress: bool, macs_targets: tuple[float, ...], tolerance: float) -> list[dict[str, Any]]:
+def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: data.Splits,
+                macs_targets: tuple[float, ...], tolerance: float) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     seed = cfg.seeds[0]
-    model, _ = train_cached(tcfg, splits, cache_dir=cache_dir, progress=progress)
     model.eval()
     layers = inventory(model)
     x = splits.train.tensors[0][:2]
