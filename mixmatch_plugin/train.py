@@ -3,7 +3,9 @@
 :func:`train_cached` trains a model from a :class:`TrainConfig` once and stores the state dict,
 the configuration and the measured metrics under ``cache_dir/<name>-<hash>.pt`` (atomically); the
 same configuration loads from the cache afterwards. The model is selected on the *validation*
-split; the test accuracy is measured once, at the end, for the report.
+split; the test accuracy is measured once, at the end, for the report. A training that is
+interrupted (Ctrl-C, a lost machine) continues from its last finished epoch when started again
+(``<name>-<hash>.resume.pt`` next to the checkpoint), with the weights an uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -73,8 +75,16 @@ def train(
     *,
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    resume: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place with AdamW, warmup and cosine decay; keep the best validation epoch."""
+    """Train ``model`` in place with AdamW, warmup and cosine decay; keep the best validation epoch.
+
+    With ``resume`` (a file path), the whole training state (weights, optimizer, schedule, random
+    generators, history, best epoch) is written there atomically after every epoch, and a training
+    started again with the same ``cfg`` continues after the last finished epoch instead of from
+    scratch; it ends with the same weights as an uninterrupted run. The file is the caller's to
+    remove once the result is stored (:func:`train_cached` does).
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_ds = splits.train
@@ -96,9 +106,20 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     best: dict[str, Any] = {"val_accuracy": -1.0}
-    history = []
-    t0 = time.time()
-    for epoch in range(cfg.epochs):
+    history: list[dict[str, float]] = []
+    first, before = 0, 0.0  # epochs and seconds done by an interrupted earlier run
+    state = _load_resume(resume, cfg) if resume is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["augment_rng"])
+        tl.generator.set_state(state["order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, first, before = list(state["history"]), dict(state["best"]), int(state["epoch"]), float(state["seconds"])
+        logger.info("resuming %s after epoch %d of %d (from %s)", cfg.model, first, cfg.epochs, resume)
+    t0 = time.time() - before
+    for epoch in range(first, cfg.epochs):
         model.train()
         running = 0.0
         for x, y in progress_bar(tl, f"train {epoch + 1}/{cfg.epochs}", enable=progress):
@@ -115,22 +136,39 @@ def train(
                "seconds": time.time() - t0}
         history.append(row)
         logger.info("epoch %d: val accuracy %.4f", epoch + 1, m.accuracy)
-        if on_epoch:
-            on_epoch(epoch, row)
         if m.accuracy > best["val_accuracy"]:
             best = {"val_accuracy": m.accuracy, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if resume is not None and epoch + 1 < cfg.epochs:
+            atomic_torch_save(resume, {
+                "config": asdict(cfg), "epoch": epoch + 1, "seconds": time.time() - t0, "history": history, "best": best,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "augment_rng": gen.get_state(), "order_rng": tl.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            })
+        if on_epoch:
+            on_epoch(epoch, row)
     model.load_state_dict(best.pop("state"))
     return {"history": history, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
             "train_seconds": time.time() - t0}
+
+
+def checkpoint_path(cfg: TrainConfig, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`train_cached` keeps the checkpoint for ``cfg``: ``cache_dir/<factory>-<hash>.pt``."""
+    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+    return cache / f"{cfg.model.split(':')[-1]}-{cfg.key()}.pt"
+
+
+def resume_path(cfg: TrainConfig, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`train_cached` keeps an unfinished training of ``cfg`` (removed once the checkpoint is written)."""
+    ckpt = checkpoint_path(cfg, cache_dir)
+    return ckpt.with_name(f"{ckpt.stem}.resume.pt")
 
 
 def train_cached(
     cfg: TrainConfig, splits: Splits, *, cache_dir: str | Path | None = None, progress: bool = True
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return the trained model for ``cfg`` from the cache, training (and caching) it if needed."""
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    path = cache / f"{cfg.model.split(':')[-1]}-{cfg.key()}.pt"
+    path = checkpoint_path(cfg, cache_dir)
     model = build_model(cfg.model, model_kwargs=cfg.model_kwargs)
     if path.exists():
         try:
@@ -145,10 +183,29 @@ def train_cached(
             logger.info("loaded cached checkpoint %s", path)
             model.eval()
             return model, info
-    info = train(model, splits, cfg, progress=progress)
+    resume = resume_path(cfg, cache_dir)  # an interrupted training continues from its last finished epoch
+    info = train(model, splits, cfg, progress=progress, resume=resume)
     info["test_accuracy"] = evaluate(model, loader(splits.test, 512)).accuracy
     info["config"] = asdict(cfg)
     info["checkpoint"] = str(path)
     atomic_torch_save(path, {"state_dict": model.state_dict(), "info": info})
+    resume.unlink(missing_ok=True)
     model.eval()
     return model, info
+
+
+def _load_resume(path: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The state an interrupted :func:`train` left at ``path`` for ``cfg``, or ``None`` (start from scratch)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = safe_torch_load(path)
+        usable = isinstance(state, dict) and state.get("config") == asdict(cfg) and 0 < int(state["epoch"]) < cfg.epochs
+    except (MixMatchError, KeyError, TypeError, ValueError) as exc:
+        logger.warning("interrupted-training state %s is unusable (%s): training from scratch", path, str(exc).splitlines()[0][:160])
+        return None
+    if not usable:
+        logger.warning("interrupted-training state %s belongs to another configuration: training from scratch", path)
+        return None
+    return state
