@@ -194,6 +194,10 @@ def train_cached(
     return model, info
 
 
+_RESUME_KEYS = frozenset({"config", "epoch", "seconds", "history", "best", "model", "optimizer", "scheduler", "augment_rng",
+                          "order_rng", "torch_rng"})
+
+
 def _load_resume(path: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:
     """The state an interrupted :func:`train` left at ``path`` for ``cfg``, or ``None`` (start from scratch)."""
     path = Path(path)
@@ -201,7 +205,9 @@ def _load_resume(path: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:
         return None
     try:
         state = safe_torch_load(path)
-        usable = isinstance(state, dict) and state.get("config") == asdict(cfg) and 0 < int(state["epoch"]) < cfg.epochs
+        if not isinstance(state, dict) or _RESUME_KEYS - state.keys():
+            raise ValueError(f"it lacks {', '.join(sorted(_RESUME_KEYS - set(state) if isinstance(state, dict) else _RESUME_KEYS))}")
+        usable = state["config"] == asdict(cfg) and 0 < int(state["epoch"]) < cfg.epochs
     except (MixMatchError, KeyError, TypeError, ValueError) as exc:
         logger.warning("interrupted-training state %s is unusable (%s): training from scratch", path, str(exc).splitlines()[0][:160])
         return None

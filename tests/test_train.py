@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_the_cache_resumes_an_interrupted_training_and_then_removes_its_state(di
 
 def test_a_state_from_another_configuration_or_a_broken_file_trains_from_scratch(digits, tmp_path, caplog, uninterrupted):
     ref, _ = uninterrupted
-    other = TrainConfig(**{**CFG.__dict__, "lr": 1e-3})
+    other = replace(CFG, lr=1e-3)
     state = tmp_path / "state.pt"
     with pytest.raises(Stop):
         train(_fresh(other), digits, other, progress=False, resume=state, on_epoch=_stop_after(1))
@@ -81,8 +82,13 @@ def test_a_state_from_another_configuration_or_a_broken_file_trains_from_scratch
         train(model, digits, CFG, progress=False, resume=state, on_epoch=lambda e, row: epochs_run.append(e))
     assert "another configuration" in caplog.text
     assert epochs_run == [0, 1, 2] and _same_weights(model, ref)
-    state.write_bytes(b"not a checkpoint")
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mixmatch_plugin.train"):
-        train(_fresh(), digits, CFG, progress=False, resume=state)
-    assert "unusable" in caplog.text
+    for broken, why in ((b"not a checkpoint", "refusing to load"), (None, "it lacks history, model")):
+        if broken is None:
+            torch.save({"config": asdict(CFG), "epoch": 1, "seconds": 1.0, "best": {}, "optimizer": {}, "scheduler": {},
+                        "augment_rng": None, "order_rng": None, "torch_rng": None}, state)
+        else:
+            state.write_bytes(broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mixmatch_plugin.train"):
+            train(_fresh(), digits, CFG, progress=False, resume=state)
+        assert "unusable" in caplog.text and why in caplog.text
