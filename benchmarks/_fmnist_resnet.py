@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from mixmatch_plugin.bench.models import FULL
 from mixmatch_plugin.data import Splits
-from mixmatch_plugin.train import DEFAULT_CACHE, TrainConfig, train_cached
+from mixmatch_plugin.train import TrainConfig, checkpoint_path, train_cached
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +27,12 @@ FALLBACK = TrainConfig(model="timm:resnet18",
 QUICK = replace(FALLBACK, max_train=6000, warmup_steps=20)
 
 
-def cache_path(cfg: TrainConfig, cache_dir: str | Path | None = None) -> Path:
-    """Where :func:`train_cached` keeps the checkpoint of ``cfg``."""
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    return cache / f"{cfg.model.split(':')[-1]}-{cfg.key()}.pt"
-
-
 def trained_model(name: str, splits: Splits, *, quick: bool) -> tuple[nn.Module, dict[str, Any], str] | None:
     """``(model, train info, description)`` for ``name``, or None when it is not available."""
     if quick:
         cfg, note = QUICK, "QUICK: resnet18 layout at channels 24-192, 2 epochs on 6,000 images"
-    elif name in FULL and cache_path(FULL[name]).exists():
-        cfg, note = FULL[name], f"full {name} from the cache ({cache_path(FULL[name]).name})"
+    elif name in FULL and checkpoint_path(FULL[name]).exists():
+        cfg, note = FULL[name], f"full {name} from the cache ({checkpoint_path(FULL[name]).name})"
     elif name == "resnet18":
         cfg = FALLBACK
         note = ("FALLBACK: the full ResNet18 is not cached; resnet18 layout at channels 24-192, "

@@ -56,7 +56,7 @@ from mixmatch_plugin.plan import Plan, plan
 from mixmatch_plugin.plots import ranges_plot
 from mixmatch_plugin.signals import Signals, compute_signals
 from mixmatch_plugin.strategies import Strategy, StrategySpace
-from mixmatch_plugin.train import DEFAULT_CACHE, train_cached
+from mixmatch_plugin.train import DEFAULT_CACHE, checkpoint_path, train_cached
 
 VAL_ROWS = ("snip", "snip allocation, magnitude order", "snip in the ranges", "snip in the search space", "best of 30",
             "searched", "best of 30, small-layer clamp off")
@@ -114,14 +114,14 @@ def searched(p: Plan, model: torch.nn.Module, scores: Signals, ev: _Evaluator, s
 
 
 def run(model_name: str, sparsities: list[float], seeds: list[int], trials: int, search_samples: int, out: Path,
-        data_dir: str | None) -> dict[str, Any]:
+        data_dir: str | None, cache_dir: Path = DEFAULT_CACHE) -> dict[str, Any]:
     cfg = BenchConfig.full()
     tcfg = FULL[model_name]
-    if not (DEFAULT_CACHE / f"{tcfg.model.split(':')[-1]}-{tcfg.key()}.pt").exists():
-        raise SystemExit(f"no cached dense {model_name} in {DEFAULT_CACHE}: run `mixmatch bench --models {model_name}` first "
-                         "(it trains and caches the model this script measures)")
+    if not checkpoint_path(tcfg, cache_dir).exists():
+        raise SystemExit(f"no cached dense {model_name} in {cache_dir}: run `mixmatch bench --models {model_name} "
+                         f"--cache-dir {cache_dir}` first (it trains and caches the model this script measures)")
     splits = data.fashion_mnist(data_dir, seed=0)  # the benchmark's splits
-    model, info = train_cached(tcfg, splits, progress=False)
+    model, info = train_cached(tcfg, splits, cache_dir=cache_dir, progress=False)
     model.eval()
     val, test = data.loader(splits.val, 1000), data.loader(splits.test, 1000)
     dense = {"val": evaluate(model, val).accuracy, "test": evaluate(model, test).accuracy}
@@ -212,13 +212,14 @@ def main() -> None:
     ap.add_argument("--search-samples", type=int, default=1000, help="validation images each search trial is scored on")
     ap.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and plots")
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="checkpoint cache, as `mixmatch bench --cache-dir`")
     args = ap.parse_args()
     mmo.quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     doc = run(args.model, [float(v) for v in args.sparsities.split(",")], [int(v) for v in args.seeds.split(",")],
-              args.trials, args.search_samples, out, args.data)
+              args.trials, args.search_samples, out, args.data, args.cache_dir)
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     text = summary(doc)
     atomic_write_json(out / f"gap_to_snip_{args.model}.json", doc)
