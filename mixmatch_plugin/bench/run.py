@@ -96,7 +96,7 @@ class BenchConfig:
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(models=dict(QUICK), sparsities={"resnet": (0.7, 0.9), "swin": (0.5, 0.7)}, seeds=(0, 1), calib_samples=128,
-                   screen_samples=100, top_k=1, bn_batches=1, finetune_steps=10, test_samples=500, val_samples=500,
+                   screen_samples=64, top_k=1, bn_batches=1, finetune_steps=6, test_samples=400, val_samples=300,
                    structured_macs=(0.5,))
 
 
