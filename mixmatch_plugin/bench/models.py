@@ -8,7 +8,7 @@ from ..train import TrainConfig
 FULL: dict[str, TrainConfig] = {
     "resnet18": TrainConfig(model="mixmatch_plugin.models:resnet18_fmnist", epochs=25, lr=2e-3, weight_decay=0.05),
     "vit": TrainConfig(model="mixmatch_plugin.models:vit_fmnist", epochs=40, lr=1e-3, weight_decay=0.05),
-    "swin": TrainConfig(model="mixmatch_plugin.models:swin_fmnist", epochs=15, lr=1e-3, weight_decay=0.05),
+    "swin": TrainConfig(model="mixmatch_plugin.models:swin_fmnist", epochs=40, lr=1e-3, weight_decay=0.05),
 }
 
 #: ``--quick``: the same architectures' smallest relatives, trained briefly on a subsample.
