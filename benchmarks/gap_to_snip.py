@@ -23,10 +23,14 @@ Per seed (the seed draws the calibration batches, the search subset and the samp
    ``--trials`` more, each scored on a ``--search-samples`` validation subset; its top 5 re-ranked on
    all of validation: ``searched``;
 4. test accuracy of ``snip``, the two ``best of 30`` choices and ``searched``, and a plot of the ranges with the three
-   allocations (``<out>/gap_to_snip_<model>-<sparsity>.png``, first seed).
+   allocations (``<out>/gap_to_snip_<model>-<sparsity>.png``, first seed);
+5. with ``--fine-tune STEPS``: those four fine-tuned as ``mixmatch bench`` does (mask-keeping Adam, its learning
+   rate), every one on the *same* order of training batches (a loader seeded afresh for each), and SNIP once more
+   on another order (the reseed spread: differences under it are noise). Does a one-shot gap survive training?
 
     python benchmarks/gap_to_snip.py --model vit                  # the benchmark's ViT at 0.7 and 0.8
     python benchmarks/gap_to_snip.py --model swin --sparsities 0.8 --seeds 0 --trials 40
+    python benchmarks/gap_to_snip.py --model swin --cache-dir benchmarks/checkpoints --fine-tune 100
 
 Needs the benchmark's dense checkpoint in the cache (``mixmatch bench`` trains it); without it the script
 stops rather than train for an hour. Prints figures; not a timed test.
@@ -35,6 +39,7 @@ stops rather than train for an hour. Prints figures; not a timed test.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import platform
@@ -51,7 +56,9 @@ from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.bench.models import FULL
 from mixmatch_plugin.bench.run import BenchConfig, _choose, _Evaluator, _has_bn
 from mixmatch_plugin.evaluate import evaluate
+from mixmatch_plugin.finetune import finetune
 from mixmatch_plugin.io import atomic_write_json, atomic_write_text
+from mixmatch_plugin.masks import compute_masks
 from mixmatch_plugin.plan import Plan, plan
 from mixmatch_plugin.plots import ranges_plot
 from mixmatch_plugin.signals import Signals, compute_signals
@@ -61,6 +68,7 @@ from mixmatch_plugin.train import DEFAULT_CACHE, checkpoint_path, train_cached
 VAL_ROWS = ("snip", "snip allocation, magnitude order", "snip in the ranges", "snip in the search space", "best of 30",
             "searched", "best of 30, small-layer clamp off")
 TEST_ROWS = ("snip", "best of 30", "searched", "best of 30, small-layer clamp off")
+SPLIT_LABELS = {"val": "val", "test": "test", "test_fine_tuned": "test, fine-tuned"}
 
 
 def snip_in_ranges(space: StrategySpace, snip: Strategy) -> Strategy:
@@ -113,8 +121,17 @@ def searched(p: Plan, model: torch.nn.Module, scores: Signals, ev: _Evaluator, s
     }
 
 
+def fine_tuned(ev: _Evaluator, s: Strategy, p: Plan, scores: Signals, train: Any, order_seed: int, steps: int, lr: float,
+               val: Any, test: Any) -> dict[str, float]:
+    """Validation and test accuracy of ``s`` after ``steps`` mask-keeping Adam steps on batches ordered by ``order_seed``."""
+    work = copy.deepcopy(ev.masked(s))
+    finetune(work, compute_masks(work, s, scores, layers=p.layers), data.loader(train, 128, shuffle=True, seed=order_seed),
+             max_steps=steps, lr=lr)
+    return {"val": evaluate(work, val).accuracy, "test": evaluate(work, test).accuracy}
+
+
 def run(model_name: str, sparsities: list[float], seeds: list[int], trials: int, search_samples: int, out: Path,
-        data_dir: str | None, cache_dir: Path = DEFAULT_CACHE) -> dict[str, Any]:
+        data_dir: str | None, cache_dir: Path = DEFAULT_CACHE, ft_steps: int = 0) -> dict[str, Any]:
     cfg = BenchConfig.full()
     tcfg = FULL[model_name]
     if not checkpoint_path(tcfg, cache_dir).exists():
@@ -167,10 +184,17 @@ def run(model_name: str, sparsities: list[float], seeds: list[int], trials: int,
                 row["val"][k] = evaluate(m, val).accuracy
                 if k in TEST_ROWS:
                     row["test"][k] = evaluate(m, test).accuracy
+            if ft_steps:
+                for k in TEST_ROWS:
+                    acc = fine_tuned(ev, cands[k], p, scores, splits.train, seed, ft_steps, cfg.finetune_lr, val, test)
+                    row.setdefault("val_fine_tuned", {})[k], row.setdefault("test_fine_tuned", {})[k] = acc["val"], acc["test"]
+                row["snip_reseeded_fine_tuned"] = fine_tuned(ev, snip, p, scores, splits.train, seed + 1000, ft_steps,
+                                                             cfg.finetune_lr, val, test)
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             print(f"seed {seed} sparsity {target:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in row["val"].items())
-                  + f" (val); SNIP prunes {row['snip_outside_ranges']:.1%} of the weights outside the ranges; {row['seconds']:.0f} s")
+                  + f" (val); SNIP prunes {row['snip_outside_ranges']:.1%} of the weights outside the ranges; {row['seconds']:.0f} s"
+                  + ("; fine-tuned (test): " + ", ".join(f"{k} {v:.4f}" for k, v in row["test_fine_tuned"].items()) if ft_steps else ""))
             if seed == seeds[0]:
                 marks = list({s.name: s for s in (best30, found, snip)}.values())  # the search may keep a rule strategy
                 shown = dataclasses.replace(p, strategies=marks)
@@ -178,6 +202,7 @@ def run(model_name: str, sparsities: list[float], seeds: list[int], trials: int,
                             title=f"{model_name} at {target:.0%}: empirical ranges, SNIP and Mix-and-Match (seed {seed})")
     return {"model": model_name, "dense": dense, "checkpoint": info.get("checkpoint"), "rows": rows,
             "config": {"trials": trials, "search_samples": search_samples, "calib_samples": cfg.calib_samples,
+                       "fine_tune_steps": ft_steps, "fine_tune_lr": cfg.finetune_lr,
                        "screen_samples": cfg.screen_samples, "top_k": cfg.top_k, "bn_batches": bn_batches},
             "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}}
 
@@ -191,15 +216,22 @@ def summary(doc: dict[str, Any]) -> str:
              f"test {100 * doc['dense']['test']:.2f} %), mean ± std over seeds {sorted({r['seed'] for r in doc['rows']})}.", ""]
     head = ["sparsity", "split", *VAL_ROWS, "SNIP's weights outside the ranges"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tuned = bool(doc["config"].get("fine_tune_steps"))
     for target in sorted({r["sparsity"] for r in doc["rows"]}):
         rs = [r for r in doc["rows"] if r["sparsity"] == target]
-        for split in ("val", "test"):
-            cells = [cell([100 * (doc["dense"][split] - r[split][k]) for r in rs]) if k in rs[0][split] else "–" for k in VAL_ROWS]
+        for split in ("val", "test", "test_fine_tuned") if tuned else ("val", "test"):
+            dense = doc["dense"]["test" if split == "test_fine_tuned" else split]
+            cells = [cell([100 * (dense - r[split][k]) for r in rs]) if k in rs[0][split] else "–" for k in VAL_ROWS]
             out = cell([100 * r["snip_outside_ranges"] for r in rs]) + " %" if split == "val" else ""
-            lines.append(f"| {target:.0%} | {split} | " + " | ".join(cells) + f" | {out} |")
+            lines.append(f"| {target:.0%} | {SPLIT_LABELS[split]} | " + " | ".join(cells) + f" | {out} |")
     secs = [r["seconds"] for r in doc["rows"]]
     lines += ["", f"Search: {doc['config']['trials']} TPE trials after the 30 strategies, each on {doc['config']['search_samples']} "
               f"validation images; {statistics.mean(secs) / 60:.1f} min per (seed, sparsity) in all."]
+    if tuned:
+        spread = [100 * abs(r["test_fine_tuned"]["snip"] - r["snip_reseeded_fine_tuned"]["test"]) for r in doc["rows"]]
+        lines.append(f"Fine-tuned: {doc['config']['fine_tune_steps']} mask-keeping Adam steps at lr {doc['config']['fine_tune_lr']}, "
+                     f"the same batch order for every method of a seed; reseed spread (SNIP on another order, test): "
+                     f"mean {statistics.mean(spread):.2f}, max {max(spread):.2f} points.")
     return "\n".join(lines)
 
 
@@ -213,13 +245,17 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and plots")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="checkpoint cache, as `mixmatch bench --cache-dir`")
+    ap.add_argument("--fine-tune", type=int, default=0, metavar="STEPS",
+                    help="also fine-tune the test-reported methods this many steps (mixmatch bench: 100); 0: one-shot only")
     args = ap.parse_args()
+    if args.fine_tune < 0:
+        ap.error(f"--fine-tune {args.fine_tune}: the number of fine-tuning steps cannot be negative (0 skips fine-tuning)")
     mmo.quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     doc = run(args.model, [float(v) for v in args.sparsities.split(",")], [int(v) for v in args.seeds.split(",")],
-              args.trials, args.search_samples, out, args.data, args.cache_dir)
+              args.trials, args.search_samples, out, args.data, args.cache_dir, args.fine_tune)
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     text = summary(doc)
     atomic_write_json(out / f"gap_to_snip_{args.model}.json", doc)
