@@ -39,7 +39,6 @@ stops rather than train for an hour. Prints figures; not a timed test.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import platform
@@ -56,9 +55,7 @@ from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.bench.models import FULL
 from mixmatch_plugin.bench.run import BenchConfig, _choose, _Evaluator, _has_bn
 from mixmatch_plugin.evaluate import evaluate
-from mixmatch_plugin.finetune import finetune
 from mixmatch_plugin.io import atomic_write_json, atomic_write_text
-from mixmatch_plugin.masks import compute_masks
 from mixmatch_plugin.plan import Plan, plan
 from mixmatch_plugin.plots import ranges_plot
 from mixmatch_plugin.signals import Signals, compute_signals
@@ -121,12 +118,9 @@ def searched(p: Plan, model: torch.nn.Module, scores: Signals, ev: _Evaluator, s
     }
 
 
-def fine_tuned(ev: _Evaluator, s: Strategy, p: Plan, scores: Signals, train: Any, order_seed: int, steps: int, lr: float,
-               val: Any, test: Any) -> dict[str, float]:
+def fine_tuned(ev: _Evaluator, s: Strategy, train: Any, order_seed: int, steps: int, lr: float, val: Any, test: Any) -> dict[str, float]:
     """Validation and test accuracy of ``s`` after ``steps`` mask-keeping Adam steps on batches ordered by ``order_seed``."""
-    work = copy.deepcopy(ev.masked(s))
-    finetune(work, compute_masks(work, s, scores, layers=p.layers), data.loader(train, 128, shuffle=True, seed=order_seed),
-             max_steps=steps, lr=lr)
+    work, _ = ev.fine_tuned(s, data.loader(train, 128, shuffle=True, seed=order_seed), steps, lr)
     return {"val": evaluate(work, val).accuracy, "test": evaluate(work, test).accuracy}
 
 
@@ -186,9 +180,9 @@ def run(model_name: str, sparsities: list[float], seeds: list[int], trials: int,
                     row["test"][k] = evaluate(m, test).accuracy
             if ft_steps:
                 for k in TEST_ROWS:
-                    acc = fine_tuned(ev, cands[k], p, scores, splits.train, seed, ft_steps, cfg.finetune_lr, val, test)
+                    acc = fine_tuned(ev, cands[k], splits.train, seed, ft_steps, cfg.finetune_lr, val, test)
                     row.setdefault("val_fine_tuned", {})[k], row.setdefault("test_fine_tuned", {})[k] = acc["val"], acc["test"]
-                row["snip_reseeded_fine_tuned"] = fine_tuned(ev, snip, p, scores, splits.train, seed + 1000, ft_steps,
+                row["snip_reseeded_fine_tuned"] = fine_tuned(ev, snip, splits.train, seed + 1000, ft_steps,
                                                              cfg.finetune_lr, val, test)
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)

@@ -186,6 +186,33 @@ def test_journal_storage_recovers_a_trial_left_running_by_a_dead_worker(plan, ev
     study.tell(live, state=TrialState.FAIL)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_heartbeat_storage_recovers_a_trial_whose_worker_died_before_its_first_heartbeat(plan, evaluator, tmp_path):
+    # Optuna's stale-trial check only sees trials with a heartbeat row: a worker killed between creating
+    # a trial and its first heartbeat used to leave it RUNNING for ever (and a seed in it never evaluated)
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    beat = {"heartbeat_interval": 1, "grace_period": 1}
+    mmo.search(plan, evaluator, storage=url, study_name="h", n_trials=2, **beat)
+    study = optuna.load_study(study_name="h", storage=mmo.open_storage(url, **beat))
+    orphan = study.ask()  # popped seed 2, then its worker died: no heartbeat row, no worker token
+    unbeating = study.ask()  # a worker elsewhere that runs without a heartbeat (``--heartbeat 0``)
+    unbeating.set_user_attr(mmo.WORKER_ATTR, {"host": "elsewhere", "pid": 1, "start": None, "heartbeat": False})
+    silent = study.ask()  # a worker elsewhere that recorded itself, then died before its first heartbeat
+    silent.set_user_attr(mmo.WORKER_ATTR, {"host": "elsewhere", "pid": 1, "start": None, "heartbeat": True})
+    time.sleep(1.5)  # past the grace period
+    young = study.ask()  # created moments ago: its worker may not have written its first heartbeat yet
+    assert mmo.recover_orphans(study) == [orphan.number, silent.number]
+    by = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert by[orphan.number].state == by[silent.number].state == TrialState.FAIL
+    assert by[unbeating.number].state == by[young.number].state == TrialState.RUNNING
+    retried = [t for t in by.values() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.WAITING
+    assert retried[0].user_attrs[mmo.SEED_ATTR] == by[orphan.number].user_attrs[mmo.SEED_ATTR]
+    assert mmo.recover_orphans(study) == []  # failed once, re-queued once
+    for t in (unbeating, young):
+        study.tell(t, state=TrialState.FAIL)
+
+
 class InterruptingSampler(optuna.samplers.RandomSampler):
     """Sends this process SIGINT from inside ``study.ask()`` of the ``at``-th trial, after the trial is
     created in the storage and before the objective has it: a Ctrl-C there used to leave it RUNNING."""

@@ -101,7 +101,9 @@ def test_sigkill_mid_trial_then_resume_keeps_completed_trials_and_retries_the_ki
     killed_trial = killed[0]
     done_before = {n: t.values for n, t in before.items() if t.state == TrialState.COMPLETE}
 
-    time.sleep(3)  # past the grace period: the killed trial's heartbeat is now stale
+    # past the grace period: the killed trial's heartbeat is now stale, or, if the kill landed before its first
+    # heartbeat (between Optuna creating the trial and its heartbeat thread writing), it has none and is that old
+    time.sleep(3)
     proc = worker(files, *args, "--n-trials", "40", "--total-trials", "12", log=tmp_path / "second.log")
     assert finish([proc]) == [0], (tmp_path / "second.log").read_text()[-2000:]
 

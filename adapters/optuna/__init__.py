@@ -39,9 +39,11 @@ the *validation* split, never the test split.
 (``journal:PATH`` or a path ending in ``.log``/``.journal``/``.jsonl``), a ``.db``/``.sqlite`` path
 (SQLite), an Optuna storage object, or None (in memory). RDB storages record a heartbeat: a trial
 whose worker died (SIGKILL, lost machine) is failed once its heartbeat is ``grace_period`` old and
-re-queued by :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` (up to ``max_retry`` times).
-Journal files have no heartbeat: a RUNNING trial whose worker process (same host name) no longer
-exists is failed and re-queued the same way at the start of every run and after every trial.
+re-queued by :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` (up to ``max_retry`` times);
+so is one whose worker died before its first heartbeat (Optuna's own check skips such trials), once
+it is ``grace_period`` old. On any storage, a RUNNING trial whose worker process (same host name) no
+longer exists is failed and re-queued the same way, at the start of every run and after every trial;
+this is the only recovery journal files have (they have no heartbeat).
 Opening the storage, creating or loading the study and seeding run under one storage-wide lock
 (PostgreSQL advisory lock, MySQL ``GET_LOCK``, or an ``flock`` beside a SQLite/journal file), and
 seeding skips seeds whose name the study already holds, so re-runs and concurrent workers enqueue

@@ -404,8 +404,7 @@ def search(
     heartbeat = heartbeat_on(study._storage)
     if heartbeat:
         fail_stale(study)
-    else:
-        recover_orphans(study, max_retry)
+    recover_orphans(study, max_retry)
 
     current: list[optuna.Trial] = []
 
@@ -434,12 +433,12 @@ def search(
                     if current:
                         requeue_interrupted(study, current[0], max_retry)
                     raise
-                if not heartbeat:
-                    recover_orphans(study, max_retry)
+                recover_orphans(study, max_retry)
         finally:
             optimize_logger.removeFilter(quiet)
     if heartbeat:
         fail_stale(study)
+    recover_orphans(study, max_retry)
     return result_of(study, p, evaluator_name=str(getattr(ev, "name", "evaluator")), storage=spec.display)
 
 
@@ -495,7 +494,7 @@ def _objective(
     trial: optuna.Trial, space: StrategySpace, ev: Callable[[Strategy], Any], info: Mapping[str, Any], choices: Sequence[str],
     macs: MacsProfile | None, target: float | None, tol: float, study_name: str,
 ) -> float | tuple[float, float]:
-    trial.set_user_attr(WORKER_ATTR, worker_token())
+    trial.set_user_attr(WORKER_ATTR, worker_token(heartbeat_on(trial.study._storage)))
     signal = trial.suggest_categorical(SIGNAL_PARAM, list(choices))
     alphas = {g: trial.suggest_float(ALPHA_PREFIX + g, 0.0, 1.0) for g in space.groups}
     seed = trial.user_attrs.get(SEED_ATTR)

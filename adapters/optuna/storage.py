@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mixmatch_plugin.errors import MixMatchError
 
@@ -298,9 +299,10 @@ def _proc_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def worker_token() -> dict[str, Any]:
+def worker_token(heartbeat: bool = False) -> dict[str, Any]:
+    """What a worker records in each trial it runs: its host, pid and process start time, and whether it beats."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _proc_start(pid)}
+    return {"host": socket.gethostname(), "pid": pid, "start": _proc_start(pid), "heartbeat": heartbeat}
 
 
 def _worker_alive(token: Mapping[str, Any]) -> bool | None:
@@ -320,22 +322,81 @@ def _worker_alive(token: Mapping[str, Any]) -> bool | None:
     return start is None or _proc_start(pid) in (None, start)
 
 
-def recover_orphans(study: optuna.Study, max_retry: int | None = 3) -> list[int]:
-    """Fail the RUNNING trials whose worker process on this host no longer exists, and re-queue them.
+def _heartbeat_grace(storage: optuna.storages.BaseStorage) -> float | None:
+    """The storage's grace period in seconds (Optuna's default: twice the heartbeat interval), None without a heartbeat."""
+    if not heartbeat_on(storage):
+        return None
+    backend = getattr(storage, "_backend", storage)
+    grace = getattr(backend, "grace_period", None)
+    interval = getattr(backend, "heartbeat_interval", None)
+    if grace is not None:
+        return float(grace)
+    return 2.0 * float(interval) if interval is not None else None
 
-    For storages without a heartbeat (journal files). Re-queuing goes through
+
+def _beating_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> set[int] | None:
+    """Ids of the study's RUNNING trials that have a heartbeat row; None when they cannot be read (not an RDB storage)."""
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        return None
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    query = (
+        sqlalchemy.select(models.TrialHeartbeatModel.trial_id)
+        .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
+        .where(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
+    )
+    with backend.engine.connect() as conn:
+        return {int(row[0]) for row in conn.execute(query)}
+
+
+def _orphan_reason(trial: FrozenTrial, beating: set[int] | None, grace: float | None, now: datetime.datetime) -> str | None:
+    """Why ``trial`` (RUNNING) has no live worker, or None when it may have one."""
+    token = trial.user_attrs.get(WORKER_ATTR)
+    if isinstance(token, Mapping) and _worker_alive(token) is False:
+        return f"its worker (pid {token.get('pid')}) no longer exists"
+    if beating is None or grace is None or trial._trial_id in beating or trial.datetime_start is None:
+        return None
+    if isinstance(token, Mapping) and token.get("heartbeat") is not True:
+        return None  # a worker that runs without a heartbeat (``--heartbeat 0``, or a version that did not say) never writes one
+    age = (now - trial.datetime_start).total_seconds()
+    if age > grace:
+        # a live worker writes its first heartbeat within moments of creating the trial; Optuna's stale-trial
+        # check only looks at trials that have one, so a worker killed in between leaves its trial RUNNING for ever
+        return f"it has had no heartbeat in the {age:.0f} s since it started (grace period {grace:.0f} s)"
+    return None
+
+
+def recover_orphans(study: optuna.Study, max_retry: int | None = 3) -> list[int]:
+    """Fail the RUNNING trials that no worker is running any more, and re-queue them.
+
+    A trial is orphaned when its worker token names a process on this host that no longer exists
+    (any storage), or, on a storage with a heartbeat, when it has never recorded a heartbeat and
+    started more than the grace period ago (its worker died between creating the trial and its first
+    heartbeat, a window Optuna's own stale-trial check does not cover; this compares trial start
+    times written by each worker's clock with this host's, so the hosts' clocks must agree to well
+    within the grace period). Trials with a heartbeat are left to Optuna's check, trials whose worker
+    token does not say it runs with a heartbeat are left alone, and workers on other hosts are otherwise
+    never touched. Re-queuing goes through
     :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback`, exactly as the RDB heartbeat does, so
     the retry records ``system_attrs["failed_trial"]`` and honours ``max_retry``. Returns the failed
-    trial numbers. Workers on other hosts are never touched.
+    trial numbers.
     """
     storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    grace = _heartbeat_grace(storage)
+    beating = _beating_trial_ids(storage, study._study_id) if grace is not None else None
+    now = datetime.datetime.now()
     failed = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        token = t.user_attrs.get(WORKER_ATTR)
-        if not isinstance(token, Mapping) or _worker_alive(token) is not False:
+    for t in running:
+        reason = _orphan_reason(t, beating, grace, now)
+        if reason is None:
             continue
         try:
             won = storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
@@ -343,7 +404,7 @@ def recover_orphans(study: optuna.Study, max_retry: int | None = 3) -> list[int]
             continue
         if not won:
             continue
-        logger.warning("trial %d was left RUNNING by a dead worker (pid %s): failed and re-queued", t.number, token.get("pid"))
+        logger.warning("trial %d was left RUNNING by a dead worker (%s): failed and re-queued", t.number, reason)
         retry(study, copy.deepcopy(storage.get_trial(t._trial_id)))
         failed.append(t.number)
     return failed

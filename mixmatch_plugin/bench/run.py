@@ -125,6 +125,12 @@ class _Evaluator:
             reestimate_bn(work, self.bn, self.bn_batches)
         return work
 
+    def fine_tuned(self, s: Strategy, batches: Iterable[Any], steps: int, lr: float) -> tuple[torch.nn.Module, float]:
+        """A copy of the masked model after ``steps`` mask-keeping Adam steps on ``batches``, and its realized sparsity."""
+        work = copy.deepcopy(self.masked(s))
+        ft = finetune(work, compute_masks(work, s, self.scores, layers=self.layers), batches, max_steps=steps, lr=lr)
+        return work, ft.global_sparsity
+
 
 class _PhaseClock:
     """Wall seconds spent per phase of one seed (where the benchmark's time goes)."""
@@ -280,12 +286,10 @@ def run_model(
             train_loader = data.loader(splits.train, 128, shuffle=True, seed=seed)
             for method in cfg.finetune_methods:
                 s = methods[method]
-                work = copy.deepcopy(ev.masked(s))
-                masks = compute_masks(work, s, scores, layers=layers)
                 with clock("fine-tuning"):
-                    ft = finetune(work, masks, train_loader, max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+                    work, realized = ev.fine_tuned(s, train_loader, cfg.finetune_steps, cfg.finetune_lr)
                     r = _row(name, target, seed, method, "fine-tuned", s, evaluate(work, val).accuracy, evaluate(work, test).accuracy)
-                r["realized_sparsity"] = ft.global_sparsity
+                r["realized_sparsity"] = realized
                 rows.append(r)
         # the noise floor: the first fine-tuned method's strategy fine-tuned again with another data order
         if needs_floor:
@@ -294,9 +298,7 @@ def run_model(
             s = baselines.make(cfg.finetune_methods[0], layers, scores, target)
             ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
             with clock("noise floor (reseeded fine-tune)"):
-                work = copy.deepcopy(ev.masked(s))
-                finetune(work, compute_masks(work, s, scores, layers=layers),
-                         data.loader(splits.train, 128, shuffle=True, seed=seed + 1000), max_steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+                work, _ = ev.fine_tuned(s, data.loader(splits.train, 128, shuffle=True, seed=seed + 1000), cfg.finetune_steps, cfg.finetune_lr)
                 r = _row(name, target, seed, cfg.finetune_methods[0] + "_reseeded", "fine-tuned", s, evaluate(work, val).accuracy,
                          evaluate(work, test).accuracy)
             rows.append(r)
