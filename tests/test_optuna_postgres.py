@@ -75,18 +75,15 @@ def test_two_workers_share_one_study_without_duplicate_seeds_or_lost_trials(post
     assert len(pids) == 2 and sorted(pids.values()) == [20, 20]  # both workers ran their share
 
 
-def test_sigkill_mid_trial_then_resume_keeps_completed_trials_and_retries_the_killed_one(postgres_url, files, tmp_path):
-    # fine-tune trials (about 0.3 s each) so the worker is inside a trial when it is killed; magnitude only: 10 seeds
-    args = ("--storage", postgres_url, "--study", "kill", "--signals", "magnitude", "--evaluator", "finetune",
-            "--finetune-steps", "10", "--heartbeat", "1", "--grace", "2", "--no-plots", "--out", str(tmp_path / "out"))
-    proc = worker(files, *args, "--n-trials", "40", log=tmp_path / "first.log")
-    storage = mmo.open_storage(postgres_url, heartbeat_interval=None)
+def kill_inside_a_trial(files, args, storage, study_name, log):
+    """Start a worker, SIGKILL it once three trials are complete and a fourth is running; the trials after the kill."""
+    proc = worker(files, *args, "--n-trials", "40", log=log)
     deadline = time.monotonic() + 180
     while True:
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
         assert time.monotonic() < deadline, "the worker never reached its fourth trial"
         try:
-            study = optuna.load_study(study_name="kill", storage=storage)
+            study = optuna.load_study(study_name=study_name, storage=storage)
             states = Counter(t.state for t in study.get_trials(deepcopy=False))
         except KeyError:  # the study does not exist yet
             states = Counter()
@@ -95,9 +92,22 @@ def test_sigkill_mid_trial_then_resume_keeps_completed_trials_and_retries_the_ki
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {t.number: t for t in study.get_trials(deepcopy=True)}
-    killed = [t for t in before.values() if t.state == TrialState.RUNNING]
-    assert len(killed) == 1, "SIGKILL did not land inside a trial"
+    return {t.number: t for t in study.get_trials(deepcopy=True)}
+
+
+def test_sigkill_mid_trial_then_resume_keeps_completed_trials_and_retries_the_killed_one(postgres_url, files, tmp_path):
+    storage = mmo.open_storage(postgres_url, heartbeat_interval=None)
+    for attempt in range(3):  # the trial seen running can end in the moment before the kill lands: then try again
+        study_name = f"kill-{attempt}"
+        # fine-tune trials (about 0.3 s each) so the worker is inside a trial when it is killed; magnitude only: 10 seeds
+        args = ("--storage", postgres_url, "--study", study_name, "--signals", "magnitude", "--evaluator", "finetune",
+                "--finetune-steps", "10", "--heartbeat", "1", "--grace", "2", "--no-plots", "--out", str(tmp_path / f"out-{attempt}"))
+        before = kill_inside_a_trial(files, args, storage, study_name, tmp_path / f"first-{attempt}.log")
+        killed = [t for t in before.values() if t.state == TrialState.RUNNING]
+        if len(killed) == 1:
+            break
+    else:
+        pytest.fail("SIGKILL did not land inside a trial in three tries")
     killed_trial = killed[0]
     done_before = {n: t.values for n, t in before.items() if t.state == TrialState.COMPLETE}
 
@@ -107,7 +117,7 @@ def test_sigkill_mid_trial_then_resume_keeps_completed_trials_and_retries_the_ki
     proc = worker(files, *args, "--n-trials", "40", "--total-trials", "12", log=tmp_path / "second.log")
     assert finish([proc]) == [0], (tmp_path / "second.log").read_text()[-2000:]
 
-    after = {t.number: t for t in optuna.load_study(study_name="kill", storage=storage).get_trials(deepcopy=True)}
+    after = {t.number: t for t in optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=True)}
     assert not [t for t in after.values() if t.state == TrialState.RUNNING]  # nothing left RUNNING
     for n, values in done_before.items():  # no completed trial lost or changed
         assert after[n].state == TrialState.COMPLETE and after[n].values == values
