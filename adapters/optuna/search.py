@@ -401,17 +401,16 @@ def search(
     study, added = _open_study(spec, storage, study_name, smp, directions, info, seeds, heartbeat_interval, grace_period, max_retry)
     if added:
         logger.info("enqueued %d rule strategies as seeds of study %r", added, study_name)
-    heartbeat = heartbeat_on(study._storage)
-    if heartbeat:
-        fail_stale(study)
+    fail_stale(study)  # Optuna's check (trials whose heartbeat went stale), then ours (dead or never-beating workers)
     recover_orphans(study, max_retry)
+    token = worker_token(heartbeat_on(study._storage))  # recorded in every trial this process runs
 
     current: list[optuna.Trial] = []
 
     def run(trial: optuna.Trial) -> float | tuple[float, float]:
         current[:] = [trial]
         with undeferred():  # an interrupt cuts the evaluation short; Optuna records the trial as failed
-            return _objective(trial, space, ev, info, choices, macs, target, tol, study_name)
+            return _objective(trial, token, space, ev, info, choices, macs, target, tol, study_name)
 
     t_start = time.monotonic()
     counter: Iterable[int] = range(n_trials) if n_trials is not None else _forever()
@@ -436,8 +435,7 @@ def search(
                 recover_orphans(study, max_retry)
         finally:
             optimize_logger.removeFilter(quiet)
-    if heartbeat:
-        fail_stale(study)
+    fail_stale(study)
     recover_orphans(study, max_retry)
     return result_of(study, p, evaluator_name=str(getattr(ev, "name", "evaluator")), storage=spec.display)
 
@@ -491,10 +489,10 @@ def _check_study(
 
 
 def _objective(
-    trial: optuna.Trial, space: StrategySpace, ev: Callable[[Strategy], Any], info: Mapping[str, Any], choices: Sequence[str],
+    trial: optuna.Trial, token: Mapping[str, Any], space: StrategySpace, ev: Callable[[Strategy], Any], info: Mapping[str, Any], choices: Sequence[str],
     macs: MacsProfile | None, target: float | None, tol: float, study_name: str,
 ) -> float | tuple[float, float]:
-    trial.set_user_attr(WORKER_ATTR, worker_token(heartbeat_on(trial.study._storage)))
+    trial.set_user_attr(WORKER_ATTR, dict(token))
     signal = trial.suggest_categorical(SIGNAL_PARAM, list(choices))
     alphas = {g: trial.suggest_float(ALPHA_PREFIX + g, 0.0, 1.0) for g in space.groups}
     seed = trial.user_attrs.get(SEED_ATTR)
