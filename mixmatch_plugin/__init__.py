@@ -31,7 +31,7 @@ from .errors import BudgetError, MixMatchError, PlanMismatchError, RulesError, S
 # its start-up is handled by the command (one line, ``error: interrupted``) instead of a traceback.
 _LAZY = {
     "baselines": ".baselines",
-    **dict.fromkeys(("Metrics", "Ranked", "evaluate", "rank", "reestimate_bn"), ".evaluate"),
+    **dict.fromkeys(("Metrics", "Ranked", "evaluate", "hold_batches", "rank", "reestimate_bn"), ".evaluate"),
     **dict.fromkeys(("FinetuneResult", "finetune"), ".finetune"),
     **dict.fromkeys(("Layer", "inventory"), ".inventory"),
     **dict.fromkeys(("PruneResult", "apply", "compute_masks", "sparsity_of", "to_torch_prune"), ".masks"),
@@ -44,7 +44,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from . import baselines
-    from .evaluate import Metrics, Ranked, evaluate, rank, reestimate_bn
+    from .evaluate import Metrics, Ranked, evaluate, hold_batches, rank, reestimate_bn
     from .finetune import FinetuneResult, finetune
     from .inventory import Layer, inventory
     from .masks import PruneResult, apply, compute_masks, sparsity_of, to_torch_prune
@@ -94,6 +94,6 @@ __all__ = [
     "SHAPES", "SIGNALS", "BudgetError", "FinetuneResult", "Layer", "Metrics", "MixMatchError", "Plan",
     "PlanMismatchError", "PruneResult", "Ranked", "RulesError", "SignalError", "Signals", "Strategy",
     "StrategySpace", "__version__", "apply", "baselines", "builtin_presets", "compute_grasp", "compute_masks",
-    "compute_signals", "evaluate", "finetune", "inventory", "load_plan", "load_rules", "mix_signals", "plan", "preset_for",
+    "compute_signals", "evaluate", "finetune", "hold_batches", "inventory", "load_plan", "load_rules", "mix_signals", "plan", "preset_for",
     "rank", "reestimate_bn", "sparsity_of", "to_torch_prune",
 ]

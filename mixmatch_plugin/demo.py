@@ -5,9 +5,10 @@
 2. Compute the signals on calibration data drawn from the *training* split.
 3. Build the 30 strategies budget-matched to the target sparsity, and the baselines at the same
    sparsity (uniform, global magnitude, LAMP, ERK, SNIP, GraSP).
-4. Rank everything on the *validation* split after masking (BatchNorm re-estimated on training batches).
+4. Rank everything on the *validation* split after masking (BatchNorm re-estimated on the same few
+   training batches for every strategy).
 5. Fine-tune the validation-chosen strategy and the main baselines with the same mask-keeping
-   budget, and measure the *test* split once, for the report.
+   budget and the same batch order, and measure the *test* split once, for the report.
 6. Write the plan JSON, a summary JSON, a Markdown report and the plots into the output folder.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from . import baselines, data
-from .evaluate import evaluate, rank, reestimate_bn
+from .evaluate import evaluate, hold_batches, rank, reestimate_bn
 from .finetune import finetune
 from .io import atomic_write_json
 from .masks import apply_masks, compute_masks
@@ -96,10 +97,9 @@ def run_demo(
         finetune_steps = min(finetune_steps, 20)
     calib = splits.calibration(256 if quick else 512, 128, seed)
     val = data.loader(data.subset(splits.val, 500 if quick else 2000, seed), 500)
-    bn = data.loader(splits.train, 128, shuffle=True, seed=seed)
     bn_batches = 2 if quick else 4
+    bn = hold_batches(data.loader(splits.train, 128, shuffle=True, seed=seed), bn_batches)  # the same for every strategy
     test = data.loader(data.subset(splits.test, 2000, seed) if quick else splits.test, 1000)
-    train_loader = data.loader(splits.train, 128, shuffle=True, seed=seed)
 
     p = plan(model, calib, target=target, on_unreachable="extend", progress=progress)
     assert p.signals is not None
@@ -134,7 +134,7 @@ def run_demo(
         work = _masked(model, s, p, bn, bn_batches)
         one_shot = evaluate(work, test).accuracy
         masks = compute_masks(work, s, p.signals, layers=p.layers)
-        ft = finetune(work, masks, train_loader, val_loader=val, epochs=1, max_steps=finetune_steps, lr=1e-3,
+        ft = finetune(work, masks, data.loader(splits.train, 128, shuffle=True, seed=seed), val_loader=val, epochs=1, max_steps=finetune_steps, lr=1e-3,
                       eval_every=max(1, finetune_steps // 3), progress=progress)
         rows.append({
             "method": "Mix-and-Match " + name if name == chosen else name, "strategy": name,

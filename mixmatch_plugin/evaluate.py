@@ -97,6 +97,18 @@ def reestimate_bn(model: nn.Module, loader: Iterable[Any], batches: int = 10) ->
     return len(bns)
 
 
+def hold_batches(loader: Iterable[Any], batches: int, what: str = "BatchNorm re-estimation") -> list[Any]:
+    """The first ``batches`` batches of ``loader``, drawn once and kept in memory.
+
+    A shuffled loader draws a new order on every pass, so re-estimating BatchNorm from the loader
+    itself gives every strategy other batches, and part of the difference between two strategies is
+    then which batches they drew. Re-estimate from the held list instead: every strategy sees the same ones.
+    """
+    if batches < 1:
+        raise MixMatchError(f"the number of {what} batches must be at least 1, got {batches}")
+    return list(iterate(loader, batches, what=what))
+
+
 @dataclass(frozen=True)
 class Ranked:
     """One strategy's cheap (no fine-tune) validation result; ``cka`` only with ``rank(key="cka")``."""
@@ -127,17 +139,19 @@ def rank(
         key: ``accuracy`` (default), ``loss``, or ``cka``: the CKA of the masked model's penultimate
             features to the dense model's on ``val_loader`` (accuracy and loss are measured as well).
         bn_loader, bn_batches: re-estimate BatchNorm statistics on that many training batches after
-            masking, before evaluating (EagleEye's adaptive BN); 0 switches it off.
+            masking, before evaluating (EagleEye's adaptive BN); 0 switches it off. The batches are
+            drawn from ``bn_loader`` once and every strategy is re-estimated on the same ones.
     """
     if key not in ("accuracy", "loss", "cka"):
         raise MixMatchError(f"rank(key={key!r}): key must be 'accuracy', 'loss' or 'cka'")
     masker = Masker(model, signals)
     ref = collect_features(model, val_loader, max_batches=max_batches) if key == "cka" else None
+    held = hold_batches(bn_loader, bn_batches) if bn_batches and bn_loader is not None else None
     out = []
     for s in progress_bar(strategies, "rank", enable=progress):
         work, _ = masker(s)
-        if bn_batches and bn_loader is not None:
-            reestimate_bn(work, bn_loader, bn_batches)
+        if held is not None:
+            reestimate_bn(work, held, bn_batches)
         m = evaluate(work, val_loader, loss_fn=loss_fn, max_batches=max_batches)
         c = None if ref is None else cka_to_parent(model, work, val_loader, max_batches=max_batches, parent_features=ref)
         out.append(Ranked(s.name, m.accuracy, m.loss, s.global_sparsity, c))

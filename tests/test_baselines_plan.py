@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mixmatch_plugin as mm
+from mixmatch_plugin import data
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.strategies import global_sparsity
 
@@ -127,6 +128,27 @@ def test_rank_on_validation_leaves_model_alone(digits_loaders, resnet_plan, trai
     # the ranking equals applying each strategy and evaluating it
     best = resnet_plan.apply(trained_tiny_resnet, ranked[0].strategy)
     assert mm.evaluate(best.model, val).accuracy == pytest.approx(ranked[0].accuracy)
+
+
+def test_rank_reestimates_every_strategy_on_the_same_batches(digits, resnet_plan, trained_tiny_resnet):
+    """A shuffled loader draws new batches on every pass; rank holds one draw, so equal masks score equally."""
+    from mixmatch_plugin.strategies import Strategy
+
+    _, val, _ = digits.loaders(batch_size=64, seed=0)
+    shuffled = data.loader(digits.train, 16, shuffle=True, seed=3)  # small batches: each draw has other statistics
+    s = resnet_plan.strategies[0]
+    twin = Strategy(s.name + "-again", s.signal, s.ratios, s.global_sparsity, s.meta)
+    ranked = {r.strategy: r for r in mm.rank(trained_tiny_resnet, [s, twin, s], val, signals=resnet_plan.signals,
+                                             bn_loader=shuffled, bn_batches=1)}
+    assert ranked[s.name].loss == ranked[twin.name].loss and ranked[s.name].accuracy == ranked[twin.name].accuracy
+    # the held batches are the loader's first draw: re-estimating from it by hand gives the same figures
+    import copy
+
+    work = resnet_plan.apply(copy.deepcopy(trained_tiny_resnet), s.name).model
+    mm.reestimate_bn(work, data.loader(digits.train, 16, shuffle=True, seed=3), 1)
+    assert mm.evaluate(work, val).loss == pytest.approx(ranked[s.name].loss, rel=1e-6)
+    with pytest.raises(MixMatchError, match="at least 1"):
+        mm.hold_batches(shuffled, 0)
 
 
 def test_bn_reestimation_matches_the_data_statistics(digits_loaders, trained_tiny_resnet):

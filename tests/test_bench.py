@@ -10,7 +10,8 @@ import pytest
 
 from mixmatch_plugin import data
 from mixmatch_plugin.bench import tables
-from mixmatch_plugin.bench.run import BenchConfig, _keep_copy, _reusable, run
+from mixmatch_plugin.bench.run import PROTOCOL, BenchConfig, _keep_copy, _reusable, run
+from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.train import TrainConfig
 
 pytestmark = pytest.mark.skipif(
@@ -189,8 +190,9 @@ def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(t
     generic.write_text(generic.read_text().replace("max_params: 9999", "max_params: 99"))  # another small-layer bound
     after = ranges_digest(cfg, "resnet")
     assert after != before
-    done = {"config": {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8], "ranges": before, "dense": "w"}, "runs": []}
-    asked = {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8, 0.9], "dense": "w"}
+    done = {"config": {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8], "ranges": before, "dense": "w",
+                       "protocol": PROTOCOL}, "runs": []}
+    asked = {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8, 0.9], "dense": "w", "protocol": PROTOCOL}
     assert _reusable("resnet", done, {**asked, "ranges": after}) is None
     assert _reusable("resnet", done, {**asked, "ranges": before}) is done
 
@@ -204,7 +206,7 @@ def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
     tc = tiny_config().models["resnet"]
     splits = data.fashion_mnist(None, seed=0)
     model, info = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
-    asked = {"train": asdict(tc), "sparsities": [0.8, 0.9], "ranges": "same", "dense": model_hash(model)}
+    asked = {"train": asdict(tc), "sparsities": [0.8, 0.9], "ranges": "same", "dense": model_hash(model), "protocol": PROTOCOL}
     done = {"config": {**asked, "sparsities": [0.8]}, "dense": dict(info), "runs": []}
     assert _reusable("resnet", done, asked, info) is done  # the same weights: kept
     # the checkpoint trained again elsewhere (another torch version): the same configuration, other weights
@@ -223,3 +225,57 @@ def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
     _, retrained = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
     assert retrained["train_seconds"] != info["train_seconds"]
     assert _reusable("resnet", legacy, asked, retrained) is None
+
+
+def test_every_method_of_a_seed_gets_the_same_batches():
+    """The same strategy fine-tuned twice in a seed scores the same: BatchNorm and fine-tune batches do not depend on the turn."""
+    from mixmatch_plugin.bench.run import run_model
+    from mixmatch_plugin.train import train_cached
+
+    cfg = replace(BenchConfig.tiny(), seeds=(0,), bn_batches=1, finetune_steps=6, finetune_methods=("uniform", "mm", "uniform"))
+    splits = data.fashion_mnist(None, seed=0)
+    dense = train_cached(cfg.models["resnet"], splits, cache_dir=None, progress=False)
+    runs = run_model("resnet", cfg, splits, dense, progress=False)["runs"]
+    twice = [(r["val_accuracy"], r["test_accuracy"]) for r in runs if r["regime"] == "fine-tuned" and r["method"] == "uniform"]
+    assert len(twice) == 2 and twice[0] == twice[1]
+    reseeded = next(r for r in runs if r["method"] == "uniform_reseeded")  # another order: the noise floor still measures one
+    assert (reseeded["val_accuracy"], reseeded["test_accuracy"]) != twice[0]
+
+
+def test_older_protocol_keeps_one_shot_rows_of_a_model_without_batchnorm_and_fine_tunes_again(tmp_path):
+    """A ViT (LayerNorm only): protocol-1 results keep their one-shot rows; the fine-tuned rows are measured again."""
+    vit = TrainConfig(model="timm:vit_tiny_patch16_224", model_kwargs={"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10,
+                      "embed_dim": 64, "depth": 2, "num_heads": 2}, epochs=1, lr=1e-3, max_train=512, warmup_steps=5, augment=False)
+    cfg = replace(BenchConfig.tiny(), models={"vit": vit}, sparsities={"vit": (0.5,)}, seeds=(0,), mix_signals=True,
+                  variants=("rules", "empirical"), finetune_methods=("uniform", "mm", "mm_mixed"))
+    first = run(cfg, tmp_path, cache_dir=tmp_path / "cache", progress=False, name="r")
+    runs = first.doc["models"]["vit"]["runs"]
+    one_shot = [r for r in runs if r["regime"] == "one-shot"]
+    fine_tuned = [r for r in runs if r["regime"] == "fine-tuned"]
+    assert {r["method"] for r in fine_tuned} == {"uniform", "mm", "mm_mixed", "uniform_reseeded"}
+    assert next(r for r in fine_tuned if r["method"] == "mm_mixed")["strategy"].endswith("+mixed")  # rebuilt by mixing again
+
+    def as_protocol_1(change_mm_by: float = 0.0) -> None:
+        doc = json.loads(first.path.read_text())
+        del doc["models"]["vit"]["config"]["protocol"]
+        for r in doc["models"]["vit"]["runs"]:
+            if r["regime"] == "fine-tuned":
+                r["test_accuracy"] = -1.0  # would show if kept
+            elif r["method"] == "mm":
+                r["test_accuracy"] += change_mm_by
+        first.path.write_text(json.dumps(doc))
+
+    as_protocol_1()
+    again = run(cfg, tmp_path, cache_dir=tmp_path / "cache", progress=False, name="r").doc["models"]["vit"]
+    assert [r for r in again["runs"] if r["regime"] == "one-shot"] == one_shot  # kept, not measured again
+    assert sorted(map(json.dumps, (r for r in again["runs"] if r["regime"] == "fine-tuned"))) == sorted(map(json.dumps, fine_tuned))
+    assert again["config"]["protocol"] == PROTOCOL and again["redone"][0]["from_protocol"] == 1
+    assert len(list(tmp_path.glob("r.json.before-*"))) == 1  # the rows it replaced were copied aside first
+    assert "fine-tuned rows were redone under protocol 2" in tables.model_table("vit", again) + tables._when(again)
+    # kept rows that this model and code do not reproduce are refused, not fine-tuned on top of
+    as_protocol_1(change_mm_by=0.25)
+    with pytest.raises(MixMatchError, match=r"rebuilt scores .* rerun with --fresh"):
+        run(cfg, tmp_path, cache_dir=tmp_path / "cache", progress=False, name="r")
+    # a model with BatchNorm has batch-dependent one-shot rows: protocol-1 results are redone whole
+    done = {"config": {"train": {}, "ranges": "x", "dense": "w"}, "runs": one_shot + fine_tuned}
+    assert _reusable("m", done, {"train": {}, "ranges": "x", "dense": "w", "protocol": PROTOCOL}, has_bn=True) is None

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import mixmatch_plugin as mm
+from mixmatch_plugin import data
 from mixmatch_plugin.errors import MixMatchError
 
 mmo = pytest.importorskip("mixmatch_plugin.adapters.optuna")
@@ -111,6 +112,16 @@ def test_processes_opening_one_new_database_at_once_all_get_it(tmp_path):
         assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     study = optuna.create_study(storage=url, study_name="after")
     assert study.study_name == "after"
+
+
+def test_proxy_evaluator_reestimates_every_trial_on_the_same_batches(trained_tiny_resnet, plan, digits, digits_loaders):
+    _, val, _ = digits_loaders
+    shuffled = data.loader(digits.train, 16, shuffle=True, seed=3)  # a new draw on every pass
+    ev = mmo.ProxyEvaluator(trained_tiny_resnet, val, signals=plan.signals, bn_loader=shuffled, bn_batches=1)
+    s = plan.strategies[0]
+    first = ev(s)
+    ev(plan.strategies[1])
+    assert ev(s) == first  # the same strategy scores the same in every trial
 
 
 def test_single_objective_at_a_budget_uses_set_constraint(trained_tiny_resnet, calib, digits_loaders):

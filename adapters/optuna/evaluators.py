@@ -13,7 +13,7 @@ from torch import nn
 
 from mixmatch_plugin.batches import LossFn
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.evaluate import evaluate, reestimate_bn
+from mixmatch_plugin.evaluate import evaluate, hold_batches, reestimate_bn
 from mixmatch_plugin.finetune import finetune
 from mixmatch_plugin.inventory import Layer, inventory
 from mixmatch_plugin.masks import Masker
@@ -57,7 +57,9 @@ class ProxyEvaluator(_MaskingEvaluator):
         signals: per-weight scores (``plan.signals`` or :func:`~mixmatch_plugin.compute_signals`);
             magnitude only when omitted.
         bn_loader, bn_batches: re-estimate BatchNorm statistics on that many *training* batches after
-            masking (EagleEye's adaptive BN); ``bn_batches=0`` switches it off.
+            masking (EagleEye's adaptive BN); ``bn_batches=0`` switches it off. The batches are drawn
+            from ``bn_loader`` at the first call and kept, so every trial is re-estimated on the same
+            ones (a shuffled loader would give every trial other batches, and the objective that noise).
         loss_fn, max_batches: see :func:`~mixmatch_plugin.evaluate`.
     """
 
@@ -82,13 +84,16 @@ class ProxyEvaluator(_MaskingEvaluator):
         self.val_loader = val_loader
         self.bn_loader = bn_loader
         self.bn_batches = bn_batches
+        self._bn_held: list[Any] | None = None
         self.loss_fn = loss_fn
         self.max_batches = max_batches
 
     def __call__(self, strategy: Strategy) -> dict[str, float]:
         self._masked(strategy)
         if self.bn_batches and self.bn_loader is not None:
-            reestimate_bn(self.work, self.bn_loader, self.bn_batches)
+            if self._bn_held is None:
+                self._bn_held = hold_batches(self.bn_loader, self.bn_batches)
+            reestimate_bn(self.work, self._bn_held, self.bn_batches)
         m = evaluate(self.work, self.val_loader, loss_fn=self.loss_fn, max_batches=self.max_batches)
         return {"accuracy": m.accuracy, "loss": m.loss}
 

@@ -10,9 +10,12 @@ For every model, sparsity and seed (the seed draws the calibration batches and o
   over all variants' candidates. The test split is evaluated only for the report;
 * ``oracle`` (best test accuracy among the rule strategies) and ``mean`` (their average) show what
   the selection costs; they are diagnostics, not methods (they peek at test);
-* **one-shot**: masks (plus BatchNorm re-estimation on training batches, for every method alike);
-  **fine-tuned**: the same mask-keeping fine-tune (optimizer, steps, learning rate, data order) for
-  every fine-tuned method.
+* **one-shot**: masks (plus BatchNorm re-estimation on the same training batches for every method,
+  drawn once per seed); **fine-tuned**: the same mask-keeping fine-tune (optimizer, steps, learning
+  rate, and the same batches in the same order, drawn from the seed) for every fine-tuned method.
+
+Results made before protocol 2 (``PROTOCOL``) drew new batches for each method from one shuffled
+loader (the same seed, other batches); they are redone when the model is run again.
 
 Results are saved after every (model, seed) so an interrupted run resumes where it stopped.
 """
@@ -20,6 +23,7 @@ Results are saved after every (model, seed) so an interrupted run resumes where 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -27,7 +31,7 @@ import platform
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +43,7 @@ from .. import baselines, data
 from .._version import __version__
 from ..depth_width import model_hash
 from ..errors import BudgetError, MixMatchError
-from ..evaluate import evaluate, rank, reestimate_bn
+from ..evaluate import evaluate, hold_batches, rank, reestimate_bn
 from ..finetune import finetune
 from ..inventory import inventory
 from ..io import atomic_write_json, read_json
@@ -58,6 +62,9 @@ from .models import FULL, QUICK, TINY
 logger = logging.getLogger(__name__)
 
 SCHEMA = "mixmatch.bench/1"
+#: 2: every method of a seed re-estimates BatchNorm on the same held batches and is fine-tuned on the
+#: same batch order (1: each drew its own batches from one shuffled loader). Recorded with each model.
+PROTOCOL = 2
 BASELINES = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk")
 
 
@@ -114,10 +121,10 @@ def environment() -> dict[str, Any]:
 class _Evaluator:
     """Masked strategies on one model (a shared :class:`~mixmatch_plugin.masks.Masker`), BatchNorm re-estimated."""
 
-    def __init__(self, model: torch.nn.Module, scores: Signals, layers: Sequence[Any], bn: Iterable[Any], bn_batches: int) -> None:
+    def __init__(self, model: torch.nn.Module, scores: Signals, layers: Sequence[Any], bn: Sequence[Any], bn_batches: int) -> None:
         self.model, self.scores, self.layers = model, scores, layers
         self.masker = Masker(model, scores, layers=layers)
-        self.bn, self.bn_batches = bn, bn_batches
+        self.bn, self.bn_batches = bn, bn_batches  # bn: held batches (hold_batches), the same for every strategy
 
     def masked(self, s: Strategy) -> torch.nn.Module:
         work, _ = self.masker(s)
@@ -207,26 +214,34 @@ def run_model(
     for seed in cfg.seeds:
         done_here = {r["sparsity"] for r in out["runs"] if r["seed"] == seed}
         todo = [t for t in cfg.sparsities[name] if t not in done_here]
+        # one-shot rows kept without their fine-tuned rows (see _reusable): only the fine-tune is redone there
+        refit = [t for t in cfg.sparsities[name] if t in done_here and cfg.finetune_methods and not any(
+            r["seed"] == seed and r["sparsity"] == t and r["regime"] == "fine-tuned" for r in out["runs"])]
         top = cfg.sparsities[name][-1]
         needs_floor = bool(cfg.finetune_methods) and not any(
             r["seed"] == seed and r["sparsity"] == top and r["method"].endswith("_reseeded") for r in out["runs"])
-        if not todo and not needs_floor:
+        if not todo and not refit and not needs_floor:
             logger.info("%s seed %d already done: skipped", name, seed)
             continue
         if done_here:
-            logger.info("%s seed %d: sparsities %s kept, running %s", name, seed, sorted(done_here), todo or "the noise floor")
+            logger.info("%s seed %d: sparsities %s kept, running %s%s", name, seed, sorted(done_here), todo or "the noise floor",
+                        f", fine-tuning again at {refit}" if refit else "")
         t0 = time.time()
         clock = _PhaseClock()
         torch.manual_seed(seed)
         calib = splits.calibration(cfg.calib_samples, 128, seed)
         screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), 500)
-        bn = data.loader(splits.train, 128, shuffle=True, seed=seed)
+        bn = hold_batches(data.loader(splits.train, 128, shuffle=True, seed=seed), cfg.bn_batches) if cfg.bn_batches else []
+
+        def fine_tune_order(seed: int = seed) -> Any:  # a fresh loader: every method gets the same batches in the same order
+            return data.loader(splits.train, 128, shuffle=True, seed=seed)
+
         with clock("signals"):
             scores = compute_signals(model, calib)
             scores.grasp = compute_grasp(model, calib)
         layers = None
         rows: list[dict[str, Any]] = []
-        for target in progress_bar(todo, f"{name} seed {seed}", enable=progress):
+        for target in progress_bar(sorted(todo + refit), f"{name} seed {seed}", enable=progress):
             plans: dict[str, Plan] = {}
             for variant in cfg.variants:
                 try:
@@ -248,46 +263,51 @@ def run_model(
             for variant, p in plans.items():
                 for s in p.strategies:
                     cands[f"{variant}/{s.name}"] = Strategy(f"{variant}/{s.name}", s.signal, s.ratios, s.global_sparsity, s.meta)
-            chosen_by_variant = {}
-            for variant in variants:
-                vc = [s for k, s in cands.items() if k.startswith(variant + "/")]
-                with clock("validation choice"):
-                    chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
-                out["choices"].append({"seed": seed, "sparsity": target, "variant": variant, "ranking": log})
-            if cfg.mix_signals:  # per-layer signal choice applied to each variant's winner
-                mixed: list[dict[str, Any]] = []
-                for s in chosen_by_variant.values():
-                    with clock("signal mixing"):
-                        mx = mix_signals(model, s, scores, calib, layers=layers)
-                    cands[mx.name] = mx
+            methods: dict[str, Strategy]
+            if target in refit:
+                with clock("one-shot check"):
+                    methods = {**base, **_recorded(out["runs"], name, seed, target, cfg.finetune_methods, base, cands, ev,
+                                                   test, functools.partial(mix_signals, model, signals=scores, calib=calib, layers=layers))}
+            else:
+                chosen_by_variant = {}
+                for variant in variants:
+                    vc = [s for k, s in cands.items() if k.startswith(variant + "/")]
                     with clock("validation choice"):
-                        met = evaluate(ev.masked(mx), val)
-                    mixed.append({"strategy": mx.name, "val_accuracy": met.accuracy, "val_loss": met.loss})
-                mixed.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
-                chosen_by_variant["mixed"] = cands[mixed[0]["strategy"]]
-                out["choices"].append({"seed": seed, "sparsity": target, "variant": "mixed", "ranking": mixed})
-            # the overall choice: the best validation accuracy among all finalists
-            finalists = [c for c in out["choices"] if c["seed"] == seed and c["sparsity"] == target]
-            best_name = max((f for c in finalists for f in c["ranking"] if "val_accuracy" in f),
-                            key=lambda f: (f["val_accuracy"], -f["val_loss"]))["strategy"]
-            methods: dict[str, Strategy] = {**base, "mm": cands[best_name], **{f"mm_{v}": s for v, s in chosen_by_variant.items()}}
-            measured: dict[str, tuple[float, float]] = {}  # "mm" is always one of the variants' choices: measured once
-            for method, s in methods.items():
-                if s.name not in measured:
-                    with clock("one-shot evaluation"):
-                        m = ev.masked(s)
-                        measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
-                rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
-            if seed == cfg.seeds[0]:  # selection cost: every rule strategy on test (diagnostic, first seed only)
-                with clock("oracle diagnostic"):
-                    accs = [evaluate(ev.masked(s), test).accuracy for k, s in cands.items() if k.startswith("rules/")]
-                rows.append(_row(name, target, seed, "mm_oracle", "one-shot", None, None, max(accs)))
-                rows.append(_row(name, target, seed, "mm_mean", "one-shot", None, None, sum(accs) / len(accs)))
-            train_loader = data.loader(splits.train, 128, shuffle=True, seed=seed)
+                        chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
+                    out["choices"].append({"seed": seed, "sparsity": target, "variant": variant, "ranking": log})
+                if cfg.mix_signals:  # per-layer signal choice applied to each variant's winner
+                    mixed: list[dict[str, Any]] = []
+                    for s in chosen_by_variant.values():
+                        with clock("signal mixing"):
+                            mx = mix_signals(model, s, scores, calib, layers=layers)
+                        cands[mx.name] = mx
+                        with clock("validation choice"):
+                            met = evaluate(ev.masked(mx), val)
+                        mixed.append({"strategy": mx.name, "val_accuracy": met.accuracy, "val_loss": met.loss})
+                    mixed.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
+                    chosen_by_variant["mixed"] = cands[mixed[0]["strategy"]]
+                    out["choices"].append({"seed": seed, "sparsity": target, "variant": "mixed", "ranking": mixed})
+                # the overall choice: the best validation accuracy among all finalists
+                finalists = [c for c in out["choices"] if c["seed"] == seed and c["sparsity"] == target]
+                best_name = max((f for c in finalists for f in c["ranking"] if "val_accuracy" in f),
+                                key=lambda f: (f["val_accuracy"], -f["val_loss"]))["strategy"]
+                methods = {**base, "mm": cands[best_name], **{f"mm_{v}": s for v, s in chosen_by_variant.items()}}
+                measured: dict[str, tuple[float, float]] = {}  # "mm" is always one of the variants' choices: measured once
+                for method, s in methods.items():
+                    if s.name not in measured:
+                        with clock("one-shot evaluation"):
+                            m = ev.masked(s)
+                            measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
+                    rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
+                if seed == cfg.seeds[0]:  # selection cost: every rule strategy on test (diagnostic, first seed only)
+                    with clock("oracle diagnostic"):
+                        accs = [evaluate(ev.masked(s), test).accuracy for k, s in cands.items() if k.startswith("rules/")]
+                    rows.append(_row(name, target, seed, "mm_oracle", "one-shot", None, None, max(accs)))
+                    rows.append(_row(name, target, seed, "mm_mean", "one-shot", None, None, sum(accs) / len(accs)))
             for method in cfg.finetune_methods:
                 s = methods[method]
                 with clock("fine-tuning"):
-                    work, realized = ev.fine_tuned(s, train_loader, cfg.finetune_steps, cfg.finetune_lr)
+                    work, realized = ev.fine_tuned(s, fine_tune_order(), cfg.finetune_steps, cfg.finetune_lr)
                     r = _row(name, target, seed, method, "fine-tuned", s, evaluate(work, val).accuracy, evaluate(work, test).accuracy)
                 r["realized_sparsity"] = realized
                 rows.append(r)
@@ -298,7 +318,7 @@ def run_model(
             s = baselines.make(cfg.finetune_methods[0], layers, scores, target)
             ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
             with clock("noise floor (reseeded fine-tune)"):
-                work, _ = ev.fine_tuned(s, data.loader(splits.train, 128, shuffle=True, seed=seed + 1000), cfg.finetune_steps, cfg.finetune_lr)
+                work, _ = ev.fine_tuned(s, fine_tune_order(seed + 1000), cfg.finetune_steps, cfg.finetune_lr)
                 r = _row(name, target, seed, cfg.finetune_methods[0] + "_reseeded", "fine-tuned", s, evaluate(work, val).accuracy,
                          evaluate(work, test).accuracy)
             rows.append(r)
@@ -311,6 +331,35 @@ def run_model(
         if on_seed:
             on_seed(out)
     return out
+
+
+def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: float, wanted: Sequence[str],
+              base: dict[str, Strategy], cands: dict[str, Strategy], ev: _Evaluator, test: Any,
+              mix: Callable[..., Strategy]) -> dict[str, Strategy]:
+    """The strategies that kept one-shot rows name, for the fine-tuned methods that are not baselines.
+
+    Each is rebuilt by name (a ``+mixed`` one by mixing its base strategy again) and must score its
+    recorded one-shot test accuracy again; otherwise the kept rows do not belong to this model and code.
+    """
+    found: dict[str, Strategy] = {}
+    for method in wanted:
+        if method in base:
+            continue
+        row = next((r for r in runs if (r["seed"], r["sparsity"], r["method"], r["regime"]) == (seed, target, method, "one-shot")), None)
+        strategy = row["strategy"] if row else None
+        s = cands.get(strategy) if strategy else None
+        if s is None and strategy and strategy.endswith("+mixed") and strategy.removesuffix("+mixed") in cands:
+            s = mix(strategy=cands[strategy.removesuffix("+mixed")])
+        if row is None or s is None or s.name != strategy:
+            raise MixMatchError(f"{name} seed {seed} at sparsity {target}: the kept one-shot row of {method} names strategy "
+                                f"{strategy!r}, which cannot be rebuilt; rerun with --fresh")
+        m = evaluate(ev.masked(s), test)
+        if abs(m.accuracy - row["test_accuracy"]) > 1.5 / m.samples:
+            raise MixMatchError(f"{name} seed {seed} at sparsity {target}: {strategy} rebuilt scores {m.accuracy:.4f} on test, "
+                                f"its kept one-shot row {row['test_accuracy']:.4f}: the kept rows were measured on another model "
+                                "or code; rerun with --fresh")
+        found[method] = s
+    return found
 
 
 def _has_bn(model: torch.nn.Module) -> bool:
@@ -368,9 +417,9 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     for name in cfg.models:
         model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
         model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name]),
-                     "ranges": ranges_digest(cfg, name, model), "dense": model_hash(model)}
-        done = _reusable(name, doc["models"].get(name), model_cfg, info)
-        if done is None and name in doc["models"] and path.exists():
+                     "ranges": ranges_digest(cfg, name, model), "dense": model_hash(model), "protocol": PROTOCOL}
+        done = _reusable(name, doc["models"].get(name), model_cfg, info, has_bn=_has_bn(model))
+        if done is not doc["models"].get(name) and name in doc["models"] and path.exists():  # rows replaced: copy first
             _keep_copy(path)
 
         def save(partial: dict[str, Any], name: str = name, model_cfg: dict[str, Any] = model_cfg) -> None:
@@ -393,7 +442,8 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
 
 
 def _reusable(
-    name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any], info: dict[str, Any] | None = None
+    name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any], info: dict[str, Any] | None = None, *,
+    has_bn: bool = True,
 ) -> dict[str, Any] | None:
     """What of a model's earlier results a run with ``model_cfg`` can keep.
 
@@ -403,7 +453,9 @@ def _reusable(
     hash of the cached weights; results saved before weights were hashed are matched by the
     checkpoint's training record ``info`` instead. Results are kept per (seed, sparsity), so a run
     asking for other sparsities measures only those it lacks, and the rows at sparsities it does not
-    ask for stay in the file and the tables.
+    ask for stay in the file and the tables. Results of an older benchmark protocol are redone; on a
+    model without BatchNorm (``has_bn=False``) their one-shot rows do not depend on the protocol's
+    batches, so those are kept and only the fine-tuned rows are redone.
     """
     if done is None or done.get("config") == model_cfg:
         return done
@@ -422,9 +474,30 @@ def _reusable(
     if done.get("config", {}).get("ranges") != model_cfg["ranges"]:
         logger.warning("%s: the presets now give this model other ranges or bounds than its earlier results had: redone", name)
         return None
+    old = done.get("config", {}).get("protocol", 1)
+    if old != model_cfg.get("protocol", PROTOCOL):
+        if has_bn:
+            logger.warning("%s: earlier results were measured under benchmark protocol %s (each method drew its own "
+                           "BatchNorm and fine-tuning batches): redone", name, old)
+            return None
+        logger.warning("%s: earlier results were measured under benchmark protocol %s (each method drew its own fine-tuning "
+                       "batches): their one-shot rows are kept (no BatchNorm: they do not depend on the batches) and the "
+                       "fine-tuned rows redone", name, old)
+        done = _without_fine_tuned(done, old)
     have = sorted({r["sparsity"] for r in done["runs"]})
     logger.info("%s: results kept at sparsities %s; asked for %s", name, have, model_cfg["sparsities"])
     return done
+
+
+def _without_fine_tuned(done: dict[str, Any], protocol: int) -> dict[str, Any]:
+    """``done`` without its fine-tuned rows and their time, and a record of what was dropped."""
+    kept = copy.deepcopy(done)
+    kept["runs"] = [r for r in kept["runs"] if r["regime"] != "fine-tuned"]
+    for seed, phases in kept.get("phase_seconds", {}).items():
+        for phase in ("fine-tuning", "noise floor (reseeded fine-tune)"):
+            kept["seconds"][seed] = kept["seconds"].get(seed, 0.0) - phases.pop(phase, 0.0)
+    kept.setdefault("redone", []).append({"rows": "fine-tuned", "from_protocol": protocol, "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return kept
 
 
 def _keep_copy(path: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from .. import data
 from ..errors import MixMatchError
-from ..evaluate import evaluate, reestimate_bn
+from ..evaluate import evaluate, hold_batches, reestimate_bn
 from ..finetune import finetune
 from ..inventory import inventory
 from ..plan import plan
@@ -74,7 +74,8 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
     val = data.loader(data.subset(splits.val, cfg.val_samples, 0) if cfg.val_samples else splits.val, 1000)
     test_ds = data.subset(splits.test, cfg.test_samples, 0) if cfg.test_samples else splits.test
     test = data.loader(test_ds, 1000)
-    bn = data.loader(splits.train, 128, shuffle=True, seed=seed)
+    # held: every candidate and method re-estimates BatchNorm on the same batches
+    bn = hold_batches(data.loader(splits.train, 128, shuffle=True, seed=seed), cfg.bn_batches) if cfg.bn_batches else []
     scores = compute_signals(model, calib)
 
     def pruned(s: Strategy, verify: bool = False) -> Any:

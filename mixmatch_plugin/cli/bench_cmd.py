@@ -40,7 +40,9 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
       mixmatch bench --models resnet18 --sparsities 0.99   # adds 99 %, keeps the rest
     Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh; results it has
     to replace (--fresh, another configuration, other presets, a dense model trained again with
-    other weights) are first copied to OUT/full.json.before-<time>.
+    other weights, rows of an older benchmark protocol) are first copied to OUT/full.json.before-<time>.
+    A model without BatchNorm measured under an older protocol keeps its one-shot rows (they do not
+    depend on the protocol's batches) and has only its fine-tuned rows measured again.
     """
     from ..bench import tables
     from ..bench.run import BenchConfig, results_path, run
