@@ -54,7 +54,7 @@ from mixmatch_plugin import baselines, data
 from mixmatch_plugin.adapters import optuna as mmo
 from mixmatch_plugin.bench.models import FULL
 from mixmatch_plugin.bench.run import BenchConfig, _choose, _Evaluator, _has_bn
-from mixmatch_plugin.evaluate import evaluate, hold_batches
+from mixmatch_plugin.evaluate import evaluate
 from mixmatch_plugin.io import atomic_write_json, atomic_write_text
 from mixmatch_plugin.plan import Plan, plan
 from mixmatch_plugin.plots import ranges_plot
@@ -144,7 +144,7 @@ def run(model_name: str, sparsities: list[float], seeds: list[int], trials: int,
         calib = splits.calibration(cfg.calib_samples, 128, seed)
         screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), 500)
         search_val = data.loader(data.subset(splits.val, search_samples, seed), 1000)
-        bn = hold_batches(data.loader(splits.train, 128, shuffle=True, seed=seed), bn_batches) if bn_batches else []
+        bn = splits.held_batches(bn_batches, seed=seed)
         scores = compute_signals(model, calib)
         for target in sparsities:
             t0 = time.perf_counter()

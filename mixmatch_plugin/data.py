@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import os
 import struct
@@ -55,6 +56,11 @@ class Splits:
             loader(self.val, batch_size),
             loader(self.test, batch_size),
         )
+
+    def held_batches(self, batches: int, batch_size: int = 128, seed: int = 0) -> list[Any]:
+        """``batches`` seeded random *training* batches, drawn once and kept: re-estimate BatchNorm of
+        every candidate on these, so that all see the same ones (``[]`` for 0)."""
+        return list(itertools.islice(loader(self.train, batch_size, shuffle=True, seed=seed), max(batches, 0)))
 
     def calibration(self, samples: int = 512, batch_size: int = 64, seed: int = 0) -> DataLoader:
         """A seeded random subset of the *training* split, for signals (never validation or test)."""

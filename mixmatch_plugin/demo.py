@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import baselines, data
-from .evaluate import evaluate, hold_batches, rank, reestimate_bn
+from .evaluate import evaluate, rank, reestimate_bn
 from .finetune import finetune
 from .io import atomic_write_json
 from .masks import apply_masks, compute_masks
@@ -98,7 +98,7 @@ def run_demo(
     calib = splits.calibration(256 if quick else 512, 128, seed)
     val = data.loader(data.subset(splits.val, 500 if quick else 2000, seed), 500)
     bn_batches = 2 if quick else 4
-    bn = hold_batches(data.loader(splits.train, 128, shuffle=True, seed=seed), bn_batches)  # the same for every strategy
+    bn = splits.held_batches(bn_batches, seed=seed)  # the same for every strategy
     test = data.loader(data.subset(splits.test, 2000, seed) if quick else splits.test, 1000)
 
     p = plan(model, calib, target=target, on_unreachable="extend", progress=progress)

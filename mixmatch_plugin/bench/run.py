@@ -43,7 +43,7 @@ from .. import baselines, data
 from .._version import __version__
 from ..depth_width import model_hash
 from ..errors import BudgetError, MixMatchError
-from ..evaluate import evaluate, hold_batches, rank, reestimate_bn
+from ..evaluate import evaluate, rank, reestimate_bn
 from ..finetune import finetune
 from ..inventory import inventory
 from ..io import atomic_write_json, read_json
@@ -124,7 +124,7 @@ class _Evaluator:
     def __init__(self, model: torch.nn.Module, scores: Signals, layers: Sequence[Any], bn: Sequence[Any], bn_batches: int) -> None:
         self.model, self.scores, self.layers = model, scores, layers
         self.masker = Masker(model, scores, layers=layers)
-        self.bn, self.bn_batches = bn, bn_batches  # bn: held batches (hold_batches), the same for every strategy
+        self.bn, self.bn_batches = bn, bn_batches  # bn: held batches (Splits.held_batches), the same for every strategy
 
     def masked(self, s: Strategy) -> torch.nn.Module:
         work, _ = self.masker(s)
@@ -232,7 +232,7 @@ def run_model(
         torch.manual_seed(seed)
         calib = splits.calibration(cfg.calib_samples, 128, seed)
         screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), 500)
-        bn = hold_batches(data.loader(splits.train, 128, shuffle=True, seed=seed), cfg.bn_batches) if cfg.bn_batches else []
+        bn = splits.held_batches(cfg.bn_batches, seed=seed)
 
         def fine_tune_order(seed: int = seed) -> Any:  # a fresh loader: every method gets the same batches in the same order
             return data.loader(splits.train, 128, shuffle=True, seed=seed)

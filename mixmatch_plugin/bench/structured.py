@@ -22,7 +22,7 @@ import torch
 
 from .. import data
 from ..errors import MixMatchError
-from ..evaluate import evaluate, hold_batches, reestimate_bn
+from ..evaluate import evaluate, reestimate_bn
 from ..finetune import finetune
 from ..inventory import inventory
 from ..plan import plan
@@ -75,7 +75,7 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
     test_ds = data.subset(splits.test, cfg.test_samples, 0) if cfg.test_samples else splits.test
     test = data.loader(test_ds, 1000)
     # held: every candidate and method re-estimates BatchNorm on the same batches
-    bn = hold_batches(data.loader(splits.train, 128, shuffle=True, seed=seed), cfg.bn_batches) if cfg.bn_batches else []
+    bn = splits.held_batches(cfg.bn_batches, seed=seed)
     scores = compute_signals(model, calib)
 
     def pruned(s: Strategy, verify: bool = False) -> Any:
