@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import gzip
-import itertools
 import logging
 import os
 import struct
@@ -60,7 +59,9 @@ class Splits:
     def held_batches(self, batches: int, batch_size: int = 128, seed: int = 0) -> list[Any]:
         """``batches`` seeded random *training* batches, drawn once and kept: re-estimate BatchNorm of
         every candidate on these, so that all see the same ones (``[]`` for 0)."""
-        return list(itertools.islice(loader(self.train, batch_size, shuffle=True, seed=seed), max(batches, 0)))
+        from .evaluate import hold_batches
+
+        return hold_batches(loader(self.train, batch_size, shuffle=True, seed=seed), batches) if batches > 0 else []
 
     def calibration(self, samples: int = 512, batch_size: int = 64, seed: int = 0) -> DataLoader:
         """A seeded random subset of the *training* split, for signals (never validation or test)."""
