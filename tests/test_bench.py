@@ -276,6 +276,10 @@ def test_older_protocol_keeps_one_shot_rows_of_a_model_without_batchnorm_and_fin
     as_protocol_1(change_mm_by=0.25)
     with pytest.raises(MixMatchError, match=r"rebuilt scores .* rerun with --fresh"):
         run(cfg, tmp_path, cache_dir=tmp_path / "cache", progress=False, name="r")
+    # the tables' header explains protocol 1 only while some model is still measured under it
+    older = json.loads(first.path.read_text())
+    assert "protocol" not in older["models"]["vit"]["config"] and "*protocol 1*" in tables.markdown(older, command="c")
+    assert "*protocol 1*" not in tables.markdown({**older, "models": {"vit": again}}, command="c")
     # a model with BatchNorm has batch-dependent one-shot rows: protocol-1 results are redone whole
     done = {"config": {"train": {}, "ranges": "x", "dense": "w"}, "runs": one_shot + fine_tuned}
     assert _reusable("m", done, {"train": {}, "ranges": "x", "dense": "w", "protocol": PROTOCOL}, has_bn=True) is None
