@@ -58,6 +58,7 @@ from ..signals import Signals, compute_grasp, compute_signals
 from ..strategies import Strategy
 from ..train import TrainConfig, train_cached
 from .models import FULL, QUICK, TINY
+from .tables import protocol_of
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +476,7 @@ def _reusable(
     if done.get("config", {}).get("ranges") != model_cfg["ranges"]:
         logger.warning("%s: the presets now give this model other ranges or bounds than its earlier results had: redone", name)
         return None
-    old = done.get("config", {}).get("protocol", 1)
+    old = protocol_of(done)
     if old != model_cfg.get("protocol", PROTOCOL):
         if has_bn:
             logger.warning("%s: earlier results were measured under benchmark protocol %s (each method drew its own "
