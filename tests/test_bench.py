@@ -32,7 +32,7 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     cfg = tiny_config()
     res = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
     doc = json.loads(res.path.read_text())
-    assert doc["schema"] == "mixmatch.bench/1" and doc["environment"]["torch"]
+    assert doc["schema"] == "mixmatch.bench/1" and doc["environment"]["torch"] and doc["environment"]["cpu"]
     runs = doc["models"]["resnet"]["runs"]
     methods = {r["method"] for r in runs}
     assert {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm_rules", "mm_empirical",
@@ -170,6 +170,8 @@ def test_tables_name_the_build_each_model_was_measured_under():
     assert "measured under torch 2.14.1, 2.15.0," in md.splitlines()[0]
     assert "CPU threads, torch 2.15.0 (dense" in tables.model_table("a", doc["models"]["a"])
     assert "CPU threads, torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
+    doc["models"]["b"]["environment"]["cpu"] = "AMD EPYC"  # recorded since results name the CPU: speeds differ between machines
+    assert "2 CPU threads (AMD EPYC), torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
 
 
 def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from ..inventory import inventory
 from ..plan import plan
 from ..signals import compute_signals
 from ..strategies import Strategy
+from .run import EVAL_BATCH, eval_loaders
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,8 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
     layers = inventory(model)
     x = splits.train.tensors[0][:2]
     calib = splits.calibration(cfg.calib_samples, 128, seed)
-    screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), 500)
-    val = data.loader(data.subset(splits.val, cfg.val_samples, 0) if cfg.val_samples else splits.val, 1000)
-    test_ds = data.subset(splits.test, cfg.test_samples, 0) if cfg.test_samples else splits.test
-    test = data.loader(test_ds, 1000)
+    screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), EVAL_BATCH)
+    val, test = eval_loaders(cfg, splits)
     # held: every candidate and method re-estimates BatchNorm on the same batches
     bn = splits.held_batches(cfg.bn_batches, seed=seed)
     scores = compute_signals(model, calib)

@@ -92,7 +92,8 @@ def _when(model_doc: Mapping[str, Any]) -> str:
             cost += f" + {secs['structured'] / 60:.0f} min of structured rows"
         when = f" on {env['date'][:16]}" if env.get("date") else ""
         build = f", torch {env['torch']}" if env.get("torch") else ""
-        text = f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads{build} (dense training excluded, cached)."
+        cpu = f" ({env['cpu']})" if env.get("cpu") else ""
+        text = f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads{cpu}{build} (dense training excluded, cached)."
     phases = model_doc.get("phase_seconds") or {}
     if phases:  # the mean per seed, largest first
         total: dict[str, float] = {}
