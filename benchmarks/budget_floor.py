@@ -112,9 +112,8 @@ def measure(name: str, cfg: BenchConfig, splits: data.Splits, steps: int = 30) -
         evaluate(work, test)
         test_eval = min(test_eval, time.perf_counter() - t)
     bn_reestimate = 0.0
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in work.modules()):
-        held = splits.held_batches(cfg.bn_batches, seed=0)
-        reestimate_bn(work, held, cfg.bn_batches)
+    held = splits.held_batches(cfg.bn_batches, seed=0)
+    if reestimate_bn(work, held, cfg.bn_batches):  # 0: no BatchNorm, nothing to re-estimate
         t = time.perf_counter()
         reestimate_bn(work, held, cfg.bn_batches)
         bn_reestimate = time.perf_counter() - t

@@ -28,7 +28,7 @@ from ..inventory import inventory
 from ..plan import plan
 from ..signals import compute_signals
 from ..strategies import Strategy
-from .run import EVAL_BATCH, eval_loaders
+from .run import eval_loaders
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
     layers = inventory(model)
     x = splits.train.tensors[0][:2]
     calib = splits.calibration(cfg.calib_samples, 128, seed)
-    screen = data.loader(data.subset(splits.val, cfg.screen_samples, seed), EVAL_BATCH)
-    val, test = eval_loaders(cfg, splits)
+    screen, val, test = eval_loaders(cfg, splits, seed)
     # held: every candidate and method re-estimates BatchNorm on the same batches
     bn = splits.held_batches(cfg.bn_batches, seed=seed)
     scores = compute_signals(model, calib)
