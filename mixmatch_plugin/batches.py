@@ -62,6 +62,23 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``spec`` as a torch device (``None``: the CPU), or a clear error when it is unknown or not on this machine."""
+    try:
+        device = torch.device(spec if spec is not None else "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise MixMatchError(f"unknown device {spec!r} ({str(exc).splitlines()[0]}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MixMatchError(f"device {spec!r}: this torch build or machine has no CUDA GPU; run on the CPU (omit --device)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MixMatchError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0 to "
+                                f"cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise MixMatchError(f"device {spec!r}: only cpu and cuda devices are supported")
+    return device
+
+
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import model_device
 from .data import Splits, loader
 from .errors import MixMatchError
 from .evaluate import evaluate
@@ -119,12 +120,14 @@ def train(
         history, best, first, before = list(state["history"]), dict(state["best"]), int(state["epoch"]), float(state["seconds"])
         logger.info("resuming %s after epoch %d of %d (from %s)", cfg.model, first, cfg.epochs, resume)
     t0 = time.time() - before
+    device = model_device(model)  # the batches follow the model (augmented on the CPU, with the CPU generator)
     for epoch in range(first, cfg.epochs):
         model.train()
         running = 0.0
         for x, y in progress_bar(tl, f"train {epoch + 1}/{cfg.epochs}", enable=progress):
             if cfg.augment:
                 x = _augment(x, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = crit(model(x), y)
             loss.backward()
@@ -165,11 +168,17 @@ def resume_path(cfg: TrainConfig, cache_dir: str | Path | None = None) -> Path:
 
 
 def train_cached(
-    cfg: TrainConfig, splits: Splits, *, cache_dir: str | Path | None = None, progress: bool = True
+    cfg: TrainConfig, splits: Splits, *, cache_dir: str | Path | None = None, progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Return the trained model for ``cfg`` from the cache, training (and caching) it if needed."""
+    """Return the trained model for ``cfg`` from the cache, training (and caching) it if needed.
+
+    The model is on ``device`` (default: the CPU), and so is its training; the checkpoint holds CPU
+    tensors whatever the device. The cache key does not name the device: a checkpoint trained on a
+    GPU has other weights than one trained on the CPU, and the benchmark tells them apart by their hash.
+    """
     path = checkpoint_path(cfg, cache_dir)
-    model = build_model(cfg.model, model_kwargs=cfg.model_kwargs)
+    model = build_model(cfg.model, model_kwargs=cfg.model_kwargs).to(device or "cpu")
     if path.exists():
         try:
             blob = safe_torch_load(path)
@@ -178,7 +187,7 @@ def train_cached(
         except (MixMatchError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             # the cache is ours to rebuild: an unusable entry (another torch version, edited by hand) is trained again
             logger.warning("cached checkpoint %s is unusable (%s): training again", path, str(exc).splitlines()[0][:160])
-            model = build_model(cfg.model, model_kwargs=cfg.model_kwargs)
+            model = build_model(cfg.model, model_kwargs=cfg.model_kwargs).to(device or "cpu")
         else:
             logger.info("loaded cached checkpoint %s", path)
             model.eval()
@@ -188,7 +197,7 @@ def train_cached(
     info["test_accuracy"] = evaluate(model, loader(splits.test, 512)).accuracy
     info["config"] = asdict(cfg)
     info["checkpoint"] = str(path)
-    atomic_torch_save(path, {"state_dict": model.state_dict(), "info": info})
+    atomic_torch_save(path, {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "info": info})
     resume.unlink(missing_ok=True)
     model.eval()
     return model, info

@@ -172,6 +172,8 @@ def test_tables_name_the_build_each_model_was_measured_under():
     assert "CPU threads, torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
     doc["models"]["b"]["environment"]["cpu"] = "AMD EPYC"  # recorded since results name the CPU: speeds differ between machines
     assert "2 CPU threads (AMD EPYC), torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
+    doc["models"]["b"]["environment"].update(gpu="NVIDIA H200", device="cuda")  # `mixmatch bench --device cuda`
+    assert "on GPU NVIDIA H200 (cuda), torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
 
 
 def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mixmatch_plugin as mm
 
@@ -98,6 +99,11 @@ def test_plan_writes_a_loadable_plan(tmp_path):
         (["report", "missing.json"], ["does not exist"]),
         (["bench", "--tiny", "--sparsities", "0.7,1.5"], ["each --sparsities entry", "1.5"]),
         (["bench", "--tiny", "--sparsities", "0.7,x"], ["each --sparsities entry must be a number", "'x'"]),
+        (["bench", "--tiny", "--device", "tpu9"], ["unknown device 'tpu9'", "use cpu, cuda or cuda:N"]),
+        (["bench", "--tiny", "--device", "meta"], ["device 'meta'", "only cpu and cuda"]),
+        pytest.param(["bench", "--tiny", "--device", "cuda"], ["has no CUDA GPU", "omit --device"],
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+        (["bench", "--quick", "--models", "resnet50"], ["unknown benchmark model 'resnet50'", "choose from resnet, swin"]),
     ],
 )
 def test_bad_input_gets_one_clear_line(tmp_path, monkeypatch, args, fragments):

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from .. import baselines, data
 from .._version import __version__
+from ..batches import resolve_device
 from ..depth_width import model_hash
 from ..errors import BudgetError, MixMatchError
 from ..evaluate import evaluate, rank, reestimate_bn
@@ -98,7 +99,8 @@ class BenchConfig:
 
     @classmethod
     def full(cls) -> BenchConfig:
-        return cls(models=dict(FULL), sparsities={"resnet18": (0.7, 0.9, 0.95, 0.98), "vit": (0.5, 0.7, 0.8), "swin": (0.5, 0.7, 0.8)})
+        return cls(models=dict(FULL), sparsities={"resnet18": (0.7, 0.9, 0.95, 0.98), "vit": (0.5, 0.7, 0.8), "swin": (0.5, 0.7, 0.8),
+                                                  "resnet50": (0.7, 0.9, 0.95, 0.98)})  # LARGER's, for --models
 
     @classmethod
     def tiny(cls) -> BenchConfig:
@@ -114,11 +116,12 @@ class BenchConfig:
                    structured_macs=(0.5,))
 
 
-def environment() -> dict[str, Any]:
+def environment(device: torch.device | None = None) -> dict[str, Any]:
     import numpy
     import timm
 
-    return {
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device is not None and device.type == "cuda" else {}
+    return {**gpu, "device": str(device or "cpu"),
         "mixmatch_plugin": __version__, "torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__,
         "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
         "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -412,12 +415,16 @@ def results_path(out: str | Path, *, quick: bool = False, name: str | None = Non
 
 
 def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str | None = None,
-        cache_dir: str | Path | None = None, progress: bool = True, fresh: bool = False, name: str | None = None) -> BenchResult:
+        cache_dir: str | Path | None = None, progress: bool = True, fresh: bool = False, name: str | None = None,
+        device: str | torch.device | None = None) -> BenchResult:
     """Run the benchmark for every model in ``cfg`` and write ``out/<name>.json`` (resumable).
 
     ``name`` defaults to ``quick`` or ``full``. Results are written (atomically) after every
     (model, seed); a rerun with the same configuration skips what is done, unless ``fresh``.
+    ``device`` (default: the CPU) is where the dense models are trained and every method is
+    measured; it is recorded in the environment.
     """
+    dev = resolve_device(device)
     out = Path(out)
     path = results_path(out, quick=quick, name=name)
     common = _cfg_dict(cfg)
@@ -438,11 +445,11 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     doc.setdefault("models", {})
     for kept in doc["models"].values():  # results kept from earlier runs remember where they were measured
         kept.setdefault("environment", doc.get("environment"))
-    doc["environment"] = environment()
+    doc["environment"] = environment(dev)
     splits = data.fashion_mnist(data_dir, seed=0)
     t0 = time.time()
     for name in cfg.models:
-        model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress)
+        model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress, device=dev)
         model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name]),
                      "ranges": ranges_digest(cfg, name, model), "dense": model_hash(model), "protocol": PROTOCOL}
         done = _reusable(name, doc["models"].get(name), model_cfg, info, has_bn=_has_bn(model))

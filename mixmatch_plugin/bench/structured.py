@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import data
+from ..batches import model_device
 from ..errors import MixMatchError
 from ..evaluate import evaluate, reestimate_bn
 from ..finetune import finetune
@@ -69,7 +70,7 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
     seed = cfg.seeds[0]
     model.eval()
     layers = inventory(model)
-    x = splits.train.tensors[0][:2]
+    x = splits.train.tensors[0][:2].to(model_device(model))  # example inputs beside the model
     calib = splits.calibration(cfg.calib_samples, 128, seed)
     screen, val, test = eval_loaders(cfg, splits, seed)
     # held: every candidate and method re-estimates BatchNorm on the same batches

@@ -93,7 +93,8 @@ def _when(model_doc: Mapping[str, Any]) -> str:
         when = f" on {env['date'][:16]}" if env.get("date") else ""
         build = f", torch {env['torch']}" if env.get("torch") else ""
         cpu = f" ({env['cpu']})" if env.get("cpu") else ""
-        text = f" Measured{when}: {cost} on {env.get('threads', '?')} CPU threads{cpu}{build} (dense training excluded, cached)."
+        where = f"GPU {env['gpu']} ({env['device']})" if env.get("gpu") else f"{env.get('threads', '?')} CPU threads{cpu}"
+        text = f" Measured{when}: {cost} on {where}{build} (dense training excluded, cached)."
     phases = model_doc.get("phase_seconds") or {}
     if phases:  # the mean per seed, largest first
         total: dict[str, float] = {}

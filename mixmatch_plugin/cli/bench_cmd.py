@@ -10,7 +10,9 @@ import click
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="Reduced sizes (tiny models, 2 seeds, subsets): a few minutes, for CI.")
-@click.option("--models", default=None, help="Comma-separated subset of the models (resnet18, vit, swin; quick: resnet, swin).")
+@click.option("--models", default=None,
+              help="Comma-separated subset of the models (resnet18, vit, swin; quick: resnet, swin), or the larger resnet50, "
+                   "meant for a GPU (--device cuda).")
 @click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; quick 0,1).")
 @click.option("--sparsities", default=None,
               help="Comma-separated sparsities for every chosen model, replacing its defaults (resnet18: 0.7,0.9,0.95,0.98; "
@@ -25,10 +27,13 @@ import click
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
 @click.option("--tables-only", is_flag=True,
               help="Run nothing: regenerate the tables, plots and --update-readme section from OUT's results.")
+@click.option("--device", default=None,
+              help="Train and measure on this torch device (cpu, cuda, cuda:N; default cpu). The README's tables are CPU runs; "
+                   "the device is recorded with the results.")
 @click.option("--tiny", is_flag=True, hidden=True,
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
 def command(quick: bool, models: str | None, seeds: str | None, sparsities: str | None, out: str, data_dir: str | None, cache_dir: str | None,
-            update_readme: str | None, fresh: bool, no_structured: bool, tables_only: bool, tiny: bool) -> None:
+            update_readme: str | None, fresh: bool, no_structured: bool, tables_only: bool, device: str | None, tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
 
@@ -54,11 +59,14 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
             raise MixMatchError(f"--update-readme {update_readme}: no such file with <!-- bench:start --> / <!-- bench:end --> markers")
     cfg = BenchConfig.tiny() if tiny else BenchConfig.quick() if quick else BenchConfig.full()
     if models:
+        from ..bench.models import LARGER
+
+        known = cfg.models if quick or tiny else {**cfg.models, **LARGER}  # the larger models only when named
         wanted = [m.strip() for m in models.split(",") if m.strip()]
-        unknown = [m for m in wanted if m not in cfg.models]
+        unknown = [m for m in wanted if m not in known]
         if unknown:
-            raise MixMatchError(f"unknown benchmark model {unknown[0]!r}; choose from {', '.join(cfg.models)}")
-        cfg.models = {m: cfg.models[m] for m in wanted}
+            raise MixMatchError(f"unknown benchmark model {unknown[0]!r}; choose from {', '.join(known)}")
+        cfg.models = {m: known[m] for m in wanted}
     if seeds:
         try:
             cfg.seeds = tuple(int(s) for s in seeds.split(","))
@@ -77,7 +85,8 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
         files = tables.plots(doc, Path(out))
         md = tables.markdown(doc, command=cmd + " --tables-only")
     else:
-        res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None)
+        res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None,
+                  device=device)
         files = tables.plots(res.doc, Path(out))
         md = tables.markdown(res.doc, command=cmd)
         res.doc["markdown"] = md
