@@ -215,13 +215,16 @@ def ranges_digest(cfg: BenchConfig, name: str, model: torch.nn.Module | None = N
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def eval_loaders(cfg: BenchConfig, splits: data.Splits, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """The screen, validation and test loaders of a run: the seed's ``cfg.screen_samples`` validation images,
-    and the whole validation and test splits, or the fixed subsets ``cfg`` asks for."""
-    screen = data.subset(splits.val, cfg.screen_samples, seed)
+def eval_loaders(cfg: BenchConfig, splits: data.Splits) -> tuple[DataLoader, DataLoader]:
+    """The validation and test loaders of a run: the whole splits, or the fixed subsets ``cfg`` asks for."""
     val = data.subset(splits.val, cfg.val_samples, 0) if cfg.val_samples else splits.val
     test = data.subset(splits.test, cfg.test_samples, 0) if cfg.test_samples else splits.test
-    return data.loader(screen, EVAL_BATCH), data.loader(val, EVAL_BATCH), data.loader(test, EVAL_BATCH)
+    return data.loader(val, EVAL_BATCH), data.loader(test, EVAL_BATCH)
+
+
+def screen_loader(cfg: BenchConfig, splits: data.Splits, seed: int) -> DataLoader:
+    """The seed's ``cfg.screen_samples`` validation images, on which every candidate strategy is screened."""
+    return data.loader(data.subset(splits.val, cfg.screen_samples, seed), EVAL_BATCH)
 
 
 def run_model(
@@ -238,7 +241,7 @@ def run_model(
     model.eval()
     out: dict[str, Any] = done or {"dense": {k: v for k, v in info.items() if k != "history"}, "history": info.get("history"),
                                    "runs": [], "choices": [], "seconds": {}}
-    _, val, test = eval_loaders(cfg, splits)
+    val, test = eval_loaders(cfg, splits)
     out["dense"]["test_accuracy_eval"] = evaluate(model, test).accuracy
     out["dense"]["val_accuracy_eval"] = evaluate(model, val).accuracy
     for seed in cfg.seeds:
@@ -260,7 +263,7 @@ def run_model(
         clock = _PhaseClock()
         torch.manual_seed(seed)
         calib = splits.calibration(cfg.calib_samples, 128, seed)
-        screen, _, _ = eval_loaders(cfg, splits, seed)
+        screen = screen_loader(cfg, splits, seed)
         bn = splits.held_batches(cfg.bn_batches, seed=seed)
 
         def fine_tune_order(seed: int = seed) -> Any:  # a fresh loader: every method gets the same batches in the same order

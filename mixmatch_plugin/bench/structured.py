@@ -29,7 +29,7 @@ from ..inventory import inventory
 from ..plan import plan
 from ..signals import compute_signals
 from ..strategies import Strategy
-from .run import eval_loaders
+from .run import eval_loaders, screen_loader
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
     layers = inventory(model)
     x = splits.train.tensors[0][:2].to(model_device(model))  # example inputs beside the model
     calib = splits.calibration(cfg.calib_samples, 128, seed)
-    screen, val, test = eval_loaders(cfg, splits, seed)
+    screen, (val, test) = screen_loader(cfg, splits, seed), eval_loaders(cfg, splits)
     # held: every candidate and method re-estimates BatchNorm on the same batches
     bn = splits.held_batches(cfg.bn_batches, seed=seed)
     scores = compute_signals(model, calib)
