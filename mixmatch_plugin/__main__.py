@@ -1,5 +1,5 @@
 """``python -m mixmatch_plugin`` is the ``mixmatch`` command."""
 
-from .cli import main
+from .cli import run
 
-main(prog_name="mixmatch")
+run()

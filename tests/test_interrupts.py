@@ -149,6 +149,32 @@ def test_ctrl_c_inside_exec_under_python_m_still_exits_130(tmp_path):
     assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT inside exec")
     assert r.returncode == 130
 
+LATE = '''
+import atexit, os, signal, click
+from mixmatch_plugin.cli import main, run
+
+@main.command("probe")
+@click.pass_context
+def probe(ctx) -> None:
+    # the work is done and the output written; Ctrl-C arrives while click exits and while Python shuts down
+    ctx.find_root().call_on_close(lambda: os.kill(os.getpid(), signal.SIGINT))
+    atexit.register(os.kill, os.getpid(), signal.SIGINT)
+    print("written")
+
+run()
+'''
+
+
+def test_ctrl_c_after_the_work_is_over_leaves_the_status_alone(tmp_path):
+    """A Ctrl-C that lands once the command has finished (in click's exit path, or in the teardown where
+    CPython puts SIGINT back to the system default) must not turn a complete run into status 1 or -2."""
+    (tmp_path / "mm_late.py").write_text(LATE)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "mm_late", "probe"], env=env, text=True, capture_output=True,
+                       timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "written\n", ""), (r.returncode, r.stderr[-2000:])
+
+
 # ------------------------------------------------------------------------------------ held signals
 def test_a_signal_inside_deferred_waits_for_its_end_and_a_second_one_does_not(default_sigint_in_process):
     from mixmatch_plugin.interrupts import deferred, undeferred

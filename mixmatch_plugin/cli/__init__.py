@@ -4,6 +4,8 @@ Each subcommand lives in its own module and is registered below. Errors a user c
 line (``error: ...``) and exit with status 2; anything unexpected prints one line and exits 1, and
 ``-v`` shows the traceback. Ctrl-C prints ``error: interrupted`` and exits 130; SIGTERM unwinds the
 same way (temp files removed, a running trial marked failed) and exits 143.
+
+:func:`run` is the ``mixmatch`` executable; :func:`main` is the click group, for tests and host programs.
 """
 
 from __future__ import annotations
@@ -43,12 +45,30 @@ def _on_sigint(signum: int, frame: object) -> None:
     raise_or_defer(Interrupted())
 
 
+_OWNS_PROCESS = "owns_process"
+
+
+def _work_over(ctx: click.Context) -> None:
+    """In a process of its own, once the command's work is over, ignore Ctrl-C until the process ends.
+
+    A late Ctrl-C would otherwise land in click's exit path (``Aborted!``, status 1) or in the interpreter's
+    teardown, where CPython has put SIGINT back to the system default and the process dies by the signal
+    (status -2) although its files are complete. Ignored, the command's own status stands. SIGTERM still
+    ends the process. In a host program (``main`` called in-process) the handler is restored instead.
+    """
+    if (ctx.obj or {}).get(_OWNS_PROCESS) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _Group(click.Group):
     """A click group that turns exceptions into one clear line and a non-zero exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                _work_over(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Terminated:
@@ -94,7 +114,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # leave a host's own handler alone
             signal.signal(signal.SIGINT, _on_sigint)
-            ctx.call_on_close(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+            if not ctx.obj.get(_OWNS_PROCESS):  # else _work_over leaves it ignored
+                ctx.call_on_close(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mixmatch_plugin").setLevel(level)
@@ -117,3 +138,8 @@ def _register() -> None:
 
 
 _register()
+
+
+def run() -> None:
+    """The ``mixmatch`` executable: :func:`main` in a process of its own (see :func:`_work_over`)."""
+    main(prog_name="mixmatch", obj={_OWNS_PROCESS: True})
