@@ -175,6 +175,34 @@ def test_ctrl_c_after_the_work_is_over_leaves_the_status_alone(tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (0, "written\n", ""), (r.returncode, r.stderr[-2000:])
 
 
+MID_IMPORT = '''
+import os, signal, sys
+from mixmatch_plugin.cli import run
+
+class CtrlCInNumpy:
+    """Ctrl-C while torch's C++ start-up is loading NumPy (torch swallows the exception there)."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy._core.multiarray":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlCInNumpy())
+run()
+'''
+
+
+def test_ctrl_c_while_torch_loads_is_not_swallowed(tmp_path):
+    """A Ctrl-C during the commands' lazy ``import torch`` stops the command (status 130), instead of
+    vanishing inside torch and leaving NumPy half-imported (the command then ran on, or failed later with
+    an ImportError, status 1)."""
+    (tmp_path / "mm_mid_import.py").write_text(MID_IMPORT)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "mm_mid_import", "inspect", "--model", TINY_SPEC["model"]], env=env,
+                       text=True, capture_output=True, timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
+    assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT while torch loads")
+    assert r.returncode == 130 and r.stdout == "", (r.returncode, r.stdout[-500:])
+
+
 # ------------------------------------------------------------------------------------ held signals
 def test_a_signal_inside_deferred_waits_for_its_end_and_a_second_one_does_not(default_sigint_in_process):
     from mixmatch_plugin.interrupts import deferred, undeferred

@@ -10,6 +10,7 @@ same way (temp files removed, a running trial marked failed) and exits 143.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -20,7 +21,7 @@ import click
 
 from .._version import __version__
 from ..errors import MixMatchError
-from ..interrupts import raise_or_defer
+from ..interrupts import deferred, raise_or_defer
 from ..progress import set_progress
 
 logger = logging.getLogger(__name__)
@@ -122,11 +123,32 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     set_progress(not quiet)
 
 
+def _torch_first(command: click.Command) -> click.Command:
+    """Make ``command`` import torch, with interrupts held, before it does anything else.
+
+    Every command needs torch. Its C++ start-up swallows an exception raised while it loads NumPy and goes
+    on with NumPy half-imported, so a Ctrl-C landing there would surface later as an unrelated
+    ``ImportError`` (status 1). Held, the Ctrl-C is raised as soon as torch is whole (a few seconds at
+    most); a second one still stops the process at once.
+    """
+    callback = command.callback
+    assert callback is not None  # our own commands all have one
+
+    @functools.wraps(callback)
+    def with_torch(*args: Any, **kwargs: Any) -> Any:
+        with deferred():
+            import torch  # noqa: F401
+        return callback(*args, **kwargs)
+
+    command.callback = with_torch
+    return command
+
+
 def _register() -> None:
     from . import inspect_cmd, plan_cmd
 
     for mod in (inspect_cmd, plan_cmd):
-        main.add_command(mod.command)
+        main.add_command(_torch_first(mod.command))
     for name in ("prune_cmd", "search_cmd", "bench_cmd", "demo_cmd", "report_cmd", "prune_dw_cmd"):
         try:
             mod = __import__(f"{__name__}.{name}", fromlist=["command"])
@@ -134,7 +156,7 @@ def _register() -> None:
             if exc.name != f"{__name__}.{name}":
                 raise
             continue
-        main.add_command(mod.command)
+        main.add_command(_torch_first(mod.command))
 
 
 _register()
