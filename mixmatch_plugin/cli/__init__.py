@@ -57,7 +57,7 @@ def _work_over(ctx: click.Context) -> None:
     (status -2) although its files are complete. Ignored, the command's own status stands. SIGTERM still
     ends the process. In a host program (``main`` called in-process) the handler is restored instead.
     """
-    if (ctx.obj or {}).get(_OWNS_PROCESS) and threading.current_thread() is threading.main_thread():
+    if isinstance(ctx.obj, dict) and ctx.obj.get(_OWNS_PROCESS) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
