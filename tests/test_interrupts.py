@@ -157,22 +157,25 @@ from mixmatch_plugin.cli import main, run
 @click.pass_context
 def probe(ctx) -> None:
     # the work is done and the output written; Ctrl-C arrives while click exits and while Python shuts down
-    ctx.find_root().call_on_close(lambda: os.kill(os.getpid(), signal.SIGINT))
-    atexit.register(os.kill, os.getpid(), signal.SIGINT)
-    print("written")
+    sig = getattr(signal, os.environ["LATE_SIGNAL"])
+    ctx.find_root().call_on_close(lambda: os.kill(os.getpid(), sig))
+    atexit.register(os.kill, os.getpid(), sig)
+    print("written", flush=True)
 
 run()
 '''
 
 
-def test_ctrl_c_after_the_work_is_over_leaves_the_status_alone(tmp_path):
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 0), ("SIGTERM", -signal.SIGTERM)])
+def test_a_signal_after_the_work_is_over(tmp_path, sig, code):
     """A Ctrl-C that lands once the command has finished (in click's exit path, or in the teardown where
-    CPython puts SIGINT back to the system default) must not turn a complete run into status 1 or -2."""
+    CPython puts SIGINT back to the system default) must not turn a complete run into status 1 or -2; a
+    late SIGTERM ends the process by the signal, without click's ``Aborted!`` (status 1)."""
     (tmp_path / "mm_late.py").write_text(LATE)
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    env = {**ENV, "LATE_SIGNAL": sig, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "mm_late", "probe"], env=env, text=True, capture_output=True,
                        timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "written\n", ""), (r.returncode, r.stderr[-2000:])
+    assert (r.returncode, r.stdout, r.stderr) == (code, "written\n", ""), (r.returncode, r.stderr[-2000:])
 
 
 MID_IMPORT = '''

@@ -54,11 +54,13 @@ def _work_over(ctx: click.Context) -> None:
 
     A late Ctrl-C would otherwise land in click's exit path (``Aborted!``, status 1) or in the interpreter's
     teardown, where CPython has put SIGINT back to the system default and the process dies by the signal
-    (status -2) although its files are complete. Ignored, the command's own status stands. SIGTERM still
-    ends the process. In a host program (``main`` called in-process) the handler is restored instead.
+    (status -2) although its files are complete. Ignored, the command's own status stands. A late SIGTERM
+    ends the process at once, by the signal, as it would any program (nothing is left to unwind). In a
+    host program (``main`` called in-process) the handlers are restored instead.
     """
     if isinstance(ctx.obj, dict) and ctx.obj.get(_OWNS_PROCESS) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Group(click.Group):
