@@ -127,6 +127,14 @@ def test_prune_killed_at_random_moments_leaves_no_partial_file(prune_plan, tmp_p
             assert all(torch.equal(earlier[k], final[k]) for k in final)
 
 
+def run_probe(tmp_path: Path, source: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run ``source`` as a module under ``python -m`` (as the ``mixmatch`` executable runs), Ctrl-C as in a terminal."""
+    (tmp_path / "mm_probe.py").write_text(source)
+    env = {**ENV, **extra_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "mm_probe", *args], env=env, text=True, capture_output=True,
+                          timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
+
+
 PROBE = '''
 from mixmatch_plugin.cli import main
 
@@ -142,10 +150,7 @@ main(prog_name="mixmatch")
 def test_ctrl_c_inside_exec_under_python_m_still_exits_130(tmp_path):
     """CPython 3.11 under ``python -m`` ends with SIGINT (status -2) if a plain KeyboardInterrupt ever
     escaped an ``exec`` of a string, whatever the program did next; the CLI raises a subclass instead."""
-    (tmp_path / "mm_probe.py").write_text(PROBE)
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "mm_probe", "probe"], env=env, text=True, capture_output=True,
-                       timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
+    r = run_probe(tmp_path, PROBE, "probe")
     assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT inside exec")
     assert r.returncode == 130
 
@@ -171,10 +176,7 @@ def test_a_signal_after_the_work_is_over(tmp_path, sig, code):
     """A Ctrl-C that lands once the command has finished (in click's exit path, or in the teardown where
     CPython puts SIGINT back to the system default) must not turn a complete run into status 1 or -2; a
     late SIGTERM ends the process by the signal, without click's ``Aborted!`` (status 1)."""
-    (tmp_path / "mm_late.py").write_text(LATE)
-    env = {**ENV, "LATE_SIGNAL": sig, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "mm_late", "probe"], env=env, text=True, capture_output=True,
-                       timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
+    r = run_probe(tmp_path, LATE, "probe", LATE_SIGNAL=sig)
     assert (r.returncode, r.stdout, r.stderr) == (code, "written\n", ""), (r.returncode, r.stderr[-2000:])
 
 
@@ -185,7 +187,7 @@ from mixmatch_plugin.cli import run
 class CtrlCInNumpy:
     """Ctrl-C while torch's C++ start-up is loading NumPy (torch swallows the exception there)."""
     def find_spec(self, name, path=None, target=None):
-        if name == "numpy._core.multiarray":
+        if name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # NumPy 2, NumPy 1
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -198,10 +200,7 @@ def test_ctrl_c_while_torch_loads_is_not_swallowed(tmp_path):
     """A Ctrl-C during the commands' lazy ``import torch`` stops the command (status 130), instead of
     vanishing inside torch and leaving NumPy half-imported (the command then ran on, or failed later with
     an ImportError, status 1)."""
-    (tmp_path / "mm_mid_import.py").write_text(MID_IMPORT)
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "mm_mid_import", "inspect", "--model", TINY_SPEC["model"]], env=env,
-                       text=True, capture_output=True, timeout=120, cwd=tmp_path, preexec_fn=default_sigint)
+    r = run_probe(tmp_path, MID_IMPORT, "inspect", "--model", TINY_SPEC["model"])
     assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT while torch loads")
     assert r.returncode == 130 and r.stdout == "", (r.returncode, r.stdout[-500:])
 
