@@ -26,14 +26,17 @@ logger = logging.getLogger(__name__)
 
 _depth = 0
 _pending: BaseException | None = None
+_received: BaseException | None = None  # the last interrupt a handler raised or held, for checkpoint()
 
 
 def raise_or_defer(exc: BaseException) -> None:
     """Raise ``exc`` now, or hold it until the innermost :func:`deferred` section ends.
 
-    For signal handlers. A second call while an interrupt is held raises at once.
+    For signal handlers. A second call while an interrupt is held raises at once. Either way the
+    interrupt is remembered for :func:`checkpoint` until :func:`forget`.
     """
-    global _pending
+    global _pending, _received
+    _received = exc
     if _depth == 0 or _pending is not None:
         _pending = None
         raise exc
@@ -45,6 +48,25 @@ def _raise_pending() -> None:
     exc, _pending = _pending, None
     if exc is not None:
         raise exc
+
+
+def checkpoint() -> None:
+    """Raise again an interrupt that a handler raised but that never ended the work.
+
+    Code outside this project can swallow it: Cython's memoryview set-up wraps an ABC registration in a
+    bare ``except: pass`` in every module that uses memoryviews (SciPy, scikit-learn, pandas,
+    ``numpy.random``), so a Ctrl-C landing while one of them is imported vanishes. Long loops call this
+    at every step (:func:`~mixmatch_plugin.progress.progress_bar` does), so such a Ctrl-C still stops
+    the work at the next step. Inside :func:`deferred` it waits, as the interrupt itself would.
+    """
+    if _received is not None and _depth == 0:
+        raise _received.with_traceback(None)
+
+
+def forget() -> None:
+    """Forget the interrupts seen so far: for whoever owns the handlers, when its work starts and ends."""
+    global _received
+    _received = None
 
 
 class deferred:
@@ -98,8 +120,10 @@ def sigint_defers() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
+    forget()
     signal.signal(signal.SIGINT, _deferring_sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        forget()  # the host program decides what a Ctrl-C that ended the search means for the rest

@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from .interrupts import checkpoint
+
 T = TypeVar("T")
 
 _ENABLED = os.environ.get("MIXMATCH_QUIET", "") not in ("1", "true", "yes")
@@ -18,10 +20,15 @@ def set_progress(enabled: bool) -> None:
 
 
 def progress_bar(it: Iterable[T], desc: str, *, enable: bool = True, total: int | None = None) -> Iterator[T]:
-    """Wrap ``it`` in a tqdm bar when both ``enable`` and the global switch are on."""
-    if not (enable and _ENABLED):
-        yield from it
-        return
-    from tqdm.auto import tqdm
+    """Wrap ``it`` in a tqdm bar when both ``enable`` and the global switch are on.
 
-    yield from tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    Every step is also an interrupt checkpoint (:func:`~mixmatch_plugin.interrupts.checkpoint`): a
+    Ctrl-C that other code swallowed stops the loop at its next step.
+    """
+    if enable and _ENABLED:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    for item in it:
+        checkpoint()
+        yield item

@@ -205,6 +205,35 @@ def test_ctrl_c_while_torch_loads_is_not_swallowed(tmp_path):
     assert r.returncode == 130 and r.stdout == "", (r.returncode, r.stdout[-500:])
 
 
+SWALLOWED = '''
+import abc, os, signal
+from mixmatch_plugin.cli import run
+
+register = abc.ABCMeta.register
+
+def ctrl_c_in_register(cls, subclass):
+    # Cython's memoryview set-up registers its types with collections.abc.Sequence inside a bare
+    # `except: pass` (SciPy, scikit-learn, pandas): a Ctrl-C landing there is swallowed
+    if getattr(subclass, "__name__", "") == "_memoryviewslice" and not os.environ.get("SENT"):
+        os.environ["SENT"] = "1"
+        os.kill(os.getpid(), signal.SIGINT)
+    return register(cls, subclass)
+
+abc.ABCMeta.register = ctrl_c_in_register
+run()
+'''
+
+
+def test_ctrl_c_swallowed_by_a_cython_import_still_stops_the_work(tmp_path):
+    """The Ctrl-C vanishes inside SciPy's import (loading the digits); the signals' loop stops at its first step."""
+    plan = tmp_path / "plan.json"
+    r = run_probe(tmp_path, SWALLOWED, "-q", "plan", "--model", TINY_SPEC["model"], "--model-kwargs",
+                  json.dumps(TINY_SPEC["model_kwargs"]), "--input-shape", "1,16,16", "--calib", "digits",
+                  "--calib-samples", "64", "--out", str(plan))
+    assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT swallowed in a Cython import")
+    assert r.returncode == 130 and not plan.exists(), (r.returncode, r.stdout[-500:])
+
+
 # ------------------------------------------------------------------------------------ held signals
 def test_a_signal_inside_deferred_waits_for_its_end_and_a_second_one_does_not(default_sigint_in_process):
     from mixmatch_plugin.interrupts import deferred, undeferred

@@ -21,7 +21,7 @@ import click
 
 from .._version import __version__
 from ..errors import MixMatchError
-from ..interrupts import deferred, raise_or_defer
+from ..interrupts import deferred, forget, raise_or_defer
 from ..progress import set_progress
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+    forget()  # a Ctrl-C of an earlier command in this process (a host's) is not this one's
+    if not ctx.obj.get(_OWNS_PROCESS):
+        ctx.call_on_close(forget)  # nor is this one's the host's business once the command has ended
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
