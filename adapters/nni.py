@@ -24,7 +24,7 @@ because ``nni.compression.speedup`` warns on import. Everything here follows NNI
 
 :func:`prune` runs NNI's pruner on a copy, then multiplies the masks into the weights itself
 (``unwrap_model()`` restores the dense weights). :func:`speedup` runs ``ModelSpeedup`` inside the
-opt-in compatibility layer :func:`speedup_compat` (see :mod:`mixmatch_plugin.adapters._nni_compat`);
+opt-in compatibility layer :func:`speedup_compat` (see :mod:`mixmatch_plugin.adapters.nni_compat`);
 it works for CNN channel pruning and ViT ``mlp.fc1`` pruning and refuses ViT ``qkv``/``proj``/``fc2``
 masks, which NNI cannot speed up (use the Torch-Pruning adapter for those).
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import math
@@ -40,17 +41,20 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device, to_device
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.inventory import Layer, check_untied, inventory
+from mixmatch_plugin.layers import Layer, check_untied, inventory
+from mixmatch_plugin.planning import PlanOptions, plan
+from mixmatch_plugin.rules import load_rules, preset_for
+from mixmatch_plugin.signals import SIGNALS, SignalName
 from mixmatch_plugin.strategies import Strategy
 
-from ._nni_compat import FIXES, is_active, mask_updaters, speedup_compat
+from .nni_compat import FIXES, is_active, mask_updaters, speedup_compat
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,10 @@ __all__ = [
     "mask_updaters", "prune", "speedup", "speedup_compat",
 ]
 
-PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
+PrunerName = Literal["level", "l1", "l2", "fpgm", "taylor"]
+Mode = Literal["level", "channel"]
+Selector = Literal["op_names", "op_names_re"]
+PRUNERS: tuple[PrunerName, ...] = get_args(PrunerName)
 #: Module class names NNI 3.0's ``PruningSetting`` registry accepts.
 SELECTABLE = (
     "Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
@@ -91,7 +98,7 @@ def _anchored(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
 
-def _entry(names: Sequence[str], ratio: float, selector: str) -> dict[str, Any]:
+def _entry(names: Sequence[str], ratio: float, selector: Selector) -> dict[str, Any]:
     key = "op_names_re" if selector == "op_names_re" else "op_names"
     values = [_anchored(n) for n in names] if selector == "op_names_re" else list(names)
     return {key: values, "sparse_ratio": float(ratio)}
@@ -119,10 +126,10 @@ def config_list(
     strategy: Strategy,
     model: nn.Module | None = None,
     *,
-    mode: str = "level",
+    mode: Mode = "level",
     layers: Sequence[Layer] | None = None,
     example_inputs: Any = None,
-    selector: str = "op_names",
+    selector: Selector = "op_names",
     include_zero: bool = True,
     only: Iterable[str] | None = None,
     fold: str = "mean",
@@ -180,7 +187,7 @@ def config_list(
         ) from None
     inv = {layer.name: layer for layer in inventory(model)}
     check_untied(list(inv.values()), "NNI")
-    groups = tpa.plan_groups(model, strategy, example_inputs, fold=fold, max_ratio=max_ratio)
+    groups = tpa.plan_groups(model, strategy, example_inputs, options=tpa.TPOptions(fold=fold, max_ratio=max_ratio))
     out = []
     gid = 0
     for g in groups:
@@ -276,10 +283,12 @@ def from_uniform(
     *,
     calib: Iterable[Any] | None = None,
     strategy: str = "magnitude:midpoint",
-    mode: str = "level",
+    mode: Mode = "level",
     example_inputs: Any = None,
-    selector: str = "op_names",
-    **plan_kwargs: Any,
+    selector: Selector = "op_names",
+    signals: Sequence[SignalName] | None = None,
+    preset: str = "auto",
+    options: PlanOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Turn a user's uniform ``config_list`` into the Mix-and-Match one: same layers, same overall sparsity.
 
@@ -292,16 +301,16 @@ def from_uniform(
         mode: ``level`` or ``channel`` (see :func:`config_list`).
         example_inputs: for ``mode="channel"``.
         selector: ``op_names`` or ``op_names_re`` (anchored).
-        plan_kwargs: passed to :func:`mixmatch_plugin.plan` (``preset``, ``signals`` ...). The
-            preset's structural constraints other than ``norm`` are switched off unless you pass
-            ``disable_constraints``: your config already says which layers to prune.
+        signals: the plan's signals (default: all three with ``calib``, else magnitude).
+        preset, options: passed to :func:`mixmatch_plugin.plan`. The preset's structural constraints
+            other than ``norm`` are switched off unless you pass ``options``: your config already says
+            which layers to prune.
 
     The overall sparsity is the parameter-weighted mean of the uniform ratios over the covered
     layers, and the plan is budget-matched to it with every uncovered layer kept dense; with
     ``mode="channel"`` the parameter-weighted mean of the group ratios over the covered producers
     equals it up to channel rounding, and a group with an uncovered producer stays dense.
     """
-    import mixmatch_plugin as mm
 
     covered = coverage(config, model)
     if not covered:
@@ -317,15 +326,12 @@ def from_uniform(
     total = sum(layer.params for layer in layers)
     target = pruned / total
     protect = [_anchored(layer.name) for layer in layers if layer.name not in cov and layer.kind != "norm"]
-    plan_kwargs.setdefault("on_unreachable", "extend")
-    if "disable_constraints" not in plan_kwargs:
-        # the user's config already decides which layers are pruned: only "norms stay dense" remains
-        preset = plan_kwargs.get("preset", "auto")
-        rules = mm.load_rules(mm.preset_for(model) if preset == "auto" else preset)
-        plan_kwargs["disable_constraints"] = tuple(c.id for c in rules.constraints if c.id != "norm")
-    if "signals" not in plan_kwargs and calib is None:
-        plan_kwargs["signals"] = ("magnitude",)
-    p = mm.plan(model, calib, target=target, protect=[*plan_kwargs.pop("protect", ()), *protect], **plan_kwargs)
+    if options is None:  # the user's config already decides which layers are pruned: only "norms stay dense" remains
+        rules = load_rules(preset_for(model) if preset == "auto" else preset)
+        options = PlanOptions(disable_constraints=tuple(c.id for c in rules.constraints if c.id != "norm"))
+    options = dataclasses.replace(options, protect=(*options.protect, *protect))
+    p = plan(model, calib, signals=signals or (SIGNALS if calib is not None else ("magnitude",)), target=target,
+             on_unreachable="extend", preset=preset, options=options)
     s = p.strategy(strategy)
     logger.info("from_uniform: %d layers at overall sparsity %.4f -> %s", len(cov), overall, s.name)
     if mode == "level":
@@ -394,7 +400,7 @@ def _taylor_evaluator(calib: Iterable[Any], loss_fn: LossFn | None, max_batches:
 def prune(
     model: nn.Module,
     strategy: Strategy,
-    pruner: str = "level",
+    pruner: PrunerName = "level",
     *,
     example_inputs: Any = None,
     calib: Iterable[Any] | None = None,
@@ -432,7 +438,7 @@ def prune(
     check_untied(inventory(model), "NNI")  # NNI wraps modules one by one: a shared weight would come back untied
     target = model if inplace else copy.deepcopy(model)
     if config is None:
-        mode = "level" if pruner == "level" else "channel"
+        mode: Mode = "level" if pruner == "level" else "channel"
         if mode == "channel" and example_inputs is None:
             raise MixMatchError(f"the {pruner} pruner prunes channels per dependency group: pass example_inputs")
         cfg = config_list(strategy, target, mode=mode, example_inputs=example_inputs, include_zero=False, only=only)
@@ -495,7 +501,7 @@ def _add_coupled_masks(model: nn.Module, masks: dict[str, dict[str, Any]], examp
     if not removed:
         return
     try:
-        from .torch_pruning import coupled_channels
+        from .torch_pruning.verify import coupled_channels
 
         items = coupled_channels(model, removed, example_inputs)
     except Exception as exc:  # the masks stay NNI's own; speedup() verifies what it can
@@ -519,9 +525,9 @@ def _add_coupled_masks(model: nn.Module, masks: dict[str, dict[str, Any]], examp
 def _speedup_blockers(model: nn.Module, masks: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Transformer layers whose masks NNI's speed-up cannot apply (qkv, attention proj, fc2)."""
     try:
-        from .torch_pruning._timm import _timm_classes
+        from .torch_pruning.timm_layers import timm_classes
 
-        known = _timm_classes()
+        known = timm_classes()
         attn_types = known["attention"] + known["window_attention"]
     except ImportError:  # pragma: no cover - torch-pruning missing
         attn_types = ()

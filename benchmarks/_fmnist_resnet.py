@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from mixmatch_plugin.bench.models import FULL
-from mixmatch_plugin.data import Splits
-from mixmatch_plugin.train import TrainConfig, checkpoint_path, train_cached
+from benchmarks.configs import FULL
+from mixmatch_plugin.app.data import Splits
+from mixmatch_plugin.app.train import TrainConfig, checkpoint_path, train_cached
 
 logger = logging.getLogger(__name__)
 

@@ -35,13 +35,14 @@ from pathlib import Path
 
 import torch
 
-from mixmatch_plugin import baselines, data
-from mixmatch_plugin.bench.models import FULL
-from mixmatch_plugin.bench.run import EVAL_BATCH, BenchConfig, environment
-from mixmatch_plugin.evaluate import evaluate, reestimate_bn
-from mixmatch_plugin.finetune import finetune
-from mixmatch_plugin.inventory import inventory
+from benchmarks.configs import FULL
+from benchmarks.run import EVAL_BATCH, BenchConfig, environment
+from mixmatch_plugin import baselines
+from mixmatch_plugin.app import data
+from mixmatch_plugin.evaluation import evaluate, reestimate_bn
+from mixmatch_plugin.finetuning import finetune
 from mixmatch_plugin.io import atomic_write_json, atomic_write_text
+from mixmatch_plugin.layers import inventory
 from mixmatch_plugin.masks import Masker
 from mixmatch_plugin.models import build_model
 from mixmatch_plugin.signals import compute_signals

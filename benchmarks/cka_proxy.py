@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fmnist_resnet import trained_model
 
 import mixmatch_plugin as mm
-from mixmatch_plugin import data
+from mixmatch_plugin.app import data
 from mixmatch_plugin.cka import rank_by_cka
 from mixmatch_plugin.io import atomic_write_json
 

@@ -65,7 +65,7 @@ def measure(step: str, model_spec: str, batches: int, batch: int, size: int) -> 
         extra["budget_seconds"] = time.perf_counter() - t2
         t = time.perf_counter() - t_native  # report native generation time below
     elif step == "empirical":
-        p = mm.plan(model, calib, ranges="empirical")
+        p = mm.plan(model, calib, options=mm.PlanOptions(ranges="empirical"))
         extra["strategies"] = len(p.strategies)
     seconds = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

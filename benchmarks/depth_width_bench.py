@@ -1,6 +1,6 @@
 """Depth, width (uniform), width (Mix-and-Match) and the CKA-chosen mix on a ResNet, Fashion-MNIST.
 
-Every method runs the same loop (:func:`mixmatch_plugin.depth_width.prune_depth_width`) with the same
+Every method runs the same loop (:func:`mixmatch_plugin.adapters.depth_width.prune_depth_width`) with the same
 MACs schedule, so their points line up: each iteration removes the MACs of that iteration's depth
 candidate (the least damaging block by KL divergence), and
 
@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fmnist_resnet import trained_model
 
 import mixmatch_plugin as mm
-from mixmatch_plugin import data
-from mixmatch_plugin.depth_width import DepthWidthConfig, prune_depth_width
+from mixmatch_plugin.adapters.depth_width import DepthWidthConfig, prune_depth_width
+from mixmatch_plugin.app import data
 from mixmatch_plugin.io import atomic_write_json, read_json
 
 METHODS: dict[str, dict[str, Any]] = {  # in run order: the width runs follow the mix run's MACs schedule
@@ -92,7 +92,7 @@ def run_one(method: str, seed: int, model: nn.Module, splits: data.Splits, args:
     res = prune_depth_width(model, example, calib, val, config=cfg, train_loader=train,
                             state_path=Path(args.work) / f"{method}-s{seed}.pt",
                             meta={"model": note, "val": args.val, "calib": args.calib, "batch": args.batch_size},
-                            on_model=on_model)
+                            on_iteration=on_model)
     pruned = copy.deepcopy(res.model)
     before = mm.evaluate(pruned, test).accuracy
     _final_finetune(pruned, train, args.final_steps, args.lr, seed)
@@ -194,7 +194,7 @@ def main() -> None:
     assert got is not None
     model, info, note = got
     print(f"Model: {note}", flush=True)
-    from mixmatch_plugin.depth_width import count_macs
+    from mixmatch_plugin.adapters.depth_width import count_macs
 
     macs, params = count_macs(model, splits.val.tensors[0][:2])
     dense = {"macs": macs, "params": params, "test_accuracy": info["test_accuracy"]}

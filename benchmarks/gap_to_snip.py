@@ -50,17 +50,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixmatch_plugin import baselines, data
+from benchmarks.configs import FULL
+from benchmarks.run import BenchConfig, _choose, _Evaluator, _has_bn
+from mixmatch_plugin import baselines
 from mixmatch_plugin.adapters import optuna as mmo
-from mixmatch_plugin.bench.models import FULL
-from mixmatch_plugin.bench.run import BenchConfig, _choose, _Evaluator, _has_bn
-from mixmatch_plugin.evaluate import evaluate
+from mixmatch_plugin.adapters.optuna.search import quiet, rule_seeds
+from mixmatch_plugin.app import data
+from mixmatch_plugin.app.plots import ranges_plot
+from mixmatch_plugin.app.train import DEFAULT_CACHE, checkpoint_path, train_cached
+from mixmatch_plugin.evaluation import evaluate
 from mixmatch_plugin.io import atomic_write_json, atomic_write_text
-from mixmatch_plugin.plan import Plan, plan
-from mixmatch_plugin.plots import ranges_plot
+from mixmatch_plugin.planning import Plan, PlanOptions, plan
 from mixmatch_plugin.signals import Signals, compute_signals
 from mixmatch_plugin.strategies import Strategy, StrategySpace
-from mixmatch_plugin.train import DEFAULT_CACHE, checkpoint_path, train_cached
 
 VAL_ROWS = ("snip", "snip allocation, magnitude order", "snip in the ranges", "snip in the search space", "best of 30",
             "searched", "best of 30, small-layer clamp off")
@@ -105,8 +107,7 @@ def searched(p: Plan, model: torch.nn.Module, scores: Signals, ev: _Evaluator, s
     """TPE study seeded with the 30 strategies; its top 5 by the subset score re-ranked on all of validation."""
     proxy = mmo.ProxyEvaluator(model, search_val, signals=scores, bn_loader=bn if bn_batches else None, bn_batches=bn_batches)
     t0 = time.perf_counter()
-    res = mmo.search(p, proxy, objective="single", sampler="tpe", sampler_seed=seed,
-                     n_trials=None, total_trials=len(mmo.rule_seeds(p)) + trials, progress=True)
+    res = mmo.search(p, proxy, mmo.SearchOptions(objective="single", sampler="tpe", sampler_seed=seed, n_trials=None, total_trials=len(rule_seeds(p)) + trials), progress=True)
     secs = time.perf_counter() - t0
     ok = sorted((r for r in res.trials if r.feasible), key=lambda r: (-r.accuracy, r.number))[:5]
     finals = sorted(((evaluate(ev.masked(r.strategy), val).accuracy, -r.number, r) for r in ok), key=lambda t: t[:2], reverse=True)
@@ -157,7 +158,7 @@ def run(model_name: str, sparsities: list[float], seeds: list[int], trials: int,
             # the paper's clamp "layers under 10K parameters at most 0.10" is an absolute size: on a small model it
             # pins whole roles (this ViT's 96x96 attention projections); the same plan without it, chosen on validation
             unclamped = plan(model, calib, preset="paper", target=target, on_unreachable="extend", scores=scores,
-                             disable_constraints=["small_layers"])
+                             options=PlanOptions(disable_constraints=("small_layers",)))
             best_unclamped, _ = _choose(ev, unclamped.strategies, screen, val, cfg.top_k)
             cands = {
                 "snip": snip,
@@ -244,7 +245,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.fine_tune < 0:
         ap.error(f"--fine-tune {args.fine_tune}: the number of fine-tuning steps cannot be negative (0 skips fine-tuning)")
-    mmo.quiet()
+    quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

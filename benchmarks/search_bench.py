@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 import mixmatch_plugin as mm
-from mixmatch_plugin import data
 from mixmatch_plugin.adapters import optuna as mmo
+from mixmatch_plugin.adapters.optuna.search import rule_seeds
+from mixmatch_plugin.app import data
 from mixmatch_plugin.io import atomic_write_json
 from mixmatch_plugin.models import build_model
 
@@ -120,14 +121,11 @@ def main() -> None:
     plan.save(out / "plan.json")
 
     ev = mmo.ProxyEvaluator(model, val_loader, signals=plan.signals, bn_loader=train_loader, bn_batches=args.bn_batches)
-    n_seeds = len(mmo.rule_seeds(plan))
+    n_seeds = len(rule_seeds(plan))
     study = args.study or f"bench-{Path(args.model.split(':')[-1]).name}-{args.target:g}"
     storage = args.storage or f"sqlite:///{(out / 'search.db').absolute()}"
     t0 = time.perf_counter()
-    res = mmo.search(
-        plan, ev, storage=storage, study_name=study, objective="single", sampler=args.sampler,
-        sampler_seed=args.sampler_seed, n_trials=None, total_trials=n_seeds + args.trials, progress=True,
-    )
+    res = mmo.search(plan, ev, mmo.SearchOptions(objective="single", sampler=args.sampler, sampler_seed=args.sampler_seed, n_trials=None, total_trials=n_seeds + args.trials), storage=storage, study_name=study, progress=True)
     search_s = time.perf_counter() - t0
     mmo.export(res, out / "plan.json")
     mmo.plot_pareto(res, out / "pareto.png")

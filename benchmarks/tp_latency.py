@@ -46,7 +46,7 @@ def prune_to_macs(model: torch.nn.Module, example: torch.Tensor, want: float, st
     for _ in range(steps):
         target = (lo + hi) / 2
         plan = mm.plan(model, signals=("magnitude",), target=target, on_unreachable="extend")
-        res = mm_tp.prune(model, plan.strategy(strategy), example, round_to=round_to, verify=False)
+        res = mm_tp.prune(model, plan.strategy(strategy), example, options=mm_tp.TPOptions(round_to=round_to, verify=False))
         ratio = res.report.macs_ratio
         if best is None or abs(ratio - want) < abs(best[0].report.macs_ratio - want):
             best = (res, target)
@@ -89,7 +89,7 @@ def main() -> None:
         t_groups, t_prune = res.report.seconds_groups, res.report.seconds_prune
         # one more run with verification, to report the consistency of the benchmarked model
         plan = mm.plan(model, signals=("magnitude",), target=target, on_unreachable="extend")
-        checked = mm_tp.prune(model, plan.strategy(args.strategy), example, round_to=args.round_to)
+        checked = mm_tp.prune(model, plan.strategy(args.strategy), example, options=mm_tp.TPOptions(round_to=args.round_to))
         dense_ms = latency(model, x, args.repeats)
         pruned_ms = latency(res.model, x, args.repeats)
         r = res.report

@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from mixmatch_plugin import data
-from mixmatch_plugin.bench.models import FULL
-from mixmatch_plugin.train import train_cached
+from benchmarks.configs import FULL
+from mixmatch_plugin.app import data
+from mixmatch_plugin.app.train import train_cached
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

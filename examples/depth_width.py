@@ -22,8 +22,8 @@ import timm
 import torch
 
 import mixmatch_plugin as mm
-from mixmatch_plugin.data import digits
-from mixmatch_plugin.depth_width import DepthWidthConfig, load_depth_width, prune_depth_width
+from mixmatch_plugin.adapters.depth_width import DepthWidthConfig, load_depth_width, prune_depth_width
+from mixmatch_plugin.app.data import digits
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     state = Path(args.out) if args.out else folder / "depth_width.pt"
     example = next(iter(calib))[0][:4]
     result = prune_depth_width(model, example, calib, val_loader, config=config, train_loader=train_loader,
-                               state_path=state, on_iteration=lambda e: print(
+                               state_path=state, on_iteration=lambda _model, e: print(
                                    f"iteration {e['iteration']}: kept {e['choice']} ({e['reason']}), "
                                    f"MACs removed {e['macs_reduction']:.1%}"))
     print(result.summary())

@@ -21,7 +21,7 @@ from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin.adapters import nni as mm_nni
-from mixmatch_plugin.data import digits
+from mixmatch_plugin.app.data import digits
 from mixmatch_plugin.models import tiny_resnet
 
 

@@ -16,7 +16,7 @@ import torch
 
 import mixmatch_plugin as mm
 from mixmatch_plugin.adapters import torch_pruning as mm_tp
-from mixmatch_plugin.data import digits
+from mixmatch_plugin.app.data import digits
 
 
 def main() -> None:
@@ -33,21 +33,21 @@ def main() -> None:
     calib = data.calibration(samples=128, batch_size=64, seed=0)
     model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=48 if args.quick else 96,
                               depth=2 if args.quick else 4, num_heads=3, init_values=0.1)
-    mm.finetune(model, {}, train_loader, epochs=2 if args.quick else 15, lr=1e-3, optimizer="adamw")  # dense: no masks
+    mm.finetune(model, {}, train_loader, epochs=2 if args.quick else 15, lr=1e-3, options=mm.FinetuneOptions(optimizer="adamw"))  # dense: no masks
     model.eval()
     print(f"dense accuracy: {mm.evaluate(model, val_loader).accuracy:.4f}")
 
-    plan = mm.plan(model, calib, target=args.target, on_unreachable="extend", disable_constraints=("small_layers",))
+    plan = mm.plan(model, calib, target=args.target, on_unreachable="extend", options=mm.PlanOptions(disable_constraints=("small_layers",)))
     strategy = plan.strategy(args.strategy)
     example = next(iter(calib))[0][:4]
-    result = mm_tp.prune(model, strategy, example, calib=calib, round_to=None)
+    result = mm_tp.prune(model, strategy, example, calib=calib, options=mm_tp.TPOptions(round_to=None))
     print(result.report.summary())
 
     pruned = result.model
     print(f"pruned accuracy (no fine-tuning): {mm.evaluate(pruned, val_loader).accuracy:.4f}")
     blk = pruned.blocks[0].attn
     print(f"block 0 attention: {blk.num_heads} heads x head_dim {blk.head_dim} (attn_dim {blk.attn_dim})")
-    mm.finetune(pruned, {}, train_loader, epochs=1 if args.quick else 5, lr=5e-4, optimizer="adamw")
+    mm.finetune(pruned, {}, train_loader, epochs=1 if args.quick else 5, lr=5e-4, options=mm.FinetuneOptions(optimizer="adamw"))
     print(f"pruned accuracy after fine-tuning: {mm.evaluate(pruned, val_loader).accuracy:.4f}")
 
     # the same ratios, for your own Torch-Pruning pipeline

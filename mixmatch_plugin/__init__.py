@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import BudgetError, MixMatchError, PlanMismatchError, RulesError, SignalError
 
 # The public names are loaded on first use (PEP 562): ``import mixmatch_plugin`` and the ``mixmatch``
-# command start without importing torch, so the command answers --help at once and a Ctrl-C during
-# its start-up is handled by the command (one line, ``error: interrupted``) instead of a traceback.
+# command start without importing torch, so the command answers --help at once. No submodule is named
+# like a function here (``planning`` holds ``plan``, ``layers`` holds ``inventory``), so importing one
+# never hides a function.
 _LAZY = {
     "baselines": ".baselines",
-    **dict.fromkeys(("Metrics", "Ranked", "evaluate", "hold_batches", "rank", "reestimate_bn"), ".evaluate"),
-    **dict.fromkeys(("FinetuneResult", "finetune"), ".finetune"),
-    **dict.fromkeys(("Layer", "inventory"), ".inventory"),
+    **dict.fromkeys(("Metrics", "Ranked", "evaluate", "hold_batches", "rank", "reestimate_bn"), ".evaluation"),
+    **dict.fromkeys(("FinetuneOptions", "FinetuneResult", "finetune"), ".finetuning"),
+    **dict.fromkeys(("Layer", "inventory"), ".layers"),
     **dict.fromkeys(("PruneResult", "apply", "compute_masks", "sparsity_of", "to_torch_prune"), ".masks"),
     "mix_signals": ".mixing",
-    **dict.fromkeys(("Plan", "load_plan", "plan"), ".plan"),
+    **dict.fromkeys(("Plan", "PlanOptions", "load_plan", "plan"), ".planning"),
     **dict.fromkeys(("builtin_presets", "load_rules", "preset_for"), ".rules"),
     **dict.fromkeys(("SIGNALS", "Signals", "compute_grasp", "compute_signals"), ".signals"),
     **dict.fromkeys(("SHAPES", "Strategy", "StrategySpace"), ".strategies"),
@@ -44,12 +43,12 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from . import baselines
-    from .evaluate import Metrics, Ranked, evaluate, hold_batches, rank, reestimate_bn
-    from .finetune import FinetuneResult, finetune
-    from .inventory import Layer, inventory
+    from .evaluation import Metrics, Ranked, evaluate, hold_batches, rank, reestimate_bn
+    from .finetuning import FinetuneOptions, FinetuneResult, finetune
+    from .layers import Layer, inventory
     from .masks import PruneResult, apply, compute_masks, sparsity_of, to_torch_prune
     from .mixing import mix_signals
-    from .plan import Plan, load_plan, plan
+    from .planning import Plan, PlanOptions, load_plan, plan
     from .rules import builtin_presets, load_rules, preset_for
     from .signals import SIGNALS, Signals, compute_grasp, compute_signals
     from .strategies import SHAPES, Strategy, StrategySpace
@@ -69,30 +68,11 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-_SHADOWED = frozenset(n for n, target in _LAZY.items() if target == f".{n}" and n != "baselines")
-
-
-class _Package(types.ModuleType):
-    """The package: ``plan``, ``inventory``, ``evaluate`` and ``finetune`` stay the functions.
-
-    Importing a submodule binds it to its name on the package; those four names belong to the
-    functions of the same name (as with eager imports), so that binding is skipped.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "SHAPES", "SIGNALS", "BudgetError", "FinetuneResult", "Layer", "Metrics", "MixMatchError", "Plan",
-    "PlanMismatchError", "PruneResult", "Ranked", "RulesError", "SignalError", "Signals", "Strategy",
+    "SHAPES", "SIGNALS", "BudgetError", "FinetuneOptions", "FinetuneResult", "Layer", "Metrics", "MixMatchError", "Plan",
+    "PlanMismatchError", "PlanOptions", "PruneResult", "Ranked", "RulesError", "SignalError", "Signals", "Strategy",
     "StrategySpace", "__version__", "apply", "baselines", "builtin_presets", "compute_grasp", "compute_masks",
     "compute_signals", "evaluate", "finetune", "hold_batches", "inventory", "load_plan", "load_rules", "mix_signals", "plan", "preset_for",
     "rank", "reestimate_bn", "sparsity_of", "to_torch_prune",

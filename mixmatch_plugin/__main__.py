@@ -1,5 +1,5 @@
 """``python -m mixmatch_plugin`` is the ``mixmatch`` command."""
 
-from .cli import run
+from mixmatch_plugin.app.cli import run
 
 run()

@@ -26,7 +26,7 @@ import torch
 
 from .budget import exact_counts
 from .errors import MixMatchError
-from .inventory import Layer
+from .layers import Layer
 from .ranges import validate_ratio
 from .signals import Signals
 from .strategies import Strategy

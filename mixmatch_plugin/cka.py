@@ -298,7 +298,7 @@ def rank_by_cka(
     """
     import copy
 
-    from .inventory import inventory
+    from .layers import inventory
     from .masks import MaskCache, apply_masks, compute_masks
     from .progress import progress_bar
     from .signals import compute_signals

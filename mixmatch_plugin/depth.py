@@ -41,7 +41,7 @@ import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("resnet", "convnext", "vit", "swin")
 DEFAULT_MIN_BLOCKS = {"resnet": 2, "convnext": 1, "vit": 1, "swin": 1}
-SCORES = ("kl", "cka")
+BlockScore = Literal["kl", "cka"]
+SCORES: tuple[BlockScore, ...] = get_args(BlockScore)
 SUPPORTED_TEXT = (
     "timm ResNet BasicBlock/Bottleneck without downsample, ConvNeXtBlock, ViT Block/ResPostBlock, "
     "SwinTransformerBlock"
@@ -313,7 +314,7 @@ def score_blocks(
     calib: Iterable[Any],
     blocks: Sequence[str | BlockInfo],
     *,
-    method: str = "kl",
+    method: BlockScore = "kl",
     max_batches: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:

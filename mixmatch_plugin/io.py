@@ -1,22 +1,19 @@
 """Atomic file output and safe loading.
 
-Everything the plugin writes goes through :func:`atomic_write_bytes` (temp file in the same folder,
-``fsync``, then ``os.replace``), so an interrupted run never leaves a half-written file where a good
-one was expected. A temp file is named after its target, host and process
-(``.<name>.<host>-<pid>.<random>.tmp``); one left by a writer that was killed outright (SIGKILL, so
-it could not clean up) is removed by the next write of the same target on that host. Checkpoints are
-read with ``torch.load(weights_only=True)`` only.
+Everything the plugin writes goes through :func:`atomic_write_bytes`: a temp file in the same folder
+(:func:`tempfile.NamedTemporaryFile`), ``fsync``, then :func:`os.replace`, so an interrupted run never
+leaves a half-written file where a good one was expected; the temp file is removed when the write
+fails or is interrupted (a process killed outright may leave one behind, named ``.<target>.*.tmp``).
+Checkpoints are read with ``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
-import re
-import socket
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,78 +25,29 @@ from .errors import MixMatchError
 logger = logging.getLogger(__name__)
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def _mode_for(path: Path) -> int:
-    """The permission bits of the file being replaced, or those a new file gets under the umask."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    try:  # Linux reports it without changing it
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
-    os.umask(umask)
-    return umask
-
-
-def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temp files of ``path`` left by writers on this host that no longer run; return them."""
-    path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
-    removed: list[Path] = []
-    try:
-        entries = list(path.parent.iterdir())
-    except OSError:
-        return removed
-    host = _host()
-    for entry in entries:
-        m = pattern.match(entry.name)
-        if m is None or m["host"] != host or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            entry.unlink()
-            removed.append(entry)
-            logger.info("removed %s, left by an interrupted write", entry)
-    return removed
-
-
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; create parent folders as needed."""
+    """Write ``data`` to ``path`` atomically; create parent folders as needed.
+
+    The file keeps the permission bits of the one it replaces (a new one gets ``0o644``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _mode_for(path))  # mkstemp creates 0600; the result gets what open() would have given it
-        with os.fdopen(fd, "wb") as fh:
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as fh:
+        try:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.fchmod(fh.fileno(), mode)  # NamedTemporaryFile creates 0600
+        except BaseException:
+            fh.close()
+            os.unlink(fh.name)
+            raise
+    try:
+        os.replace(fh.name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(fh.name)
         raise
     logger.debug("wrote %s (%d bytes)", path, len(data))
     return path
@@ -121,9 +69,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
     """``torch.save`` to a temp file, then rename it over ``path``."""
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .batches import LossFn
 from .errors import MixMatchError, PlanMismatchError
-from .inventory import Layer, inventory, weight_of
+from .layers import Layer, inventory, weight_of
 from .signals import Signals, compute_signals
 from .strategies import Strategy
 

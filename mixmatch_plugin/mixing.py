@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .batches import LossFn, default_loss, iterate, model_device, to_device
-from .inventory import Layer, inventory, weight_of
+from .layers import Layer, inventory, weight_of
 from .masks import layer_mask, prune_count
 from .signals import SIGNALS, Signals
 from .strategies import Strategy

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
-
-from .interrupts import checkpoint
 
 T = TypeVar("T")
 
@@ -19,16 +17,10 @@ def set_progress(enabled: bool) -> None:
     _ENABLED = enabled
 
 
-def progress_bar(it: Iterable[T], desc: str, *, enable: bool = True, total: int | None = None) -> Iterator[T]:
-    """Wrap ``it`` in a tqdm bar when both ``enable`` and the global switch are on.
+def progress_bar(it: Iterable[T], desc: str, *, enable: bool = True, total: int | None = None) -> Iterable[T]:
+    """``it`` wrapped in a tqdm bar when both ``enable`` and the global switch are on, else ``it`` itself."""
+    if not (enable and _ENABLED):
+        return it
+    from tqdm.auto import tqdm
 
-    Every step is also an interrupt checkpoint (:func:`~mixmatch_plugin.interrupts.checkpoint`): a
-    Ctrl-C that other code swallowed stops the loop at its next step.
-    """
-    if enable and _ENABLED:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
-    for item in it:
-        checkpoint()
-        yield item
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 from .errors import MixMatchError, RulesError
-from .inventory import Layer
+from .layers import Layer
 from .rules import RuleSet
 
 logger = logging.getLogger(__name__)
 
 Range = tuple[float, float]
-COMBINE = ("rules", "empirical", "union", "intersection")
+RangeSource = Literal["rules", "empirical", "union", "intersection"]
+COMBINE: tuple[RangeSource, ...] = get_args(RangeSource)
 
 
 def _clamp_into(r: Range, c: Range) -> Range:
@@ -62,7 +64,7 @@ def rule_ranges(layers: Sequence[Layer], rules: RuleSet) -> dict[str, Range]:
 
 
 def combine(
-    rules: Mapping[str, Range] | None, empirical: Mapping[str, Range] | None, how: str = "rules"
+    rules: Mapping[str, Range] | None, empirical: Mapping[str, Range] | None, how: RangeSource = "rules"
 ) -> dict[str, Range]:
     """Combine rule and empirical ranges: ``rules``, ``empirical``, ``union`` (hull) or ``intersection``.
 

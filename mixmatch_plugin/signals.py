@@ -18,19 +18,20 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from .batches import LossFn, chunk_batch, default_loss, is_oom, iterate, model_device, to_device
 from .errors import MixMatchError, SignalError
-from .inventory import Layer, check_prunable, inventory, weight_of
+from .layers import Layer, check_prunable, inventory, weight_of
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-SIGNALS = ("magnitude", "gradient", "product")
+SignalName = Literal["magnitude", "gradient", "product"]
+SIGNALS: tuple[SignalName, ...] = get_args(SignalName)
 ALL_SIGNALS = (*SIGNALS, "grasp")
 
 
@@ -211,7 +212,7 @@ def compute_signals(
     calib: Iterable[Any] | None = None,
     *,
     layers: Sequence[Layer] | None = None,
-    signals: Sequence[str] = SIGNALS,
+    signals: Sequence[SignalName] = SIGNALS,
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,
     progress: bool = False,

@@ -30,25 +30,21 @@ Two modes. **native** (``target=None``): the global sparsity is whatever the ran
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .budget import exact_counts, extend_ranges, move_to_budget
 from .errors import MixMatchError
-from .inventory import Layer
+from .layers import Layer
 from .ranges import Range, validate_ratio
 from .signals import SIGNALS, Signals
 
 logger = logging.getLogger(__name__)
 
-SHAPES = (
-    "all-min", "all-max", "midpoint", "alpha-0.3", "sensitivity",
-    "alpha-0.7", "alpha-0.9", "size-proportional", "late-heavy", "early-heavy",
-)
-_FIXED_ALPHA = {"all-min": 0.0, "all-max": 1.0, "midpoint": 0.5, "alpha-0.3": 0.3, "alpha-0.7": 0.7, "alpha-0.9": 0.9}
+OnUnreachable = Literal["error", "extend"]
 
 
 @dataclass
@@ -137,7 +133,7 @@ class StrategySpace:
         bounds: Mapping[str, Range],
         *,
         target: float | None = None,
-        on_unreachable: str = "error",
+        on_unreachable: OnUnreachable = "error",
     ) -> None:
         if on_unreachable not in ("error", "extend"):
             raise MixMatchError(f"on_unreachable must be 'error' or 'extend', got {on_unreachable!r}")
@@ -169,43 +165,11 @@ class StrategySpace:
 
     # ---------------------------------------------------------------------------------- alphas
     def alphas(self, shape: str, signal: str, signals: Signals | None = None) -> dict[str, float]:
-        """Per-group alphas of a named shape (see the module docstring)."""
-        if shape in _FIXED_ALPHA:
-            return dict.fromkeys(self.groups, _FIXED_ALPHA[shape])
-        if shape == "size-proportional":
-            free = [i for idx in self.groups.values() for i in idx]
-            avg = float(self.n[free].mean()) if free else 1.0
-            return {g: min(1.0, 0.1 * float(self.n[idx].mean()) / avg) for g, idx in self.groups.items()}
-        if shape in ("late-heavy", "early-heavy"):
-            depth = self._depth()
-            late = {g: d for g, d in depth.items()}
-            for g, idx in self.groups.items():
-                role = self.layers[idx[0]].role
-                if role == "head":
-                    late[g] = 1.0
-                elif role in ("stem", "embedding"):
-                    late[g] = 0.0
-            return late if shape == "late-heavy" else {g: 1.0 - a for g, a in late.items()}
-        if shape == "sensitivity":
-            if signals is None:
-                raise MixMatchError("the 'sensitivity' shape needs signals (compute_signals(model, calib))")
-            mids = {self.names[i]: float(self.lo[i] + self.hi[i]) / 2 for idx in self.groups.values() for i in idx}
-            dmg = signals.damage(signal, mids)
-            gd = {
-                g: float(np.average([dmg[self.names[i]] for i in idx], weights=self.n[idx]))
-                for g, idx in self.groups.items()
-            }
-            order = sorted(gd, key=lambda g: (gd[g], g))
-            span = max(len(order) - 1, 1)
-            return {g: 1.0 - rank / span if len(order) > 1 else 0.5 for rank, g in enumerate(order)}
-        raise MixMatchError(f"unknown strategy shape {shape!r}; shapes are {', '.join(SHAPES)}")
-
-    def _depth(self) -> dict[str, float]:
-        stages = {g: self.layers[idx[0]].stage for g, idx in self.groups.items()}
-        last = max(stages.values(), default=0)
-        if last > 0:
-            return {g: s / last for g, s in stages.items()}
-        return {g: float(np.mean([self.layers[i].position for i in idx])) for g, idx in self.groups.items()}
+        """Per-group alphas of the shape registered as ``shape`` in :data:`REGISTRY` (see the module docstring)."""
+        fn = REGISTRY.get(shape)
+        if fn is None:
+            raise MixMatchError(f"unknown strategy shape {shape!r}; shapes are {', '.join(REGISTRY)}")
+        return fn(self, signal, signals)
 
     # ------------------------------------------------------------------------------ strategies
     def ratios(self, alphas: Mapping[str, float]) -> np.ndarray:
@@ -262,13 +226,13 @@ class StrategySpace:
         return Strategy(name, signal, ratios, float(k.sum()) / float(n.sum()), info)
 
     def rule_strategies(
-        self, signals: Sequence[str], scores: Signals | None = None, shapes: Sequence[str] = SHAPES
+        self, signals: Sequence[str], scores: Signals | None = None, shapes: Sequence[str] | None = None
     ) -> list[Strategy]:
         """The ten (or ``shapes``) rule strategies for each signal, duplicates dropped with a warning."""
         out: list[Strategy] = []
         for signal in signals:
             kept: list[Strategy] = []
-            for shape in shapes:
+            for shape in shapes or SHAPES:
                 s = self.strategy(f"{signal}:{shape}", signal, self.alphas(shape, signal, scores), {"shape": shape})
                 twin = next((t for t in kept if _same(t, s)), None)
                 if twin is not None:
@@ -283,3 +247,62 @@ class StrategySpace:
 
 def _same(a: Strategy, b: Strategy, tol: float = 1e-9) -> bool:
     return all(abs(a.ratios[k] - b.ratios[k]) <= tol for k in a.ratios)
+
+
+# ------------------------------------------------------------------------------------------ shapes
+#: A shape: ``(space, signal, scores) -> {group: alpha}``, one alpha in [0, 1] per group of ``space.groups``.
+#: The same one-method contract as Torch-Pruning's ``Importance.__call__(group)``.
+Shape = Callable[[StrategySpace, str, "Signals | None"], dict[str, float]]
+
+
+def _fixed(alpha: float) -> Shape:
+    return lambda space, signal, scores: dict.fromkeys(space.groups, alpha)
+
+
+def size_proportional(space: StrategySpace, signal: str, scores: Signals | None) -> dict[str, float]:
+    """The paper's formula: ``alpha_g = min(1, 0.1 * |W_g| / |W_avg|)``."""
+    free = [i for idx in space.groups.values() for i in idx]
+    avg = float(space.n[free].mean()) if free else 1.0
+    return {g: min(1.0, 0.1 * float(space.n[idx].mean()) / avg) for g, idx in space.groups.items()}
+
+
+def late_heavy(space: StrategySpace, signal: str, scores: Signals | None) -> dict[str, float]:
+    """``alpha`` = depth (stage / last stage, else the mean position); heads 1, stems and embeddings 0."""
+    stages = {g: space.layers[idx[0]].stage for g, idx in space.groups.items()}
+    last = max(stages.values(), default=0)
+    out = {}
+    for g, idx in space.groups.items():
+        role = space.layers[idx[0]].role
+        if role == "head":
+            out[g] = 1.0
+        elif role in ("stem", "embedding"):
+            out[g] = 0.0
+        else:
+            out[g] = stages[g] / last if last > 0 else float(np.mean([space.layers[i].position for i in idx]))
+    return out
+
+
+def early_heavy(space: StrategySpace, signal: str, scores: Signals | None) -> dict[str, float]:
+    """The mirror of :func:`late_heavy`: stems and embeddings 1, heads 0."""
+    return {g: 1.0 - a for g, a in late_heavy(space, signal, scores).items()}
+
+
+def sensitivity(space: StrategySpace, signal: str, scores: Signals | None) -> dict[str, float]:
+    """Groups ranked by the score mass the midpoint would remove under ``signal``: least damaged 1, most 0."""
+    if scores is None:
+        raise MixMatchError("the 'sensitivity' shape needs signals (compute_signals(model, calib))")
+    mids = {space.names[i]: float(space.lo[i] + space.hi[i]) / 2 for idx in space.groups.values() for i in idx}
+    dmg = scores.damage(signal, mids)
+    gd = {g: float(np.average([dmg[space.names[i]] for i in idx], weights=space.n[idx])) for g, idx in space.groups.items()}
+    order = sorted(gd, key=lambda g: (gd[g], g))
+    span = max(len(order) - 1, 1)
+    return {g: 1.0 - rank / span if len(order) > 1 else 0.5 for rank, g in enumerate(order)}
+
+
+#: The shapes by name, in the order a plan lists them (the paper's ten, with ``sensitivity`` for its alpha-0.5).
+REGISTRY: dict[str, Shape] = {
+    "all-min": _fixed(0.0), "all-max": _fixed(1.0), "midpoint": _fixed(0.5), "alpha-0.3": _fixed(0.3),
+    "sensitivity": sensitivity, "alpha-0.7": _fixed(0.7), "alpha-0.9": _fixed(0.9),
+    "size-proportional": size_proportional, "late-heavy": late_heavy, "early-heavy": early_heavy,
+}
+SHAPES = tuple(REGISTRY)

@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 @pytest.fixture(scope="session")
 def digits():
-    from mixmatch_plugin import data
+    from mixmatch_plugin.app import data
 
     return data.digits(seed=0)
 

@@ -29,7 +29,7 @@ def search_args(d: Path, *extra: str) -> list[str]:
 
 def worker(d: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
     """Start ``mixmatch -q search ...`` as a separate process (a worker)."""
-    cmd = [sys.executable, "-c", "from mixmatch_plugin.cli import run; run()", "-q", *search_args(d, *extra)]
+    cmd = [sys.executable, "-c", "from mixmatch_plugin.app.cli import run; run()", "-q", *search_args(d, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MIXMATCH_QUIET": "1"}
     out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

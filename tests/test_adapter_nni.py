@@ -52,7 +52,7 @@ def resnet():
 def vit():
     m = small_vit().eval()
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    p = mm.plan(m, signals=("magnitude",), target=0.3, on_unreachable="extend", disable_constraints=("small_layers",))
+    p = mm.plan(m, signals=("magnitude",), target=0.3, on_unreachable="extend", options=mm.PlanOptions(disable_constraints=("small_layers",)))
     return m, x, p
 
 

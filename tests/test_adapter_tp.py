@@ -18,6 +18,8 @@ from torch import nn
 
 import mixmatch_plugin as mm
 from mixmatch_plugin.adapters import torch_pruning as mtp
+from mixmatch_plugin.adapters.torch_pruning.planning import fold_ratio
+from mixmatch_plugin.adapters.torch_pruning.verify import relative_difference
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.strategies import Strategy
 
@@ -59,7 +61,7 @@ def _batches(shape, n=2, bs=8, seed=0):
 def _plan(model, calib, target=0.4):
     rules = mm.load_rules(mm.preset_for(model))
     off = tuple(c for c in ("small_layers",) if c in {x.id for x in rules.constraints})
-    return mm.plan(model, calib, target=target, on_unreachable="extend", disable_constraints=off)
+    return mm.plan(model, calib, target=target, on_unreachable="extend", options=mm.PlanOptions(disable_constraints=off))
 
 
 _CACHE: dict[str, tuple] = {}
@@ -124,7 +126,7 @@ def test_pruned_model_equals_original_with_the_same_channels_zeroed(name, strate
     ref = mtp.zeroed_reference(model, res.removed).eval()
     pruned = res.model.eval()
     with torch.no_grad():
-        err = mtp.relative_difference(pruned(x), ref(x))
+        err = relative_difference(pruned(x), ref(x))
     assert err <= 1e-4, f"{name}/{strategy}: pruned differs from zeroed original by {err:.2e}"
     assert res.report.consistency is not None and res.report.consistency <= 1e-4
 
@@ -185,12 +187,12 @@ def test_one_ratio_per_group_is_the_parameter_weighted_mean_of_its_producers():
 def test_fold_rules():
     t = {"a": 0.2, "b": 0.8}
     w = {"a": 300, "b": 100}
-    assert mtp.fold_ratio(t, w, "mean") == pytest.approx(0.35)
-    assert mtp.fold_ratio(t, w, "min") == 0.2
-    assert mtp.fold_ratio(t, w, "max") == 0.8
-    assert mtp.fold_ratio({}, w, "mean") == 0.0
+    assert fold_ratio(t, w, "mean") == pytest.approx(0.35)
+    assert fold_ratio(t, w, "min") == 0.2
+    assert fold_ratio(t, w, "max") == 0.8
+    assert fold_ratio({}, w, "mean") == 0.0
     with pytest.raises(MixMatchError, match="fold must be"):
-        mtp.fold_ratio(t, w, "median")
+        fold_ratio(t, w, "median")
 
 
 def test_ratio_dict_has_one_leaf_module_key_per_group_and_torch_pruning_realizes_it():
@@ -231,7 +233,7 @@ def test_your_own_metapruner_on_a_vit_with_pruner_kwargs_and_fix_attention():
         assert blk.attn.head_dim == 8 and blk.attn.qkv.out_features == 48
     assert vit(x).shape == (2, 10)
     with pytest.raises(MixMatchError, match="use pruner_kwargs"):
-        mtp.pruning_ratio_dict(vit, s, x, prune_heads=True)
+        mtp.pruning_ratio_dict(vit, s, x, options=mtp.TPOptions(prune_heads=True))
 
 
 def test_pruning_ratio_dict_leaves_the_model_alone():
@@ -267,9 +269,9 @@ def test_trap_a_group_that_would_vanish_is_skipped_silently_by_tp_but_clamped_he
                               pruning_ratio_dict={raw.conv1: 0.99}, ignored_layers=[raw.fc])
     pr.step()
     assert raw.conv1.out_channels == 64  # 0.99 of 64 keeps int(0.64) = 0 channels: TP prunes nothing
-    res = mtp.prune(m, _uniform(m, 0.0, conv1=0.99), X3, max_ratio=0.999)
+    res = mtp.prune(m, _uniform(m, 0.0, conv1=0.99), X3, options=mtp.TPOptions(max_ratio=0.999))
     assert res.model.conv1.out_channels == 1  # round(0.64) = 1 channel, handed to TP exactly
-    res = mtp.prune(m, _uniform(m, 0.0, conv1=0.995), X3, max_ratio=0.999)
+    res = mtp.prune(m, _uniform(m, 0.0, conv1=0.995), X3, options=mtp.TPOptions(max_ratio=0.999))
     g = next(g for g in res.report.groups if g.key == "conv1")
     assert g.clamped == "min-keep" and g.kept == 1 and res.model.conv1.out_channels == 1
 
@@ -280,7 +282,7 @@ def test_trap_max_pruning_ratio_does_not_cap_the_default_ratio():
     tp.pruner.MetaPruner(raw, X3, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.8,
                          max_pruning_ratio=0.5, ignored_layers=[raw.fc]).step()
     assert raw.conv1.out_channels < 32  # not capped at 50 % (TP issue 448)
-    res = mtp.prune(m, _uniform(m, 0.8), X3, max_ratio=0.5)
+    res = mtp.prune(m, _uniform(m, 0.8), X3, options=mtp.TPOptions(max_ratio=0.5))
     for g in res.report.groups:
         assert g.realized <= 0.5 + 1e-9
     assert any(g.clamped == "max_ratio" for g in res.report.groups)
@@ -293,8 +295,8 @@ def test_trap_ignored_layers_drops_types_silently():
                          ignored_layers=[nn.Linear]).step()
     assert raw.fc.out_features < 10  # the classifier lost classes: the type was ignored silently
     with pytest.raises(MixMatchError, match="silently drops types"):
-        mtp.prune(m, _uniform(m, 0.5), X3, ignored_layers=[nn.Linear])
-    res = mtp.prune(m, _uniform(m, 0.5), X3, ignored_layers=[m.conv1])  # instances work
+        mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(ignored_layers=[nn.Linear]))
+    res = mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(ignored_layers=[m.conv1]))  # instances work
     assert res.model.conv1.out_channels == 64 and res.model.fc.out_features == 10
 
 
@@ -305,10 +307,10 @@ def test_trap_round_to_rounds_down_in_tp_and_to_the_nearest_multiple_here():
     tp.pruner.MetaPruner(raw, X3, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.0,
                          pruning_ratio_dict={raw.conv1: r}, round_to=8, ignored_layers=[raw.fc]).step()
     assert raw.conv1.out_channels == 8  # floor
-    res = mtp.prune(m, _uniform(m, 0.0, conv1=r), X3, round_to=8)
+    res = mtp.prune(m, _uniform(m, 0.0, conv1=r), X3, options=mtp.TPOptions(round_to=8))
     assert res.model.conv1.out_channels == 16  # nearest multiple
     model, _, calib, p = family("resnet18")
-    res = mtp.prune(model, p.strategy("magnitude:all-max"), calib[0][0][:2], round_to=8, verify=False)
+    res = mtp.prune(model, p.strategy("magnitude:all-max"), calib[0][0][:2], options=mtp.TPOptions(round_to=8, verify=False))
     for g in res.report.groups:
         assert g.kept % 8 == 0 and g.kept >= 8, g.key
 
@@ -345,7 +347,7 @@ def test_trap_a_failed_step_is_used_up():
     assert raw.conv1.out_channels == 64  # the second step does nothing: the pruner is used up
     before = _state(m)
     with pytest.raises(MixMatchError, match="your model is unchanged"):
-        mtp.prune(m, _uniform(m, 0.5), X3, importance=Broken())
+        mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(importance=Broken()))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert mtp.prune(m, _uniform(m, 0.5), X3).model.conv1.out_channels == 32  # a fresh pruner each call
 
@@ -374,9 +376,9 @@ def test_trap_taylor_needs_a_backward_pass_and_calibration_data():
     with pytest.raises((AttributeError, TypeError)):  # no .grad without loss.backward()
         tp.importance.GroupTaylorImportance()(group)
     with pytest.raises(MixMatchError, match="needs calibration data"):
-        mtp.prune(m, _uniform(m, 0.5), X3, importance="taylor")
+        mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(importance="taylor"))
     calib = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))]
-    res = mtp.prune(m, _uniform(m, 0.5), X3, importance="taylor", calib=calib)
+    res = mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(importance="taylor"), calib=calib)
     assert "BatchNorm" in " ".join(res.report.notes)
     assert all(q.grad is None for q in res.model.parameters())  # calibration gradients are not left behind
 
@@ -416,7 +418,7 @@ def test_vit_attention_attributes_and_scale_after_head_dim_pruning():
         for blk in res.model.blocks:
             blk.attn.fused_attn = fused
         with torch.no_grad():
-            assert mtp.relative_difference(res.model(x), ref(x)) <= 1e-4
+            assert relative_difference(res.model(x), ref(x)) <= 1e-4
 
 
 def test_vit_without_the_scale_fold_changes_the_softmax_temperature():
@@ -434,15 +436,15 @@ def test_vit_without_the_scale_fold_changes_the_softmax_temperature():
             a.qkv.weight[: a.attn_dim].div_(math.sqrt(a.head_dim / 16))
             if a.qkv.bias is not None:
                 a.qkv.bias[: a.attn_dim].div_(math.sqrt(a.head_dim / 16))
-        assert mtp.relative_difference(res.model(x), ref(x)) <= 1e-4
-        assert mtp.relative_difference(broken(x), ref(x)) > 1e-3
+        assert relative_difference(res.model(x), ref(x)) <= 1e-4
+        assert relative_difference(broken(x), ref(x)) > 1e-3
 
 
 def test_vit_whole_head_removal():
     vit = small_vit(num_heads=4, embed_dim=32).eval()
     x = torch.randn(2, 1, 16, 16)
     s = _uniform(vit, 0.0, **{"blocks.0.attn.qkv": 0.5, "blocks.1.attn.qkv": 0.25})
-    res = mtp.prune(vit, s, x, prune_heads=True)
+    res = mtp.prune(vit, s, x, options=mtp.TPOptions(prune_heads=True))
     a0, a1 = res.model.blocks[0].attn, res.model.blocks[1].attn
     assert (a0.num_heads, a1.num_heads) == (2, 3)
     assert a0.head_dim == a1.head_dim == 8  # whole heads go, their width stays
@@ -453,7 +455,7 @@ def test_vit_whole_head_removal():
 def test_swin_whole_head_removal_is_refused():
     sw = small_swin().eval()
     with pytest.raises(MixMatchError, match="whole-head removal is not supported for Swin"):
-        mtp.prune(sw, _uniform(sw, 0.3), torch.randn(2, 1, 28, 28), prune_heads=True)
+        mtp.prune(sw, _uniform(sw, 0.3), torch.randn(2, 1, 28, 28), options=mtp.TPOptions(prune_heads=True))
 
 
 def test_swin_patch_merging_and_relative_position_tables():
@@ -529,11 +531,11 @@ def test_bad_arguments_are_one_line_errors():
     m = TinyCNN().eval()
     s = _uniform(m, 0.3)
     with pytest.raises(MixMatchError, match="fold must be"):
-        mtp.prune(m, s, X3, fold="median")
+        mtp.prune(m, s, X3, options=mtp.TPOptions(fold="median"))
     with pytest.raises(MixMatchError, match="round_to"):
-        mtp.prune(m, s, X3, round_to=0)
+        mtp.prune(m, s, X3, options=mtp.TPOptions(round_to=0))
     with pytest.raises(MixMatchError, match="max_ratio"):
-        mtp.prune(m, s, X3, max_ratio=1.0)
+        mtp.prune(m, s, X3, options=mtp.TPOptions(max_ratio=1.0))
     with pytest.raises(MixMatchError, match="does not run on example_inputs"):
         mtp.prune(m, s, torch.randn(2, 5, 16, 16))
     bad = _uniform(m, 0.3)

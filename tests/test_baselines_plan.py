@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mixmatch_plugin as mm
-from mixmatch_plugin import data
+from mixmatch_plugin.app import data
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.strategies import global_sparsity
 

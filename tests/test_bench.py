@@ -8,11 +8,11 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from mixmatch_plugin import data
-from mixmatch_plugin.bench import tables
-from mixmatch_plugin.bench.run import PROTOCOL, BenchConfig, _keep_copy, _reusable, run
+from benchmarks import tables
+from benchmarks.run import PROTOCOL, BenchConfig, _keep_copy, _reusable, run
+from mixmatch_plugin.app import data
+from mixmatch_plugin.app.train import TrainConfig
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.train import TrainConfig
 
 pytestmark = pytest.mark.skipif(
     not data.has_fashion_mnist() and os.environ.get("CI") != "true",
@@ -51,7 +51,7 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     assert {"signals", "strategies", "validation choice", "one-shot evaluation", "oracle diagnostic", "fine-tuning",
             "noise floor (reseeded fine-tune)"} <= set(phases)
     assert 0.5 * doc["models"]["resnet"]["seconds"]["0"] <= sum(phases.values()) <= doc["models"]["resnet"]["seconds"]["0"] + 0.5
-    md = tables.markdown(doc, command="mixmatch bench --quick")
+    md = tables.markdown(doc, command="python -m benchmarks --quick")
     assert "noise floor" in md and "| 80% |" in md and "Minutes per seed by phase (mean of 1): " in md
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
@@ -63,16 +63,16 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     # --tables-only regenerates the tables and README section from the saved file, runs and writes nothing else
     from click.testing import CliRunner
 
-    from mixmatch_plugin.cli import main
+    from benchmarks.cli import command
 
     saved = res.path.read_bytes()
-    r = CliRunner().invoke(main, ["-q", "bench", "--quick", "--tables-only", "--models", "resnet", "--out", str(tmp_path / "out"),
+    r = CliRunner().invoke(command, ["-q", "--quick", "--tables-only", "--models", "resnet", "--out", str(tmp_path / "out"),
                                   "--update-readme", str(readme)])
     assert r.exit_code == 0, r.output
     assert res.path.read_bytes() == saved
     text = readme.read_text()
     assert "--tables-only" in text and "Preliminary: 1 seed(s)" in text and "| 80% |" in text
-    r = CliRunner().invoke(main, ["bench", "--quick", "--tables-only", "--out", str(tmp_path / "empty")])
+    r = CliRunner().invoke(command, ["--quick", "--tables-only", "--out", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "no results at" in r.output
     # a rerun finds the seed done: nothing recomputed, nothing duplicated
     again = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
@@ -104,7 +104,7 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
 
 
 def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
-    from mixmatch_plugin.bench import tables
+    from benchmarks import tables
 
     def runs(method, accs, regime="one-shot"):
         return [{"regime": regime, "sparsity": 0.8, "method": method, "seed": i, "test_accuracy": a} for i, a in enumerate(accs)]
@@ -124,7 +124,7 @@ def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
 
 
 def test_one_seed_is_not_judged_a_win_or_a_loss():
-    from mixmatch_plugin.bench import tables
+    from benchmarks import tables
 
     doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90},
            "runs": [{"regime": "one-shot", "sparsity": 0.9, "method": m, "seed": 0, "test_accuracy": a}
@@ -144,7 +144,7 @@ def test_one_seed_is_not_judged_a_win_or_a_loss():
 
 
 def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing():
-    from mixmatch_plugin.bench import tables
+    from benchmarks import tables
 
     runs = [{"regime": "fine-tuned", "sparsity": 0.5, "method": m, "seed": i, "test_accuracy": a}
             for m, accs in (("mm", [0.905, 0.906]), ("uniform", [0.91, 0.912]), ("lamp", [0.80, 0.81]))
@@ -158,7 +158,7 @@ def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing()
 
 def test_tables_name_the_build_each_model_was_measured_under():
     """Models kept from an earlier run keep their environment: the header names every torch build, each model's line its own."""
-    from mixmatch_plugin.bench import tables
+    from benchmarks import tables
 
     def model(torch_version):
         runs = [{"regime": "one-shot", "sparsity": 0.5, "method": m, "seed": 0, "test_accuracy": 0.8} for m in ("mm", "lamp")]
@@ -166,19 +166,19 @@ def test_tables_name_the_build_each_model_was_measured_under():
                 "environment": {"torch": torch_version, "timm": "1.0.31", "threads": 2, "date": "2026-12-02 17:00:00"}}
 
     doc = {"environment": {"torch": "2.14.1", "timm": "1.0.31"}, "config": {}, "models": {"a": model("2.15.0"), "b": model("2.14.1")}}
-    md = tables.markdown(doc, command="mixmatch bench --tables-only")
+    md = tables.markdown(doc, command="python -m benchmarks --tables-only")
     assert "measured under torch 2.14.1, 2.15.0," in md.splitlines()[0]
     assert "CPU threads, torch 2.15.0 (dense" in tables.model_table("a", doc["models"]["a"])
     assert "CPU threads, torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
     doc["models"]["b"]["environment"]["cpu"] = "AMD EPYC"  # recorded since results name the CPU: speeds differ between machines
     assert "2 CPU threads (AMD EPYC), torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
-    doc["models"]["b"]["environment"].update(gpu="NVIDIA H200", device="cuda")  # `mixmatch bench --device cuda`
+    doc["models"]["b"]["environment"].update(gpu="NVIDIA H200", device="cuda")  # `python -m benchmarks --device cuda`
     assert "on GPU NVIDIA H200 (cuda), torch 2.14.1 (dense" in tables.model_table("b", doc["models"]["b"])
 
 
 def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(tmp_path, monkeypatch):
+    from benchmarks.run import ranges_digest
     from mixmatch_plugin import rules as rules_module
-    from mixmatch_plugin.bench.run import ranges_digest
 
     cfg = tiny_config()
     before = ranges_digest(cfg, "resnet")
@@ -204,8 +204,8 @@ def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(t
 def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
     import torch
 
-    from mixmatch_plugin.depth_width import model_hash
-    from mixmatch_plugin.train import train_cached
+    from mixmatch_plugin.adapters.depth_width import model_hash
+    from mixmatch_plugin.app.train import train_cached
 
     tc = tiny_config().models["resnet"]
     splits = data.fashion_mnist(None, seed=0)
@@ -233,8 +233,8 @@ def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
 
 def test_every_method_of_a_seed_gets_the_same_batches():
     """The same strategy fine-tuned twice in a seed scores the same: BatchNorm and fine-tune batches do not depend on the turn."""
-    from mixmatch_plugin.bench.run import run_model
-    from mixmatch_plugin.train import train_cached
+    from benchmarks.run import run_model
+    from mixmatch_plugin.app.train import train_cached
 
     cfg = replace(BenchConfig.tiny(), seeds=(0,), bn_batches=1, finetune_steps=6, finetune_methods=("uniform", "mm", "uniform"))
     splits = data.fashion_mnist(None, seed=0)

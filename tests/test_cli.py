@@ -31,10 +31,20 @@ def invoke(*args: str) -> subprocess.CompletedProcess:
     """``mixmatch -q ARGS`` in this process, with the exit status and the two streams ``run`` reports."""
     from click.testing import CliRunner
 
-    from mixmatch_plugin.cli import main
+    from mixmatch_plugin.app.cli import main
 
     r = CliRunner().invoke(main, ["-q", *args], prog_name="mixmatch")
     return subprocess.CompletedProcess(["mixmatch", "-q", *args], r.exit_code, r.stdout, r.stderr)
+
+
+def invoke_bench(*args: str) -> subprocess.CompletedProcess:
+    """``python -m benchmarks -q ARGS`` in this process."""
+    from click.testing import CliRunner
+
+    from benchmarks.cli import command
+
+    r = CliRunner().invoke(command, ["-q", *args], prog_name="python -m benchmarks")
+    return subprocess.CompletedProcess(["python", "-m", "benchmarks", *args], r.exit_code, r.stdout, r.stderr)
 
 
 def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -49,7 +59,7 @@ def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str) -> No
 def test_every_subcommand_help_has_an_example():
     top = run("--help")
     assert top.returncode == 0
-    commands = [c for c in ("inspect", "plan", "demo", "report", "prune", "search", "bench", "prune-dw") if f"  {c} " in top.stdout]
+    commands = [c for c in ("inspect", "plan", "demo", "report", "prune", "search", "prune-dw") if f"  {c} " in top.stdout]
     assert {"inspect", "plan", "demo", "report"} <= set(commands)
     for c in commands:
         h = run(c, "--help")
@@ -88,7 +98,7 @@ def test_plan_writes_a_loadable_plan(tmp_path):
         (["plan", *TINY, "--calib", "none", "--signals", "magnitude", "--target", "nan"], ["[0, 1)"]),
         (["plan", "--model", "no_such_pkg.models:net"], ["cannot import module 'no_such_pkg.models'"]),
         (["plan", "--model", "timm:resnet_nonexistent"], ["timm has no model"]),
-        (["plan", *TINY[:2], "--model-kwargs", "{width: 8"], ["--model-kwargs is not valid JSON"]),
+        (["plan", *TINY[:2], "--model-kwargs", "{width: 8"], ["'--model-kwargs'", "not valid JSON"]),
         (["plan", *TINY, "--calib", "none"], ["need calibration data"]),
         (["plan", *TINY, "--calib", "none", "--signals", "magnitude", "--no-constraint", "colour"], ["unknown constraint 'colour'"]),
         (["plan", *TINY, "--calib", "none", "--signals", "magnitude", "--protect", "^nope$"], ["matches no layer"]),
@@ -97,18 +107,22 @@ def test_plan_writes_a_loadable_plan(tmp_path):
         (["plan", *TINY, "--calib", "none", "--signals", "magnitude", "--target", "0.99", "--extend-ranges"], ["hard bounds"]),
         (["inspect", *TINY, "--role", "^fc$=mlp"], ["unknown role"]),
         (["report", "missing.json"], ["does not exist"]),
-        (["bench", "--tiny", "--sparsities", "0.7,1.5"], ["each --sparsities entry", "1.5"]),
-        (["bench", "--tiny", "--sparsities", "0.7,x"], ["each --sparsities entry must be a number", "'x'"]),
-        (["bench", "--tiny", "--device", "tpu9"], ["unknown device 'tpu9'", "use cpu, cuda or cuda:N"]),
-        (["bench", "--tiny", "--device", "meta"], ["device 'meta'", "only cpu and cuda"]),
-        pytest.param(["bench", "--tiny", "--device", "cuda"], ["has no CUDA GPU", "omit --device"],
+        (["python -m benchmarks", "--tiny", "--sparsities", "0.7,1.5"], ["each --sparsities entry", "1.5"]),
+        (["python -m benchmarks", "--tiny", "--sparsities", "0.7,x"], ["each --sparsities entry must be a number", "'x'"]),
+        (["python -m benchmarks", "--tiny", "--device", "tpu9"], ["unknown device 'tpu9'", "use cpu, cuda or cuda:N"]),
+        (["python -m benchmarks", "--tiny", "--device", "meta"], ["device 'meta'", "only cpu and cuda"]),
+        pytest.param(["python -m benchmarks", "--tiny", "--device", "cuda"], ["has no CUDA GPU", "omit --device"],
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
-        (["bench", "--quick", "--models", "resnet50"], ["unknown benchmark model 'resnet50'", "choose from resnet, swin"]),
+        (["python -m benchmarks", "--quick", "--models", "resnet50"], ["unknown benchmark model 'resnet50'", "choose from resnet, swin"]),
+        (["python -m benchmarks", "--tiny", "--update-readme", "NOPE.md"], ["no such file"]),
     ],
 )
 def test_bad_input_gets_one_clear_line(tmp_path, monkeypatch, args, fragments):
     monkeypatch.chdir(tmp_path)
-    p = invoke(*args, "--out", str(tmp_path / "x.json")) if args[0] == "plan" else invoke(*args)
+    if args[0] == "python -m benchmarks":
+        p = invoke_bench(*args[1:])
+    else:
+        p = invoke(*args, "--out", str(tmp_path / "x.json")) if args[0] == "plan" else invoke(*args)
     assert_one_line_error(p, *fragments)
     assert not (tmp_path / "x.json").exists()
 

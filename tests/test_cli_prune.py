@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from mixmatch_plugin.adapters import torch_pruning as mtp
 from mixmatch_plugin.adapters.artifact import load_pruned
-from mixmatch_plugin.cli import main
-from mixmatch_plugin.plan import load_plan
+from mixmatch_plugin.app.cli import main
+from mixmatch_plugin.planning import load_plan
 
 from .helpers import small_vit
 
@@ -75,7 +75,7 @@ def test_prune_tp_vit_rebuilds_attention(tmp_path):
         assert a.qkv.out_features == 3 * a.num_heads * a.head_dim and a.scale == pytest.approx(a.head_dim ** -0.5)
     original = small_vit().eval()
     p = load_plan(plan)
-    direct = mtp.prune(original, p.strategy("magnitude:all-max"), torch.zeros(2, 1, 16, 16), verify=False)
+    direct = mtp.prune(original, p.strategy("magnitude:all-max"), torch.zeros(2, 1, 16, 16), options=mtp.TPOptions(verify=False))
     direct.model.load_state_dict(raw["state_dict"])
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mixmatch_plugin.cli import main
+from mixmatch_plugin.app.cli import main
 
 pytest.importorskip("torch_pruning")
 pytest.importorskip("timm")

@@ -12,7 +12,7 @@ pytest.importorskip("torch_pruning")
 
 import mixmatch_plugin as mm
 from mixmatch_plugin import depth
-from mixmatch_plugin.depth_width import (
+from mixmatch_plugin.adapters.depth_width import (
     FORMAT,
     DepthWidthConfig,
     count_macs,
@@ -63,7 +63,7 @@ def full_run(trained, example, calib, digits_loaders, tmp_path_factory):
     before = copy.deepcopy(trained.state_dict())
     seen = []
     res = prune_depth_width(trained, example, calib, val, config=CFG, train_loader=train, state_path=path,
-                            meta={"test": "full"}, on_iteration=seen.append)
+                            meta={"test": "full"}, on_iteration=lambda _m, e: seen.append(e))
     return res, path, before, seen
 
 
@@ -95,7 +95,7 @@ def test_width_candidate_removes_the_asked_macs_through_the_tp_adapter(trained, 
     macs0, _ = count_macs(trained, example)
     before = copy.deepcopy(trained.state_dict())
     want = round(0.25 * macs0)
-    cand = width_candidate(trained, want, example, allocation=allocation, macs_tolerance=0.02)
+    cand = width_candidate(trained, want, example, config=DepthWidthConfig(0.5, allocation=allocation, macs_tolerance=0.02))
     assert cand is not None
     assert abs(cand.mismatch) <= 0.05, cand.mismatch
     assert cand.removed == macs0 - count_macs(cand.model, example)[0]

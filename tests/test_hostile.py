@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import mixmatch_plugin as mm
-from mixmatch_plugin.cli import main
+from mixmatch_plugin.app.cli import main
 from mixmatch_plugin.errors import MixMatchError, PlanMismatchError
 
 from .helpers import MLP, tied_mlp
@@ -78,7 +78,7 @@ def files(tmp_path_factory):
     doc = json.loads(good)
     doc["layers"][2]["params"] = "many"
     (d / "bad_layer.json").write_text(json.dumps(doc))
-    tied = mm.plan(tied_mlp(), signals=("magnitude",), target=0.3, on_unreachable="extend", disable_constraints=("small_layers",))
+    tied = mm.plan(tied_mlp(), signals=("magnitude",), target=0.3, on_unreachable="extend", options=mm.PlanOptions(disable_constraints=("small_layers",)))
     tied.meta["model_spec"] = {"model": "tests.helpers:tied_mlp", "model_kwargs": "{}", "input_shape": [1, 16, 16]}
     tied.save(d / "tied.json")
     torch.save({"state_dict": model.state_dict(), "extra": Payload(d / "PWNED")}, d / "evil.pt")
@@ -134,7 +134,6 @@ def _cases(d: Path, out: Path) -> dict[str, tuple[list[str], list[str]]]:
                                   "--target", "-0.2", "--out", o], ["[0, 1)"]),
         "demo target of one": (["demo", "--target", "1.0", "--out", o], ["[0, 1)"]),
         "demo NaN target": (["demo", "--target", "nan", "--out", o], ["[0, 1)"]),
-        "bench missing README": (["bench", "--tiny", "--update-readme", str(d / "NOPE.md"), "--out", o], ["no such file"]),
     }
 
 
@@ -255,13 +254,19 @@ def test_impossible_sparsities_are_refused_everywhere(files, bad):
         ({"rules": [{"range": [0.1, 0.2]}], "max_layer_sparsity": "lots"}, "'max_layer_sparsity' must be a finite number"),
         ({"rules": [{"range": [0.1, 0.2]}], "max_layer_sparsity": 1.0}, r"must lie in \(0, 1\)"),
         ({"source": "empirical", "empirical": {"sparsities": [0.5, 1.0]}}, r"must lie in \(0, 1\)"),
-        ({"source": "empirical", "empirical": {"methods": ["rm -rf"]}}, "'empirical.methods'"),
+        ({"source": "empirical", "empirical": {"methods": "snip"}}, "'empirical.methods'"),
         ({"rules": [{"range": [float("nan"), 0.2]}]}, "must satisfy 0 <= low <= high < 1"),
     ],
 )
 def test_hostile_rule_values_are_refused(rules, match):
     with pytest.raises(mm.RulesError, match=match):
         mm.load_rules(rules)
+
+
+def test_an_unknown_empirical_method_is_refused_where_the_ranges_are_made(tiny_resnet, calib):
+    rules = {"extends": "generic", "source": "empirical", "empirical": {"methods": ["rm -rf"]}}
+    with pytest.raises(mm.RulesError, match=r"<rules mapping>: 'empirical\.methods' names 'rm -rf'"):
+        mm.plan(tiny_resnet, calib, preset=rules)
 
 
 def test_global_baselines_never_empty_a_layer():
@@ -328,7 +333,7 @@ def test_tied_weights_are_pruned_once_by_masks_and_refused_by_the_pruners():
     model = tied_mlp().eval()
     layers = mm.inventory(model)
     assert [layer.aliases for layer in layers if layer.aliases] == [("c",)]
-    p = mm.plan(model, signals=("magnitude",), target=0.4, on_unreachable="extend", disable_constraints=("small_layers",))
+    p = mm.plan(model, signals=("magnitude",), target=0.4, on_unreachable="extend", options=mm.PlanOptions(disable_constraints=("small_layers",)))
     res = p.apply(model, p.strategies[0])
     assert res.model.c.weight is res.model.b.weight  # still tied in the pruned copy
     assert res.global_sparsity == pytest.approx(p.strategies[0].global_sparsity)
@@ -350,27 +355,11 @@ def test_model_without_conv_or_linear_is_refused():
 
 
 # ------------------------------------------------------------------------------------- file output
-def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
-    from mixmatch_plugin.io import _host, atomic_write_json
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    dead_pid = int(dead.stdout)
-    stale = tmp_path / f".plan.json.{_host()}-{dead_pid}.abcd1234.tmp"
-    live = tmp_path / f".plan.json.{_host()}-{os.getppid()}.efgh5678.tmp"  # a writer still running: kept
-    elsewhere = tmp_path / f".plan.json.otherhost-{dead_pid}.ijkl9012.tmp"  # another machine's: kept
-    other_target = tmp_path / f".other.json.{_host()}-{dead_pid}.mnop3456.tmp"  # another file's: kept
-    for f in (stale, live, elsewhere, other_target):
-        f.write_bytes(b"half a fi")
-    atomic_write_json(tmp_path / "plan.json", {"ok": True})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (tmp_path / "plan.json", live, elsewhere, other_target))
-    assert json.loads((tmp_path / "plan.json").read_text()) == {"ok": True}
-
-
 def test_outputs_get_ordinary_permissions(tmp_path):
-    from mixmatch_plugin.io import _umask, atomic_write_text
+    from mixmatch_plugin.io import atomic_write_text
 
     path = atomic_write_text(tmp_path / "report.md", "x")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()  # not mkstemp's 0600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not the temp file's 0600
     path.chmod(0o640)
     atomic_write_text(path, "y")
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # a replaced file keeps its mode
@@ -378,7 +367,7 @@ def test_outputs_get_ordinary_permissions(tmp_path):
 
 def test_large_inputs_are_resized_lazily(digits):
     """A 3x224x224 --input-shape used to resize a whole split up front (33 GB for Fashion-MNIST)."""
-    from mixmatch_plugin import data
+    from mixmatch_plugin.app import data
 
     train = data.fit_input(digits.train, (3, 64, 64))
     assert isinstance(train, data.Resized) and train.tensors[0].shape[1:] == (1, 16, 16)  # stored small
@@ -389,20 +378,20 @@ def test_large_inputs_are_resized_lazily(digits):
 
 
 def test_the_package_and_the_command_start_without_torch():
-    code = "import sys, mixmatch_plugin, mixmatch_plugin.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, mixmatch_plugin, mixmatch_plugin.app.cli; assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     # importing a submodule does not replace the function of the same name on the package
-    import mixmatch_plugin.finetune
-    import mixmatch_plugin.plan  # noqa: F401 - imported for what the import does to the package, not for a name
+    import mixmatch_plugin.finetuning
+    import mixmatch_plugin.planning  # noqa: F401 - imported for what the import does to the package, not for a name
 
     assert all(callable(f) for f in (mm.plan, mm.inventory, mm.evaluate, mm.finetune))
 
 
 def test_an_unusable_cached_checkpoint_is_trained_again(digits, tmp_path):
     """The checkpoint cache is the plugin's own: a broken entry is rebuilt, not a dead end."""
+    from mixmatch_plugin.app.train import TrainConfig, train_cached
     from mixmatch_plugin.io import safe_torch_load
-    from mixmatch_plugin.train import TrainConfig, train_cached
 
     cfg = TrainConfig(model=TINY, model_kwargs={"width": 4}, dataset="digits", epochs=1, max_train=64, warmup_steps=1,
                       augment=False)

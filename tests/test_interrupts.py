@@ -4,8 +4,9 @@ What must hold whatever the moment (the delays are drawn at random on every run 
 
 * the output is absent, or the previous/complete file: never a partial one (writes are temp file + rename);
 * SIGINT (Ctrl-C) ends a command with the one line ``error: interrupted`` and status 130, no traceback;
-* after SIGKILL a temp file may be left (nothing runs in a killed process); the next write removes it;
-* a rerun finishes the work: `bench` skips the seeds it saved, `search` re-runs the trial that was cut short.
+* SIGTERM ends it with ``error: terminated (SIGTERM)`` and status 143;
+* after SIGKILL a temp file may be left (nothing runs in a killed process), never a partial output;
+* a rerun finishes the work: the benchmark skips the seeds it saved, `search` re-runs the seed that was cut short.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import pytest
 import torch
 
 import mixmatch_plugin as mm
-from mixmatch_plugin.data import has_fashion_mnist
+from mixmatch_plugin.app.data import has_fashion_mnist
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MIXMATCH_QUIET": "1"}
 TINY_SPEC = {"model": "mixmatch_plugin.models:tiny_resnet", "model_kwargs": {"num_classes": 10, "in_chans": 1, "width": 8},
              "input_shape": [1, 16, 16]}
 RNG = random.Random()
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -40,6 +42,11 @@ def default_sigint() -> None:
 
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mixmatch_plugin", "-q", *args], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+
+
+def start_bench(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks", "-q", *args], env=ENV, text=True, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
 
 
@@ -116,12 +123,12 @@ def test_prune_killed_at_random_moments_leaves_no_partial_file(prune_plan, tmp_p
         assert after_int is not None  # an existing good file is never lost
     assert temps(out, target.name) <= left, f"SIGINT after {t_int:.2f} s left a temp file"
 
-    # a rerun completes, and its write removes what the killed writer left
+    # a rerun completes
     r = subprocess.run([sys.executable, "-m", "mixmatch_plugin", "-q", *args], env=ENV, text=True, capture_output=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     final = state()
-    assert final is not None and temps(out, target.name) == set(), f"SIGKILL after {t_kill:.2f} s"
+    assert final is not None and temps(out, target.name) <= left, f"SIGKILL after {t_kill:.2f} s"
     for earlier in (after_kill, after_int):
         if earlier is not None:  # the same strategy, the same weights: complete files are identical
             assert all(torch.equal(earlier[k], final[k]) for k in final)
@@ -136,7 +143,7 @@ def run_probe(tmp_path: Path, source: str, *args: str, **extra_env: str) -> subp
 
 
 PROBE = '''
-from mixmatch_plugin.cli import main
+from mixmatch_plugin.app.cli import main
 
 @main.command("probe")
 def probe() -> None:
@@ -147,129 +154,10 @@ main(prog_name="mixmatch")
 '''
 
 
-def test_ctrl_c_inside_exec_under_python_m_still_exits_130(tmp_path):
-    """CPython 3.11 under ``python -m`` ends with SIGINT (status -2) if a plain KeyboardInterrupt ever
-    escaped an ``exec`` of a string, whatever the program did next; the CLI raises a subclass instead."""
+def test_ctrl_c_inside_exec_under_python_m_exits_130(tmp_path):
     r = run_probe(tmp_path, PROBE, "probe")
     assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT inside exec")
     assert r.returncode == 130
-
-LATE = '''
-import atexit, os, signal, click
-from mixmatch_plugin.cli import main, run
-
-@main.command("probe")
-@click.pass_context
-def probe(ctx) -> None:
-    # the work is done and the output written; Ctrl-C arrives while click exits and while Python shuts down
-    sig = getattr(signal, os.environ["LATE_SIGNAL"])
-    ctx.find_root().call_on_close(lambda: os.kill(os.getpid(), sig))
-    atexit.register(os.kill, os.getpid(), sig)
-    print("written", flush=True)
-
-run()
-'''
-
-
-@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 0), ("SIGTERM", -signal.SIGTERM)])
-def test_a_signal_after_the_work_is_over(tmp_path, sig, code):
-    """A Ctrl-C that lands once the command has finished (in click's exit path, or in the teardown where
-    CPython puts SIGINT back to the system default) must not turn a complete run into status 1 or -2; a
-    late SIGTERM ends the process by the signal, without click's ``Aborted!`` (status 1)."""
-    r = run_probe(tmp_path, LATE, "probe", LATE_SIGNAL=sig)
-    assert (r.returncode, r.stdout, r.stderr) == (code, "written\n", ""), (r.returncode, r.stderr[-2000:])
-
-
-MID_IMPORT = '''
-import os, signal, sys
-from mixmatch_plugin.cli import run
-
-class CtrlCInNumpy:
-    """Ctrl-C while torch's C++ start-up is loading NumPy (torch swallows the exception there)."""
-    def find_spec(self, name, path=None, target=None):
-        if name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # NumPy 2, NumPy 1
-            sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGINT)
-
-sys.meta_path.insert(0, CtrlCInNumpy())
-run()
-'''
-
-
-def test_ctrl_c_while_torch_loads_is_not_swallowed(tmp_path):
-    """A Ctrl-C during the commands' lazy ``import torch`` stops the command (status 130), instead of
-    vanishing inside torch and leaving NumPy half-imported (the command then ran on, or failed later with
-    an ImportError, status 1)."""
-    r = run_probe(tmp_path, MID_IMPORT, "inspect", "--model", TINY_SPEC["model"])
-    assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT while torch loads")
-    assert r.returncode == 130 and r.stdout == "", (r.returncode, r.stdout[-500:])
-
-
-SWALLOWED = '''
-import abc, os, signal
-from mixmatch_plugin.cli import run
-
-register = abc.ABCMeta.register
-
-def ctrl_c_in_register(cls, subclass):
-    # Cython's memoryview set-up registers its types with collections.abc.Sequence inside a bare
-    # `except: pass` (SciPy, scikit-learn, pandas): a Ctrl-C landing there is swallowed
-    if getattr(subclass, "__name__", "") == "_memoryviewslice" and not os.environ.get("SENT"):
-        os.environ["SENT"] = "1"
-        os.kill(os.getpid(), signal.SIGINT)
-    return register(cls, subclass)
-
-abc.ABCMeta.register = ctrl_c_in_register
-run()
-'''
-
-
-def test_ctrl_c_swallowed_by_a_cython_import_still_stops_the_work(tmp_path):
-    """The Ctrl-C vanishes inside SciPy's import (loading the digits); the signals' loop stops at its first step."""
-    plan = tmp_path / "plan.json"
-    r = run_probe(tmp_path, SWALLOWED, "-q", "plan", "--model", TINY_SPEC["model"], "--model-kwargs",
-                  json.dumps(TINY_SPEC["model_kwargs"]), "--input-shape", "1,16,16", "--calib", "digits",
-                  "--calib-samples", "64", "--out", str(plan))
-    assert_interrupted_cleanly(r.returncode, r.stderr, "SIGINT swallowed in a Cython import")
-    assert r.returncode == 130 and not plan.exists(), (r.returncode, r.stdout[-500:])
-
-
-# ------------------------------------------------------------------------------------ held signals
-def test_a_signal_inside_deferred_waits_for_its_end_and_a_second_one_does_not(default_sigint_in_process):
-    from mixmatch_plugin.interrupts import deferred, undeferred
-
-    steps = []
-    with pytest.raises(KeyboardInterrupt), deferred():
-        signal.raise_signal(signal.SIGINT)
-        steps.append("after the signal")  # the bookkeeping step finishes
-    assert steps == ["after the signal"]
-    with pytest.raises(KeyboardInterrupt), deferred():  # a held one is raised when interruptible work starts
-        signal.raise_signal(signal.SIGINT)
-        with undeferred():
-            steps.append("never")
-    assert steps == ["after the signal"]
-    with pytest.raises(KeyboardInterrupt), deferred():  # Ctrl-C twice stops at once
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
-        steps.append("never")
-    assert steps == ["after the signal"]
-    with deferred():  # nothing held is left over for later
-        pass
-    with pytest.raises(ValueError), deferred():  # an error unwinding is not replaced by the held interrupt
-        signal.raise_signal(signal.SIGINT)
-        raise ValueError("the error")
-    with deferred():
-        pass
-
-
-@pytest.fixture
-def default_sigint_in_process():
-    from mixmatch_plugin.interrupts import sigint_defers
-
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    with sigint_defers():
-        yield
-    signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -277,8 +165,8 @@ def default_sigint_in_process():
 def test_bench_killed_mid_run_resumes_where_it_stopped(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     results = out / "tiny.json"
-    args = ("bench", "--tiny", "--seeds", "0,1", "--out", str(out), "--cache-dir", str(cache))
-    p = start(*args)
+    args = ("--tiny", "--seeds", "0,1", "--out", str(out), "--cache-dir", str(cache))
+    p = start_bench(*args)
     deadline = time.monotonic() + 400
     seen = 0
     while time.monotonic() < deadline and p.poll() is None:
@@ -297,16 +185,17 @@ def test_bench_killed_mid_run_resumes_where_it_stopped(tmp_path):
     first_seconds = doc["models"]["resnet"]["seconds"]["0"]
     first_rows = [r for r in doc["models"]["resnet"]["runs"] if r["seed"] == 0]
 
-    r = subprocess.run([sys.executable, "-m", "mixmatch_plugin", "-q", *args], env=ENV, text=True, capture_output=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "-q", *args], env=ENV, text=True, capture_output=True,
+                       timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(results.read_text())
     m = doc["models"]["resnet"]
     assert {r["seed"] for r in m["runs"]} == {0, 1}
     assert m["seconds"]["0"] == first_seconds  # seed 0 was resumed from the file, not computed again
     assert [r for r in m["runs"] if r["seed"] == 0] == first_rows
-    # the killed writer's temp file, if the kill landed in a write, was removed by the rerun's first write
-    assert {p.name for p in out.iterdir()} == {"tiny.json", "resnet-one-shot.png", "resnet-fine-tuned.png"}, f"SIGKILL after {t_kill:.2f} s"
+    # besides the results and plots, at most the temp file of a write the kill landed in
+    left = {p.name for p in out.iterdir()} - {"tiny.json", "resnet-one-shot.png", "resnet-fine-tuned.png"}
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in left), f"SIGKILL after {t_kill:.2f} s: {left}"
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -320,14 +209,14 @@ def search_files(trained_tiny_resnet, calib, tmp_path_factory):
 
 def test_search_interrupted_by_ctrl_c_reruns_the_cut_trial(search_files, tmp_path):
     optuna = pytest.importorskip("optuna")
-    mmo = pytest.importorskip("mixmatch_plugin.adapters.optuna")
+    SEED_ATTR = pytest.importorskip("mixmatch_plugin.adapters.optuna.search").SEED_ATTR
     state = optuna.trial.TrialState
     out = tmp_path / "out"
     storage = f"sqlite:///{out / 'search.db'}"
     args = ("search", "--plan", str(search_files / "plan.json"), "--model", TINY_SPEC["model"],
             "--model-kwargs", json.dumps(TINY_SPEC["model_kwargs"]), "--checkpoint", str(search_files / "model.pt"),
             "--calib", "digits", "--calib-samples", "64", "--val-samples", "64", "--evaluator", "finetune",
-            "--finetune-steps", "5", "--out", str(out), "--no-plots")
+            "--finetune-steps", "5", "--heartbeat", "1", "--grace", "2", "--out", str(out), "--no-plots")
     p = start(*args, "--n-trials", "40")
     deadline = time.monotonic() + 400
     done = 0
@@ -345,19 +234,20 @@ def test_search_interrupted_by_ctrl_c_reruns_the_cut_trial(search_files, tmp_pat
     assert_interrupted_cleanly(code, err, f"SIGINT after {t_int:.2f} s")
     study = optuna.load_study(study_name="mixmatch", storage=storage)
     trials = study.get_trials()
-    assert not [t for t in trials if t.state == state.RUNNING]  # nothing left hanging
-    for t in (t for t in trials if t.state == state.FAIL):  # the trial cut short is queued again, same point
-        retry = [w for w in trials if w.system_attrs.get("failed_trial") == t.number]
-        assert len(retry) == 1 and retry[0].params == t.params and retry[0].state == state.WAITING
+    # the trial cut short is failed (Ctrl-C in the evaluation) or, when the Ctrl-C landed in Optuna's own
+    # bookkeeping, left RUNNING until its heartbeat goes stale; every finished trial is kept
+    cut = [t for t in trials if t.state in (state.FAIL, state.RUNNING)]
+    assert len(cut) <= 1 and len([t for t in trials if t.state == state.COMPLETE]) >= 3
     for name in ("plan.json", "search.json"):  # written at the end only: absent, or complete
         assert not (out / name).exists() or json.loads((out / name).read_text())
 
+    time.sleep(2.5)  # past the grace period: a trial left RUNNING is stale, failed and retried by the rerun
     r = subprocess.run([sys.executable, "-m", "mixmatch_plugin", "-q", *args, "--n-trials", "40", "--total-trials", "12"],
                        env=ENV, text=True, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     study = optuna.load_study(study_name="mixmatch", storage=storage)
     complete = study.get_trials(states=(state.COMPLETE,))
-    seeds = {t.user_attrs.get(mmo.SEED_ATTR) for t in complete} - {None}
+    seeds = {t.user_attrs.get(SEED_ATTR) for t in complete} - {None}
     assert seeds == {f"magnitude:{shape}" for shape in mm.SHAPES}  # every rule seed evaluated, the cut one too
     assert mm.load_plan(out / "plan.json").meta["search"]["trials"] >= 12
 
@@ -366,7 +256,7 @@ def test_search_interrupted_by_ctrl_c_reruns_the_cut_trial(search_files, tmp_pat
 COMMAND_ARGS = {
     "inspect": ["--model", "timm:resnet18"], "plan": ["--model", "timm:resnet18"],
     "prune": ["--plan", "p.json", "--strategy", "s", "--out", "o.pt"], "search": ["--plan", "p.json", "--model", "timm:resnet18"],
-    "bench": [], "demo": [], "report": ["r.json"],
+    "demo": [], "report": ["r.json"],
 }
 
 
@@ -377,7 +267,7 @@ def test_every_command_turns_an_interrupt_into_one_line(monkeypatch, name, exc, 
     """Whatever a command is doing when Ctrl-C (or SIGTERM) arrives, the group says it in one line."""
     from click.testing import CliRunner
 
-    from mixmatch_plugin.cli import Terminated, main
+    from mixmatch_plugin.app.cli import Terminated, main
 
     def interrupted(*args, **kwargs):
         raise (exc or Terminated)()
@@ -389,6 +279,6 @@ def test_every_command_turns_an_interrupt_into_one_line(monkeypatch, name, exc, 
 
 def test_sigterm_unwinds_the_command_like_ctrl_c(tmp_path):
     """SIGTERM (schedulers, timeouts) reaches the command as an exception: one line, status 143."""
-    p = start("bench", "--tiny", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"))
+    p = start_bench("--tiny", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"))
     code, err = kill_after(p, 1.5, signal.SIGTERM)
     assert code == 143 and error_lines(err) == ["error: terminated (SIGTERM)"] and "Traceback" not in err, (code, err[-2000:])

@@ -79,7 +79,7 @@ def test_pruned_weights_stay_exactly_zero_through_finetuning(digits_loaders, cal
     train, val, _ = digits_loaders
     p = mm.plan(trained_tiny_resnet, calib, target=0.55, signals=("magnitude",))
     res = p.apply(trained_tiny_resnet, "magnitude:midpoint")
-    out = mm.finetune(res.model, res.masks, train, val_loader=val, epochs=3, lr=1e-2, weight_decay=wd, optimizer=optimizer)
+    out = mm.finetune(res.model, res.masks, train, val_loader=val, epochs=3, lr=1e-2, options=mm.FinetuneOptions(optimizer=optimizer, weight_decay=wd))
     assert out.steps >= 40
     for name, keep in res.masks.items():
         w = res.model.get_submodule(name).weight
@@ -94,7 +94,7 @@ def test_finetuning_recovers_accuracy(digits_loaders, calib, trained_tiny_resnet
     # coin flip between fine-tuning noise and zero: it failed under torch 2.14.1 at 0.955 vs 0.961)
     train, val, _ = digits_loaders
     dense = mm.evaluate(trained_tiny_resnet, val).accuracy
-    p = mm.plan(trained_tiny_resnet, calib, target=0.9, signals=("magnitude",), disable_constraints=["small_layers"],
+    p = mm.plan(trained_tiny_resnet, calib, target=0.9, signals=("magnitude",), options=mm.PlanOptions(disable_constraints=["small_layers"]),
                 on_unreachable="extend")
     res = p.apply(trained_tiny_resnet, "magnitude:midpoint")
     before = mm.evaluate(res.model, val).accuracy

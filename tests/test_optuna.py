@@ -6,8 +6,6 @@ Real Optuna, real storages (in memory, SQLite files, journal files), a real trai
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +17,13 @@ from click.testing import CliRunner
 from torch import nn
 
 import mixmatch_plugin as mm
-from mixmatch_plugin import data
+from mixmatch_plugin.app import data
 from mixmatch_plugin.errors import MixMatchError
 
 mmo = pytest.importorskip("mixmatch_plugin.adapters.optuna")
 optuna = pytest.importorskip("optuna")
-worker_token = pytest.importorskip("mixmatch_plugin.adapters.optuna.storage").worker_token
+from mixmatch_plugin.adapters.optuna.plots import param_importances  # noqa: E402
+from mixmatch_plugin.adapters.optuna.search import SEED_ATTR, search_space, strategy_of  # noqa: E402
 
 TrialState = optuna.trial.TrialState
 
@@ -41,23 +40,23 @@ def evaluator(trained_tiny_resnet, digits_loaders, plan):
 
 
 def seeds_of(study):
-    return [t.user_attrs.get(mmo.SEED_ATTR) for t in study.get_trials(deepcopy=False) if t.user_attrs.get(mmo.SEED_ATTR)]
+    return [t.user_attrs.get(SEED_ATTR) for t in study.get_trials(deepcopy=False) if t.user_attrs.get(SEED_ATTR)]
 
 
 def test_every_rule_strategy_is_a_point_and_the_seeds_run_first(plan, evaluator):
-    res = mmo.search(plan, evaluator, n_trials=32, sampler_seed=0)
+    res = mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=32, sampler_seed=0))
     trials = res.study.get_trials(deepcopy=False)
     assert len(trials) == 32 and all(t.state == TrialState.COMPLETE for t in trials)
     rules = [s for s in plan.strategies if s.meta.get("shape")]
     assert len(rules) == 30
     space = plan.space()
     for rule, t in zip(rules, trials[:30], strict=True):
-        assert t.user_attrs[mmo.SEED_ATTR] == rule.name
-        again = mmo.strategy_of(space, t.params, rule.name)
+        assert t.user_attrs[SEED_ATTR] == rule.name
+        again = strategy_of(space, t.params, rule.name)
         assert again.signal == rule.signal
         assert again.ratios == rule.ratios  # exactly, not approximately
         assert t.values[1] == rule.global_sparsity
-    assert all(mmo.SEED_ATTR not in t.user_attrs for t in trials[30:])
+    assert all(SEED_ATTR not in t.user_attrs for t in trials[30:])
     # the records carry the rule names, and the searched ones are named by trial
     assert [r.seed for r in res.trials[:30]] == [s.name for s in rules]
     assert res.trials[31].strategy.name.endswith("-t31")
@@ -70,8 +69,8 @@ def test_every_rule_strategy_is_a_point_and_the_seeds_run_first(plan, evaluator)
 
 def test_rerun_on_sqlite_never_enqueues_a_seed_twice(plan, evaluator, tmp_path):
     url = f"sqlite:///{tmp_path / 'search.db'}"
-    mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=3)
-    res = mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=3)
+    mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=3), storage=url, study_name="s")
+    res = mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=3), storage=url, study_name="s")
     study = optuna.load_study(study_name="s", storage=url)
     seeds = seeds_of(study)
     assert len(seeds) == len(set(seeds)) == 30
@@ -83,22 +82,23 @@ def test_rerun_on_sqlite_never_enqueues_a_seed_twice(plan, evaluator, tmp_path):
 
 OPENER = """
 import pathlib, sys, time
-from mixmatch_plugin.adapters.optuna.storage import open_spec, parse_storage
+from mixmatch_plugin.adapters.optuna.search import open_storage, storage_lock
 ready, go = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 ready.touch()
 while not go.exists():
     time.sleep(0.001)
 try:
-    open_spec(parse_storage(sys.argv[1]), 10, None, 3)
+    with storage_lock(sys.argv[1]):  # as search() opens it
+        open_storage(sys.argv[1])
 except Exception as exc:
     sys.exit(str(exc))
 """
 
 
 def test_processes_opening_one_new_database_at_once_all_get_it(tmp_path):
-    # Optuna creates a new database's tables on first open, outside any lock: before the retry, about
+    # Optuna creates a new database's tables on first open, outside any lock: without the storage lock about
     # 2 in 5 of four simultaneous openers failed ("UNIQUE constraint failed: alembic_version", "table
-    # studies already exists"), e.g. a worker started next to a dashboard on a new study file
+    # studies already exists"), e.g. two workers started at once on a new study file
     for round_ in range(2):
         url, go = f"sqlite:///{tmp_path / f'new{round_}.db'}", tmp_path / f"go{round_}"
         ready = [tmp_path / f"ready{round_}-{k}" for k in range(4)]
@@ -130,7 +130,7 @@ def test_single_objective_at_a_budget_uses_set_constraint(trained_tiny_resnet, c
     ev = mmo.ProxyEvaluator(trained_tiny_resnet, val, signals=p.signals, max_batches=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = mmo.search(p, ev, objective="single", n_trials=24, sampler="tpe", sampler_seed=1)
+        res = mmo.search(p, ev, mmo.SearchOptions(objective="single", n_trials=24, sampler="tpe", sampler_seed=1))
     assert not [w for w in caught if "constraints_func" in str(w.message)]
     assert res.target == 0.6  # the plan's target by default
     n = sum(layer.params for layer in p.layers)
@@ -147,7 +147,7 @@ def test_single_objective_at_a_budget_uses_set_constraint(trained_tiny_resnet, c
 def test_native_plan_single_objective_marks_points_below_the_target_infeasible(plan, evaluator):
     xs = sorted(s.global_sparsity for s in plan.strategies)
     target = xs[len(xs) // 2]
-    res = mmo.search(plan, evaluator, objective="single", target=target, n_trials=10, signals=("magnitude",))
+    res = mmo.search(plan, evaluator, mmo.SearchOptions(objective="single", target=target, n_trials=10, signals=("magnitude",)))
     assert [r.seed for r in res.trials] == [f"magnitude:{shape}" for shape in mm.SHAPES]  # only the magnitude seeds
     tol = 0.5 / sum(layer.params for layer in plan.layers)
     for r in res.trials:
@@ -160,8 +160,7 @@ def test_native_plan_single_objective_marks_points_below_the_target_infeasible(p
 def test_samplers_propose_points_inside_the_space(plan, evaluator, sampler):
     objective = "multi" if sampler == "nsga2" else "single"
     target = None if objective == "multi" else 0.55
-    res = mmo.search(plan, evaluator, objective=objective, target=target, sampler=sampler, n_trials=12,
-                     seed_rules=False, sampler_seed=0, population_size=4 if sampler == "nsga2" else None)
+    res = mmo.search(plan, evaluator, mmo.SearchOptions(objective=objective, target=target, sampler=sampler, n_trials=12, seed_rules=False, sampler_seed=0, population_size=4 if sampler == "nsga2" else None))
     assert len(res.trials) == 12 and all(r.seed is None for r in res.trials)
     expected = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler}
     assert isinstance(res.study.sampler, expected[sampler])
@@ -172,102 +171,36 @@ def test_samplers_propose_points_inside_the_space(plan, evaluator, sampler):
             assert lo - 1e-12 <= ratio <= hi + 1e-12
 
 
-def test_journal_storage_recovers_a_trial_left_running_by_a_dead_worker(plan, evaluator, tmp_path):
-    path = tmp_path / "search.log"
-    mmo.search(plan, evaluator, storage=path, study_name="j", n_trials=2)
-    # a worker that died in the middle of trial 2: it popped the trial and recorded itself
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    storage = mmo.open_storage(f"journal:{path}")
-    study = optuna.load_study(study_name="j", storage=storage)
-    orphan = study.ask()
-    orphan.set_user_attr(mmo.WORKER_ATTR, {"host": socket.gethostname(), "pid": dead.pid, "start": None})
-    live = study.ask()  # a trial of a live worker (this process) must be left alone
-    live.set_user_attr(mmo.WORKER_ATTR, worker_token())
-    res = mmo.search(plan, evaluator, storage=path, study_name="j", n_trials=2)
-    by = {t.number: t for t in res.study.get_trials(deepcopy=False)}
-    assert by[orphan.number].state == TrialState.FAIL
-    assert by[live.number].state == TrialState.RUNNING
-    retried = [t for t in by.values() if t.system_attrs.get("failed_trial") == orphan.number]
-    assert len(retried) == 1 and retried[0].state == TrialState.WAITING  # queued behind the remaining seeds
-    assert retried[0].system_attrs["fixed_params"] == by[orphan.number].system_attrs["fixed_params"]
-    assert retried[0].user_attrs[mmo.SEED_ATTR] == by[orphan.number].user_attrs[mmo.SEED_ATTR]
-    assert [t.number for t in res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))] == [0, 1, 4, 5]
-    assert len(seeds_of(res.study)) == 31  # 30 seeds plus the one retry copy, nothing enqueued again
-    study.tell(live, state=TrialState.FAIL)
+class CtrlCAt:
+    """An evaluator that raises KeyboardInterrupt (as Ctrl-C does) in its ``at``-th call."""
 
+    def __init__(self, inner, at: int) -> None:
+        self.inner, self.at, self.calls = inner, at, 0
+        self.signals = inner.signals
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-def test_heartbeat_storage_recovers_a_trial_whose_worker_died_before_its_first_heartbeat(plan, evaluator, tmp_path):
-    # Optuna's stale-trial check only sees trials with a heartbeat row: a worker killed between creating
-    # a trial and its first heartbeat used to leave it RUNNING for ever (and a seed in it never evaluated)
-    url = f"sqlite:///{tmp_path / 'search.db'}"
-    beat = {"heartbeat_interval": 1, "grace_period": 1}
-    mmo.search(plan, evaluator, storage=url, study_name="h", n_trials=2, **beat)
-    study = optuna.load_study(study_name="h", storage=mmo.open_storage(url, **beat))
-    orphan = study.ask()  # popped seed 2, then its worker died: no heartbeat row, no worker token
-    unbeating = study.ask()  # a worker elsewhere that runs without a heartbeat (``--heartbeat 0``)
-    unbeating.set_user_attr(mmo.WORKER_ATTR, {"host": "elsewhere", "pid": 1, "start": None, "heartbeat": False})
-    silent = study.ask()  # a worker elsewhere that recorded itself, then died before its first heartbeat
-    silent.set_user_attr(mmo.WORKER_ATTR, {"host": "elsewhere", "pid": 1, "start": None, "heartbeat": True})
-    time.sleep(1.5)  # past the grace period
-    young = study.ask()  # created moments ago: its worker may not have written its first heartbeat yet
-    assert mmo.recover_orphans(study) == [orphan.number, silent.number]
-    by = {t.number: t for t in study.get_trials(deepcopy=False)}
-    assert by[orphan.number].state == by[silent.number].state == TrialState.FAIL
-    assert by[unbeating.number].state == by[young.number].state == TrialState.RUNNING
-    retried = [t for t in by.values() if t.system_attrs.get("failed_trial") == orphan.number]
-    assert len(retried) == 1 and retried[0].state == TrialState.WAITING
-    assert retried[0].user_attrs[mmo.SEED_ATTR] == by[orphan.number].user_attrs[mmo.SEED_ATTR]
-    assert mmo.recover_orphans(study) == []  # failed once, re-queued once
-    for t in (unbeating, young):
-        study.tell(t, state=TrialState.FAIL)
-
-
-class InterruptingSampler(optuna.samplers.RandomSampler):
-    """Sends this process SIGINT from inside ``study.ask()`` of the ``at``-th trial, after the trial is
-    created in the storage and before the objective has it: a Ctrl-C there used to leave it RUNNING."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__(seed=0)
-        self.at, self.calls = at, 0
-
-    def before_trial(self, study, trial):
+    def __call__(self, strategy):
         self.calls += 1
         if self.calls == self.at:
-            signal.raise_signal(signal.SIGINT)
-        super().before_trial(study, trial)
+            raise KeyboardInterrupt
+        return self.inner(strategy)
 
 
-@pytest.fixture
-def default_sigint():
-    """Python's own Ctrl-C handler, as in a terminal (a background ``pytest &`` inherits SIGINT ignored)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-def test_ctrl_c_inside_optunas_bookkeeping_leaves_no_trial_running(plan, evaluator, tmp_path, default_sigint):
+def test_ctrl_c_in_a_trial_fails_it_keeps_the_finished_ones_and_the_rerun_evaluates_the_cut_seed(plan, evaluator, tmp_path):
     url = f"sqlite:///{tmp_path / 'search.db'}"
     with pytest.raises(KeyboardInterrupt):
-        mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=6, sampler=InterruptingSampler(at=4))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the search's own handler is gone
+        mmo.search(plan, CtrlCAt(evaluator, at=4), mmo.SearchOptions(n_trials=6), storage=url, study_name="s")
     trials = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
-    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
     assert [t.number for t in trials if t.state == TrialState.COMPLETE] == [0, 1, 2]
     cut = [t for t in trials if t.state == TrialState.FAIL]
-    assert [t.number for t in cut] == [3]  # held until the objective started, then cut there: failed ...
-    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 3]  # ... and queued again, same point
-    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
-    assert retry[0].user_attrs[mmo.SEED_ATTR] == cut[0].user_attrs[mmo.SEED_ATTR]
-    # the rerun evaluates the cut seed
-    res = mmo.search(plan, evaluator, storage=url, study_name="s", n_trials=30)
-    done = {t.user_attrs.get(mmo.SEED_ATTR) for t in res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    assert cut[0].user_attrs[mmo.SEED_ATTR] in done
+    assert [t.number for t in cut] == [3] and not [t for t in trials if t.state == TrialState.RUNNING]
+    res = mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=30), storage=url, study_name="s")
+    done = [t.user_attrs[SEED_ATTR] for t in res.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if SEED_ATTR in t.user_attrs]
+    assert cut[0].user_attrs[SEED_ATTR] in done and len(done) == len(set(done)) == 30  # each seed once, the cut one too
 
 
 def test_export_appends_searched_strategies_that_load_and_reproduce(plan, evaluator, trained_tiny_resnet, tmp_path):
-    res = mmo.search(plan, evaluator, n_trials=40, sampler_seed=3)
+    res = mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=40, sampler_seed=3))
     path = tmp_path / "plan.json"
     out = mmo.export(res, path, which="all")
     again = mm.load_plan(path)
@@ -287,12 +220,12 @@ def test_export_appends_searched_strategies_that_load_and_reproduce(plan, evalua
 
 
 def test_plots_are_written(plan, evaluator, tmp_path):
-    res = mmo.search(plan, evaluator, n_trials=34, sampler_seed=0)
+    res = mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=34, sampler_seed=0))
     for fn, name in ((mmo.plot_pareto, "pareto.png"), (mmo.plot_history, "history.png"), (mmo.plot_importances, "imp.png")):
         p = fn(res, tmp_path / name)
         assert p is not None and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    imp = mmo.param_importances(res)
-    assert set(imp) <= set(mmo.search_space(plan.space(), ["magnitude"])) and abs(sum(imp.values()) - 1) < 1e-6
+    imp = param_importances(res)
+    assert set(imp) <= set(search_space(plan.space(), ["magnitude"])) and abs(sum(imp.values()) - 1) < 1e-6
 
 
 def test_macs_profile_counts_conv_and_linear_macs():
@@ -312,7 +245,7 @@ def test_macs_objective_on_a_transformer():
     prof = mmo.MacsProfile.measure(model, (1, 16, 16))
     # qkv of a 17-token ViT with width 32: 17 tokens x 32 x 96
     assert prof.layer_macs["blocks.0.attn.qkv"] == 17 * 32 * 96
-    res = mmo.search(p, lambda s: 1.0 - s.global_sparsity / 2, metric="macs", macs=prof, n_trials=12)
+    res = mmo.search(p, lambda s: 1.0 - s.global_sparsity / 2, mmo.SearchOptions(metric="macs", macs=prof, n_trials=12))
     for r in res.trials:
         assert r.x == pytest.approx(prof.reduction(r.strategy))
 
@@ -345,25 +278,26 @@ def test_finetune_evaluator_keeps_masks_and_is_deterministic(trained_tiny_resnet
     ],
 )
 def test_user_errors_are_one_line(plan, kwargs, message):
+    storage = kwargs.pop("storage", None)
     with pytest.raises(MixMatchError, match=message) as info:
-        mmo.search(plan, lambda s: 0.0, **kwargs)
+        mmo.search(plan, lambda s: 0.0, mmo.SearchOptions(**kwargs), storage=storage)
     assert "\n" not in str(info.value)
 
 
 def test_a_study_refuses_another_objective_or_plan(plan, evaluator, trained_tiny_resnet, calib, tmp_path):
     url = tmp_path / "s.db"
-    mmo.search(plan, evaluator, storage=url, study_name="a", n_trials=1)
+    mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=1), storage=url, study_name="a")
     with pytest.raises(MixMatchError, match="exists with 2 objective"):
-        mmo.search(plan, evaluator, storage=url, study_name="a", n_trials=1, objective="single", target=0.5)
+        mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=1, objective="single", target=0.5), storage=url, study_name="a")
     other = mm.plan(trained_tiny_resnet, calib, target=0.6)
     with pytest.raises(MixMatchError, match="was made with plan"):
-        mmo.search(other, evaluator, storage=url, study_name="a", n_trials=1)
+        mmo.search(other, evaluator, mmo.SearchOptions(n_trials=1), storage=url, study_name="a")
 
 
 def test_budget_plan_rejects_a_higher_target(trained_tiny_resnet, calib):
     p = mm.plan(trained_tiny_resnet, calib, target=0.6, signals=("magnitude",))
     with pytest.raises(MixMatchError, match=r"budget-matched at sparsity 0\.6"):
-        mmo.search(p, lambda s: 0.0, objective="single", target=0.62)
+        mmo.search(p, lambda s: 0.0, mmo.SearchOptions(objective="single", target=0.62))
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +317,7 @@ def cli_args(d, *extra):
 
 
 def test_cli_search_writes_sqlite_study_plan_and_plots(cli_files, tmp_path):
-    from mixmatch_plugin.cli import main
+    from mixmatch_plugin.app.cli import main
 
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["-q", *cli_args(cli_files, "--n-trials", "32", "--out", str(out), "--sampler-seed", "0")])
@@ -406,7 +340,7 @@ def test_cli_search_writes_sqlite_study_plan_and_plots(cli_files, tmp_path):
 
 
 def test_cli_errors_are_one_line(cli_files, tmp_path):
-    from mixmatch_plugin.cli import main
+    from mixmatch_plugin.app.cli import main
 
     r = CliRunner().invoke(main, cli_args(cli_files, "--storage", "nosuchdb://x", "--out", str(tmp_path)))
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "bad storage URL" in r.output

@@ -25,7 +25,7 @@ def _declared_packages() -> tuple[set[str], dict[str, str]]:
 
 def test_every_package_folder_is_installed() -> None:
     # A folder with __init__.py that setup.cfg does not list is missing from a regular (non-editable)
-    # install: the wheel once shipped without mixmatch_plugin.cli, so the `mixmatch` command broke.
+    # install: the wheel once shipped without mixmatch_plugin.app.cli, so the `mixmatch` command broke.
     packages, mapping = _declared_packages()
     found = set()
     for dotted, folder in mapping.items():
@@ -65,8 +65,8 @@ def test_importing_the_core_and_its_commands_loads_no_framework() -> None:
     code = (
         "import sys, importlib, pkgutil\n"
         "import mixmatch_plugin as mm\n"
-        "import mixmatch_plugin.cli, mixmatch_plugin.bench.run, mixmatch_plugin.depth_width\n"
-        "for pkg in (mm, mixmatch_plugin.cli):\n"
+        "import mixmatch_plugin.app.cli, benchmarks.run, mixmatch_plugin.adapters.depth_width\n"
+        "for pkg in (mm, mixmatch_plugin.app.cli):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
         "        if m.name not in ('adapters', '__main__'): importlib.import_module(pkg.__name__ + '.' + m.name)\n"
         f"print(sorted(n for n in sys.modules if n.split('.')[0] in {FRAMEWORKS!r}))\n"

@@ -227,10 +227,10 @@ def test_plans_keep_every_invariant(model, rules, data):
     target = data.draw(st.none() | st.floats(0.02, 0.95).map(lambda t: round(t, 4)), label="target")
     protect = [f"^{name}$" for name in sorted(protected)]
     try:
-        p = mm.plan(model, calib, signals=signals, preset=rules, target=target, on_unreachable="extend", protect=protect)
+        p = mm.plan(model, calib, signals=signals, preset=rules, target=target, on_unreachable="extend", options=mm.PlanOptions(protect=protect))
     except BudgetError:
         # only a target the ranges cannot reach may fail, and only if even the hard bounds cannot
-        native = mm.plan(model, calib, signals=("magnitude",), preset=rules, protect=protect)
+        native = mm.plan(model, calib, signals=("magnitude",), preset=rules, options=mm.PlanOptions(protect=protect))
         n = np.array([layer.params for layer in native.layers], dtype=np.float64)
         lo, hi = reachable(n, *(np.array([native.ranges[layer.name][i] for layer in native.layers]) for i in (0, 1)))
         assert target is not None and not lo <= target <= hi
@@ -249,7 +249,7 @@ def test_searched_points_keep_every_invariant(model, rules, data):
     """Any point of the search space (per-group alphas in [0, 1]) is a strategy with the same guarantees."""
     target = data.draw(st.none() | st.floats(0.02, 0.95).map(lambda t: round(t, 4)), label="target")
     try:
-        p = mm.plan(model, signals=("magnitude",), preset=rules, target=target, on_unreachable="extend", shapes=("midpoint",))
+        p = mm.plan(model, signals=("magnitude",), preset=rules, target=target, on_unreachable="extend", options=mm.PlanOptions(shapes=("midpoint",)))
     except BudgetError:
         return  # covered by the test above
     space = p.space()

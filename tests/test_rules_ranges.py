@@ -188,7 +188,7 @@ def test_plan_warns_when_constraints_fix_many_weights(calib, caplog):
     from .helpers import small_vit
 
     model = small_vit(embed_dim=96)  # the benchmark ViT's width: only the 96x96 attention projections are under 10K
-    with caplog.at_level("INFO", logger="mixmatch_plugin.plan"):
+    with caplog.at_level("INFO", logger="mixmatch_plugin.planning"):
         p = mm.plan(model, calib, preset="paper", target=0.5, on_unreachable="extend")
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "small_layers" in r.getMessage()]
     assert len(warned) == 1 and "--no-constraint small_layers" in warned[0]
@@ -196,7 +196,7 @@ def test_plan_warns_when_constraints_fix_many_weights(calib, caplog):
     assert all(s.ratios["blocks.0.attn.proj"] == pytest.approx(0.1, abs=1.5e-3) for s in p.strategies)
     assert mm.Plan.from_dict(p.to_dict()).meta["pinned"] == p.meta["pinned"]  # recorded in the plan file
     caplog.clear()
-    with caplog.at_level("INFO", logger="mixmatch_plugin.plan"):
-        q = mm.plan(model, calib, preset="paper", target=0.5, on_unreachable="extend", disable_constraints=["small_layers"])
+    with caplog.at_level("INFO", logger="mixmatch_plugin.planning"):
+        q = mm.plan(model, calib, preset="paper", target=0.5, on_unreachable="extend", options=mm.PlanOptions(disable_constraints=["small_layers"]))
     assert "small_layers" not in q.meta["pinned"] and not [r for r in caplog.records if r.levelname == "WARNING"]
     assert len({round(s.ratios["blocks.0.attn.proj"], 3) for s in q.strategies}) > 1  # the search space opens again

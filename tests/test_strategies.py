@@ -22,7 +22,7 @@ def swin_plan(calib_swin):
 
 @pytest.fixture(scope="module")
 def calib_swin():
-    from mixmatch_plugin import data
+    from mixmatch_plugin.app import data
 
     d = data.load("digits", input_shape=(1, 28, 28))
     model = small_swin()
@@ -66,7 +66,7 @@ def test_native_strategies_sit_inside_ranges_and_follow_alpha(calib_swin):
 
 def test_sensitivity_shape_depends_on_the_signal(calib_swin):
     model, calib = calib_swin
-    p = mm.plan(model, calib, shapes=("sensitivity",))
+    p = mm.plan(model, calib, options=mm.PlanOptions(shapes=("sensitivity",)))
     a = [s.meta["alphas"] for s in p.strategies]
     assert len(a) == 3 and a[0] != a[1] and a[1] != a[2]
     assert sorted(a[0].values())[0] == 0.0 and sorted(a[0].values())[-1] == 1.0
@@ -157,7 +157,7 @@ def test_exact_counts_meet_the_global_count():
 
 def test_from_ratios_puts_another_allocation_into_the_space(calib_swin):
     model, calib = calib_swin
-    p = mm.plan(model, calib, target=0.3, signals=("magnitude", "product"), ranges="rules")
+    p = mm.plan(model, calib, target=0.3, signals=("magnitude", "product"), options=mm.PlanOptions(ranges="rules"))
     space = p.space()
     rule = p.strategies[3]
     again = space.from_ratios("again", rule.signal, rule.ratios)

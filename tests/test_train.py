@@ -8,8 +8,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+from mixmatch_plugin.app.train import TrainConfig, checkpoint_path, resume_path, train, train_cached
 from mixmatch_plugin.models import build_model
-from mixmatch_plugin.train import TrainConfig, checkpoint_path, resume_path, train, train_cached
 
 CFG = TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 8}, epochs=3, batch_size=64, lr=3e-3, max_train=256,
                   warmup_steps=5)
@@ -78,7 +78,7 @@ def test_a_state_from_another_configuration_or_a_broken_file_trains_from_scratch
         train(_fresh(other), digits, other, progress=False, resume=state, on_epoch=_stop_after(1))
     epochs_run: list[int] = []
     model = _fresh()
-    with caplog.at_level(logging.WARNING, logger="mixmatch_plugin.train"):
+    with caplog.at_level(logging.WARNING, logger="mixmatch_plugin.app.train"):
         train(model, digits, CFG, progress=False, resume=state, on_epoch=lambda e, row: epochs_run.append(e))
     assert "another configuration" in caplog.text
     assert epochs_run == [0, 1, 2] and _same_weights(model, ref)
@@ -89,6 +89,6 @@ def test_a_state_from_another_configuration_or_a_broken_file_trains_from_scratch
         else:
             state.write_bytes(broken)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="mixmatch_plugin.train"):
+        with caplog.at_level(logging.WARNING, logger="mixmatch_plugin.app.train"):
             train(_fresh(), digits, CFG, progress=False, resume=state)
         assert "unusable" in caplog.text and why in caplog.text

@@ -13,9 +13,9 @@ from torch import nn
 
 from mixmatch_plugin.batches import LossFn
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.evaluate import evaluate, hold_batches, reestimate_bn
-from mixmatch_plugin.finetune import finetune
-from mixmatch_plugin.inventory import Layer, inventory
+from mixmatch_plugin.evaluation import evaluate, hold_batches, reestimate_bn
+from mixmatch_plugin.finetuning import FinetuneOptions, OptimizerName, finetune
+from mixmatch_plugin.layers import Layer, inventory
 from mixmatch_plugin.masks import Masker
 from mixmatch_plugin.signals import Signals
 from mixmatch_plugin.strategies import Strategy
@@ -126,7 +126,7 @@ class FinetuneEvaluator(_MaskingEvaluator):
         signals: Signals | None = None,
         steps: int = 100,
         lr: float = 1e-4,
-        optimizer: str = "adam",
+        optimizer: OptimizerName = "adam",
         loss_fn: LossFn | None = None,
         max_batches: int | None = None,
         seed: int = 0,
@@ -156,7 +156,7 @@ class FinetuneEvaluator(_MaskingEvaluator):
         epochs = max(1, math.ceil(self.steps / max(per_epoch, 1)))
         res = finetune(
             self.work, masks, self.train_loader, epochs=epochs, max_steps=self.steps, lr=self.lr,
-            optimizer=self.optimizer, loss_fn=self.loss_fn,
+            options=FinetuneOptions(optimizer=self.optimizer), loss_fn=self.loss_fn,
         )
         m = evaluate(self.work, self.val_loader, loss_fn=self.loss_fn, max_batches=self.max_batches)
         return {"accuracy": m.accuracy, "loss": m.loss, "realized_sparsity": res.global_sparsity, "steps": float(res.steps)}

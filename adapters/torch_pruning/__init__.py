@@ -25,7 +25,7 @@ Public API:
   (``num_heads``, ``ignored_layers``, ``customized_pruners``, ``unwrapped_parameters`` ...);
   :func:`attention_head_dims` and :func:`fix_attention` repair timm attention after your ``step()``;
   :func:`plan_groups` shows the groups and their planned ratios.
-* :func:`prune` -- prunes a copy (or the model, ``inplace=True``) and returns a :class:`TPResult` with the
+* :func:`prune` -- prunes a copy (or the model, ``inplace=True``) by :class:`TPOptions` and returns a :class:`TPResult` with the
   pruned model and a :class:`PruneReport` (parameters and MACs before/after, planned and realized
   ratio per group, importance used, consistency error).
 * :func:`zeroed_reference` -- the original model with the removed channels zeroed: the pruned model's
@@ -49,24 +49,22 @@ Architecture handling for timm 1.0.31 (all found on real models; see REFERENCE s
   ignore it; a model whose pruned output does not match the zeroed reference is refused with an error
   naming the modules Torch-Pruning had to guess about. A silently broken model is never returned.
 
-Modules: :mod:`.planning` (groups and ratios), :mod:`.importance` (group importances), :mod:`.prune`
-(pruning and rebuilding), :mod:`.verify` (MACs, zeroed reference), :mod:`._timm` (timm support),
-:mod:`.report` (result types). Everything public is importable from this package.
+Modules: :mod:`.options` (:class:`TPOptions`), :mod:`.planning` (groups and ratios), :mod:`.importance`
+(group importances), :mod:`.prune` (pruning and rebuilding), :mod:`.verify` (MACs, zeroed reference),
+:mod:`.timm_layers` (timm support), :mod:`.report` (result types). What users need is importable from
+this package; the rest from its module.
 """
 
 from __future__ import annotations
 
-from ._constants import FOLDS, IMPORTANCES
-from ._timm import PatchMergingPruner, attention_head_dims, fix_attention
-from .importance import GroupGradientImportance
-from .planning import fold_ratio, plan_groups, pruner_kwargs, pruning_ratio_dict
+from .options import TPOptions
+from .planning import plan_groups, pruner_kwargs, pruning_ratio_dict
 from .prune import prune, rebuild
-from .report import GroupPlan, GroupResult, PruneReport, RemovedItem, TPResult
-from .verify import count_macs, coupled_channels, first_divergence, relative_difference, zeroed_reference
+from .report import PruneReport, TPResult
+from .timm_layers import attention_head_dims, fix_attention
+from .verify import count_macs, zeroed_reference
 
 __all__ = [
-    "FOLDS", "IMPORTANCES", "GroupGradientImportance", "GroupPlan", "GroupResult", "PatchMergingPruner", "PruneReport",
-    "RemovedItem", "TPResult", "attention_head_dims", "count_macs", "coupled_channels", "first_divergence",
-    "fix_attention", "fold_ratio", "plan_groups", "prune", "pruner_kwargs", "pruning_ratio_dict", "rebuild",
-    "relative_difference", "zeroed_reference",
+    "PruneReport", "TPOptions", "TPResult", "attention_head_dims", "count_macs", "fix_attention", "plan_groups", "prune",
+    "pruner_kwargs", "pruning_ratio_dict", "rebuild", "zeroed_reference",
 ]

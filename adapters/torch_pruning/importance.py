@@ -13,7 +13,7 @@ from torch import nn
 from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device, to_device
 from mixmatch_plugin.errors import MixMatchError
 
-from ._constants import IMPORTANCES
+from .options import IMPORTANCES
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class GroupGradientImportance(tp.importance.GroupMagnitudeImportance):
         return self._normalize(self._reduce(imps, idx_lists), self.normalizer)
 
 
-def _calibrate(model: nn.Module, calib: Iterable[Any], loss_fn: LossFn | None, max_batches: int | None) -> dict[nn.Parameter, torch.Tensor]:
+def calibrate(model: nn.Module, calib: Iterable[Any], loss_fn: LossFn | None, max_batches: int | None) -> dict[nn.Parameter, torch.Tensor]:
     """Fill ``.grad`` with the gradient of the mean loss and return the mean |grad| per parameter."""
     loss_fn = loss_fn or default_loss
     device = model_device(model)
@@ -88,7 +88,7 @@ def _calibrate(model: nn.Module, calib: Iterable[Any], loss_fn: LossFn | None, m
     return {p: a / len(batches) for p, a in zip(params, abs_acc, strict=True)}
 
 
-def _importance(choice: Any, signal: str) -> tuple[Any, str, bool]:
+def resolve_importance(choice: Any, signal: str) -> tuple[Any, str, bool]:
     """(importance object or None for gradient, its name, whether it needs a backward pass)."""
     if not isinstance(choice, str):
         if not callable(choice):

@@ -14,19 +14,19 @@ import torch_pruning as tp
 from torch import nn
 
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.inventory import check_untied, inventory
+from mixmatch_plugin.layers import check_untied, inventory
 from mixmatch_plugin.masks import check_strategy
 from mixmatch_plugin.strategies import Strategy
 
-from ._constants import _TOKEN_PARAMS, FOLDS
-from ._timm import PatchMergingPruner, _timm_classes
+from .options import FOLDS, TOKEN_PARAMS, Fold, TPOptions
 from .report import GroupPlan
+from .timm_layers import PatchMergingPruner, timm_classes
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Setup:
+class ModelSetup:
     """Everything a MetaPruner needs for this model, built once per model instance."""
 
     ignored: list[nn.Module]
@@ -77,8 +77,8 @@ def _check_ignored(items: Iterable[Any] | None) -> tuple[list[nn.Module], list[n
     return mods, params
 
 
-def _setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_heads: bool, ignore_heads: bool) -> _Setup:
-    known = _timm_classes()
+def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_heads: bool, ignore_heads: bool) -> ModelSetup:
+    known = timm_classes()
     user_mods, user_params = _check_ignored(ignored_layers)
     ignored = list(user_mods) + (_classifiers(model) if ignore_heads else [])
     ignored_ids = {id(s) for m in ignored for s in m.modules()}
@@ -143,7 +143,7 @@ def _setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_heads: 
             full = f"{mname}.{pname}" if mname else pname
             if id(p) in ignored_param_ids:
                 continue
-            if pname in _TOKEN_PARAMS and p.dim() >= 2:
+            if pname in TOKEN_PARAMS and p.dim() >= 2:
                 unwrapped.append((p, p.dim() - 1))
             elif p.dim() == 1:
                 unwrapped.append((p, 0))  # layer-scale gamma and other per-channel vectors
@@ -154,14 +154,14 @@ def _setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_heads: 
                     guessed.append(f"{full} ({type(m).__name__}, shape {tuple(p.shape)})")
     if guessed:
         logger.info("free parameters whose channel dimension is guessed (last non-singleton): %s", ", ".join(guessed))
-    return _Setup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed, swin)
+    return ModelSetup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed, swin)
 
 
-def _attn_items(setup: _Setup) -> list[tuple[str, Any]]:
+def attention_items(setup: ModelSetup) -> list[tuple[str, Any]]:
     return list(setup.attentions.items())
 
 
-def _head_dims(setup: _Setup) -> dict[str, int]:
+def setup_head_dims(setup: ModelSetup) -> dict[str, int]:
     out: dict[str, int] = {}
     for n, a in setup.attentions.items():
         attn: Any = a
@@ -169,13 +169,13 @@ def _head_dims(setup: _Setup) -> dict[str, int]:
     return out
 
 
-def _width(module: nn.Module) -> int:
+def out_width(module: nn.Module) -> int:
     """Output width of a Conv or Linear."""
     m: Any = module
     return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
 
 
-def _translate(model: nn.Module, copy_: nn.Module, items: Sequence[Any]) -> list[Any]:
+def translate_ignored(model: nn.Module, copy_: nn.Module, items: Sequence[Any]) -> list[Any]:
     """The modules and Parameters of ``copy_`` that correspond (by name) to ``items`` of ``model``."""
     mods = {id(m): n for n, m in model.named_modules()}
     params = {id(p): n for n, p in model.named_parameters()}
@@ -197,24 +197,17 @@ def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
     return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
 
-def _build_pruner(
-    model: nn.Module,
-    example_inputs: Any,
-    setup: _Setup,
-    importance: Any,
-    ratio_dict: Mapping[nn.Module, float] | None,
-    head_dict: Mapping[nn.Module, float] | None,
-    prune_heads: bool,
-    forward_fn: Callable[..., Any] | None,
+def build_pruner(
+    model: nn.Module, example_inputs: Any, setup: ModelSetup, prune_heads: bool, forward_fn: Callable[..., Any] | None
 ) -> tp.pruner.MetaPruner:
+    """A ``MetaPruner`` that only traces: no ratio yet (the groups are planned from it), magnitude importance."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
         return tp.pruner.MetaPruner(
             model,
             example_inputs,
-            importance=importance,
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
             pruning_ratio=0.0,  # every group has an entry; anything else must stay intact
-            pruning_ratio_dict=dict(ratio_dict) if ratio_dict else None,
             max_pruning_ratio=1.0,  # it would not cap dict ratios anyway (TP issue 448): clamped here instead
             ignored_layers=list(setup.ignored) + list(setup.ignored_params),
             round_to=None,  # rounding is planned here, to the nearest multiple, not TP's floor
@@ -223,14 +216,13 @@ def _build_pruner(
             num_heads=dict(setup.num_heads),
             prune_num_heads=prune_heads,
             prune_head_dims=not prune_heads,
-            head_pruning_ratio_dict=dict(head_dict) if head_dict else None,
             customized_pruners=dict(setup.customized),
             unwrapped_parameters=list(setup.unwrapped),
             forward_fn=forward_fn,
         )
 
 
-def fold_ratio(targets: Mapping[str, float], weights: Mapping[str, int], fold: str = "mean") -> float:
+def fold_ratio(targets: Mapping[str, float], weights: Mapping[str, int], fold: Fold = "mean") -> float:
     """Fold the targets of a group's producers into one channel ratio.
 
     ``mean``: parameter-weighted mean ``Σ n_l ρ_l / Σ n_l``; ``min``/``max``: the smallest/largest target.
@@ -274,16 +266,12 @@ def _plan_keep(channels: int, target: float, min_keep: int, round_to: int | None
     return min(keep, channels), why
 
 
-def _analyse(
+def analyse_groups(
     pruner: tp.pruner.MetaPruner,
     model: nn.Module,
     strategy: Strategy,
-    setup: _Setup,
-    *,
-    fold: str,
-    round_to: int | None,
-    max_ratio: float,
-    prune_heads: bool,
+    setup: ModelSetup,
+    o: TPOptions,
 ) -> list[GroupPlan]:
     names = {m: n for n, m in model.named_modules()}
     params = {n: int(m.weight.numel()) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
@@ -321,16 +309,16 @@ def _analyse(
             channels = int(qkv.out_features) // (3 * ch_groups)
             key_mod = qkv
         targets = {p: float(strategy.ratios.get(p, 0.0)) for p in producers if p not in _ignored_names(model, pruner)}
-        target = fold_ratio(targets, params, fold)
-        if qkv is not None and prune_heads:
+        target = fold_ratio(targets, params, o.fold)
+        if qkv is not None and o.prune_heads:
             heads = int(setup.num_heads[qkv])
-            keep, why = _plan_keep(heads, target, 1, None, max_ratio)
+            keep, why = _plan_keep(heads, target, 1, None, o.max_ratio)
             ratio = (heads - keep) / heads
             plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep, ratio,
                                    heads=heads, clamped=why, module=key_mod))
             continue
-        min_keep = max(1, round_to or 1)
-        keep, why = _plan_keep(channels, target, min_keep, round_to, max_ratio)
+        min_keep = max(1, o.round_to or 1)
+        keep, why = _plan_keep(channels, target, min_keep, o.round_to, o.max_ratio)
         plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep,
                                _tp_ratio(channels, keep), clamped=why, module=key_mod))
     return plans
@@ -345,7 +333,7 @@ def _ignored_names(model: nn.Module, pruner: tp.pruner.MetaPruner) -> set[str]:
     return cached
 
 
-def _check_strategy(model: nn.Module, strategy: Strategy) -> None:
+def check_tp_strategy(model: nn.Module, strategy: Strategy) -> None:
     if not isinstance(strategy, Strategy):
         raise MixMatchError(f"strategy must be a mixmatch_plugin Strategy (plan.strategy(name)), got {type(strategy).__name__}")
     layers = inventory(model)
@@ -353,58 +341,28 @@ def _check_strategy(model: nn.Module, strategy: Strategy) -> None:
     check_strategy(strategy, layers, complete=False)
 
 
-def _check_opts(fold: str, round_to: int | None, max_ratio: float) -> None:
-    if fold not in FOLDS:
-        raise MixMatchError(f"fold must be one of {', '.join(FOLDS)}, got {fold!r}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise MixMatchError(f"round_to must be a positive integer or None, got {round_to!r}")
-    if not (0.0 <= max_ratio < 1.0):
-        raise MixMatchError(f"max_ratio must lie in [0, 1), got {max_ratio!r}")
-
-
-def plan_groups(
-    model: nn.Module,
-    strategy: Strategy,
-    example_inputs: Any,
-    *,
-    fold: str = "mean",
-    round_to: int | None = None,
-    max_ratio: float = 0.95,
-    prune_heads: bool = False,
-    ignored_layers: Sequence[Any] | None = None,
-    ignore_classifier: bool = True,
-    forward_fn: Callable[..., Any] | None = None,
-) -> list[GroupPlan]:
-    """The dependency groups of ``model`` and the ratio planned for each (see the module docstring).
-
-    The model is traced once (in eval mode, restored afterwards) and not otherwise changed.
-    """
-    _check_strategy(model, strategy)
-    _check_opts(fold, round_to, max_ratio)
+def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOptions) -> tuple[ModelSetup, list[GroupPlan]]:
+    """Check the strategy and options, trace ``model`` once (eval mode, restored) and plan every group."""
+    check_tp_strategy(model, strategy)
+    o.check()
     was_training = model.training
     try:
-        setup = _setup(model, ignored_layers, prune_heads, ignore_classifier)
-        pruner = _build_pruner(model, example_inputs, setup, tp.importance.GroupMagnitudeImportance(p=1), None, None,
-                               prune_heads, forward_fn)
-        return _analyse(pruner, model, strategy, setup, fold=fold, round_to=round_to, max_ratio=max_ratio,
-                        prune_heads=prune_heads)
+        setup = model_setup(model, o.ignored_layers, o.prune_heads, o.ignore_classifier)
+        pruner = build_pruner(model, example_inputs, setup, o.prune_heads, o.forward_fn)
+        return setup, analyse_groups(pruner, model, strategy, setup, o)
     finally:
         model.train(was_training)
 
 
-def pruner_kwargs(
-    model: nn.Module,
-    strategy: Strategy,
-    example_inputs: Any,
-    *,
-    fold: str = "mean",
-    round_to: int | None = None,
-    max_ratio: float = 0.95,
-    prune_heads: bool = False,
-    ignored_layers: Sequence[Any] | None = None,
-    ignore_classifier: bool = True,
-    forward_fn: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
+def plan_groups(model: nn.Module, strategy: Strategy, example_inputs: Any, *, options: TPOptions | None = None) -> list[GroupPlan]:
+    """The dependency groups of ``model`` and the ratio planned for each (see the module docstring).
+
+    The model is traced once (in eval mode, restored afterwards) and not otherwise changed.
+    """
+    return analyse(model, strategy, example_inputs, options or TPOptions())[1]
+
+
+def pruner_kwargs(model: nn.Module, strategy: Strategy, example_inputs: Any, *, options: TPOptions | None = None) -> dict[str, Any]:
     """Keyword arguments for ``tp.pruner.MetaPruner(model, example_inputs, importance=..., **kwargs)``.
 
     They carry the Mix-and-Match ratios (``pruning_ratio_dict``, and ``head_pruning_ratio_dict`` with
@@ -422,21 +380,12 @@ def pruner_kwargs(
         pruner.step()
         mm_tp.fix_attention(model, dims)
     """
-    _check_strategy(model, strategy)
-    _check_opts(fold, round_to, max_ratio)
-    was_training = model.training
-    try:
-        setup = _setup(model, ignored_layers, prune_heads, ignore_classifier)
-        pruner = _build_pruner(model, example_inputs, setup, tp.importance.GroupMagnitudeImportance(p=1), None, None,
-                               prune_heads, forward_fn)
-        plans = _analyse(pruner, model, strategy, setup, fold=fold, round_to=round_to, max_ratio=max_ratio,
-                         prune_heads=prune_heads)
-    finally:
-        model.train(was_training)
-    return _kwargs_from(setup, plans, prune_heads, forward_fn)
+    o = options or TPOptions()
+    setup, plans = analyse(model, strategy, example_inputs, o)
+    return kwargs_from(setup, plans, o.prune_heads, o.forward_fn)
 
 
-def _kwargs_from(setup: _Setup, plans: Sequence[GroupPlan], prune_heads: bool, forward_fn: Any) -> dict[str, Any]:
+def kwargs_from(setup: ModelSetup, plans: Sequence[GroupPlan], prune_heads: bool, forward_fn: Any) -> dict[str, Any]:
     ratio_dict: dict[nn.Module, float] = {}
     head_dict: dict[nn.Module, float] = {}
     for p in plans:
@@ -466,17 +415,7 @@ def _kwargs_from(setup: _Setup, plans: Sequence[GroupPlan], prune_heads: bool, f
 
 
 def pruning_ratio_dict(
-    model: nn.Module,
-    strategy: Strategy,
-    example_inputs: Any,
-    *,
-    fold: str = "mean",
-    round_to: int | None = None,
-    max_ratio: float = 0.95,
-    prune_heads: bool = False,
-    ignored_layers: Sequence[Any] | None = None,
-    ignore_classifier: bool = True,
-    forward_fn: Callable[..., Any] | None = None,
+    model: nn.Module, strategy: Strategy, example_inputs: Any, *, options: TPOptions | None = None
 ) -> dict[nn.Module, float]:
     """``{module: ratio}`` for ``tp.pruner.MetaPruner(pruning_ratio_dict=...)``: one entry per dependency group.
 
@@ -487,13 +426,9 @@ def pruning_ratio_dict(
     original width, clamped so that at least one channel (``round_to`` channels, one head_dim per
     head) remains, and exact under Torch-Pruning's ``floor``.
     """
-    if prune_heads:
+    if options is not None and options.prune_heads:
         raise MixMatchError(
             "whole-head removal needs head_pruning_ratio_dict and prune_num_heads as well: use pruner_kwargs(...), "
             "which returns all of them"
         )
-    kw = pruner_kwargs(
-        model, strategy, example_inputs, fold=fold, round_to=round_to, max_ratio=max_ratio,
-        ignored_layers=ignored_layers, ignore_classifier=ignore_classifier, forward_fn=forward_fn,
-    )
-    return dict(kw["pruning_ratio_dict"])
+    return dict(pruner_kwargs(model, strategy, example_inputs, options=options)["pruning_ratio_dict"])

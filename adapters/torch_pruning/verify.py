@@ -15,9 +15,9 @@ from torch import nn
 
 from mixmatch_plugin.errors import MixMatchError
 
-from ._timm import PatchMergingPruner, _timm_classes
-from .planning import _Setup, _setup
+from .planning import ModelSetup, model_setup
 from .report import RemovedItem
+from .timm_layers import PatchMergingPruner, timm_classes
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def _record(group: Any, DG: Any, names: Mapping[int, str], pnames: Mapping[int, str]) -> list[RemovedItem]:
+def record_removed(group: Any, DG: Any, names: Mapping[int, str], pnames: Mapping[int, str]) -> list[RemovedItem]:
     out: list[RemovedItem] = []
     for dep, idxs in group:
         mod = dep.target.module
@@ -68,7 +68,7 @@ def coupled_channels(
     """
     was = model.training
     try:
-        setup = _setup(model, None, False, False)
+        setup = model_setup(model, None, False, False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
             DG = tp.DependencyGraph().build_dependency(
@@ -86,7 +86,7 @@ def coupled_channels(
         module = model.get_submodule(name)
         pruner = DG.get_pruner_of_module(module)
         group = DG.get_pruning_group(module, pruner.prune_out_channels, [int(i) for i in idxs])
-        out.extend(_record(group, DG, names, pnames))
+        out.extend(record_removed(group, DG, names, pnames))
     return out
 
 
@@ -155,7 +155,7 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
     kind whose removal has no zeroed equivalent here.
     """
     ref = copy.deepcopy(model)
-    ln2d = _timm_classes()["layernorm2d"]
+    ln2d = timm_classes()["layernorm2d"]
     ln_removed: dict[str, set[int]] = {}
     with torch.no_grad():
         for item in removed:
@@ -207,13 +207,13 @@ def _zero_out(m: nn.Module, idx: torch.Tensor) -> None:
         b.index_fill_(0, idx, 0.0)
 
 
-def _hint(setup: _Setup) -> str:
+def _hint(setup: ModelSetup) -> str:
     if not setup.guessed:
         return ""
     return f" Torch-Pruning guessed the channel dimension of: {', '.join(setup.guessed[:4])}."
 
 
-def _check_runs(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None, setup: _Setup) -> None:
+def check_runs(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None, setup: ModelSetup) -> None:
     """Run the pruned model once; a failure names the innermost module that was running."""
     was = model.training
     model.eval()
@@ -230,8 +230,8 @@ def _check_runs(model: nn.Module, example_inputs: Any, forward_fn: Callable[...,
         model.train(was)
 
 
-def _verify(original: nn.Module, pruned: nn.Module, removed: Sequence[RemovedItem], example_inputs: Any,
-            forward_fn: Callable[..., Any] | None, setup: _Setup, tolerance: float) -> float:
+def verify_pruned(original: nn.Module, pruned: nn.Module, removed: Sequence[RemovedItem], example_inputs: Any,
+            forward_fn: Callable[..., Any] | None, setup: ModelSetup, tolerance: float) -> float:
     """Compare the pruned model with the zeroed reference, then run a backward pass; return the difference."""
     ref = zeroed_reference(original, removed)
     was = pruned.training

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import MixMatchError
-from .common import load_data, model_options, parse_json, parse_shape
+from mixmatch_plugin.app.cli.common import load_data, model_options
+from mixmatch_plugin.errors import MixMatchError
 
 
 @click.command("prune-dw")
@@ -44,7 +44,7 @@ from .common import load_data, model_options, parse_json, parse_shape
 @click.option("--bisect-steps", type=click.IntRange(1), default=14, show_default=True)
 @click.option("--max-iterations", type=click.IntRange(0), default=None, help="Stop after this many iterations in total.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, calibration draw and fine-tuning.")
-def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_shape: str | None,
+def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_shape: tuple[int, int, int] | None,
             dataset: str, data_dir: str | None, target: float, out: str, restart: bool, mode: str, min_blocks: int | None,
             block_score: str, allocation: str, strategies: str, finetune_steps: int, lr: float, calib_samples: int,
             val_samples: int | None, batch_size: int, cka_batch_size: int, macs_tolerance: float, bisect_steps: int,
@@ -61,13 +61,13 @@ def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_sh
       mixmatch prune-dw --model timm:resnet18 --model-kwargs '{"in_chans": 1, "num_classes": 10}' \\
           --checkpoint dense.pt --data fashion-mnist --target 0.5 --min-blocks 1 --finetune-steps 50 --out dw.pt
     Load the result with:
-      from mixmatch_plugin.depth_width import load_depth_width; model, state = load_depth_width("dw.pt")
+      from mixmatch_plugin.adapters.depth_width import load_depth_width; model, state = load_depth_width("dw.pt")
     """
     import torch
 
-    from ..data import loader, subset
-    from ..depth_width import DepthWidthConfig, parse_strategy, prune_depth_width
-    from ..models import build_model
+    from mixmatch_plugin.adapters.depth_width import DepthWidthConfig, parse_strategy, prune_depth_width
+    from mixmatch_plugin.app.data import loader, subset
+    from mixmatch_plugin.models import build_model
 
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())
     if not names:
@@ -80,8 +80,7 @@ def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_sh
         bisect_steps=bisect_steps, max_iterations=max_iterations, seed=seed,
     )
     config.validate()
-    kwargs = parse_json(model_kwargs, "--model-kwargs")
-    shape = parse_shape(input_shape)
+    kwargs, shape = model_kwargs, input_shape
     torch.manual_seed(seed)  # random init (no --checkpoint) must be the same on every rerun, or it cannot resume
     model = build_model(model_spec, model_kwargs=kwargs, checkpoint=checkpoint).eval()
     splits = load_data(dataset, data_dir, shape, seed, num_classes=int(kwargs.get("num_classes", 10)))
@@ -100,7 +99,7 @@ def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_sh
                  "val_samples": val_samples, "batch_size": batch_size, "cka_batch_size": cka_batch_size},
     }
 
-    def report(e: dict) -> None:
+    def report(_model: object, e: dict) -> None:
         d, w = e.get("depth") or {}, e.get("width") or {}
         parts = [f"iteration {e['iteration']}: kept {e['choice']}"]
         if d.get("block"):
@@ -112,7 +111,7 @@ def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_sh
         click.echo("; ".join(parts))
 
     result = prune_depth_width(model, example, calib, val_loader, config=config, train_loader=train_loader,
-                               state_path=out, restart=restart, meta=meta, progress=False, on_iteration=report)
+                               state_path=out, restart=restart, meta=meta, on_iteration=report)
     if result.resumed_from:
         click.echo(f"resumed {out} after iteration {result.resumed_from}")
     click.echo(result.summary())

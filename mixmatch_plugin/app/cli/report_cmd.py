@@ -19,7 +19,7 @@ def command(source: str, out: str | None) -> None:
       mixmatch report plan.json --out plan-report.html
       mixmatch report mixmatch-demo/summary.json
     """
-    from ..report import write_report
+    from mixmatch_plugin.app.report import write_report
 
     path = write_report(source, out or Path(source).with_suffix(".md"))
     click.echo(f"wrote {path}")

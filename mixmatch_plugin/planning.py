@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch import nn
@@ -30,13 +30,14 @@ from torch import nn
 from . import baselines as _baselines
 from ._version import __version__
 from .batches import LossFn
-from .errors import MixMatchError
-from .inventory import Layer, check_prunable, inventory
+from .errors import MixMatchError, RulesError
 from .io import atomic_write_json, read_json
+from .layers import Layer, check_prunable, inventory
 from .masks import PruneResult
 from .masks import apply as _apply
 from .ranges import (
     Range,
+    RangeSource,
     bounds,
     clamp_ranges,
     combine,
@@ -46,8 +47,8 @@ from .ranges import (
     validate_ratio,
 )
 from .rules import KINDS, RuleSet, load_rules, preset_for
-from .signals import ALL_SIGNALS, SIGNALS, Signals, compute_grasp, compute_signals
-from .strategies import SHAPES, Strategy, StrategySpace
+from .signals import ALL_SIGNALS, SIGNALS, SignalName, Signals, compute_grasp, compute_signals
+from .strategies import OnUnreachable, Strategy, StrategySpace
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,9 @@ def compute_empirical_ranges(
     sparsities: Sequence[float] = (0.7, 0.8, 0.9),
 ) -> dict[str, Range]:
     """The paper's Phase 1: min/max per-layer sparsity over ``methods`` x ``sparsities`` (no fine-tuning)."""
+    unknown = [m for m in methods if m not in _baselines.REGISTRY]
+    if unknown:
+        raise RulesError(f"'empirical.methods' names {unknown[0]!r}, which is not a baseline; choose from {', '.join(_baselines.REGISTRY)}")
     runs = [_baselines.make(m, layers, signals, s).ratios for m in methods for s in sparsities]
     return empirical_ranges(runs)
 
@@ -279,21 +283,39 @@ def _report_pinned(layers: Sequence[Layer], final: Mapping[str, Range], fixed: M
         )
 
 
+@dataclass(frozen=True)
+class PlanOptions:
+    """The less common settings of :func:`plan`.
+
+    Attributes:
+        ranges: ``"rules"``, ``"empirical"`` (the paper's 9 pruning runs), ``"union"`` or
+            ``"intersection"`` of both; ``"auto"`` follows the preset's ``source``.
+        disable_constraints: ids of structural constraints to switch off (``norm``, ``small_layers``,
+            ``patch_embed``).
+        roles: role overrides ``{regex: role}``.
+        protect: regexes of layers to keep dense (hard bound [0, 0]).
+        shapes: strategy shapes to build (default: all ten, :data:`~mixmatch_plugin.strategies.SHAPES`).
+        loss_fn, max_batches: see :func:`~mixmatch_plugin.compute_signals`.
+    """
+
+    ranges: RangeSource | Literal["auto"] = "auto"
+    disable_constraints: tuple[str, ...] = ()
+    roles: Mapping[str, str] | None = None
+    protect: tuple[str, ...] = ()
+    shapes: tuple[str, ...] | None = None
+    loss_fn: LossFn | None = None
+    max_batches: int | None = None
+
+
 def plan(
     model: nn.Module,
     calib: Iterable[Any] | None = None,
     *,
-    signals: Sequence[str] = SIGNALS,
-    preset: str | Path | Mapping[str, Any] | RuleSet = "auto",
-    ranges: str = "auto",
+    signals: Sequence[SignalName] = SIGNALS,
     target: float | None = None,
-    on_unreachable: str = "error",
-    disable_constraints: Sequence[str] = (),
-    roles: Mapping[str, str] | None = None,
-    protect: Sequence[str] = (),
-    shapes: Sequence[str] = SHAPES,
-    loss_fn: LossFn | None = None,
-    max_batches: int | None = None,
+    on_unreachable: OnUnreachable = "error",
+    preset: str | Path | Mapping[str, Any] | RuleSet = "auto",
+    options: PlanOptions | None = None,
     scores: Signals | None = None,
     progress: bool = False,
 ) -> Plan:
@@ -304,32 +326,29 @@ def plan(
         calib: labelled calibration batches (5-10 % of the training data in the paper). Needed for the
             gradient and product signals and for empirical ranges.
         signals: which of ``magnitude``, ``gradient``, ``product`` to build strategies for.
-        preset: ``"auto"`` (by model class: swin, resnet, levit, vgg, else generic), a preset name, a
-            rules file path, a parsed mapping, or a :class:`~mixmatch_plugin.rules.RuleSet`.
-        ranges: ``"rules"``, ``"empirical"`` (the paper's 9 pruning runs), ``"union"`` or
-            ``"intersection"`` of both; ``"auto"`` follows the preset's ``source``.
         target: global sparsity to match (budget-matched mode); None for native mode.
         on_unreachable: ``"error"`` or ``"extend"`` (shift ranges to reach ``target``; see
             :class:`~mixmatch_plugin.strategies.StrategySpace`).
-        disable_constraints: ids of structural constraints to switch off (``norm``, ``small_layers``,
-            ``patch_embed``).
-        roles: role overrides ``{regex: role}``.
-        protect: regexes of layers to keep dense (hard bound [0, 0]).
-        shapes: strategy shapes to build (default: all ten).
-        loss_fn, max_batches, progress: see :func:`~mixmatch_plugin.compute_signals`.
+        preset: ``"auto"`` (by model class: swin, resnet, levit, vgg, else generic), a preset name, a
+            rules file path, a parsed mapping, or a :class:`~mixmatch_plugin.rules.RuleSet`.
+        options: ranges source, constraints switched off, role overrides, protected layers, shapes,
+            loss (see :class:`PlanOptions`).
         scores: precomputed signals of this very model (reused, e.g. across targets); ``calib`` is then
             only needed for what ``scores`` lacks (GraSP scores for empirical ranges).
+        progress: show progress bars.
     """
+    o = options or PlanOptions()
+    loss_fn, max_batches = o.loss_fn, o.max_batches
     if target is not None:
         target = validate_ratio(target, "target sparsity")
-    layers = inventory(model, roles=roles)
+    layers = inventory(model, roles=o.roles)
     check_prunable(layers)
     rules = preset if isinstance(preset, RuleSet) else load_rules(preset_for(model) if preset == "auto" else preset)
-    if disable_constraints:
-        rules = rules.without(*disable_constraints)
-    how = ("empirical" if rules.source == "empirical" else "rules") if ranges == "auto" else ranges
+    if o.disable_constraints:
+        rules = rules.without(*o.disable_constraints)
+    how = ("empirical" if rules.source == "empirical" else "rules") if o.ranges == "auto" else o.ranges
     hard = bounds(layers, rules)
-    _protect(layers, hard, protect)
+    _protect(layers, hard, o.protect)
 
     needs_grad = any(s in ("gradient", "product") for s in signals) or how != "rules"
     needs_grasp = how != "rules" and "grasp" in rules.empirical_methods
@@ -352,15 +371,18 @@ def plan(
         if needs_grasp and scores.grasp is None:
             assert calib is not None
             scores.grasp = compute_grasp(model, calib, layers=layers, loss_fn=loss_fn, max_batches=max_batches, progress=progress)
-        emp = compute_empirical_ranges(layers, scores, rules.empirical_methods, rules.empirical_sparsities)
+        try:
+            emp = compute_empirical_ranges(layers, scores, rules.empirical_methods, rules.empirical_sparsities)
+        except RulesError as exc:
+            raise RulesError(f"{rules.origin or rules.name}: {exc}") from None
     raw = combine(rule_ranges(layers, rules) if how != "empirical" else None, emp, how)
     final = clamp_ranges(raw, hard)
     fixed = pinned(layers, raw, final, rules)
     _report_pinned(layers, final, fixed)
 
     space = StrategySpace(layers, final, hard, target=target, on_unreachable=on_unreachable)
-    strategies = space.rule_strategies(signals, scores, shapes)
-    sensitivity = {s: scores.layer_means(s) for s in scores.available if s in SIGNALS}
+    strategies = space.rule_strategies(signals, scores, o.shapes)
+    sensitivity = {str(s): scores.layer_means(s) for s in scores.available if s in SIGNALS}
     n = np.array([layer.params for layer in layers], dtype=np.float64)
     meta = {
         "model": type(model).__name__,

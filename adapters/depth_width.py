@@ -55,26 +55,44 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from .cka import cka_to_parent, collect_features
-from .depth import KINDS, SCORES, find_blocks, removable_blocks, remove_blocks, removed_blocks, score_blocks
-from .errors import BudgetError, MixMatchError
-from .evaluate import evaluate
-from .inventory import inventory
-from .io import atomic_torch_save, safe_torch_load
-from .progress import progress_bar
-from .signals import SIGNALS, Signals, compute_signals
-from .strategies import SHAPES, Strategy, global_sparsity
+from mixmatch_plugin.cka import cka_to_parent, collect_features
+from mixmatch_plugin.depth import (
+    KINDS,
+    SCORES,
+    BlockScore,
+    find_blocks,
+    removable_blocks,
+    remove_blocks,
+    removed_blocks,
+    score_blocks,
+)
+from mixmatch_plugin.errors import BudgetError, MixMatchError
+from mixmatch_plugin.evaluation import evaluate
+from mixmatch_plugin.finetuning import finetune
+from mixmatch_plugin.io import atomic_torch_save, safe_torch_load
+from mixmatch_plugin.layers import inventory
+from mixmatch_plugin.models import build_model
+from mixmatch_plugin.planning import PlanOptions, plan
+from mixmatch_plugin.signals import SIGNALS, SignalName, Signals, compute_signals
+from mixmatch_plugin.strategies import SHAPES, Strategy, global_sparsity
+
+from .torch_pruning import TPOptions, rebuild
+from .torch_pruning import count_macs as tp_count_macs
+from .torch_pruning import prune as tp_prune
+from .torch_pruning.options import Fold
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "mixmatch.depth_width/1"
-MODES = ("cka", "depth", "width")
-ALLOCATIONS = ("mm", "uniform")
+Mode = Literal["cka", "depth", "width"]
+Allocation = Literal["mm", "uniform"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+ALLOCATIONS: tuple[Allocation, ...] = get_args(Allocation)
 #: Configuration fields that only decide when to stop: they may differ when a run is resumed.
 _STOP_FIELDS = ("target", "max_iterations")
 
@@ -108,10 +126,10 @@ class DepthWidthConfig:
     """
 
     target: float
-    mode: str = "cka"
+    mode: Mode = "cka"
     min_blocks: int | None = None
-    block_score: str = "kl"
-    allocation: str = "mm"
+    block_score: BlockScore = "kl"
+    allocation: Allocation = "mm"
     strategies: tuple[str, ...] = ("magnitude:midpoint",)
     finetune_steps: int = 0
     finetune_lr: float = 3e-4
@@ -123,7 +141,7 @@ class DepthWidthConfig:
     bisect_steps: int = 14
     max_iterations: int | None = None
     schedule: tuple[float, ...] = ()
-    fold: str = "mean"
+    fold: Fold = "mean"
     round_to: int | None = None
     max_ratio: float = 0.95
     preset: str = "auto"
@@ -171,7 +189,7 @@ class DepthWidthConfig:
         return d
 
 
-def parse_strategy(name: str) -> tuple[str, str]:
+def parse_strategy(name: str) -> tuple[SignalName, str]:
     """``"magnitude:midpoint"`` -> ``("magnitude", "midpoint")``, validated."""
     signal, _, shape = str(name).partition(":")
     if signal not in SIGNALS or shape not in SHAPES:
@@ -183,17 +201,6 @@ def parse_strategy(name: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ MACs
-def _tp() -> Any:
-    try:
-        from .adapters import torch_pruning as mtp
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MixMatchError(
-            f"depth-and-width pruning needs Torch-Pruning for its width candidates ({exc}); "
-            "pip install 'mixmatch-plugin[tp]'"
-        ) from None
-    return mtp
-
-
 def _probe(example_inputs: Any) -> Any:
     """One sample of the example inputs: MACs are reported per input."""
     if isinstance(example_inputs, torch.Tensor):
@@ -206,7 +213,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     was = model.training
     model.eval()
     try:
-        macs, params = _tp().count_macs(model, _probe(example_inputs))
+        macs, params = tp_count_macs(model, _probe(example_inputs))
     finally:
         model.train(was)
     return macs, params
@@ -256,30 +263,23 @@ def width_candidate(
     example_inputs: Any,
     *,
     calib: Iterable[Any] | None = None,
-    allocation: str = "mm",
     strategy: str = "magnitude:midpoint",
     signals: Signals | None = None,
-    macs_tolerance: float = 0.02,
-    bisect_steps: int = 14,
-    fold: str = "mean",
-    round_to: int | None = None,
-    max_ratio: float = 0.95,
-    preset: str = "auto",
-    disable_constraints: Sequence[str] = (),
-    max_batches: int | None = None,
+    config: DepthWidthConfig | None = None,
 ) -> WidthCandidate | None:
     """Structured pruning of a copy of ``model`` that removes about ``removed_macs`` MACs (per input).
 
-    The target sparsity ``t`` of a budget-matched Mix-and-Match strategy (``allocation="mm"``:
+    The target sparsity ``t`` of a budget-matched Mix-and-Match strategy (``config.allocation="mm"``:
     ``mm.plan(model, calib, target=t, on_unreachable="extend")`` with one ``signal:shape``) or of a
     uniform one (``allocation="uniform"``) is bisected in [0, 0.95]; each trial prunes with the
     Torch-Pruning adapter and measures the MACs. The closest trial is returned (re-pruned with
     verification against the channel-zeroed original); None when no trial removes anything.
-    ``model`` is not changed.
+    ``model`` is not changed. ``config`` gives the allocation, the bisection (``macs_tolerance``,
+    ``bisect_steps``), the Torch-Pruning settings (``fold``, ``round_to``, ``max_ratio``), the plan's
+    ``preset`` and ``disable_constraints``, and ``score_batches`` (default: :class:`DepthWidthConfig`'s).
     """
-    from .plan import plan as mm_plan
-
-    mtp = _tp()
+    cfg = config if config is not None else DepthWidthConfig(target=0.5)  # the target only ends the loop: unused here
+    allocation, max_batches = cfg.allocation, cfg.score_batches
     if allocation not in ALLOCATIONS:
         raise MixMatchError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     signal, shape = parse_strategy(strategy)
@@ -295,18 +295,19 @@ def width_candidate(
     def make(t: float) -> Strategy:
         if allocation == "uniform":
             return uniform_strategy(model, t)
-        p = mm_plan(model, calib, target=t, on_unreachable="extend", scores=signals, signals=(signal,), shapes=(shape,),
-                    preset=preset, disable_constraints=tuple(disable_constraints))
+        p = plan(model, calib, target=t, on_unreachable="extend", scores=signals, signals=(signal,), preset=cfg.preset,
+                 options=PlanOptions(shapes=(shape,), disable_constraints=cfg.disable_constraints))
         return p.strategies[0]
 
     def trial(s: Strategy, verify: bool) -> Any:
-        return mtp.prune(model, s, example_inputs, calib=calib if s.signal != "magnitude" else None,
-                         max_batches=max_batches, fold=fold, round_to=round_to, max_ratio=max_ratio, verify=verify)
+        return tp_prune(model, s, example_inputs, calib=calib if s.signal != "magnitude" else None,
+                        options=TPOptions(max_batches=max_batches, fold=cfg.fold, round_to=cfg.round_to,
+                                          max_ratio=cfg.max_ratio, verify=verify))
 
     lo, hi = 0.0, 0.95
     best: tuple[float, Strategy, int] | None = None
     trials = 0
-    for _ in range(bisect_steps):
+    for _ in range(cfg.bisect_steps):
         t = 0.5 * (lo + hi)
         trials += 1
         try:
@@ -318,7 +319,7 @@ def width_candidate(
         got = macs0 - _per_input(res.report.macs_after, res.report.macs_before, macs0)
         if best is None or abs(got - removed_macs) < abs(best[2] - removed_macs):
             best = (t, s, got)
-        if abs(got - removed_macs) <= macs_tolerance * removed_macs:
+        if abs(got - removed_macs) <= cfg.macs_tolerance * removed_macs:
             break
         if got < removed_macs:
             lo = t
@@ -411,8 +412,6 @@ def _reseed(loader: Any, seed: int) -> None:
 
 
 def _finetune(model: nn.Module, loader: Iterable[Any], steps: int, lr: float, seed: int) -> None:
-    from .finetune import finetune
-
     _reseed(loader, seed)
     try:
         per_epoch = len(loader)  # type: ignore[arg-type]
@@ -433,7 +432,7 @@ def replay(model: nn.Module, ops: Sequence[Mapping[str, Any]], example_inputs: A
         if kind == "depth":
             remove_blocks(model, [str(op["block"])], inplace=True)
         elif kind == "width":
-            _tp().rebuild(model, op["history"], example_inputs, op.get("num_heads") or {})
+            rebuild(model, op["history"], example_inputs, op.get("num_heads") or {})
         else:
             raise MixMatchError(f"checkpoint op {i} has unknown kind {kind!r}; the file is damaged or from a newer version")
     model.eval()
@@ -474,9 +473,7 @@ def prune_depth_width(
     state_path: str | Path | None = None,
     restart: bool = False,
     meta: Mapping[str, Any] | None = None,
-    progress: bool = False,
-    on_iteration: Callable[[dict[str, Any]], None] | None = None,
-    on_model: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+    on_iteration: Callable[[nn.Module, dict[str, Any]], None] | None = None,
 ) -> DepthWidthResult:
     """Prune layers and channels together, keeping at each step the candidate closest to its parent by CKA.
 
@@ -492,9 +489,9 @@ def prune_depth_width(
         restart: ignore (and overwrite) an existing checkpoint.
         meta: JSON data describing how ``model`` and the loaders were made (model spec, data, seeds...);
             stored, and required to match on resume.
-        on_iteration: called with each iteration's log entry after it is checkpointed.
-        on_model: called with the current model and the log entry after each iteration (to measure
-            something the loop does not, e.g. a test-set curve for a report); it must not change the model.
+        on_iteration: called with the current model and each iteration's log entry after it is checkpointed
+            (to report progress, or to measure something the loop does not, e.g. a test-set curve for a
+            report); it must not change the model.
 
     Raises:
         MixMatchError: a setting out of range (the MACs target, the mode ...), a model without supported
@@ -545,8 +542,7 @@ def prune_depth_width(
 
     stopped = ""
     last_step = next((e["step_macs"] for e in reversed(log) if e.get("depth")), None)
-    bar = progress_bar(iter(int, 1), "depth-width", enable=progress)
-    for _ in bar:
+    while True:
         macs_now, _params_now = count_macs(work, example_inputs)
         if 1.0 - macs_now / macs0 >= config.target - 1e-12:
             stopped = "target"
@@ -573,9 +569,7 @@ def prune_depth_width(
         logger.info("iteration %d: kept the %s candidate (MACs %.1f%% removed)", it, record["choice"],
                     100 * record["macs_reduction"])
         if on_iteration is not None:
-            on_iteration(record)
-        if on_model is not None:
-            on_model(work, record)
+            on_iteration(work, record)
             work.eval()
     save(stopped)
     macs1, params1 = count_macs(work, example_inputs)
@@ -677,12 +671,7 @@ def _best_width(work: nn.Module, step: int, example_inputs: Any, calib: Iterable
         signals = compute_signals(work, calib if needs_calib else None, signals=signal_names, max_batches=cfg.score_batches)
     found = []
     for s in strategies:
-        cand = width_candidate(
-            work, step, example_inputs, calib=calib, allocation=cfg.allocation, strategy=s, signals=signals,
-            macs_tolerance=cfg.macs_tolerance, bisect_steps=cfg.bisect_steps, fold=cfg.fold, round_to=cfg.round_to,
-            max_ratio=cfg.max_ratio, preset=cfg.preset, disable_constraints=cfg.disable_constraints,
-            max_batches=cfg.score_batches,
-        )
+        cand = width_candidate(work, step, example_inputs, calib=calib, strategy=s, signals=signals, config=cfg)
         if cand is not None:
             found.append(cand)
     if len(found) <= 1:
@@ -703,8 +692,6 @@ def load_depth_width(
             checkpoint's ``meta["model"]`` spec (as ``mixmatch prune-dw`` records it).
         example_inputs: for re-tracing Torch-Pruning histories; default: zeros of the recorded input shape.
     """
-    from .models import build_model
-
     path = Path(path)
     state = _load_state(path)
     if model is None:

@@ -1,4 +1,8 @@
-"""``mixmatch bench``: the real-data comparison on Fashion-MNIST."""
+"""``python -m benchmarks``: the real-data comparison on Fashion-MNIST (formerly ``mixmatch bench``).
+
+Errors and interrupts end it as they end a ``mixmatch`` command: one line, status 2 for bad input,
+130 for Ctrl-C, 143 for SIGTERM.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,17 @@ from typing import Any
 
 import click
 
+from mixmatch_plugin.app.cli import guarded, run, setup_logging
 
-@click.command("bench")
+
+class _Command(click.Command):
+    def invoke(self, ctx: click.Context) -> Any:
+        return guarded(ctx, lambda: super(_Command, self).invoke(ctx))
+
+
+@click.command("bench", cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug) and tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--quick", is_flag=True, help="Reduced sizes (tiny models, 2 seeds, subsets): a few minutes, for CI.")
 @click.option("--models", default=None,
               help="Comma-separated subset of the models (resnet18, vit, swin; quick: resnet, swin), or the larger resnet50, "
@@ -32,26 +45,29 @@ import click
                    "the device is recorded with the results.")
 @click.option("--tiny", is_flag=True, hidden=True,
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
-def command(quick: bool, models: str | None, seeds: str | None, sparsities: str | None, out: str, data_dir: str | None, cache_dir: str | None,
+@click.pass_context
+def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: str | None, seeds: str | None, sparsities: str | None, out: str, data_dir: str | None, cache_dir: str | None,
             update_readme: str | None, fresh: bool, no_structured: bool, tables_only: bool, device: str | None, tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
 
     \b
     Example:
-      mixmatch bench --quick                             # about 5 minutes, smoke-sized
-      mixmatch bench --update-readme README.md           # the full run; trains dense models once (cached)
-      mixmatch bench --tables-only --update-readme README.md   # tables and plots again, from the saved results
-      mixmatch bench --models resnet18 --sparsities 0.99   # adds 99 %, keeps the rest
+      python -m benchmarks --quick                             # about 5 minutes, smoke-sized
+      python -m benchmarks --update-readme README.md           # the full run; trains dense models once (cached)
+      python -m benchmarks --tables-only --update-readme README.md   # tables and plots again, from the saved results
+      python -m benchmarks --models resnet18 --sparsities 0.99   # adds 99 %, keeps the rest
     Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh; results it has
     to replace (--fresh, another configuration, other presets, a dense model trained again with
     other weights, rows of an older benchmark protocol) are first copied to OUT/full.json.before-<time>.
     A model without BatchNorm measured under an older protocol keeps its one-shot rows (they do not
     depend on the protocol's batches) and has only its fine-tuned rows measured again.
     """
-    from ..bench import tables
-    from ..bench.run import BenchConfig, results_path, run
-    from ..errors import MixMatchError
+    ctx.obj = {"verbose": verbose}
+    setup_logging(verbose, quiet)
+    from benchmarks import tables
+    from benchmarks.run import BenchConfig, results_path, run
+    from mixmatch_plugin.errors import MixMatchError
 
     if update_readme:  # checked before hours of work, not after
         readme = Path(update_readme)
@@ -59,7 +75,7 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
             raise MixMatchError(f"--update-readme {update_readme}: no such file with <!-- bench:start --> / <!-- bench:end --> markers")
     cfg = BenchConfig.tiny() if tiny else BenchConfig.quick() if quick else BenchConfig.full()
     if models:
-        from ..bench.models import LARGER
+        from benchmarks.configs import LARGER
 
         known = cfg.models if quick or tiny else {**cfg.models, **LARGER}  # the larger models only when named
         wanted = [m.strip() for m in models.split(",") if m.strip()]
@@ -77,7 +93,7 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
         cfg.sparsities = {m: levels for m in cfg.models}
     if no_structured:
         cfg.structured = False
-    cmd = "mixmatch bench" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "") + (
+    cmd = "python -m benchmarks" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "") + (
         f" --sparsities {','.join(map(str, cfg.sparsities[next(iter(cfg.models))]))}" if sparsities else "")
     if tables_only:
         path = results_path(out, quick=quick, name="tiny" if tiny else None)
@@ -91,7 +107,7 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
         md = tables.markdown(res.doc, command=cmd)
         res.doc["markdown"] = md
         res.doc["plots"] = files
-        from ..io import atomic_write_json
+        from mixmatch_plugin.io import atomic_write_json
 
         atomic_write_json(res.path, res.doc)
         path = res.path
@@ -106,26 +122,31 @@ def command(quick: bool, models: str | None, seeds: str | None, sparsities: str 
 
 def _saved(path: Path, models: list[str]) -> dict[str, Any]:
     """The saved results at ``path``, restricted to ``models`` (those that have results); the file is not changed."""
-    from ..errors import MixMatchError
-    from ..io import read_json
+    from mixmatch_plugin.errors import MixMatchError
+    from mixmatch_plugin.io import read_json
 
     if not path.is_file():
-        raise MixMatchError(f"--tables-only: no results at {path}; run `mixmatch bench` first (or point --out at them)")
+        raise MixMatchError(f"--tables-only: no results at {path}; run `python -m benchmarks` first (or point --out at them)")
     doc = read_json(path, "benchmark results")
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
-        raise MixMatchError(f"{path} is not a benchmark results file (no 'models'); rerun `mixmatch bench`")
+        raise MixMatchError(f"{path} is not a benchmark results file (no 'models'); rerun `python -m benchmarks`")
     shown = {k: v for k, v in doc["models"].items() if k in models and v.get("runs")}
     if not shown:
-        raise MixMatchError(f"{path} has no results for {', '.join(models)}; run `mixmatch bench` first")
+        raise MixMatchError(f"{path} has no results for {', '.join(models)}; run `python -m benchmarks` first")
     return {**doc, "models": shown}
 
 
 def _sparsities(text: str) -> tuple[float, ...]:
     """``--sparsities`` as sorted distinct ratios in (0, 1), or a :class:`MixMatchError` naming the bad entry."""
-    from ..errors import MixMatchError
-    from ..ranges import validate_ratio
+    from mixmatch_plugin.errors import MixMatchError
+    from mixmatch_plugin.ranges import validate_ratio
 
     levels = {validate_ratio(part.strip(), "each --sparsities entry") for part in text.split(",")}
     if 0.0 in levels:
         raise MixMatchError("--sparsities: 0 prunes nothing; give ratios such as 0.7,0.9,0.95")
     return tuple(sorted(levels))
+
+
+def main() -> None:
+    """``python -m benchmarks``: :func:`command`, with SIGTERM handled as the ``mixmatch`` command handles it."""
+    run(command, prog_name="python -m benchmarks")

@@ -17,15 +17,15 @@ import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .batches import LossFn, default_loss, model_device, to_device
 from .errors import MixMatchError
-from .evaluate import Metrics, evaluate
-from .inventory import inventory, weight_of
+from .evaluation import Metrics, evaluate
+from .layers import inventory, weight_of
 from .masks import sparsity_of
 from .progress import progress_bar
 
@@ -46,16 +46,37 @@ class FinetuneResult:
     global_sparsity: float = 0.0
 
 
-def _optimizer(kind: str | OptimizerFactory, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if callable(kind):
-        return kind(params)
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise MixMatchError(f"unknown optimizer {kind!r}; choose adam, adamw or sgd, or pass a factory")
+OptimizerName = Literal["adam", "adamw", "sgd"]
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """The optimizer and early-stopping settings of :func:`finetune`.
+
+    Attributes:
+        optimizer: ``adam`` (default, as in the paper), ``adamw``, ``sgd`` (momentum 0.9), or a factory
+            ``params -> torch.optim.Optimizer``.
+        weight_decay: for the named optimizers.
+        patience: evaluations without improvement before stopping (the paper uses 3).
+        eval_every: evaluate every this many steps (default: once per epoch).
+    """
+
+    optimizer: OptimizerName | OptimizerFactory = "adam"
+    weight_decay: float = 0.0
+    patience: int = 3
+    eval_every: int | None = None
+
+    def make(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        kind, wd = self.optimizer, self.weight_decay
+        if callable(kind):
+            return kind(params)
+        if kind == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        if kind == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+        raise MixMatchError(f"unknown optimizer {kind!r}; choose adam, adamw or sgd, or pass a factory")
 
 
 def finetune(
@@ -67,10 +88,7 @@ def finetune(
     epochs: int = 1,
     max_steps: int | None = None,
     lr: float = 1e-4,
-    weight_decay: float = 0.0,
-    optimizer: str | OptimizerFactory = "adam",
-    patience: int = 3,
-    eval_every: int | None = None,
+    options: FinetuneOptions | None = None,
     loss_fn: LossFn | None = None,
     progress: bool = False,
 ) -> FinetuneResult:
@@ -82,10 +100,11 @@ def finetune(
         train_loader: training batches; iterated once per epoch.
         val_loader: validation batches for early stopping and for keeping the best weights.
         epochs, max_steps: stop after whichever comes first.
-        lr, weight_decay, optimizer: ``adam`` (default, as in the paper), ``adamw``, ``sgd`` or a factory.
-        patience: evaluations without improvement before stopping (the paper uses 3).
-        eval_every: evaluate every this many steps (default: once per epoch).
+        lr: the learning rate.
+        options: optimizer, weight decay, patience, evaluation interval (see :class:`FinetuneOptions`).
     """
+    o = options or FinetuneOptions()
+    patience, eval_every = o.patience, o.eval_every
     if epochs < 1:
         raise MixMatchError(f"epochs must be at least 1, got {epochs}")
     loss_fn = loss_fn or default_loss
@@ -101,7 +120,7 @@ def finetune(
             w.mul_(m)
     hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in pairs]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, lr, weight_decay)
+    opt = o.make(params, lr)
 
     best: Metrics | None = None
     best_state: dict[str, torch.Tensor] | None = None

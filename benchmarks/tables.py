@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_text
+from mixmatch_plugin.io import atomic_write_text
 
 ORDER = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm_rules", "mm_empirical", "mm_mixed", "mm")
 LABEL = {
@@ -158,7 +158,7 @@ def _red(b: float, m: float) -> str:
 
 
 def plots(doc: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
-    from ..plots import method_comparison
+    from mixmatch_plugin.app.plots import method_comparison
 
     folder = Path(folder)
     files = {}
@@ -201,7 +201,7 @@ def markdown(doc: Mapping[str, Any], *, command: str) -> str:
         parts += ["", model_table(name, md), "", reduction_table(name, md)]
     rows = [r for md in doc["models"].values() for r in md.get("structured") or []]
     if rows:
-        from .structured import markdown as structured_markdown
+        from benchmarks.structured import markdown as structured_markdown
 
         parts += ["", structured_markdown(rows)]
     return "\n".join(parts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import table
+from mixmatch_plugin.app.cli.common import table
 
 
 @click.command("demo")
@@ -31,8 +31,8 @@ def command(out: str, dataset: str, data_dir: str | None, target: float, finetun
       mixmatch demo --target 0.8 --out demo80
     Outputs: OUT/plan.json (feed it to `mixmatch prune`), OUT/summary.json, OUT/report.md, OUT/*.png
     """
-    from ..demo import run_demo
-    from ..ranges import validate_ratio
+    from mixmatch_plugin.app.demo import run_demo
+    from mixmatch_plugin.ranges import validate_ratio
 
     target = validate_ratio(target, "--target")
     r = run_demo(out, dataset=dataset, data_dir=data_dir, target=target, seed=seed, finetune_steps=finetune_steps,

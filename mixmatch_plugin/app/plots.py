@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_bytes
+from mixmatch_plugin.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

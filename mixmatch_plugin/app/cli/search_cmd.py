@@ -10,8 +10,15 @@ from typing import Any
 
 import click
 
-from ..errors import MixMatchError
-from .common import data_options, load_data, load_model, model_options, parse_shape, split_list, table
+from mixmatch_plugin.app.cli.common import (
+    SIGNAL_LIST,
+    data_options,
+    load_data,
+    load_model,
+    model_options,
+    table,
+)
+from mixmatch_plugin.errors import MixMatchError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ def _callback(spec: str) -> Any:
 @click.option("--sampler-seed", type=int, default=None, help="Sampler seed; give each worker its own (or none).")
 @click.option("--population", "population_size", type=click.IntRange(2), default=None,
               help="NSGA-II population (default: the number of rule seeds).")
-@click.option("--signals", "signal_list", default=None, help="Signals the search may choose (default: the plan's).")
+@click.option("--signals", "signal_list", type=SIGNAL_LIST, default=None, help="Signals the search may choose (default: the plan's).")
 @click.option("--evaluator", "evaluator_kind", default="proxy", show_default=True, metavar="proxy|finetune|MODULE:FN",
               help="proxy: masked validation accuracy; finetune: a short masked fine-tune first; MODULE:FN: FN(strategy) "
                    "returns the accuracy or a dict with 'accuracy'.")
@@ -79,11 +86,11 @@ def _callback(spec: str) -> Any:
 @click.option("--top", type=click.IntRange(1), default=None, help="Export at most this many.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.pass_context
-def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: str, checkpoint: str | None,
-            input_shape: str | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int,
+def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: dict, checkpoint: str | None,
+            input_shape: tuple[int, int, int] | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int,
             out_dir: str, storage: str | None, study_name: str, n_trials: int, total_trials: int | None,
             timeout: float | None, objective: str, metric: str, target: float | None, score: str, sampler: str | None,
-            sampler_seed: int | None, population_size: int | None, signal_list: str | None, evaluator_kind: str,
+            sampler_seed: int | None, population_size: int | None, signal_list: tuple[str, ...] | None, evaluator_kind: str,
             val_samples: int | None, bn_batches: int, finetune_steps: int, finetune_lr: float, heartbeat_interval: int,
             grace_period: int | None, max_retry: int, export_which: str, top: int | None, no_plots: bool) -> None:
     """Search around the plan's 30 rule strategies with Optuna; resumable, and shareable by many workers.
@@ -101,19 +108,20 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: s
     --study resnet-80 on each. Killed? Run the same command again: the study continues (add
     --total-trials N to stop at the same end point); a trial cut short is failed and retried.
     """
-    from .. import data as mmdata
-    from ..adapters import optuna as mmo
-    from ..inventory import inventory
-    from ..io import atomic_write_json
-    from ..masks import check_strategy
-    from ..plan import load_plan
-    from ..signals import SIGNALS, compute_signals
+    from mixmatch_plugin.adapters import optuna as mmo
+    from mixmatch_plugin.adapters.optuna.search import quiet
+    from mixmatch_plugin.app import data as mmdata
+    from mixmatch_plugin.io import atomic_write_json
+    from mixmatch_plugin.layers import inventory
+    from mixmatch_plugin.masks import check_strategy
+    from mixmatch_plugin.planning import load_plan
+    from mixmatch_plugin.signals import SIGNALS, compute_signals
 
     if not (ctx.find_root().obj or {}).get("verbose"):
-        mmo.quiet()
+        quiet()
     out = Path(out_dir)
     plan = load_plan(plan_path)
-    shape = parse_shape(input_shape)
+    shape = input_shape
     if shape is None and (plan.meta.get("model_spec") or {}).get("input_shape"):
         shape = tuple(plan.meta["model_spec"]["input_shape"])
     model = load_model(model_spec, model_kwargs, checkpoint)
@@ -121,7 +129,7 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: s
     layers = inventory(model)
     if plan.strategies:
         check_strategy(plan.strategies[0], layers, plan.layers)
-    choices = split_list(signal_list, SIGNALS, "--signals") if signal_list else None
+    choices = signal_list
     wanted = choices or tuple(plan.meta.get("signals") or SIGNALS)
     builtin = evaluator_kind in ("proxy", "finetune")
     if not builtin and ":" not in evaluator_kind:
@@ -155,12 +163,13 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: s
         raise MixMatchError("--metric macs needs --input-shape C,H,W (or --calib data) to measure the MACs")
     store = storage or f"sqlite:///{(out / 'search.db').absolute()}"
 
-    res = mmo.search(
-        plan, evaluator, storage=store, study_name=study_name, n_trials=n_trials, total_trials=total_trials,
-        timeout=timeout, objective=objective, metric=metric, target=target, score=score, sampler=sampler,
-        sampler_seed=sampler_seed, population_size=population_size, signals=choices, macs=macs,
-        heartbeat_interval=heartbeat_interval or None, grace_period=grace_period, max_retry=max_retry, progress=True,
+    options = mmo.SearchOptions(
+        n_trials=n_trials, total_trials=total_trials, timeout=timeout, objective=objective, metric=metric,
+        target=target, score=score, sampler=sampler, sampler_seed=sampler_seed,
+        population_size=population_size, signals=choices, macs=macs, heartbeat_interval=heartbeat_interval or None,
+        grace_period=grace_period, max_retry=max_retry,
     )
+    res = mmo.search(plan, evaluator, options, storage=store, study_name=study_name, progress=True)
     mmo.export(res, out / "plan.json", which=export_which, top=top)
     written: list[Path] = [out / "plan.json"]
     summary = {

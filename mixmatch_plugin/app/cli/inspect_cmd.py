@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import click
 
-from .common import fmt_range, load_model, model_options, table
+from mixmatch_plugin.app.cli.common import fmt_range, load_model, model_options, table
 
 
 @click.command("inspect")
@@ -15,7 +15,7 @@ from .common import fmt_range, load_model, model_options, table
 @click.option("--preset", default="auto", show_default=True, help="Rules preset or file for the range column.")
 @click.option("--role", "role_overrides", multiple=True, metavar="REGEX=ROLE", help="Override roles by name pattern.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_shape: str | None, preset: str,
+def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_shape: tuple[int, int, int] | None, preset: str,
             role_overrides: tuple[str, ...], as_json: bool) -> None:
     """Show every prunable weight tensor: name, role, stage, parameters and range.
 
@@ -24,9 +24,9 @@ def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_sh
       mixmatch inspect --model timm:swin_tiny_patch4_window7_224
       mixmatch inspect --model timm:resnet18 --role 'layer4\\..*conv2$=other' --json
     """
-    from ..inventory import check_prunable, inventory
-    from ..ranges import bounds, clamp_ranges, rule_ranges
-    from ..rules import load_rules, preset_for
+    from mixmatch_plugin.layers import check_prunable, inventory
+    from mixmatch_plugin.ranges import bounds, clamp_ranges, rule_ranges
+    from mixmatch_plugin.rules import load_rules, preset_for
 
     model = load_model(model_spec, model_kwargs, checkpoint)
     layers = inventory(model, roles=parse_roles(role_overrides))
@@ -46,7 +46,7 @@ def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_sh
 
 
 def parse_roles(items: Iterable[str]) -> dict[str, str]:
-    from ..errors import MixMatchError
+    from mixmatch_plugin.errors import MixMatchError
 
     out = {}
     for item in items:

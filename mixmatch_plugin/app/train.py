@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import model_device
-from .data import Splits, loader
-from .errors import MixMatchError
-from .evaluate import evaluate
-from .io import atomic_torch_save, safe_torch_load
-from .models import build_model
-from .progress import progress_bar
+from mixmatch_plugin.app.data import Splits, loader
+from mixmatch_plugin.batches import model_device
+from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.evaluation import evaluate
+from mixmatch_plugin.io import atomic_torch_save, safe_torch_load
+from mixmatch_plugin.models import build_model
+from mixmatch_plugin.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     train_ds = splits.train
     if cfg.max_train is not None and cfg.max_train < len(train_ds):
-        from .data import subset
+        from mixmatch_plugin.app.data import subset
 
         train_ds = subset(train_ds, cfg.max_train, cfg.seed)
     tl = loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed)

@@ -17,7 +17,7 @@ from mixmatch_plugin.errors import MixMatchError
 logger = logging.getLogger(__name__)
 
 
-def _timm_classes() -> dict[str, tuple[Any, ...]]:
+def timm_classes() -> dict[str, tuple[Any, ...]]:
     """The timm classes this adapter knows; empty tuples when timm (or a class) is missing."""
     out: dict[str, tuple[Any, ...]] = {"attention": (), "window_attention": (), "patch_merging": (), "layernorm2d": ()}
     try:
@@ -73,7 +73,7 @@ class PatchMergingPruner(tp.pruner.BasePruningFunc):
 
 def attention_head_dims(model: nn.Module) -> dict[str, int]:
     """``{name: head_dim}`` of every timm ``Attention``/``WindowAttention`` (call it before pruning)."""
-    known = _timm_classes()
+    known = timm_classes()
     out: dict[str, int] = {}
     m: Any
     for name, m in model.named_modules():
@@ -117,7 +117,7 @@ def fix_attention(model: nn.Module, head_dims: Mapping[str, int], num_heads: Map
         attn.scale = d ** -0.5
 
 
-def _fix_dims(model: nn.Module) -> None:
+def fix_dims(model: nn.Module) -> None:
     """Keep informational ``dim`` attributes of Swin blocks/stages in step with their layers."""
     m: Any
     for m in model.modules():

@@ -23,15 +23,16 @@ from typing import Any
 
 import torch
 
-from . import baselines, data
-from .evaluate import evaluate, rank, reestimate_bn
-from .finetune import finetune
-from .io import atomic_write_json
-from .masks import apply_masks, compute_masks
-from .plan import Plan, plan
-from .signals import compute_grasp
-from .strategies import Strategy
-from .train import TrainConfig, train_cached
+from mixmatch_plugin import baselines
+from mixmatch_plugin.app import data
+from mixmatch_plugin.app.train import TrainConfig, train_cached
+from mixmatch_plugin.evaluation import evaluate, rank, reestimate_bn
+from mixmatch_plugin.finetuning import FinetuneOptions, finetune
+from mixmatch_plugin.io import atomic_write_json
+from mixmatch_plugin.masks import apply_masks, compute_masks
+from mixmatch_plugin.planning import Plan, plan
+from mixmatch_plugin.signals import compute_grasp
+from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Run the demo and write its outputs into ``out``; see the module docstring."""
-    from . import plots, report
+    from mixmatch_plugin.app import plots, report
 
     t0 = time.time()
     out = Path(out)
@@ -135,7 +136,7 @@ def run_demo(
         one_shot = evaluate(work, test).accuracy
         masks = compute_masks(work, s, p.signals, layers=p.layers)
         ft = finetune(work, masks, data.loader(splits.train, 128, shuffle=True, seed=seed), val_loader=val, epochs=1, max_steps=finetune_steps, lr=1e-3,
-                      eval_every=max(1, finetune_steps // 3), progress=progress)
+                      options=FinetuneOptions(eval_every=max(1, finetune_steps // 3)), progress=progress)
         rows.append({
             "method": "Mix-and-Match " + name if name == chosen else name, "strategy": name,
             "sparsity": ft.global_sparsity, "val_one_shot": val_acc[name], "test_one_shot": one_shot,

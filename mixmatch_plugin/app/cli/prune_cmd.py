@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from ..errors import MixMatchError
-from .common import data_options, load_data, parse_json, parse_shape, table
+from mixmatch_plugin.app.cli.common import JsonObject, Shape, data_options, load_data, table
+from mixmatch_plugin.errors import MixMatchError
 
 NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
 
@@ -19,9 +19,9 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
               help="torch: unstructured masks (plain PyTorch); nni: NNI's pruner; tp: structured, Torch-Pruning.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model (atomically).")
 @click.option("--model", "model_spec", default=None, metavar="SPEC", help="Model spec; default: the one recorded in the plan.")
-@click.option("--model-kwargs", default=None, metavar="JSON", help="Factory kwargs; default: the plan's.")
+@click.option("--model-kwargs", type=JsonObject(), default=None, help="Factory kwargs; default: the plan's.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Trained weights (a state dict).")
-@click.option("--input-shape", default=None, metavar="C,H,W", help="Input shape of one sample; default: the plan's.")
+@click.option("--input-shape", type=Shape(), default=None, help="Input shape of one sample; default: the plan's.")
 @click.option("--nni-pruner", type=click.Choice(NNI_PRUNERS), default="level", show_default=True,
               help="NNI pruner for --backend nni (level is unstructured; the others prune channels per group).")
 @click.option("--fold", type=click.Choice(["mean", "min", "max"]), default="mean", show_default=True,
@@ -29,8 +29,8 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
 @click.option("--round-to", type=click.IntRange(1), default=None, help="tp: keep channel counts at multiples of this.")
 @click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT/DeiT) instead of head dims.")
 @data_options
-def command(plan_path: str, strategy_name: str, backend: str, out: str, model_spec: str | None, model_kwargs: str | None,
-            checkpoint: str | None, input_shape: str | None, nni_pruner: str, fold: str, round_to: int | None,
+def command(plan_path: str, strategy_name: str, backend: str, out: str, model_spec: str | None, model_kwargs: dict | None,
+            checkpoint: str | None, input_shape: tuple[int, int, int] | None, nni_pruner: str, fold: str, round_to: int | None,
             prune_heads: bool, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int) -> None:
     """Prune the plan's model by one strategy and write it (weights + how to rebuild it).
 
@@ -44,10 +44,10 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     """
     import torch
 
-    from ..inventory import check_untied, inventory
-    from ..masks import check_strategy
-    from ..models import build_model, check_recorded_spec
-    from ..plan import load_plan
+    from mixmatch_plugin.layers import check_untied, inventory
+    from mixmatch_plugin.masks import check_strategy
+    from mixmatch_plugin.models import build_model, check_recorded_spec
+    from mixmatch_plugin.planning import load_plan
 
     p = load_plan(plan_path)
     strategy = p.strategy(strategy_name)
@@ -57,9 +57,8 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
         raise MixMatchError("the plan does not record its model: pass --model (and --model-kwargs)")
     if not model_spec:  # the plan's record is data from a file: it may not choose which code runs
         check_recorded_spec(spec, plan_path, f"pass --model {spec} (and --model-kwargs) to confirm it")
-    raw_kwargs = model_kwargs if model_kwargs is not None else recorded.get("model_kwargs") or "{}"
-    kwargs = raw_kwargs if isinstance(raw_kwargs, dict) else parse_json(raw_kwargs, "--model-kwargs")
-    shape = parse_shape(input_shape) or (tuple(recorded["input_shape"]) if recorded.get("input_shape") else None)
+    kwargs = model_kwargs if model_kwargs is not None else JsonObject()(recorded.get("model_kwargs") or "{}")
+    shape = input_shape or (tuple(recorded["input_shape"]) if recorded.get("input_shape") else None)
     model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint)
     model.eval()
     layers = inventory(model)
@@ -83,7 +82,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
 
     model_meta = {"model": spec, "model_kwargs": kwargs, "input_shape": list(shape)}
     if backend == "torch":
-        from ..masks import apply as mm_apply
+        from mixmatch_plugin.masks import apply as mm_apply
 
         res = mm_apply(model, strategy, calib=loader, plan_layers=p.layers)
         report: dict[str, Any] = {"global_sparsity": res.global_sparsity, "layer_sparsity": res.layer_sparsity}
@@ -103,8 +102,8 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     else:
         from mixmatch_plugin.adapters import torch_pruning as tp_adapter
 
-        tres = tp_adapter.prune(model, strategy, example, calib=loader if needs_grad else None, fold=fold,
-                                round_to=round_to, prune_heads=prune_heads)
+        tres = tp_adapter.prune(model, strategy, example, calib=loader if needs_grad else None,
+                                options=tp_adapter.TPOptions(fold=fold, round_to=round_to, prune_heads=prune_heads))
         path = save_pruned(out, tres.model, backend="tp", model_spec=model_meta, strategy=strategy.to_dict(),
                            report=tres.report.to_dict(), tp_history=tres.history, num_heads=tres.num_heads)
         click.echo(tres.report.summary())

@@ -41,27 +41,28 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .. import baselines, data
-from .._version import __version__
-from ..batches import resolve_device
-from ..depth_width import model_hash
-from ..errors import BudgetError, MixMatchError
-from ..evaluate import evaluate, rank, reestimate_bn
-from ..finetune import finetune
-from ..inventory import inventory
-from ..io import atomic_write_json, read_json
-from ..masks import Masker, compute_masks
-from ..mixing import mix_signals
-from ..models import build_model
-from ..plan import Plan, plan
-from ..progress import progress_bar
-from ..ranges import bounds, rule_ranges
-from ..rules import load_rules, preset_for
-from ..signals import Signals, compute_grasp, compute_signals
-from ..strategies import Strategy
-from ..train import TrainConfig, train_cached
-from .models import FULL, QUICK, TINY
-from .tables import protocol_of
+from benchmarks.configs import FULL, QUICK, TINY
+from benchmarks.tables import protocol_of
+from mixmatch_plugin import baselines
+from mixmatch_plugin._version import __version__
+from mixmatch_plugin.adapters.depth_width import model_hash
+from mixmatch_plugin.app import data
+from mixmatch_plugin.app.train import TrainConfig, train_cached
+from mixmatch_plugin.batches import resolve_device
+from mixmatch_plugin.errors import BudgetError, MixMatchError
+from mixmatch_plugin.evaluation import evaluate, rank, reestimate_bn
+from mixmatch_plugin.finetuning import finetune
+from mixmatch_plugin.io import atomic_write_json, read_json
+from mixmatch_plugin.layers import inventory
+from mixmatch_plugin.masks import Masker, compute_masks
+from mixmatch_plugin.mixing import mix_signals
+from mixmatch_plugin.models import build_model
+from mixmatch_plugin.planning import Plan, plan
+from mixmatch_plugin.progress import progress_bar
+from mixmatch_plugin.ranges import bounds, rule_ranges
+from mixmatch_plugin.rules import load_rules, preset_for
+from mixmatch_plugin.signals import Signals, compute_grasp, compute_signals
+from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +468,7 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
 
         result = run_model(name, cfg, splits, (model, info), done=done, on_seed=save, progress=progress)
         if cfg.structured and "structured" not in result:
-            from .structured import structured_rows
+            from benchmarks.structured import structured_rows
 
             t_structured = time.time()
             result["structured"] = structured_rows(name, cfg, splits, model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..train import TrainConfig
+from mixmatch_plugin.app.train import TrainConfig
 
 #: Full-size benchmark models (REFERENCE section 7 sizes, trained to a plateau on 55k training images).
 FULL: dict[str, TrainConfig] = {

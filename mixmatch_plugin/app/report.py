@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import MixMatchError
-from .io import atomic_write_text, read_json
+from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.io import atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def _plan_section(doc: Mapping[str, Any], folder: Path, stem: str, source: str = "") -> tuple[list[str], list[Path]]:
-    from . import plots
-    from .plan import Plan
+    from mixmatch_plugin.app import plots
+    from mixmatch_plugin.planning import Plan
 
     p = Plan.from_dict(doc, source=source or "plan")
     imgs = [

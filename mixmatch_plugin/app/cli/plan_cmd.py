@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import click
 
-from .common import data_options, load_data, load_model, model_options, parse_shape, split_list, table
-from .inspect_cmd import parse_roles
+from mixmatch_plugin.app.cli.common import (
+    SIGNAL_LIST,
+    data_options,
+    load_data,
+    load_model,
+    model_options,
+    table,
+)
+from mixmatch_plugin.app.cli.inspect_cmd import parse_roles
+
+if TYPE_CHECKING:
+    from mixmatch_plugin.ranges import RangeSource
+    from mixmatch_plugin.signals import SignalName
 
 
 @click.command("plan")
 @model_options
 @data_options
-@click.option("--signals", default="magnitude,gradient,product", show_default=True,
+@click.option("--signals", type=SIGNAL_LIST, default="magnitude,gradient,product", show_default=True,
               help="Signals to build strategies for (comma-separated).")
 @click.option("--target", type=float, default=None,
               help="Global sparsity to match exactly (budget-matched mode). Omit for the ranges' native sparsity.")
@@ -27,9 +40,9 @@ from .inspect_cmd import parse_roles
 @click.option("--role", "role_overrides", multiple=True, metavar="REGEX=ROLE", help="Override roles by name pattern.")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
-def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_shape: str | None, calib: str,
-            data_dir: str | None, calib_samples: int, batch_size: int, seed: int, signals: str, target: float | None,
-            extend_ranges: bool, preset: str, range_source: str, disabled: tuple[str, ...], protect: tuple[str, ...],
+def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_shape: tuple[int, int, int] | None,
+            calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int, signals: tuple[SignalName, ...], target: float | None,
+            extend_ranges: bool, preset: str, range_source: RangeSource | Literal["auto"], disabled: tuple[str, ...], protect: tuple[str, ...],
             role_overrides: tuple[str, ...], out: str) -> None:
     """Build per-layer ranges and ten strategies per signal, and write them as plan JSON.
 
@@ -39,20 +52,17 @@ def command(model_spec: str, model_kwargs: str, checkpoint: str | None, input_sh
                     --input-shape 1,28,28 --calib digits --target 0.8 --extend-ranges --out plan.json
     Then: mixmatch prune --plan plan.json --strategy product:alpha-0.7 ... , or mixmatch report plan.json
     """
-    from ..plan import plan as make_plan
-    from ..signals import SIGNALS
+    from mixmatch_plugin.planning import PlanOptions
+    from mixmatch_plugin.planning import plan as make_plan
 
-    sigs = split_list(signals, SIGNALS, "--signals")
-    shape = parse_shape(input_shape)
+    shape = input_shape
     model = load_model(model_spec, model_kwargs, checkpoint)
     loader = None
     if calib != "none":
         loader = load_data(calib, data_dir, shape, seed).calibration(calib_samples, batch_size, seed)
-    p = make_plan(
-        model, loader, signals=sigs, preset=preset, ranges=range_source, target=target,
-        on_unreachable="extend" if extend_ranges else "error", disable_constraints=disabled,
-        roles=parse_roles(role_overrides), protect=protect, progress=True,
-    )
+    options = PlanOptions(ranges=range_source, disable_constraints=disabled, roles=parse_roles(role_overrides), protect=protect)
+    p = make_plan(model, loader, signals=signals, preset=preset, target=target,
+                  on_unreachable="extend" if extend_ranges else "error", options=options, progress=True)
     p.meta["model_spec"] = {"model": model_spec, "model_kwargs": model_kwargs, "input_shape": list(shape) if shape else None}
     path = p.save(out)
     rows = [(s.name, f"{s.global_sparsity:.4f}", len(s.meta.get("out_of_range", []))) for s in p.strategies]

@@ -2,4 +2,4 @@
 
 FOLDS = ("mean", "min", "max")
 IMPORTANCES = ("auto", "magnitude", "taylor", "gradient")
-_TOKEN_PARAMS = ("pos_embed", "cls_token", "dist_token", "reg_token")
+TOKEN_PARAMS = ("pos_embed", "cls_token", "dist_token", "reg_token")

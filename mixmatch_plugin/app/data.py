@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Splits:
     def held_batches(self, batches: int, batch_size: int = 128, seed: int = 0) -> list[Any]:
         """``batches`` seeded random *training* batches, drawn once and kept: re-estimate BatchNorm of
         every candidate on these, so that all see the same ones (``[]`` for 0)."""
-        from .evaluate import hold_batches
+        from mixmatch_plugin.evaluation import hold_batches
 
         return hold_batches(loader(self.train, batch_size, shuffle=True, seed=seed), batches) if batches > 0 else []
 

@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 
-from .. import data
-from ..batches import model_device
-from ..errors import MixMatchError
-from ..evaluate import evaluate, reestimate_bn
-from ..finetune import finetune
-from ..inventory import inventory
-from ..plan import plan
-from ..signals import compute_signals
-from ..strategies import Strategy
-from .run import eval_loaders, screen_loader
+from benchmarks.run import eval_loaders, screen_loader
+from mixmatch_plugin.app import data
+from mixmatch_plugin.batches import model_device
+from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.evaluation import evaluate, reestimate_bn
+from mixmatch_plugin.finetuning import finetune
+from mixmatch_plugin.layers import inventory
+from mixmatch_plugin.planning import PlanOptions, plan
+from mixmatch_plugin.signals import compute_signals
+from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def structured_rows(name: str, cfg: Any, splits: data.Splits, model: torch.nn.Mo
     targets are ``cfg.structured_macs`` (reductions, e.g. ``(0.3, 0.5)``).
     """
     try:
-        from ..adapters import torch_pruning as tpa
+        from mixmatch_plugin.adapters import torch_pruning as tpa
     except ImportError:
         logger.warning("structured rows skipped: install the tp extra (torch-pruning)")
         return []
@@ -78,7 +78,7 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
     scores = compute_signals(model, calib)
 
     def pruned(s: Strategy, verify: bool = False) -> Any:
-        return tpa.prune(model, s, x, calib=calib, verify=verify)
+        return tpa.prune(model, s, x, calib=calib, options=tpa.TPOptions(verify=verify))
 
     def reduction(s: Strategy) -> float:
         return 1.0 - pruned(s).report.macs_ratio
@@ -100,7 +100,7 @@ def _model_rows(tpa: Any, name: str, model: torch.nn.Module, cfg: Any, splits: d
         finish(_uniform(layers, t_u), "uniform", goal)
 
         def mid(t: float) -> float:
-            p = plan(model, calib, target=t, on_unreachable="extend", scores=scores, shapes=("midpoint",), signals=("magnitude",))
+            p = plan(model, calib, target=t, on_unreachable="extend", scores=scores, options=PlanOptions(shapes=("midpoint",)), signals=("magnitude",))
             return reduction(p.strategies[0])
 
         try:

@@ -1,0 +1,118 @@
+"""The ``mixmatch`` command.
+
+Each subcommand lives in its own module and is registered below. Errors a user can cause print one
+line (``error: ...``) and exit with status 2; anything unexpected prints one line and exits 1, and
+``-v`` shows the traceback. Ctrl-C prints ``error: interrupted`` and exits 130; SIGTERM is raised as
+:class:`Terminated` (a ``KeyboardInterrupt``), so it unwinds the same way (temp files removed, a
+running trial marked failed) and exits 143.
+
+:func:`run` is the ``mixmatch`` executable; :func:`main` is the click group, for tests and host programs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from mixmatch_plugin._version import __version__
+from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.progress import set_progress
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by :func:`run`'s handler so that the work unwinds as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def guarded(ctx: click.Context, work: Callable[[], Any]) -> Any:
+    """Run ``work``, turning every exception into one line on stderr and an exit status (see the module doc)."""
+    verbose = bool(isinstance(ctx.find_root().obj, dict) and ctx.find_root().obj.get("verbose"))
+    try:
+        return work()
+    except click.BadParameter as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        click.echo("error: terminated (SIGTERM)" if terminated else "error: interrupted", err=True)
+        sys.exit(143 if terminated else 130)
+    except MixMatchError as exc:
+        if verbose:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # the last line of defence: one line, not a traceback
+        if verbose:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: unexpected {type(exc).__name__}: {msg} (rerun with -v for the traceback)", err=True)
+        sys.exit(1)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        return guarded(ctx, lambda: super(_Group, self).invoke(ctx))
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """``-v``/``-vv`` log levels on stderr, and ``--quiet`` progress bars."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mixmatch_plugin").setLevel(level)
+    set_progress(not quiet)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug) and tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.version_option(__version__, prog_name="mixmatch")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Mix-and-Match pruning: decide how sparse each layer of a network should be.
+
+    \b
+    Start here:
+      mixmatch demo                      train a small model, build 30 strategies, rank, prune, report
+      mixmatch inspect --model timm:resnet18
+      mixmatch plan --model timm:resnet18 --calib digits --input-shape 1,28,28 \\
+                    --model-kwargs '{"in_chans": 1, "num_classes": 10}' --target 0.8 --out plan.json
+
+    Every subcommand has --help with an example.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    setup_logging(verbose, quiet)
+
+
+def _register() -> None:
+    from mixmatch_plugin.app.cli import (
+        demo_cmd,
+        inspect_cmd,
+        plan_cmd,
+        prune_cmd,
+        prune_dw_cmd,
+        report_cmd,
+        search_cmd,
+    )
+
+    for mod in (inspect_cmd, plan_cmd, prune_cmd, search_cmd, demo_cmd, report_cmd, prune_dw_cmd):
+        main.add_command(mod.command)
+
+
+_register()
+
+
+def run(command: click.Command | None = None, prog_name: str = "mixmatch") -> None:
+    """The ``mixmatch`` executable (``command``: another one run the same way): SIGTERM raised as :class:`Terminated`."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    (command or main)(prog_name=prog_name)

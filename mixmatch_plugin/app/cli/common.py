@@ -1,0 +1,122 @@
+"""Options and helpers shared by the subcommands: click types for shapes, JSON and lists, model specs, tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+
+class Shape(click.ParamType):
+    """``C,H,W`` (or ``CxHxW``) as three positive integers."""
+
+    name = "C,H,W"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = tuple(int(v) for v in str(value).replace("x", ",").split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or min(parts) < 1:
+            self.fail(f"{value!r} must be C,H,W: three positive integers, e.g. 3,224,224", param, ctx)
+        return (parts[0], parts[1], parts[2])
+
+
+class JsonObject(click.ParamType):
+    """A JSON object such as ``'{"num_classes": 10}'`` (a mapping passes through)."""
+
+    name = "JSON"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        try:
+            obj = json.loads(value)
+        except json.JSONDecodeError as exc:
+            self.fail(f"{value!r} is not valid JSON ({exc.msg}); quote it like '{{\"num_classes\": 10}}'", param, ctx)
+        if not isinstance(obj, dict):
+            self.fail(f"{value!r} must be a JSON object like '{{\"num_classes\": 10}}'", param, ctx)
+        return obj
+
+
+class CommaList(click.ParamType):
+    """Comma-separated names, each one of ``choices``."""
+
+    name = "A,B,..."
+
+    def __init__(self, choices: Sequence[str]) -> None:
+        self.choices = tuple(choices)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        items = tuple(s.strip() for s in str(value).split(",") if s.strip())
+        if not items or any(s not in self.choices for s in items):
+            self.fail(f"{value!r}: choose from {', '.join(self.choices)} (comma-separated)", param, ctx)
+        return items
+
+
+SIGNAL_LIST = CommaList(("magnitude", "gradient", "product"))
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--model, --model-kwargs, --checkpoint, --input-shape."""
+    opts = [
+        click.option("--model", "model_spec", required=True, metavar="SPEC",
+                     help="timm:NAME (random init; also the small models, e.g. timm:swin_fmnist) or pkg.module:factory."),
+        click.option("--model-kwargs", type=JsonObject(), default="{}",
+                     help='Keyword arguments for the factory, e.g. \'{"num_classes": 10, "in_chans": 1}\'.'),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="A state dict to load (read with torch.load(weights_only=True): never runs code)."),
+        click.option("--input-shape", type=Shape(), default=None,
+                     help="Input shape of one sample; data is resized to it. Default: the dataset's own."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--calib, --data, --calib-samples, --batch-size, --seed."""
+    opts = [
+        click.option("--calib", type=click.Choice(["digits", "fashion-mnist", "random", "none"]), default="digits",
+                     show_default=True, help="Calibration data (drawn from the training split only)."),
+        click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder with Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)."),
+        click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True,
+                     help="Calibration samples (the paper uses 5-10 % of the training data)."),
+        click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits and calibration draw."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def load_model(model_spec: str, model_kwargs: dict[str, Any], checkpoint: str | None) -> Any:
+    from mixmatch_plugin.models import build_model
+
+    return build_model(model_spec, model_kwargs=model_kwargs, checkpoint=checkpoint)
+
+
+def load_data(calib: str, data_dir: str | None, input_shape: tuple[int, int, int] | None, seed: int, num_classes: int = 10) -> Any:
+    from mixmatch_plugin.app import data
+
+    return data.load(calib, root=data_dir, seed=seed, input_shape=input_shape, num_classes=num_classes)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt_range(r: Sequence[float]) -> str:
+    return f"[{r[0]:.2f}, {r[1]:.2f}]"

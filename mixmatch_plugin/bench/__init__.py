@@ -1,1 +1,0 @@
-"""The real-data benchmark (`mixmatch bench`)."""
