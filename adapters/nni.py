@@ -41,7 +41,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from mixmatch_plugin.signals import SIGNALS, SignalName
 from mixmatch_plugin.strategies import Strategy
 
 from .nni_compat import FIXES, is_active, mask_updaters, speedup_compat
+
+if TYPE_CHECKING:
+    from .torch_pruning.options import Fold
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def config_list(
     selector: Selector = "op_names",
     include_zero: bool = True,
     only: Iterable[str] | None = None,
-    fold: str = "mean",
+    fold: Fold = "mean",
     max_ratio: float = 0.95,
 ) -> list[dict[str, Any]]:
     """The NNI 3.0 ``config_list`` of a Mix-and-Match strategy.

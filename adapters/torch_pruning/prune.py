@@ -90,9 +90,10 @@ def prune(
         imp = imp if imp is not None else GroupGradientImportance(grad_scores)
     # 3. pruning, group by group, recording what goes
     out_before = {p.key: out_width(work.get_submodule(p.key)) for p in plans}
+    head_dims = setup_head_dims(setup)  # before pruning: fix_attention rescales from these
     pruner, removed = _remove(work, example_inputs, imp, setup, plans, o, inplace)
     new_heads = {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in attention_items(setup)}
-    fix_attention(work, setup_head_dims(setup), new_heads)
+    fix_attention(work, head_dims, new_heads)
     fix_dims(work)
     for param in work.parameters():
         param.grad = None
