@@ -34,7 +34,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def guarded(ctx: click.Context, work: Callable[[], Any]) -> Any:
     """Run ``work``, turning every exception into one line on stderr and an exit status (see the module doc)."""
-    verbose = bool(isinstance(ctx.find_root().obj, dict) and ctx.find_root().obj.get("verbose"))
+    def verbose() -> bool:  # read when it is needed: the group's callback sets it inside work()
+        obj = ctx.find_root().obj
+        return bool(isinstance(obj, dict) and obj.get("verbose"))
+
     try:
         return work()
     except click.BadParameter as exc:
@@ -47,12 +50,12 @@ def guarded(ctx: click.Context, work: Callable[[], Any]) -> Any:
         click.echo("error: terminated (SIGTERM)" if terminated else "error: interrupted", err=True)
         sys.exit(143 if terminated else 130)
     except MixMatchError as exc:
-        if verbose:
+        if verbose():
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except Exception as exc:  # the last line of defence: one line, not a traceback
-        if verbose:
+        if verbose():
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         click.echo(f"error: unexpected {type(exc).__name__}: {msg} (rerun with -v for the traceback)", err=True)
