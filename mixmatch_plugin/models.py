@@ -12,8 +12,9 @@ importing and calling the factory it names would let the file choose code to run
 with kwargs is a spec too). :func:`check_recorded_spec` therefore accepts only ``timm:NAME`` and this
 package's own factories from files; any other factory must be named by the user (``--model``).
 
-The small models sized for 2 CPU cores live here too, so they are ordinary specs:
-``mixmatch_plugin.models:tiny_resnet``, ``...:resnet18_fmnist``, ``...:vit_fmnist``, ``...:swin_fmnist``.
+The small models sized for 2 CPU cores live here too, registered with timm: ``timm:tiny_resnet``,
+``timm:resnet18_fmnist``, ``timm:vit_fmnist``, ``timm:swin_fmnist`` (and, as before, the same names as
+``mixmatch_plugin.models:NAME``, which plans and checkpoints on disk record).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models import register_model
 from torch import nn
 
 from .errors import MixMatchError
@@ -33,10 +35,23 @@ from .io import safe_torch_load
 logger = logging.getLogger(__name__)
 
 
-def tiny_resnet(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn.Module:
+__all__ = ["TRUSTED_FACTORIES", "build_model", "check_recorded_spec", "load_checkpoint"]  # timm adds the models
+
+
+def _no_weights(pretrained: bool, name: str) -> None:
+    if pretrained:
+        raise MixMatchError(f"timm:{name} has no pretrained weights: train it (mixmatch demo trains one) or load a --checkpoint")
+
+
+# The small models sized for 2 CPU cores, registered with timm (as timm's own ``models/resnet.py`` does):
+# ``timm.create_model("swin_fmnist")`` and the specs ``timm:swin_fmnist`` and ``mixmatch_plugin.models:swin_fmnist``
+# build the same model. timm calls them with ``pretrained`` and its config keywords, which they ignore.
+@register_model
+def tiny_resnet(pretrained: bool = False, *, num_classes: int = 10, in_chans: int = 1, width: int = 16, **_: Any) -> nn.Module:
     """A timm ResNet (64-channel stem) with one BasicBlock per stage of widths (w, 2w, 4w, 8w): 0.32M parameters at w=16."""
     from timm.models.resnet import BasicBlock, ResNet
 
+    _no_weights(pretrained, "tiny_resnet")
     return ResNet(
         BasicBlock,  # type: ignore[arg-type]  # timm annotates the block class as an instance
         layers=(1, 1, 1, 1), channels=(width, 2 * width, 4 * width, 8 * width), stem_width=width,
@@ -44,27 +59,33 @@ def tiny_resnet(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn
     )
 
 
-def resnet18_fmnist(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+@register_model
+def resnet18_fmnist(pretrained: bool = False, *, num_classes: int = 10, in_chans: int = 1, **_: Any) -> nn.Module:
     """timm ``resnet18`` with ``in_chans=1`` (11.2M parameters), the benchmark's ResNet."""
     import timm
 
+    _no_weights(pretrained, "resnet18_fmnist")
     return timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
-def vit_fmnist(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> nn.Module:
+@register_model
+def vit_fmnist(pretrained: bool = False, *, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, **_: Any) -> nn.Module:
     """timm ``VisionTransformer``: patch 4, embed 96, depth 6, 3 heads (0.68M parameters)."""
     from timm.models.vision_transformer import VisionTransformer
 
+    _no_weights(pretrained, "vit_fmnist")
     return VisionTransformer(
         img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, embed_dim=96, depth=6,
         num_heads=3, mlp_ratio=4.0,
     )
 
 
-def swin_fmnist(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> nn.Module:
+@register_model
+def swin_fmnist(pretrained: bool = False, *, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, **_: Any) -> nn.Module:
     """timm ``SwinTransformer``: patch 4, window 7, embed 64, depths (2, 2), heads (2, 4) (0.53M parameters)."""
     from timm.models.swin_transformer import SwinTransformer
 
+    _no_weights(pretrained, "swin_fmnist")
     return SwinTransformer(
         img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, embed_dim=64, depths=(2, 2),
         num_heads=(2, 4), window_size=7, drop_path_rate=0.0,

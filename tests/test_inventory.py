@@ -150,3 +150,15 @@ def test_inventory_does_not_touch_the_model():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     mm.inventory(m)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_the_small_models_are_timm_models_under_both_specs():
+    from mixmatch_plugin.models import build_model
+
+    for name in ("tiny_resnet", "resnet18_fmnist", "vit_fmnist", "swin_fmnist"):
+        assert timm.is_model(name), name
+    a = build_model("timm:tiny_resnet", model_kwargs={"width": 8})
+    b = build_model("mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 8})  # as plans on disk record it
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    with pytest.raises(mm.MixMatchError, match="no pretrained weights"):
+        timm.create_model("swin_fmnist", pretrained=True)
