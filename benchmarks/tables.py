@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mixmatch_plugin.io import atomic_write_text
 
@@ -158,8 +160,6 @@ def _red(b: float, m: float) -> str:
 
 
 def plots(doc: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
-    from mixmatch_plugin.app.plots import method_comparison
-
     folder = Path(folder)
     files = {}
     for name, md in doc["models"].items():
@@ -216,3 +216,34 @@ def update_readme(readme: str | Path, section: str, marker: str = "bench") -> bo
         return False
     atomic_write_text(path, pat.sub(lambda m: m.group(1) + section + m.group(2), text))
     return True
+
+
+def method_comparison(
+    series: Mapping[str, Mapping[float, Sequence[float]]], path: str | Path, *, title: str,
+    ylabel: str = "test accuracy", reference: float | None = None,
+) -> Path:
+    """Mean ± std of each method's accuracy at each sparsity (``{method: {sparsity: [values over seeds]}}``)."""
+    from mixmatch_plugin.app.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    n = max(1, len(series))
+    sp_all = sorted({s for v in series.values() for s in v})
+    width = (min(np.diff(sp_all)) if len(sp_all) > 1 else 0.1) * 0.6
+    for i, (method, by_s) in enumerate(series.items()):
+        xs = sorted(by_s)
+        mean = [float(np.mean(by_s[x])) for x in xs]
+        std = [float(np.std(by_s[x])) for x in xs]
+        off = (i - (n - 1) / 2) * width / n
+        style = dict(lw=2.2, marker="o") if method.lower().startswith("mix") else dict(lw=1.2, marker=".", alpha=0.9)
+        ax.errorbar([x + off for x in xs], mean, yerr=std, capsize=3, label=method, **style)
+    if reference is not None:
+        ax.axhline(reference, color="grey", ls="--", lw=1, label=f"dense ({reference:.3f})")
+    ax.set_xticks(sp_all)
+    ax.set_xticklabels([f"{s:.0%}" for s in sp_all])
+    ax.set_xlabel("global sparsity")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title)
+    return save_figure(fig, path)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import LossFn, default_loss, forward, iterate, model_device, split_batch, to_device
+from .batches import LossFn, forward, iterate, model_device, split_batch, to_device
 from .cka import cka_to_parent, collect_features
 from .errors import MixMatchError
 from .masks import Masker
@@ -161,7 +161,3 @@ def rank(
         out.sort(key=(lambda r: (-r.accuracy, r.loss)) if key == "accuracy" else (lambda r: (r.loss, -r.accuracy)))
     return out
 
-
-def loss_on(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
-    """The training loss of one batch (default cross-entropy)."""
-    return (loss_fn or default_loss)(model, batch)

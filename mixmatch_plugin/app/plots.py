@@ -4,7 +4,6 @@
 * :func:`ranges_plot` — each layer's range with chosen strategies on top
 * :func:`accuracy_vs_sparsity` — accuracy against global sparsity, Pareto front highlighted
 * :func:`sensitivity_bars` — per-layer aggregate of each signal
-* :func:`method_comparison` — accuracy of several methods over sparsities, with error bars
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ logger = logging.getLogger(__name__)
 _SIGNAL_COLORS = {"magnitude": "#1f77b4", "gradient": "#ff7f0e", "product": "#2ca02c", "grasp": "#9467bd"}
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -33,10 +33,11 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as PNG, atomically, and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -50,7 +51,7 @@ def _label_step(n: int, max_labels: int = 60) -> int:
 
 def strategy_heatmap(plan: Any, path: str | Path, *, strategies: Sequence[str] | None = None, title: str | None = None) -> Path:
     """Heatmap of per-layer sparsity: one row per prunable layer, one column per strategy."""
-    plt = _plt()
+    plt = pyplot()
     layers = [layer for layer in plan.layers if layer.kind != "norm"]
     strats = [s for s in plan.strategies if strategies is None or s.name in strategies]
     mat = np.array([[s.ratios[layer.name] for s in strats] for layer in layers])
@@ -70,12 +71,12 @@ def strategy_heatmap(plan: Any, path: str | Path, *, strategies: Sequence[str] |
     t = plan.meta.get("target")
     ax.set_title(title or f"{plan.meta.get('model', 'model')}: per-layer sparsity of {len(strats)} strategies"
                  + (f" (budget-matched at {t:.0%})" if t is not None else " (native)"))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ranges_plot(plan: Any, path: str | Path, *, highlight: Sequence[str] = (), title: str | None = None) -> Path:
     """Each prunable layer's range as a bar, with the sparsity of ``highlight`` strategies as markers."""
-    plt = _plt()
+    plt = pyplot()
     layers = [layer for layer in plan.layers if layer.kind != "norm"]
     y = np.arange(len(layers))
     lo = np.array([plan.ranges[layer.name][0] for layer in layers])
@@ -103,7 +104,7 @@ def ranges_plot(plan: Any, path: str | Path, *, highlight: Sequence[str] = (), t
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     ax.set_title(title or f"{plan.meta.get('model', 'model')}: ranges (preset {plan.meta.get('preset')}) and strategies")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -126,7 +127,7 @@ def accuracy_vs_sparsity(
     ``group`` picks the colour and legend entry (e.g. a signal, ``baseline``, ``search``); the front
     is computed over all rows. ``reference`` draws a dashed line (e.g. the dense accuracy).
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.2))
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -151,12 +152,12 @@ def accuracy_vs_sparsity(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sensitivity_bars(plan: Any, path: str | Path, *, title: str | None = None) -> Path:
     """Per-layer mean score of each signal, each normalised to its largest layer (1.0)."""
-    plt = _plt()
+    plt = pyplot()
     layers = [layer for layer in plan.layers if layer.kind != "norm"]
     sigs = [s for s in ("magnitude", "gradient", "product") if s in plan.sensitivity]
     fig, axes = plt.subplots(1, max(1, len(sigs)), figsize=(3.2 * max(1, len(sigs)) + 3, min(max(4.0, 0.2 * len(layers) + 2), 18)),
@@ -174,33 +175,4 @@ def sensitivity_bars(plan: Any, path: str | Path, *, title: str | None = None) -
     axes[0][0].set_yticklabels([f"{_short(layer.name)} ({layer.role})" for layer in layers[::step]], fontsize=7)
     axes[0][0].invert_yaxis()
     fig.suptitle(title or "per-layer sensitivity (mean score per weight)")
-    return _save(fig, path)
-
-
-def method_comparison(
-    series: Mapping[str, Mapping[float, Sequence[float]]], path: str | Path, *, title: str,
-    ylabel: str = "test accuracy", reference: float | None = None,
-) -> Path:
-    """Mean ± std of each method's accuracy at each sparsity (``{method: {sparsity: [values over seeds]}}``)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.2))
-    n = max(1, len(series))
-    sp_all = sorted({s for v in series.values() for s in v})
-    width = (min(np.diff(sp_all)) if len(sp_all) > 1 else 0.1) * 0.6
-    for i, (method, by_s) in enumerate(series.items()):
-        xs = sorted(by_s)
-        mean = [float(np.mean(by_s[x])) for x in xs]
-        std = [float(np.std(by_s[x])) for x in xs]
-        off = (i - (n - 1) / 2) * width / n
-        style = dict(lw=2.2, marker="o") if method.lower().startswith("mix") else dict(lw=1.2, marker=".", alpha=0.9)
-        ax.errorbar([x + off for x in xs], mean, yerr=std, capsize=3, label=method, **style)
-    if reference is not None:
-        ax.axhline(reference, color="grey", ls="--", lw=1, label=f"dense ({reference:.3f})")
-    ax.set_xticks(sp_all)
-    ax.set_xticklabels([f"{s:.0%}" for s in sp_all])
-    ax.set_xlabel("global sparsity")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

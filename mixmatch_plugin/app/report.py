@@ -118,7 +118,10 @@ def write_report(source: str | Path, out: str | Path, *, fmt: str | None = None)
     if fmt == "md":
         body = "\n".join(lines) + "\n\n" + "\n\n".join(f"![{p.stem}]({_rel(p, out.parent)})" for p in imgs) + "\n"
         return atomic_write_text(out, f"# Mix-and-Match report\n\nSource: `{source.name}`\n\n{body}")
-    parts = [f"<h1>Mix-and-Match report</h1><p>Source: <code>{html.escape(source.name)}</code></p>", _md_to_html(lines)]
+    import markdown
+
+    body = markdown.markdown(html.escape("\n".join(lines), quote=False), extensions=["tables"])  # the input's text is data, never HTML
+    parts = [f"<h1>Mix-and-Match report</h1><p>Source: <code>{html.escape(source.name)}</code></p>", body]
     for p in imgs:
         b64 = base64.b64encode(p.read_bytes()).decode()
         parts.append(f'<figure><img alt="{html.escape(p.stem)}" style="max-width:100%" src="data:image/png;base64,{b64}"/>'
@@ -148,36 +151,3 @@ def _rel(p: Path, base: Path) -> str:
     except ValueError:
         return str(p)
 
-
-def _md_to_html(lines: Sequence[str]) -> str:
-    """Just enough Markdown for the report: headings, tables, bold, code and paragraphs."""
-    out: list[str] = []
-    table: list[str] = []
-
-    def inline(t: str) -> str:
-        t = html.escape(t)
-        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
-
-    def flush() -> None:
-        if table:
-            rows = [r for r in table if not re.fullmatch(r"\|[-|: ]+\|", r)]
-            cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-            out.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
-                for i, row in enumerate(cells)) + "</table>")
-            table.clear()
-
-    for block in lines:
-        for line in str(block).splitlines():
-            if line.startswith("|"):
-                table.append(line)
-                continue
-            flush()
-            if line.startswith("#"):
-                level = len(line) - len(line.lstrip("#"))
-                out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-            elif line.strip():
-                out.append(f"<p>{inline(line)}</p>")
-    flush()
-    return "\n".join(out)
