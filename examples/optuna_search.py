@@ -63,7 +63,9 @@ def main() -> None:
         model, val_loader if quick else data.loader(data.subset(splits.val, 2000), 256),
         signals=plan.signals, bn_loader=train_loader, bn_batches=4,
     )
-    res = mmo.search(plan, evaluator, mmo.SearchOptions(n_trials=args.trials or (36 if quick else 60), objective="multi", sampler="nsga2"), storage=args.storage or f"sqlite:///{(out / 'search.db').absolute()}", study_name="example", progress=True)
+    options = mmo.SearchOptions(n_trials=args.trials or (36 if quick else 60), objective="multi", sampler="nsga2")
+    storage = args.storage or f"sqlite:///{(out / 'search.db').absolute()}"
+    res = mmo.search(plan, evaluator, options, storage=storage, study_name="example", progress=True)
     mmo.export(res, out / "plan.json")
     for fn, name in ((mmo.plot_pareto, "pareto.png"), (mmo.plot_history, "history.png"),
                      (mmo.plot_importances, "importances.png")):
