@@ -73,7 +73,7 @@ from mixmatch_plugin.depth import (
 )
 from mixmatch_plugin.errors import BudgetError, MixMatchError
 from mixmatch_plugin.evaluation import evaluate
-from mixmatch_plugin.finetuning import finetune
+from mixmatch_plugin.finetuning import finetune_steps
 from mixmatch_plugin.io import atomic_torch_save, safe_torch_load
 from mixmatch_plugin.layers import inventory
 from mixmatch_plugin.models import build_model
@@ -404,24 +404,6 @@ def model_hash(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _reseed(loader: Any, seed: int) -> None:
-    torch.manual_seed(seed)
-    gen = getattr(loader, "generator", None)
-    if isinstance(gen, torch.Generator):
-        gen.manual_seed(seed)
-
-
-def _finetune(model: nn.Module, loader: Iterable[Any], steps: int, lr: float, seed: int) -> None:
-    _reseed(loader, seed)
-    try:
-        per_epoch = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        per_epoch = steps
-    finetune(model, {}, loader, val_loader=None, epochs=max(1, math.ceil(steps / max(per_epoch, 1))), max_steps=steps,
-             lr=lr)
-    model.eval()
-
-
 def replay(model: nn.Module, ops: Sequence[Mapping[str, Any]], example_inputs: Any) -> nn.Module:
     """Apply checkpointed architecture changes to ``model`` (a fresh original), in place; return it.
 
@@ -622,7 +604,8 @@ def _iteration(
         assert train_loader is not None
         for cand in (depth_model, width.model if width else None):
             if cand is not None:
-                _finetune(cand, train_loader, cfg.finetune_steps, cfg.finetune_lr, seed)
+                finetune_steps(cand, {}, train_loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed)
+                cand.eval()
     # 4. CKA to the parent on validation, and the choice
     both = depth_model is not None and width is not None
     ref = collect_features(work, val_loader, max_batches=cfg.cka_batches) if both or cfg.mode == "cka" else None

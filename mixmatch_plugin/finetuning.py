@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -180,3 +181,24 @@ def finetune(
     result = FinetuneResult(steps, best, history, per, glob)
     logger.info("fine-tuned %d steps; best validation accuracy %s", steps, f"{best.accuracy:.4f}" if best else "n/a")
     return result
+
+
+def finetune_steps(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], train_loader: Iterable[Any], steps: int, *, lr: float, seed: int,
+    options: FinetuneOptions | None = None, loss_fn: LossFn | None = None,
+) -> FinetuneResult:
+    """Exactly ``steps`` optimizer steps of :func:`finetune` (no validation), the same every time for a ``seed``.
+
+    Torch and the loader's generator (a ``DataLoader``'s, when it has one) are reseeded first, so two
+    candidates or two trials fine-tuned with the same seed see the same batches in the same order.
+    """
+    torch.manual_seed(seed)
+    gen = getattr(train_loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(seed)
+    try:
+        per_epoch = len(train_loader) if isinstance(train_loader, Sized) else steps
+    except TypeError:  # a DataLoader over an IterableDataset has __len__ but no length
+        per_epoch = steps
+    return finetune(model, masks, train_loader, epochs=max(1, math.ceil(steps / max(per_epoch, 1))), max_steps=steps, lr=lr,
+                    options=options, loss_fn=loss_fn)

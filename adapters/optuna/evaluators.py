@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -14,7 +13,7 @@ from torch import nn
 from mixmatch_plugin.batches import LossFn
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.evaluation import evaluate, hold_batches, reestimate_bn
-from mixmatch_plugin.finetuning import FinetuneOptions, OptimizerName, finetune
+from mixmatch_plugin.finetuning import FinetuneOptions, OptimizerName, finetune_steps
 from mixmatch_plugin.layers import Layer, inventory
 from mixmatch_plugin.masks import Masker
 from mixmatch_plugin.signals import Signals
@@ -145,19 +144,8 @@ class FinetuneEvaluator(_MaskingEvaluator):
 
     def __call__(self, strategy: Strategy) -> dict[str, float]:
         masks = self._masked(strategy)
-        torch.manual_seed(self.seed)
-        gen = getattr(self.train_loader, "generator", None)
-        if isinstance(gen, torch.Generator):
-            gen.manual_seed(self.seed)
-        try:
-            per_epoch = len(self.train_loader) if isinstance(self.train_loader, Sized) else self.steps
-        except TypeError:  # a DataLoader over an IterableDataset has __len__ but no length
-            per_epoch = self.steps
-        epochs = max(1, math.ceil(self.steps / max(per_epoch, 1)))
-        res = finetune(
-            self.work, masks, self.train_loader, epochs=epochs, max_steps=self.steps, lr=self.lr,
-            options=FinetuneOptions(optimizer=self.optimizer), loss_fn=self.loss_fn,
-        )
+        res = finetune_steps(self.work, masks, self.train_loader, self.steps, lr=self.lr, seed=self.seed,
+                             options=FinetuneOptions(optimizer=self.optimizer), loss_fn=self.loss_fn)
         m = evaluate(self.work, self.val_loader, loss_fn=self.loss_fn, max_batches=self.max_batches)
         return {"accuracy": m.accuracy, "loss": m.loss, "realized_sparsity": res.global_sparsity, "steps": float(res.steps)}
 
