@@ -159,7 +159,7 @@ def test_rank_by_cka_orders_strategies_and_leaves_the_model_alone(trained_tiny_r
     model = trained_tiny_resnet
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p = mm.plan(model, calib, target=0.6, on_unreachable="extend", signals=("magnitude",),
-                shapes=("all-min", "midpoint", "late-heavy"))
+                options=mm.PlanOptions(shapes=("all-min", "midpoint", "late-heavy")))
     ranked = cka.rank_by_cka(model, p.strategies, val, signals=p.signals)
     assert [r.cka for r in ranked] == sorted((r.cka for r in ranked), reverse=True)
     assert {r.strategy for r in ranked} == {s.name for s in p.strategies}
@@ -173,7 +173,7 @@ def test_rank_with_key_cka_is_the_cka_ranking_option(trained_tiny_resnet, digits
     _, val, _ = digits_loaders
     model = trained_tiny_resnet
     p = mm.plan(model, calib, target=0.6, on_unreachable="extend", signals=("magnitude",),
-                shapes=("all-min", "midpoint", "late-heavy", "early-heavy"))
+                options=mm.PlanOptions(shapes=("all-min", "midpoint", "late-heavy", "early-heavy")))
     by_key = mm.rank(model, p.strategies, val, signals=p.signals, key="cka")
     direct = cka.rank_by_cka(model, p.strategies, val, signals=p.signals)
     assert [r.strategy for r in by_key] == [r.strategy for r in direct]
