@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ from .signals import Signals
 from .strategies import Strategy
 
 logger = logging.getLogger(__name__)
+
+RankKey = Literal["accuracy", "loss", "cka"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def rank(
     bn_batches: int = 0,
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,
-    key: str = "accuracy",
+    key: RankKey = "accuracy",
     progress: bool = False,
 ) -> list[Ranked]:
     """Rank strategies by masked validation accuracy (or ``key="loss"`` or ``"cka"``), best first. ``model`` is not changed.

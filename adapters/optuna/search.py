@@ -323,9 +323,9 @@ class SearchResult:
 
     study: optuna.Study
     plan: Plan
-    objective: str
-    metric: str
-    score: str
+    objective: Objective
+    metric: Metric
+    score: Score
     target: float | None
     trials: list[TrialRecord]
     best: list[TrialRecord]
@@ -399,7 +399,7 @@ def result_of(study: optuna.Study, plan: Plan, *, evaluator_name: str = "evaluat
             best = []
     seeds = [r for r in records if r.feasible and r.seed is not None]
     best_rule = max(seeds, key=lambda r: (*_better(score)(r), -r.number)) if seeds else None
-    return SearchResult(study, plan, str(info["objective"]), str(info["metric"]), score, info.get("target"),
+    return SearchResult(study, plan, info["objective"], info["metric"], info["score"], info.get("target"),
                         records, best, best_rule, storage, evaluator_name)
 
 
