@@ -143,14 +143,14 @@ def run_probe(tmp_path: Path, source: str, *args: str, **extra_env: str) -> subp
 
 
 PROBE = '''
-from mixmatch_plugin.app.cli import main
+from mixmatch_plugin.app.cli import main, run
 
 @main.command("probe")
 def probe() -> None:
     # Ctrl-C while a string is being exec'd, as when a dataclass is created during a lazy import
     exec("import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(10**8): pass")
 
-main(prog_name="mixmatch")
+run()
 '''
 
 
@@ -267,10 +267,10 @@ def test_every_command_turns_an_interrupt_into_one_line(monkeypatch, name, exc, 
     """Whatever a command is doing when Ctrl-C (or SIGTERM) arrives, the group says it in one line."""
     from click.testing import CliRunner
 
-    from mixmatch_plugin.app.cli import Terminated, main
+    from mixmatch_plugin.app.cli import Interrupted, main
 
     def interrupted(*args, **kwargs):
-        raise (exc or Terminated)()
+        raise (exc or (lambda: Interrupted(signal.SIGTERM)))()
 
     monkeypatch.setattr(main.commands[name], "callback", interrupted)
     r = CliRunner().invoke(main, ["-q", name, *COMMAND_ARGS[name]], catch_exceptions=False)

@@ -3,7 +3,7 @@
 Each subcommand lives in its own module and is registered below. Errors a user can cause print one
 line (``error: ...``) and exit with status 2; anything unexpected prints one line and exits 1, and
 ``-v`` shows the traceback. Ctrl-C prints ``error: interrupted`` and exits 130; SIGTERM is raised as
-:class:`Terminated` (a ``KeyboardInterrupt``), so it unwinds the same way (temp files removed, a
+:class:`Interrupted` too (a ``KeyboardInterrupt``), so it unwinds the same way (temp files removed, a
 running trial marked failed) and exits 143.
 
 :func:`run` is the ``mixmatch`` executable; :func:`main` is the click group, for tests and host programs.
@@ -24,12 +24,20 @@ from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.progress import set_progress
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised by :func:`run`'s handler so that the work unwinds as on Ctrl-C."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised by :func:`run`'s handlers; ``status`` is 128 + the signal number.
+
+    A subclass on purpose: CPython ends a ``python -m`` process by SIGINT (status -2), whatever it did
+    next, once a plain ``KeyboardInterrupt`` escaped an ``exec`` of a string (a dataclass being created).
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.status = 128 + int(signum)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated
+def _on_signal(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def guarded(ctx: click.Context, work: Callable[[], Any]) -> Any:
@@ -46,9 +54,9 @@ def guarded(ctx: click.Context, work: Callable[[], Any]) -> Any:
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        click.echo("error: terminated (SIGTERM)" if terminated else "error: interrupted", err=True)
-        sys.exit(143 if terminated else 130)
+        status = getattr(exc, "status", 130)
+        click.echo("error: terminated (SIGTERM)" if status == 128 + signal.SIGTERM else "error: interrupted", err=True)
+        sys.exit(status)
     except MixMatchError as exc:
         if verbose():
             raise
@@ -116,6 +124,8 @@ _register()
 
 
 def run(command: click.Command | None = None, prog_name: str = "mixmatch") -> None:
-    """The ``mixmatch`` executable (``command``: another one run the same way): SIGTERM raised as :class:`Terminated`."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """The ``mixmatch`` executable (``command``: another one run the same way): Ctrl-C and SIGTERM raise :class:`Interrupted`."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT (nohup) stays ignored
+        signal.signal(signal.SIGINT, _on_signal)
     (command or main)(prog_name=prog_name)
