@@ -179,16 +179,23 @@ def open_storage(
     from sqlalchemy.exc import SQLAlchemyError
 
     kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if where.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            if heartbeat_interval:
-                kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
-            return optuna.storages.RDBStorage(where, **kwargs)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        raise MixMatchError(f"cannot open storage {_display(where)} ({first}); check the URL and that the server is running") from None
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                if heartbeat_interval:
+                    kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                  heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+                return optuna.storages.RDBStorage(where, **kwargs)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+            # Optuna creates a new database's tables on first open: a process outside the storage lock (a
+            # dashboard) doing it at the same moment makes this one fail; opening again finds the tables
+            if attempt < 3 and any(s in first for s in ("alembic_version", "version_info", "already exists")):
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            raise MixMatchError(f"cannot open storage {_display(where)} ({first}); check the URL and that the server is running") from None
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
