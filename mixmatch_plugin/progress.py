@@ -17,6 +17,11 @@ def set_progress(enabled: bool) -> None:
     _ENABLED = enabled
 
 
+def progress_enabled() -> bool:
+    """Whether progress bars are on globally (off under ``--quiet`` or ``MIXMATCH_QUIET=1``)."""
+    return _ENABLED
+
+
 def progress_bar(it: Iterable[T], desc: str, *, enable: bool = True, total: int | None = None) -> Iterable[T]:
     """``it`` wrapped in a tqdm bar when both ``enable`` and the global switch are on, else ``it`` itself."""
     if not (enable and _ENABLED):

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.planning import Plan, load_plan
+from mixmatch_plugin.progress import progress_enabled
 from mixmatch_plugin.signals import SIGNALS, SignalName, Signals
 from mixmatch_plugin.strategies import SHAPES, Strategy, StrategySpace
 
@@ -560,7 +561,7 @@ def search(
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if o.total_trials is None or done < o.total_trials:
         study.optimize(objective, n_trials=o.n_trials, timeout=o.timeout, catch=o.catch, callbacks=callbacks,
-                       gc_after_trial=False, show_progress_bar=progress)
+                       gc_after_trial=False, show_progress_bar=progress and progress_enabled())
     return result_of(study, p, evaluator_name=str(getattr(evaluator, "name", "evaluator")), storage=display)
 
 
