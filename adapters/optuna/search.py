@@ -254,8 +254,9 @@ def seed_study(study: optuna.Study, seeds: Sequence[Strategy]) -> int:
 
 
 def quiet() -> None:
-    """Silence Optuna's per-trial INFO lines (the CLI does this unless ``-v``)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    """Silence Optuna's per-trial lines and its traceback of a failed trial (the CLI does this unless ``-v``:
+    an error that ends a trial ends the command too, which reports it in one line)."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def make_sampler(
