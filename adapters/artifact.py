@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.io import atomic_torch_save, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
+        first = first_line(exc)
         raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({first})") from None
     model.eval()
     meta = {k: v for k, v in obj.items() if k != "state_dict"}

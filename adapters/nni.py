@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device, to_device
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.layers import Layer, check_untied, inventory
 from mixmatch_plugin.planning import PlanOptions, plan
 from mixmatch_plugin.rules import load_rules, preset_for
@@ -592,7 +592,7 @@ def speedup(
             ModelSpeedup(target, x, nni_masks, customized_mask_updaters=mask_updaters()).speedup_model()
     except Exception as exc:
         raise MixMatchError(
-            f"NNI's speed-up failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); "
+            f"NNI's speed-up failed ({type(exc).__name__}: {first_line(exc)}); "
             "use mixmatch_plugin.adapters.torch_pruning.prune for structured pruning of this model"
         ) from None
     target.eval()  # ModelSpeedup hands BatchNorm back in training mode

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MixMatchError
+from .errors import MixMatchError, first_line
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -91,7 +91,7 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     except RuntimeError as exc:
         if is_oom(exc):
             raise
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         p = next(model.parameters(), None)
         if p is not None and p.dtype.is_floating_point and x.dtype != p.dtype:
             raise MixMatchError(

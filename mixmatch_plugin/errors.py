@@ -26,3 +26,10 @@ class RulesError(MixMatchError):
 
 class SignalError(MixMatchError):
     """Sensitivity scores could not be computed or contain NaN/inf."""
+
+
+def first_line(exc: BaseException | str, limit: int = 240) -> str:
+    """The first line of an error message (an exception's type name when it has none), cut at a word, never mid-word."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."

@@ -146,7 +146,9 @@ def finetune(
     try:
         model.train()
         for _epoch in range(epochs):
-            for batch in progress_bar(train_loader, "fine-tune", enable=progress):
+            n = len(train_loader) if hasattr(train_loader, "__len__") else None  # type: ignore[arg-type]
+            total = n if max_steps is None else max_steps - steps if n is None else min(n, max_steps - steps)
+            for batch in progress_bar(train_loader, "fine-tune", enable=progress, total=total):
                 batch = to_device(batch, device)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import MixMatchError
+from .errors import MixMatchError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MixMatchError(
             f"refusing to load checkpoint {path}: it is not a plain weights file loadable with "
-            f"weights_only=True ({first[:160]}); save a state_dict with torch.save(model.state_dict(), path)"
+            f"weights_only=True ({first_line(exc)}); save a state_dict with torch.save(model.state_dict(), path)"
         ) from None

@@ -19,6 +19,7 @@ The small models sized for 2 CPU cores live here too, registered with timm: ``ti
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from .errors import MixMatchError
+from .errors import MixMatchError, first_line
 from .io import safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ def _build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
 
         name = spec[5:]
         if not timm.is_model(name):
-            raise MixMatchError(f"timm has no model {name!r}; list them with `python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\"`")
+            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+            raise MixMatchError(f"timm has no model {name!r}; "
+                                + (f"did you mean {', '.join(close)}?" if close else "list them with timm.list_models('*resnet*')"))
         kwargs.setdefault("pretrained", False)
         try:
             model = timm.create_model(name, **kwargs)
@@ -181,7 +184,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
-        raise MixMatchError(f"checkpoint {path} does not fit the model ({first[:200]}); check --model and --model-kwargs") from None
+        raise MixMatchError(f"checkpoint {path} does not fit the model ({first_line(first)}); check --model and --model-kwargs") from None
     if result.missing_keys or result.unexpected_keys:
         first = (result.missing_keys or result.unexpected_keys)[0]
         raise MixMatchError(

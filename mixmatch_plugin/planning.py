@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from .ranges import (
 )
 from .rules import KINDS, RuleSet, load_rules, preset_for
 from .signals import ALL_SIGNALS, SIGNALS, SignalName, Signals, compute_grasp, compute_signals
-from .strategies import OnUnreachable, Strategy, StrategySpace
+from .strategies import SHAPES, OnUnreachable, Strategy, StrategySpace
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +159,17 @@ class Plan:
         return atomic_write_json(path, self.to_dict())
 
     def summary(self) -> str:
-        t = self.meta.get("target")
+        """One line: layers, strategies (and why fewer than built), preset, target."""
+        t, gone = self.meta.get("target"), self.meta.get("collapsed") or []
         return (
-            f"{len(self.layers)} layers, {len(self.strategies)} strategies, preset {self.meta.get('preset')}, "
-            + (f"budget-matched at {t}" if t is not None else "native sparsity")
+            f"{self.meta.get('model', 'model')}: {len(self.layers)} layers, {len(self.strategies)} strategies"
+            + (f" ({len(gone)} more collapsed into duplicates under these ranges: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''})"
+               if gone else "")
+            + f", preset {self.meta.get('preset')}, " + (f"budget-matched at {t:g}" if t is not None else "native sparsity")
         )
+
+    def __repr__(self) -> str:
+        return f"Plan({self.summary()})"
 
 
 def _ratio(v: Any, where: str) -> float:
@@ -205,6 +212,9 @@ def _check_meta(meta: Mapping[str, Any], source: str) -> None:
     """The meta fields that code acts on: the target and the recorded model spec."""
     if meta.get("target") is not None:
         _ratio(meta["target"], f"{source}: meta target")
+    for key in ("collapsed", "warnings"):
+        if not isinstance(meta.get(key, []), list) or not all(isinstance(v, str) for v in meta.get(key, [])):
+            raise MixMatchError(f"{source}: meta {key} must be a list of strings, got {meta[key]!r}")
     spec = meta.get("model_spec")
     if spec is None:
         return
@@ -263,24 +273,21 @@ def compute_empirical_ranges(
 PINNED_WARN_SHARE = 0.05
 
 
-def _report_pinned(layers: Sequence[Layer], final: Mapping[str, Range], fixed: Mapping[str, list[str]]) -> None:
-    """Log the layers the constraints fix at a nonzero sparsity; warn when they hold a large share of the weights."""
-    if not fixed:
-        return
+def _report_pinned(layers: Sequence[Layer], final: Mapping[str, Range], fixed: Mapping[str, list[str]]) -> list[str]:
+    """Log the layers the constraints fix at a nonzero sparsity; the messages about a large share of the weights are returned."""
+    out: list[str] = []
     params = {layer.name: layer.params for layer in layers}
     total = sum(params.values())
     for cid, names in fixed.items():
         share = sum(params[n] for n in names) / total
         at = sorted({round(final[n][0], 4) for n in names})
-        level = logging.WARNING if share >= PINNED_WARN_SHARE else logging.INFO
-        logger.log(
-            level, "constraint %r fixes %d layer(s) holding %.1f %% of the prunable weights at sparsity %s (%s%s): "
-            "no strategy or search can move them and the budget goes to the other layers; if that is not meant "
-            "(the paper set its clamps for ImageNet-size models; on a small one they can catch whole roles), "
-            "plan(..., disable_constraints=[%r]) or `mixmatch plan --no-constraint %s`",
-            cid, len(names), 100 * share, "/".join(f"{v:g}" for v in at), ", ".join(names[:3]),
-            f" and {len(names) - 3} more" if len(names) > 3 else "", cid, cid,
-        )
+        msg = (f"constraint {cid!r} fixes {len(names)} layer(s) holding {100 * share:.1f} % of the prunable weights at sparsity "
+               f"{'/'.join(f'{v:g}' for v in at)} ({', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}): "
+               "no strategy or search can move them and the budget goes to the other layers; if that is not meant (the paper "
+               "set its clamps for ImageNet-size models; on a small one they can catch whole roles), "
+               f"PlanOptions(disable_constraints=({cid!r},)) or `mixmatch plan --no-constraint {cid}`")
+        (out.append if share >= PINNED_WARN_SHARE else logger.info)(msg)
+    return out
 
 
 @dataclass(frozen=True)
@@ -378,10 +385,21 @@ def plan(
     raw = combine(rule_ranges(layers, rules) if how != "empirical" else None, emp, how)
     final = clamp_ranges(raw, hard)
     fixed = pinned(layers, raw, final, rules)
-    _report_pinned(layers, final, fixed)
+    notes = _report_pinned(layers, final, fixed)
 
     space = StrategySpace(layers, final, hard, target=target, on_unreachable=on_unreachable)
     strategies = space.rule_strategies(signals, scores, o.shapes)
+    built = {s.name for s in strategies}
+    collapsed = [f"{sig}:{shape}" for sig in signals for shape in o.shapes or SHAPES if f"{sig}:{shape}" not in built]
+    if collapsed:
+        notes.append(f"{len(collapsed)} of {len(strategies) + len(collapsed)} strategies equal another one under these ranges "
+                     f"and were dropped ({', '.join(collapsed[:4])}{' ...' if len(collapsed) > 4 else ''}): the ranges leave "
+                     "little room; see plan.strategies for those kept, or loosen the constraints (PlanOptions)")
+    if space.extension is not None:
+        notes.append(f"target {target:g} is outside the ranges' reach: every range was moved by {space.extension:+.2f} in "
+                     "log-odds to reach it (on_unreachable='extend'); each strategy lists its layers outside their range")
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     sensitivity = {str(s): scores.layer_means(s) for s in scores.available if s in SIGNALS}
     n = np.array([layer.params for layer in layers], dtype=np.float64)
     meta = {
@@ -397,6 +415,8 @@ def plan(
         "reachable": [float((n * space.original_lo).sum() / n.sum()), float((n * space.original_hi).sum() / n.sum())],
         "signals": list(signals),
         "calibration": {"batches": scores.batches, "samples": scores.samples},
+        "collapsed": collapsed,
+        "warnings": notes,
     }
     logger.info("plan: %d layers, %d strategies (preset %s, ranges %s)", len(layers), len(strategies), rules.name, how)
     return Plan(layers, final, hard, strategies, sensitivity, meta, signals=scores)

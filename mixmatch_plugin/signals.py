@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .batches import LossFn, chunk_batch, default_loss, is_oom, iterate, model_device, to_device
-from .errors import MixMatchError, SignalError
+from .errors import MixMatchError, SignalError, first_line
 from .layers import Layer, check_prunable, inventory, weight_of
 from .progress import progress_bar
 
@@ -184,7 +184,7 @@ def _batch_grads(
         except (RuntimeError, MemoryError) as exc:
             if not is_oom(exc):
                 raise
-            last = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            last = first_line(exc)
         # outside the except block: the traceback, and with it the failed attempt's tensors, are gone
         n = batch_size(batch)
         if parts >= n:
@@ -262,7 +262,9 @@ def compute_signals(
     _check_finite(gradient, "the gradients")
     dead = [layer.name for layer in layers if layer.kind != "norm" and float(gradient[layer.name].abs().sum()) == 0.0]
     if dead:
-        logger.warning("no gradient reached %d layer(s) (%s): their gradient score is 0", len(dead), ", ".join(dead[:4]))
+        logger.warning("no gradient reached %d layer(s) (%s): their gradient score is 0. On an untrained timm model this is "
+                       "expected: timm zero-initialises the last BatchNorm of each residual block, which blocks the gradient "
+                       "of the layers before it; train the model (or load its weights) first", len(dead), ", ".join(dead[:4]))
     logger.info("signals from %d calibration batches (%d samples)", batches, samples)
     return Signals(magnitude=magnitude, gradient=gradient, batches=batches, samples=samples)
 

@@ -236,9 +236,7 @@ class StrategySpace:
                 s = self.strategy(f"{signal}:{shape}", signal, self.alphas(shape, signal, scores), {"shape": shape})
                 twin = next((t for t in kept if _same(t, s)), None)
                 if twin is not None:
-                    logger.warning(
-                        "strategy %s equals %s under these ranges (degenerate ranges?): dropped", s.name, twin.name
-                    )
+                    logger.info("strategy %s equals %s under these ranges: dropped", s.name, twin.name)
                     continue
                 kept.append(s)
             out += kept

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mixmatch_plugin.batches import LossFn
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.evaluation import evaluate, hold_batches, reestimate_bn
 from mixmatch_plugin.finetuning import FinetuneOptions, OptimizerName, finetune_steps
 from mixmatch_plugin.layers import Layer, inventory
@@ -219,7 +219,7 @@ class MacsProfile:
                 model(example.to(p.device if p is not None else "cpu"))
         except RuntimeError as exc:
             raise MixMatchError(
-                f"measuring MACs failed on an input of shape {tuple(example.shape)} ({str(exc).strip().splitlines()[0][:160]}); "
+                f"measuring MACs failed on an input of shape {tuple(example.shape)} ({first_line(exc)}); "
                 "check the input shape"
             ) from None
         finally:

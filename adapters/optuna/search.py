@@ -24,7 +24,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.planning import Plan, load_plan
 from mixmatch_plugin.progress import progress_enabled
 from mixmatch_plugin.signals import SIGNALS, SignalName, Signals
@@ -189,7 +189,7 @@ def open_storage(
                                   heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
                 return optuna.storages.RDBStorage(where, **kwargs)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+            first = first_line(exc)
             # Optuna creates a new database's tables on first open: a process outside the storage lock (a
             # dashboard) doing it at the same moment makes this one fail; opening again finds the tables
             if attempt < 3 and any(s in first for s in ("alembic_version", "version_info", "already exists")):
@@ -227,7 +227,7 @@ def storage_lock(storage: Any) -> Iterator[None]:
     try:
         conn = engine.connect()
     except SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        first = first_line(exc)
         raise MixMatchError(f"cannot open storage {_display(where)} ({first}); check the URL and that the server is running") from None
     try:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
@@ -574,7 +574,7 @@ def _open_study(store: optuna.storages.BaseStorage, study_name: str, sampler: op
     try:
         study = optuna.create_study(storage=store, sampler=sampler, study_name=study_name, directions=directions, load_if_exists=True)
     except SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        first = first_line(exc)
         raise MixMatchError(f"cannot open study {study_name!r} in {display} ({first})") from None
     if list(study.directions) != list(directions):
         raise MixMatchError(

@@ -14,7 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.strategies import Strategy
 
 from .importance import GroupGradientImportance, calibrate, resolve_importance
@@ -125,7 +125,7 @@ def _sizes(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
         return count_macs(model, example_inputs)
     except Exception as exc:
         raise MixMatchError(
-            f"the model does not run on example_inputs ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}); "
+            f"the model does not run on example_inputs ({type(exc).__name__}: {first_line(exc)}); "
             "pass inputs of the shape the model expects"
         ) from None
 
@@ -147,11 +147,11 @@ def _remove(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelSetup, p
     except Exception as exc:
         if inplace:
             raise MixMatchError(
-                f"Torch-Pruning failed while pruning ({type(exc).__name__}: {str(exc)[:160]}); the model was pruned in "
+                f"Torch-Pruning failed while pruning ({type(exc).__name__}: {first_line(exc)}); the model was pruned in "
                 "place and may be partly pruned: reload it, and build a new pruner (a failed step() is used up)"
             ) from exc
         raise MixMatchError(
-            f"Torch-Pruning failed while pruning ({type(exc).__name__}: {str(exc)[:160]}); your model is unchanged"
+            f"Torch-Pruning failed while pruning ({type(exc).__name__}: {first_line(exc)}); your model is unchanged"
         ) from exc
     return pruner, removed
 
@@ -196,7 +196,7 @@ def rebuild(
             pruner.DG.load_pruning_history([list(h) for h in history])
     except Exception as exc:
         raise MixMatchError(
-            f"cannot re-apply the pruning history to this model ({type(exc).__name__}: {str(exc)[:120]}); "
+            f"cannot re-apply the pruning history to this model ({type(exc).__name__}: {first_line(exc)}); "
             "was it built with the same model spec and kwargs?"
         ) from None
     fix_attention(model, head_dims, num_heads)

@@ -107,15 +107,15 @@ class PruneReport:
         """A short multi-line text: totals, then one line per group that was pruned."""
         lines = [
             f"strategy {self.strategy} (signal {self.signal}), importance {self.importance}, fold {self.fold}",
-            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%}); "
-            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.1%})",
+            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%} kept, {1 - self.params_ratio:.1%} removed); "
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.1%} kept, {1 - self.macs_ratio:.1%} removed)",
         ]
         if self.consistency is not None:
             lines.append(f"consistency: max relative difference to the channel-zeroed original {self.consistency:.2e}")
         for g in self.groups:
             if g.planned > 0 or g.realized > 0:
                 lines.append(
-                    f"  {g.key:<40} {g.channels:>5} {g.unit:<5} target {g.target:.3f}  planned {g.planned:.3f}  "
+                    f"  {g.key:<40} {g.channels:>5} {g.unit:<5} removed: target {g.target:.3f}  planned {g.planned:.3f}  "
                     f"realized {g.realized:.3f}" + (f"  ({g.clamped})" if g.clamped else "")
                 )
         lines += [f"note: {n}" for n in self.notes]

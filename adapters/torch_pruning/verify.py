@@ -13,7 +13,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 
 from .planning import ModelSetup, model_setup
 from .report import RemovedItem
@@ -224,7 +224,7 @@ def check_runs(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., 
         where = _failing_module(model, example_inputs, forward_fn)
         raise MixMatchError(
             f"the pruned model fails to run in unsupported layer {where} ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:120]});{_hint(setup)} keep it intact (ignored_layers) or use mm.apply"
+            f"{first_line(exc)});{_hint(setup)} keep it intact (ignored_layers) or use mm.apply"
         ) from None
     finally:
         model.train(was)

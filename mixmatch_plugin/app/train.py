@@ -26,7 +26,7 @@ from torch import nn
 
 from mixmatch_plugin.app.data import Splits, loader
 from mixmatch_plugin.batches import model_device
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.evaluation import evaluate
 from mixmatch_plugin.io import atomic_torch_save, safe_torch_load
 from mixmatch_plugin.models import build_model
@@ -186,7 +186,7 @@ def train_cached(
             info = dict(blob["info"])
         except (MixMatchError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             # the cache is ours to rebuild: an unusable entry (another torch version, edited by hand) is trained again
-            logger.warning("cached checkpoint %s is unusable (%s): training again", path, str(exc).splitlines()[0][:160])
+            logger.warning("cached checkpoint %s is unusable (%s): training again", path, first_line(exc))
             model = build_model(cfg.model, model_kwargs=cfg.model_kwargs).to(device or "cpu")
         else:
             logger.info("loaded cached checkpoint %s", path)
@@ -218,7 +218,7 @@ def _load_resume(path: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:
             raise ValueError(f"it lacks {', '.join(sorted(_RESUME_KEYS - set(state) if isinstance(state, dict) else _RESUME_KEYS))}")
         usable = state["config"] == asdict(cfg) and 0 < int(state["epoch"]) < cfg.epochs
     except (MixMatchError, KeyError, TypeError, ValueError) as exc:
-        logger.warning("interrupted-training state %s is unusable (%s): training from scratch", path, str(exc).splitlines()[0][:160])
+        logger.warning("interrupted-training state %s is unusable (%s): training from scratch", path, first_line(exc))
         return None
     if not usable:
         logger.warning("interrupted-training state %s belongs to another configuration: training from scratch", path)

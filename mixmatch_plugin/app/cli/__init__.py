@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mixmatch_plugin").setLevel(level)
     set_progress(not quiet)
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Python warnings (a plan's collapsed strategies, pinned weights, moved ranges) as one ``warning:`` line each."""
+    click.echo(f"warning: {message}", err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

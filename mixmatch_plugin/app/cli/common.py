@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import click
+from click.core import ParameterSource
+
+from mixmatch_plugin.errors import MixMatchError
 
 
 class Shape(click.ParamType):
@@ -61,6 +64,7 @@ class CommaList(click.ParamType):
 
 
 SIGNAL_LIST = CommaList(("magnitude", "gradient", "product"))
+CALIB_CHOICES = ("digits", "fashion-mnist", "random", "none")
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,8 +87,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--calib, --data, --calib-samples, --batch-size, --seed."""
     opts = [
-        click.option("--calib", type=click.Choice(["digits", "fashion-mnist", "random", "none"]), default="digits",
-                     show_default=True, help="Calibration data (drawn from the training split only)."),
+        click.option("--calib", type=click.Choice(CALIB_CHOICES), default="digits", show_default=True,
+                     help="Calibration data (drawn from the training split only); commands run on a plan default to the plan's."),
         click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
                      help="Folder with Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)."),
         click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True,
@@ -95,6 +99,18 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def from_plan(meta: Mapping[str, Any], **given: Any) -> tuple[Any, ...]:
+    """The data options of a command run on a plan, in the order given: an option set on the command line
+    wins, else what ``mixmatch plan`` recorded (``calib_spec`` and the model's input shape), else the default."""
+    ctx = click.get_current_context()
+    recorded = {**(meta.get("calib_spec") or {}), "input_shape": (meta.get("model_spec") or {}).get("input_shape")}
+    if recorded.get("calib", "none") not in (*CALIB_CHOICES, None):
+        raise MixMatchError(f"the plan records an unknown calibration set {recorded['calib']!r}: pass --calib")
+    picked = [v if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) or recorded.get(k) is None else recorded[k]
+              for k, v in given.items()]
+    return tuple(tuple(v) if k == "input_shape" and v is not None else v for k, v in zip(given, picked, strict=True))
 
 
 def load_model(model_spec: str, model_kwargs: dict[str, Any], checkpoint: str | None) -> Any:

@@ -50,7 +50,8 @@ def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_s
     Example:
       mixmatch plan --model timm:resnet18 --model-kwargs '{"in_chans": 1, "num_classes": 10}' \\
                     --input-shape 1,28,28 --calib digits --target 0.8 --extend-ranges --out plan.json
-    Then: mixmatch prune --plan plan.json --strategy product:alpha-0.7 ... , or mixmatch report plan.json
+    Then: mixmatch prune --plan plan.json --strategy product:alpha-0.7 --out pruned.pt, or mixmatch report plan.json
+    (the plan records the model, its input shape and the calibration data: prune and search reuse them)
     """
     from mixmatch_plugin.planning import PlanOptions
     from mixmatch_plugin.planning import plan as make_plan
@@ -59,11 +60,13 @@ def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_s
     model = load_model(model_spec, model_kwargs, checkpoint)
     loader = None
     if calib != "none":
-        loader = load_data(calib, data_dir, shape, seed).calibration(calib_samples, batch_size, seed)
+        data = load_data(calib, data_dir, shape, seed)
+        loader, shape = data.calibration(calib_samples, batch_size, seed), data.input_shape
     options = PlanOptions(ranges=range_source, disable_constraints=disabled, roles=parse_roles(role_overrides), protect=protect)
     p = make_plan(model, loader, signals=signals, preset=preset, target=target,
                   on_unreachable="extend" if extend_ranges else "error", options=options, progress=True)
     p.meta["model_spec"] = {"model": model_spec, "model_kwargs": model_kwargs, "input_shape": list(shape) if shape else None}
+    p.meta["calib_spec"] = {"calib": calib, "data_dir": data_dir, "calib_samples": calib_samples, "batch_size": batch_size, "seed": seed}
     path = p.save(out)
     rows = [(s.name, f"{s.global_sparsity:.4f}", len(s.meta.get("out_of_range", []))) for s in p.strategies]
     click.echo(table(rows, ("strategy", "global sparsity", "layers outside range")))

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from mixmatch_plugin.app.cli.common import JsonObject, Shape, data_options, load_data, table
+from mixmatch_plugin.app.cli.common import JsonObject, Shape, data_options, from_plan, load_data, table
 from mixmatch_plugin.errors import MixMatchError
 
 NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
@@ -50,6 +50,8 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     from mixmatch_plugin.planning import load_plan
 
     p = load_plan(plan_path)
+    calib, data_dir, calib_samples, batch_size, seed, input_shape = from_plan(
+        p.meta, calib=calib, data_dir=data_dir, calib_samples=calib_samples, batch_size=batch_size, seed=seed, input_shape=input_shape)
     strategy = p.strategy(strategy_name)
     recorded = p.meta.get("model_spec") or {}
     spec = model_spec or recorded.get("model")

@@ -13,6 +13,7 @@ import click
 from mixmatch_plugin.app.cli.common import (
     SIGNAL_LIST,
     data_options,
+    from_plan,
     load_data,
     load_model,
     model_options,
@@ -121,9 +122,8 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: d
         quiet()
     out = Path(out_dir)
     plan = load_plan(plan_path)
-    shape = input_shape
-    if shape is None and (plan.meta.get("model_spec") or {}).get("input_shape"):
-        shape = tuple(plan.meta["model_spec"]["input_shape"])
+    calib, data_dir, calib_samples, batch_size, seed, shape = from_plan(
+        plan.meta, calib=calib, data_dir=data_dir, calib_samples=calib_samples, batch_size=batch_size, seed=seed, input_shape=input_shape)
     model = load_model(model_spec, model_kwargs, checkpoint)
     model.eval()
     layers = inventory(model)
