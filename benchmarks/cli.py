@@ -35,7 +35,8 @@ class _Command(click.Command):
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Folder with Fashion-MNIST IDX files.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Checkpoint cache (default ~/.cache/mixmatch).")
 @click.option("--update-readme", type=click.Path(dir_okay=False), default=None,
-              help="Regenerate the table between <!-- bench:start --> and <!-- bench:end --> in this README.")
+              help="Regenerate the tables between <!-- bench:start --> and <!-- bench:end --> in this file (benchmarks/RESULTS.md), "
+                   "and the README's one-table summary between <!-- results:start --> and <!-- results:end -->.")
 @click.option("--fresh", is_flag=True, help="Ignore earlier partial results instead of resuming them.")
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
 @click.option("--tables-only", is_flag=True,
@@ -54,8 +55,8 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
     \b
     Example:
       python -m benchmarks --quick                             # about 5 minutes, smoke-sized
-      python -m benchmarks --update-readme README.md           # the full run; trains dense models once (cached)
-      python -m benchmarks --tables-only --update-readme README.md   # tables and plots again, from the saved results
+      python -m benchmarks --update-readme benchmarks/RESULTS.md           # the full run; trains dense models once (cached)
+      python -m benchmarks --tables-only --update-readme benchmarks/RESULTS.md   # tables and plots again, from the saved results
       python -m benchmarks --models resnet18 --sparsities 0.99   # adds 99 %, keeps the rest
     Resumes an interrupted run from OUT/full.json (or quick.json) unless --fresh; results it has
     to replace (--fresh, another configuration, other presets, a dense model trained again with
@@ -107,6 +108,7 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
         md = tables.markdown(res.doc, command=cmd)
         res.doc["markdown"] = md
         res.doc["plots"] = files
+        doc = res.doc
         from mixmatch_plugin.io import atomic_write_json
 
         atomic_write_json(res.path, res.doc)
@@ -118,6 +120,9 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
         if not tables.update_readme(update_readme, section):
             raise MixMatchError(f"{update_readme} has no <!-- bench:start --> / <!-- bench:end --> markers")
         click.echo(f"updated {update_readme}")
+        readme = Path(update_readme).resolve().parent.parent / "README.md"  # benchmarks/RESULTS.md -> the README's summary
+        if readme.is_file() and tables.update_readme(readme, tables.verdict_table(doc), marker="results"):
+            click.echo(f"updated the results table in {readme}")
 
 
 def _saved(path: Path, models: list[str]) -> dict[str, Any]:

@@ -247,3 +247,34 @@ def method_comparison(
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+def verdict_table(doc: Mapping[str, Any]) -> str:
+    """The README's table: per model and sparsity, Mix-and-Match against its best rival (the baseline with the
+    smallest mean drop there), one-shot and fine-tuned: win, tie (within the pair's noise floor) or loss."""
+    regimes = ("one-shot", "fine-tuned")
+    lines = ["| model (dense test) | sparsity | " + " | ".join(regimes) + " |", "|---|---|---|---|"]
+    for name, md in doc["models"].items():
+        d = drops(md)
+        for s in sorted({k[1] for k in d if k[2] == "mm"}):
+            cells = []
+            for regime in regimes:
+                mm = d.get((regime, s, "mm"))
+                rivals = {b: _stats(d[(regime, s, b)])[0] for b in FIGHT if d.get((regime, s, b))}
+                if not mm or not rivals:
+                    cells.append("–")
+                    continue
+                best = min(rivals, key=lambda b: rivals[b])
+                m_mu, b_mu = _stats(mm)[0], rivals[best]
+                verdict = ("not judged (1 seed)" if min(len(mm), len(d[(regime, s, best)])) < 2
+                           else "tie" if abs(b_mu - m_mu) <= noise_floor(d, regime, s, ("mm", best))
+                           else "**win**" if m_mu < b_mu else "loss")
+                cells.append(f"{verdict} vs {LABEL[best]}: {m_mu:.2f} vs {b_mu:.2f}")
+            lines.append(f"| {name} ({100 * md['dense']['test_accuracy_eval']:.2f} %) | {s:.0%} | " + " | ".join(cells) + " |")
+    tally = "; ".join(f"{regime} {sum(c.split('|')[3 + i].startswith(' **win**') for c in lines[2:])} win(s), "
+                      f"{sum(c.split('|')[3 + i].startswith(' tie') for c in lines[2:])} tie(s), "
+                      f"{sum(c.split('|')[3 + i].startswith(' loss') for c in lines[2:])} loss(es)" for i, regime in enumerate(regimes))
+    lines.append(f"\nAgainst the best rival of each cell: {tally}.")
+    return ("Cells: test-accuracy drop in points (lower is better), Mix-and-Match's validation-chosen strategy vs the best "
+            "of uniform, global magnitude, LAMP, SNIP, GraSP and ERK at that cell, mean over seeds; a tie is a difference "
+            "within the larger seed std of the two or the reseed spread.\n\n" + "\n".join(lines))

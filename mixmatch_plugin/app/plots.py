@@ -102,7 +102,7 @@ def ranges_plot(plan: Any, path: str | Path, *, highlight: Sequence[str] = (), t
     ax.set_xlim(0, 1)
     ax.set_xlabel("layer sparsity")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the axes: never on a label
     ax.set_title(title or f"{plan.meta.get('model', 'model')}: ranges (preset {plan.meta.get('preset')}) and strategies")
     return save_figure(fig, path)
 
@@ -120,37 +120,49 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def accuracy_vs_sparsity(
     rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "accuracy against sparsity",
-    ylabel: str = "validation accuracy", reference: float | None = None,
+    reference: float | None = None, marked: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Scatter of ``rows`` (``sparsity``, ``accuracy``, ``group``, optional ``name``) with the Pareto front.
+    """Scatter of ``rows`` (``sparsity``, ``accuracy``, ``group``, ``name``) with the Pareto front.
 
-    ``group`` picks the colour and legend entry (e.g. a signal, ``baseline``, ``search``); the front
-    is computed over all rows. ``reference`` draws a dashed line (e.g. the dense accuracy).
+    ``group`` picks the colour (a signal, or ``baseline``: then each ``name`` gets its own marker and
+    legend entry). Points far below the rest (a collapsed method) are drawn as off-scale markers on the
+    lower edge, so that the others stay readable. ``reference`` draws a dashed line (the dense accuracy);
+    ``marked`` (``sparsity``, ``accuracy``, ``name``) is drawn as a star (the chosen strategy).
     """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.2))
+    pts = [(float(r["sparsity"]), float(r["accuracy"])) for r in rows]
+    accs = np.array([a for _, a in pts] + ([reference] if reference is not None else []))
+    top, mid = float(accs.max()), float(np.median(accs))
+    floor = max(float(accs.min()), top - 4 * max(top - mid, 0.02))  # below: off-scale
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(str(r.get("group", "")), []).append(r)
-    for g, rs in groups.items():
-        is_base = g.startswith("baseline")
-        ax.scatter([r["sparsity"] for r in rs], [r["accuracy"] for r in rs], s=36 if is_base else 22,
-                   marker="X" if is_base else "o", color=_SIGNAL_COLORS.get(g), alpha=0.85, label=g, zorder=3)
-        if is_base:
-            for r in rs:
-                ax.annotate(str(r.get("name", "")), (r["sparsity"], r["accuracy"]), fontsize=7,
-                            xytext=(4, -9), textcoords="offset points")
-    pts = [(float(r["sparsity"]), float(r["accuracy"])) for r in rows]
+        key = f"{r.get('name')} (baseline)" if str(r.get("group")) == "baseline" else str(r.get("group", ""))
+        groups.setdefault(key, []).append(r)
+    for i, (g, rs) in enumerate(groups.items()):
+        base = g.endswith("(baseline)")
+        xs, ys = [r["sparsity"] for r in rs], [max(float(r["accuracy"]), floor) for r in rs]
+        sc = ax.scatter(xs, ys, s=40 if base else 22, marker="XPD"[i % 3] if base else "o", color=_SIGNAL_COLORS.get(g),
+                        alpha=0.85, label=g, zorder=3)
+        low = [(x, r) for x, r in zip(xs, rs, strict=True) if float(r["accuracy"]) < floor]
+        if low:
+            ax.scatter([x for x, _ in low], [floor] * len(low), s=60, marker="v", color=sc.get_facecolor()[0], zorder=4)
     front = pareto_front(pts)
     if front:
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="black", lw=1.2, ls="-",
-                marker="", label="Pareto front", zorder=2)
+        ax.plot([pts[i][0] for i in front], [max(pts[i][1], floor) for i in front], color="black", lw=1.2, label="Pareto front", zorder=2)
+    if marked is not None:
+        ax.scatter([marked["sparsity"]], [marked["accuracy"]], s=220, marker="*", color="gold", edgecolor="black", zorder=5,
+                   label=str(marked.get("name", "chosen")))
     if reference is not None:
         ax.axhline(reference, color="grey", ls="--", lw=1, label=f"dense ({reference:.3f})")
+    pad = 0.04 * (top - floor)
+    ax.set_ylim(floor - pad, top + pad)
+    if floor > accs.min():
+        ax.text(0.01, 0.01, "v: below the axis (collapsed)", transform=ax.transAxes, fontsize=7, color="grey")
     ax.set_xlabel("global sparsity (fraction of weights pruned)")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title)
     return save_figure(fig, path)
 

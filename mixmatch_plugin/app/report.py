@@ -68,6 +68,10 @@ def _demo_section(doc: Mapping[str, Any], folder: Path, stem: str, source: str =
         "One-shot: masks plus BatchNorm re-estimation on 4 training batches. Fine-tuned: the same mask-keeping "
         "budget for every method. The test split is used only for these columns.",
     ]
+    if doc.get("dense_finetuned") is not None:
+        lines += ["", f"The dense model after the same fine-tune: **{_pct(doc['dense_finetuned'])} %**. The demo trains it "
+                  "briefly, so the fine-tune also continues its training: a pruned model can beat the dense row above; "
+                  "compare it with this number instead."]
     imgs = [Path(v) for k, v in doc.get("files", {}).items() if k.endswith("_png") and Path(v).exists()]
     return lines, imgs
 
