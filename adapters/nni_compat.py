@@ -1,38 +1,9 @@
 """Make NNI 3.0's ``ModelSpeedup`` work on torch >= 2.2 and Python 3.11, inside a context manager.
 
-NNI 3.0 (the last release) traces models with its own ``concrete_trace``, which breaks on modern
-torch (NNI issue 5768). The five causes, and what :func:`speedup_compat` does about each while the
-``with`` block runs (everything is restored on exit; nothing is patched at import):
-
-1. **Builtins with** ``__module__ = None``. torch renamed ``torch._C._TensorBase`` to ``TensorBase``;
-   the tracer only recognises tensor methods by the ``_TensorBase`` prefix of their ``__qualname__``,
-   sends the others down a branch that reads ``func.__module__.startswith(...)`` and crashes. The
-   tracer's ``trace`` method is recompiled from NNI's own source with both prefixes accepted.
-2. ``Node.is_impure`` **gained an argument** (``impure_random``). NNI replaces it with a one-argument
-   wrapper; it is swapped for one that accepts and ignores the extra arguments.
-3. **Python 3.11 bytecode.** ``ConcreteProxy`` finds the calling instruction with
-   ``dis.get_instructions(code)[f_lasti // 2]``, which assumes one entry per 2-byte code unit; 3.11
-   inserts inline ``CACHE`` entries (only listed with ``show_caches``) and renamed the conditional
-   jumps (``POP_JUMP_FORWARD_IF_FALSE`` ...). The proxy module sees a ``dis`` whose
-   ``get_instructions`` is indexed by code unit, and the new jump opcodes are added.
-4. ``handle_torch_function`` **is wrapped as a leaf.** It is listed in ``torch.nn.functional``, so the
-   tracer records it as an opaque call instead of dispatching; it (and the ``has_torch_function*``
-   helpers) are removed from the tracer's leaf functions.
-5. ``torch._assert`` **on a traced value.** Modules that imported ``_assert`` from torch (timm's patch
-   embedding) call the original, which cannot evaluate a proxy; every module-level ``_assert`` bound
-   to ``torch._assert`` is pointed to a wrapper that asserts on the proxy's concrete value.
-
-4 and 5 are two halves of one crash on timm ViTs (``_assert`` dispatches through
-``handle_torch_function``, which fails on the traced condition whether or not it is a leaf): fix 5
-alone resolves it on the tested models; fix 4 is kept so that dispatch is not recorded as an opaque
-call. The tests show fixes 1, 2, 3 and 5 are each necessary, and 4 together with 5.
-
-ViTs also need :class:`LayerNormMaskUpdater`: NNI infers masks from values that do not vary over the
-batch, and a LayerNorm's weight (traced as a ``get_attr`` of a 1-D parameter) looks constant, so the
-LayerNorm's output mask comes out empty and every layer after it would be removed.
-:func:`mask_updaters` returns it for ``ModelSpeedup(customized_mask_updaters=...)``.
-
-After speed-up call ``model.eval()``: BatchNorm comes back in training mode.
+NNI 3.0 traces models with its own ``concrete_trace``, which breaks on modern torch (NNI issue 5768).
+:func:`speedup_compat` fixes its five causes while the ``with`` block runs and restores everything on exit;
+:func:`mask_updaters` adds the LayerNorm mask updater ViTs need. The five fixes, and which tests show each
+is necessary, are described in ``docs/frameworks.md``. After speed-up call ``model.eval()``.
 """
 
 from __future__ import annotations

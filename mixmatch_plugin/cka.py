@@ -1,31 +1,8 @@
 """Linear Centered Kernel Alignment (CKA): biased, debiased, and minibatch, plus penultimate features.
 
-For features ``X`` (n×p1) and ``Y`` (n×p2) of the same n inputs, with Gram matrices ``K = XXᵀ`` and
-``L = YYᵀ``::
-
-    CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))
-
-* **biased** (Kornblith et al., 2019): ``HSIC(K, L) = tr(KHLH) / (n-1)²`` with the centring matrix
-  ``H``; for linear kernels this is ``‖YᵀX‖_F² / (‖XᵀX‖_F ‖YᵀY‖_F)`` on column-centred features.
-  It equals 1 for ``X`` against itself and is invariant to orthogonal maps and isotropic scaling,
-  but when ``n`` is small against ``p`` it drifts towards 1 even for independent features.
-* **debiased** (Song et al., 2012, as used by Nguyen et al., ICLR 2021): the unbiased U-statistic
-  ``HSIC₁(K, L) = [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1 / ((n-1)(n-2)) - 2/(n-2)·1ᵀK̃L̃1] / (n(n-3))`` where ``K̃``, ``L̃``
-  are ``K``, ``L`` with zeroed diagonals. Independent features give values near 0; it needs n ≥ 4
-  and can be slightly negative.
-* **minibatch** (Nguyen et al., ICLR 2021): average ``HSIC₁`` over minibatches of a loader for each of
-  the three pairs, then form the ratio. Every minibatch estimate is unbiased, so the averages are
-  unbiased estimates of the population HSIC and the ratio is consistent; memory is O(batch²), never
-  O(n²) or O(p1·p2). :class:`MinibatchCKA` accumulates it.
-
-The pruning loops use debiased minibatch CKA by default: the validation split is too large for an
-n×n Gram matrix, and penultimate features (hundreds of dimensions) against minibatches of a few
-hundred images is exactly the n < p regime in which the biased estimate drifts towards 1 and would
-hide the difference between two candidates.
-
-:func:`penultimate` gives the features the method compares (the classifier's input), and
-:func:`cka_to_parent` the minibatch CKA of a pruned model against its parent on a loader.
-All arithmetic is in float64.
+The estimators and why the pruning loops use debiased minibatch CKA are described in ``docs/depth-width.md``.
+:func:`penultimate` gives the features the method compares (the classifier's input), :func:`cka_to_parent`
+the minibatch CKA of a pruned model against its parent on a loader. All arithmetic is in float64.
 """
 
 from __future__ import annotations

@@ -1,38 +1,8 @@
 """Depth pruning: replace whole residual blocks by identity, scored by KL divergence or CKA.
 
-Supported blocks (timm 1.0.31), each only where its output has the shape of its input:
-
-============ ======================================== ==========================================
-kind         class                                    removable when
-============ ======================================== ==========================================
-resnet       ``timm.models.resnet.BasicBlock``,       no ``downsample`` (no stride, no channel
-             ``Bottleneck``                           change)
-convnext     ``timm.models.convnext.ConvNeXtBlock``   ``shortcut`` is an identity (stride 1,
-                                                      same channels)
-vit          ``timm.models.vision_transformer.Block``, always ((B, N, C) in and out)
-             ``ResPostBlock``
-swin         ``timm.models.swin_transformer.``        always ((B, H, W, C) in and out); the
-             ``SwinTransformerBlock``                 ``PatchMerging`` layers are never blocks
-============ ======================================== ==========================================
-
-When example inputs are given, every candidate's input and output shapes are also recorded on a
-real forward pass and a block whose shapes differ is never removable.
-
-A removed block becomes an :class:`IdentityBlock`, which accepts and ignores the extra arguments
-timm passes to blocks (``attn_mask``, ``is_causal``) and ``set_input_size``. For a ResNet block that
-is exactly "the residual branch zeroed", as in the paper: the block ends in ``ReLU(x + f(x))`` and its
-input is already non-negative.
-
-A **stage** is the container holding the blocks (``layer2`` of a ResNet, ``stages.1.blocks`` of a
-ConvNeXt, ``layers.0.blocks`` of a Swin, ``blocks`` of a ViT). ``min_blocks`` blocks of each stage are
-always kept (blocks that cannot be removed, such as a ResNet stage's downsampling block, count as
-kept); the defaults are 2 for ResNets (as in the paper) and 1 for ConvNeXt and transformers.
-
-Block scores (lower = less damage, removed first), on a calibration set from the *training* split:
-
-* ``kl`` (the paper's): mean ``KL(softmax(intact) ‖ softmax(removed))`` of the outputs;
-* ``cka``: ``1 - CKA`` of the penultimate features of the model with the block removed against the
-  intact one (debiased minibatch CKA).
+Blocks (timm ResNet, ConvNeXt, ViT and Swin blocks whose output has the shape of their input), stages,
+``min_blocks`` and the two block scores (``kl``, the paper's, and ``cka``) are described in
+``docs/depth-width.md``. A removed block becomes an :class:`IdentityBlock`.
 """
 
 from __future__ import annotations

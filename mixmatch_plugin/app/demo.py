@@ -32,10 +32,8 @@ from mixmatch_plugin.app.train import TrainConfig, checkpoint_path, train_cached
 from mixmatch_plugin.evaluation import evaluate, rank, reestimate_bn
 from mixmatch_plugin.finetuning import FinetuneOptions, finetune
 from mixmatch_plugin.io import atomic_write_json
-from mixmatch_plugin.masks import apply_masks, compute_masks
-from mixmatch_plugin.planning import Plan, plan
+from mixmatch_plugin.planning import plan
 from mixmatch_plugin.signals import compute_grasp
-from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +67,10 @@ def _phase(phases: dict[str, list[float]], name: str, echo: Callable[[str], None
 
 def demo_config(splits: data.Splits, quick: bool = False) -> TrainConfig:
     """The demo model's training configuration for the dataset at hand."""
-    if splits.name == "fashion-mnist":
-        return TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 24}, dataset=splits.name,
-                           epochs=1 if quick else 2, lr=3e-3, max_train=4000 if quick else 20000, warmup_steps=50)
+    fm = splits.name == "fashion-mnist"
     return TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 24}, dataset=splits.name,
-                       epochs=4 if quick else 20, lr=3e-3, batch_size=64, warmup_steps=30, augment=False)
-
-
-def _masked(model: torch.nn.Module, s: Strategy, p: Plan, bn: Any, bn_batches: int) -> torch.nn.Module:
-    work = copy.deepcopy(model)
-    apply_masks(work, compute_masks(work, s, p.signals, layers=p.layers))
-    if bn_batches:
-        reestimate_bn(work, bn, bn_batches)
-    return work
+                       epochs=(1 if quick else 2) if fm else (4 if quick else 20), lr=3e-3, batch_size=128 if fm else 64,
+                       warmup_steps=50 if fm else 30, augment=fm, max_train=(4000 if quick else 20000) if fm else None)
 
 
 def run_demo(
@@ -157,13 +146,14 @@ def run_demo(
         finetune(dense, {}, train_loader, val_loader=val, epochs=1, max_steps=finetune_steps, lr=1e-3, options=ft_opts, progress=progress)
         rows = []
         for name in [chosen, *FINETUNED, "erk", "snip", "grasp"]:
-            s = p.strategy(name)
-            work = _masked(model, s, p, bn, bn_batches)
-            row = {"method": "Mix-and-Match " + name if name == chosen else name, "strategy": name, "sparsity": s.global_sparsity,
+            pruned = p.apply(model, name)
+            work = pruned.model
+            reestimate_bn(work, bn, bn_batches)
+            row = {"method": "Mix-and-Match " + name if name == chosen else name, "strategy": name, "sparsity": pruned.global_sparsity,
                    "val_one_shot": val_acc[name], "test_one_shot": evaluate(work, test).accuracy, "test_finetuned": None,
                    "finetune_steps": 0}
             if name in (chosen, *FINETUNED):
-                ft = finetune(work, compute_masks(work, s, p.signals, layers=p.layers), train_loader, val_loader=val, epochs=1,
+                ft = finetune(work, pruned.masks, train_loader, val_loader=val, epochs=1,
                               max_steps=finetune_steps, lr=1e-3, options=ft_opts, progress=progress)
                 row.update(sparsity=ft.global_sparsity, test_finetuned=evaluate(work, test).accuracy, finetune_steps=ft.steps)
             rows.append(row)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from typing import Any
 import numpy as np
 
 from mixmatch_plugin.io import atomic_write_bytes
-
-logger = logging.getLogger(__name__)
 
 _SIGNAL_COLORS = {"magnitude": "#1f77b4", "gradient": "#ff7f0e", "product": "#2ca02c", "grasp": "#9467bd"}
 
@@ -41,12 +38,12 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _short(name: str, width: int = 34) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
-
-
-def _label_step(n: int, max_labels: int = 60) -> int:
-    return max(1, int(np.ceil(n / max_labels)))
+def _layer_labels(ax: Any, layers: Sequence[Any], width: int = 34) -> None:
+    """At most 60 layer names (shortened from the left) with their roles on the y axis."""
+    step = max(1, int(np.ceil(len(layers) / 60)))
+    ax.set_yticks(range(0, len(layers), step))
+    ax.set_yticklabels([f"{n if len(n) <= width else '…' + n[-(width - 1):]} ({layer.role})"
+                        for layer in layers[::step] for n in [layer.name]], fontsize=7)
 
 
 def strategy_heatmap(plan: Any, path: str | Path, *, strategies: Sequence[str] | None = None, title: str | None = None) -> Path:
@@ -61,9 +58,7 @@ def strategy_heatmap(plan: Any, path: str | Path, *, strategies: Sequence[str] |
     im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(0.05, float(mat.max())))
     ax.set_xticks(range(len(strats)))
     ax.set_xticklabels([s.name for s in strats], rotation=70, ha="right", fontsize=7)
-    step = _label_step(len(layers))
-    ax.set_yticks(range(0, len(layers), step))
-    ax.set_yticklabels([f"{_short(layer.name)} ({layer.role})" for layer in layers[::step]], fontsize=7)
+    _layer_labels(ax, layers)
     ax.set_xlabel("strategy (signal:shape)")
     ax.set_ylabel("layer (role), input to output")
     cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
@@ -95,9 +90,7 @@ def ranges_plot(plan: Any, path: str | Path, *, highlight: Sequence[str] = (), t
         s = plan.strategy(name)
         ax.scatter([s.ratios[layer.name] for layer in layers], y, s=18, marker=markers[i % len(markers)],
                    label=f"{name} ({s.global_sparsity:.1%})", zorder=3)
-    step = _label_step(len(layers))
-    ax.set_yticks(y[::step])
-    ax.set_yticklabels([f"{_short(layer.name)} ({layer.role})" for layer in layers[::step]], fontsize=7)
+    _layer_labels(ax, layers)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("layer sparsity")
@@ -182,9 +175,7 @@ def sensitivity_bars(plan: Any, path: str | Path, *, title: str | None = None) -
         ax.set_title(sig, fontsize=10)
         ax.set_xlabel("mean score / max layer")
         ax.grid(axis="x", alpha=0.3)
-    step = _label_step(len(layers))
-    axes[0][0].set_yticks(y[::step])
-    axes[0][0].set_yticklabels([f"{_short(layer.name)} ({layer.role})" for layer in layers[::step]], fontsize=7)
+    _layer_labels(axes[0][0], layers)
     axes[0][0].invert_yaxis()
     fig.suptitle(title or "per-layer sensitivity (mean score per weight)")
     return save_figure(fig, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from mixmatch_plugin.app.cli.common import (
     table,
 )
 from mixmatch_plugin.errors import MixMatchError
-
-logger = logging.getLogger(__name__)
 
 
 def _callback(spec: str) -> Any:
@@ -175,7 +172,7 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: d
     summary = {
         "study": res.study.study_name, "storage": res.storage, "objective": res.objective, "metric": res.metric,
         "score": res.score, "target": res.target, "evaluator": res.evaluator, "states": res.states(),
-        "seconds_per_trial": _num(res.seconds_per_trial), "wall_per_trial": _num(res.wall_per_trial),
+        "seconds_per_trial": res.seconds_per_trial, "wall_per_trial": res.wall_per_trial,
         "best": [r.to_dict() for r in res.best],
         "best_rule": res.best_rule.to_dict() if res.best_rule else None,
         "trials": [r.to_dict() for r in res.trials],
@@ -202,10 +199,6 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: d
                f"{res.seconds_per_trial:.2f} s evaluation, {res.wall_per_trial:.2f} s wall per trial")
     for p in written:
         click.echo(f"wrote {p}")
-
-
-def _num(v: float) -> float | None:
-    return v if math.isfinite(v) else None
 
 
 def _jsonable(obj: Any) -> Any:
