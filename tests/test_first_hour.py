@@ -101,3 +101,13 @@ def test_cli_prints_a_plan_warning_as_one_line(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
     assert any("outside the ranges' reach" in ln for ln in lines)
+
+
+def test_search_reuses_the_plans_model_and_data(tmp_path):
+    plan = tmp_path / "plan.json"
+    r = invoke("plan", "--model", "mixmatch_plugin.models:tiny_resnet", "--model-kwargs", '{"width": 8}', "--calib", "digits",
+               "--calib-samples", "64", "--signals", "magnitude", "--out", str(plan))
+    assert r.returncode == 0, r.stderr
+    r = invoke("search", "--plan", str(plan), "--n-trials", "1", "--no-plots", "--out", str(tmp_path / "s"))  # no --model, no --calib
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["states"] == {"COMPLETE": 1}

@@ -59,7 +59,7 @@ class DemoResult:
 @contextmanager
 def _phase(phases: dict[str, list[float]], name: str, echo: Callable[[str], None]) -> Iterator[list[str]]:
     """Time one phase; the body appends what it found to the yielded list, shown on the phase's one line."""
-    t, c, note = time.time(), time.process_time(), []
+    t, c, note = time.time(), time.process_time(), list[str]()
     yield note
     phases[name] = [time.time() - t, time.process_time() - c]
     echo(f"[{len(phases)}/6] {name}: {phases[name][0]:.0f} s (CPU {phases[name][1]:.0f} s)" + (f"; {note[0]}" if note else ""))
@@ -89,7 +89,7 @@ def run_demo(
     """Run the demo and write its outputs into ``out``; ``echo`` gets one line per phase. See the module docstring."""
     from mixmatch_plugin.app import plots, report
 
-    t0, phases, say = time.time(), {}, echo or logger.info
+    t0, phases, say = time.time(), dict[str, list[float]](), echo or logger.info
     out = Path(out)
     with _phase(phases, "dense model", say) as note:
         if dataset == "auto":

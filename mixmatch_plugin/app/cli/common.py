@@ -67,12 +67,15 @@ SIGNAL_LIST = CommaList(("magnitude", "gradient", "product"))
 CALIB_CHOICES = ("digits", "fashion-mnist", "random", "none")
 
 
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--model, --model-kwargs, --checkpoint, --input-shape."""
+def model_options(fn: Callable[..., Any] | None = None, *, required: bool = True) -> Any:
+    """--model, --model-kwargs, --checkpoint, --input-shape (``@model_options(required=False)``: the plan's by default)."""
+    if fn is None:
+        return lambda f: model_options(f, required=required)
     opts = [
-        click.option("--model", "model_spec", required=True, metavar="SPEC",
-                     help="timm:NAME (random init; also the small models, e.g. timm:swin_fmnist) or pkg.module:factory."),
-        click.option("--model-kwargs", type=JsonObject(), default="{}",
+        click.option("--model", "model_spec", required=required, metavar="SPEC",
+                     help="timm:NAME (random init; also the small models, e.g. timm:swin_fmnist) or pkg.module:factory"
+                          + ("." if required else "; default: the plan's.")),
+        click.option("--model-kwargs", type=JsonObject(), default="{}" if required else None,
                      help='Keyword arguments for the factory, e.g. \'{"num_classes": 10, "in_chans": 1}\'.'),
         click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
                      help="A state dict to load (read with torch.load(weights_only=True): never runs code)."),
@@ -101,16 +104,21 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def from_plan(meta: Mapping[str, Any], **given: Any) -> tuple[Any, ...]:
-    """The data options of a command run on a plan, in the order given: an option set on the command line
-    wins, else what ``mixmatch plan`` recorded (``calib_spec`` and the model's input shape), else the default."""
-    ctx = click.get_current_context()
-    recorded = {**(meta.get("calib_spec") or {}), "input_shape": (meta.get("model_spec") or {}).get("input_shape")}
+def from_plan(meta: Mapping[str, Any], source: str, model_spec: str | None, model_kwargs: dict | None, **given: Any) -> tuple[Any, ...]:
+    """What a command run on a plan takes from it: the model spec and kwargs (``--model`` wins, else the plan's
+    record, which may only name timm or this package's factories: a file may not choose which code runs), then
+    each data option in ``given``'s order: set on the command line wins, else the plan's record, else the default."""
+    from mixmatch_plugin.models import check_recorded_spec
+
+    ctx, rec = click.get_current_context(), meta.get("model_spec") or {}
+    spec = model_spec or check_recorded_spec(rec.get("model"), source, "pass --model (and --model-kwargs) to confirm it")
+    kwargs = model_kwargs if model_kwargs is not None else JsonObject()(rec.get("model_kwargs") or "{}")
+    recorded = {**(meta.get("calib_spec") or {}), "input_shape": rec.get("input_shape")}
     if recorded.get("calib", "none") not in (*CALIB_CHOICES, None):
         raise MixMatchError(f"the plan records an unknown calibration set {recorded['calib']!r}: pass --calib")
     picked = [v if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) or recorded.get(k) is None else recorded[k]
               for k, v in given.items()]
-    return tuple(tuple(v) if k == "input_shape" and v is not None else v for k, v in zip(given, picked, strict=True))
+    return spec, kwargs, *(tuple(v) if k == "input_shape" and v is not None else v for k, v in zip(given, picked, strict=True))
 
 
 def load_model(model_spec: str, model_kwargs: dict[str, Any], checkpoint: str | None) -> Any:

@@ -46,21 +46,14 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
 
     from mixmatch_plugin.layers import check_untied, inventory
     from mixmatch_plugin.masks import check_strategy
-    from mixmatch_plugin.models import build_model, check_recorded_spec
+    from mixmatch_plugin.models import build_model
     from mixmatch_plugin.planning import load_plan
 
     p = load_plan(plan_path)
-    calib, data_dir, calib_samples, batch_size, seed, input_shape = from_plan(
-        p.meta, calib=calib, data_dir=data_dir, calib_samples=calib_samples, batch_size=batch_size, seed=seed, input_shape=input_shape)
+    spec, kwargs, calib, data_dir, calib_samples, batch_size, seed, shape = from_plan(
+        p.meta, plan_path, model_spec, model_kwargs, calib=calib, data_dir=data_dir, calib_samples=calib_samples,
+        batch_size=batch_size, seed=seed, input_shape=input_shape)
     strategy = p.strategy(strategy_name)
-    recorded = p.meta.get("model_spec") or {}
-    spec = model_spec or recorded.get("model")
-    if not spec:
-        raise MixMatchError("the plan does not record its model: pass --model (and --model-kwargs)")
-    if not model_spec:  # the plan's record is data from a file: it may not choose which code runs
-        check_recorded_spec(spec, plan_path, f"pass --model {spec} (and --model-kwargs) to confirm it")
-    kwargs = model_kwargs if model_kwargs is not None else JsonObject()(recorded.get("model_kwargs") or "{}")
-    shape = input_shape or (tuple(recorded["input_shape"]) if recorded.get("input_shape") else None)
     model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint)
     model.eval()
     layers = inventory(model)

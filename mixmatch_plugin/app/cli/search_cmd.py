@@ -36,7 +36,7 @@ def _callback(spec: str) -> Any:
 @click.command("search")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
               help="The plan JSON (from `mixmatch plan`) whose rule strategies seed the search.")
-@model_options
+@model_options(required=False)
 @data_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="search-out", show_default=True,
               help="Folder for the study database (default storage), the exported plan and the plots.")
@@ -84,7 +84,7 @@ def _callback(spec: str) -> Any:
 @click.option("--top", type=click.IntRange(1), default=None, help="Export at most this many.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.pass_context
-def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: dict, checkpoint: str | None,
+def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kwargs: dict | None, checkpoint: str | None,
             input_shape: tuple[int, int, int] | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int,
             out_dir: str, storage: str | None, study_name: str, n_trials: int, total_trials: int | None,
             timeout: float | None, objective: str, metric: str, target: float | None, score: str, sampler: str | None,
@@ -119,9 +119,10 @@ def command(ctx: click.Context, plan_path: str, model_spec: str, model_kwargs: d
         quiet()
     out = Path(out_dir)
     plan = load_plan(plan_path)
-    calib, data_dir, calib_samples, batch_size, seed, shape = from_plan(
-        plan.meta, calib=calib, data_dir=data_dir, calib_samples=calib_samples, batch_size=batch_size, seed=seed, input_shape=input_shape)
-    model = load_model(model_spec, model_kwargs, checkpoint)
+    spec, kwargs, calib, data_dir, calib_samples, batch_size, seed, shape = from_plan(
+        plan.meta, plan_path, model_spec, model_kwargs, calib=calib, data_dir=data_dir, calib_samples=calib_samples,
+        batch_size=batch_size, seed=seed, input_shape=input_shape)
+    model = load_model(spec, kwargs, checkpoint)
     model.eval()
     layers = inventory(model)
     if plan.strategies:
