@@ -6,6 +6,7 @@ Errors and interrupts end it as they end a ``mixmatch`` command: one line, statu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,8 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
     click.echo(md)
     click.echo(f"\nresults: {path}; plots: {', '.join(files.values())}")
     if update_readme:
-        section = md + "\n\n" + "\n".join(f"![{k}]({Path(v).as_posix()})" for k, v in files.items())
+        here = Path(update_readme).resolve().parent  # image links relative to the file they are written into
+        section = md + "\n\n" + "\n".join(f"![{k}]({Path(os.path.relpath(Path(v).resolve(), here)).as_posix()})" for k, v in files.items())
         if not tables.update_readme(update_readme, section):
             raise MixMatchError(f"{update_readme} has no <!-- bench:start --> / <!-- bench:end --> markers")
         click.echo(f"updated {update_readme}")

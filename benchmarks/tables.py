@@ -275,6 +275,6 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
                       f"{sum(c.split('|')[3 + i].startswith(' tie') for c in lines[2:])} tie(s), "
                       f"{sum(c.split('|')[3 + i].startswith(' loss') for c in lines[2:])} loss(es)" for i, regime in enumerate(regimes))
     lines.append(f"\nAgainst the best rival of each cell: {tally}.")
-    return ("Cells: test-accuracy drop in points (lower is better), Mix-and-Match's validation-chosen strategy vs the best "
+    return ("Cells: test-accuracy drop in points (lower is better; negative: above dense), Mix-and-Match's validation-chosen strategy vs the best "
             "of uniform, global magnitude, LAMP, SNIP, GraSP and ERK at that cell, mean over seeds; a tie is a difference "
             "within the larger seed std of the two or the reseed spread.\n\n" + "\n".join(lines))

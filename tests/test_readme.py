@@ -60,3 +60,25 @@ def test_readme_blocks_run_as_written(tmp_path, monkeypatch):
     plan = namespace["plan"]
     assert (tmp_path / "plan.json").is_file() and (tmp_path / "pruned.pt").is_file() and (tmp_path / "plan.html").is_file()
     assert repr(plan).startswith("Plan(ResNet: ")
+
+
+def test_the_results_table_is_the_generated_one_and_judges_against_the_best_rival():
+    import json
+
+    from benchmarks import tables
+
+    block = README.read_text(encoding="utf-8").split("<!-- results:start -->\n")[1].split("\n<!-- results:end -->")[0]
+    assert block == tables.verdict_table(json.loads((README.parent / "benchmarks/results/full.json").read_text()))
+
+    def runs(sparsity: float, method: str, drops: list[float]) -> list[dict]:
+        return [{"regime": "one-shot", "sparsity": sparsity, "method": method, "seed": i, "test_accuracy": 0.9 - d / 100}
+                for i, d in enumerate(drops)]
+
+    doc = {"models": {"m": {"dense": {"test_accuracy_eval": 0.9}, "runs": [
+        *runs(0.5, "mm", [1.0, 1.1]), *runs(0.5, "lamp", [2.0, 2.1]), *runs(0.5, "snip", [5.0, 5.2]),  # win vs LAMP
+        *runs(0.8, "mm", [1.0, 1.2]), *runs(0.8, "lamp", [1.1, 1.1]),  # within the seed std: tie
+        *runs(0.9, "mm", [3.0, 3.1]), *runs(0.9, "erk", [1.0, 1.1]), *runs(0.9, "uniform", [9.0, 9.0]),  # loss vs ERK
+    ]}}}
+    text = tables.verdict_table(doc)
+    assert "| 50% | **win** vs LAMP: 1.05 vs 2.05 |" in text and "| 80% | tie vs LAMP" in text and "| 90% | loss vs ERK" in text
+    assert "one-shot 1 win(s), 1 tie(s), 1 loss(es)" in text

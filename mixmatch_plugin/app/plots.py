@@ -135,7 +135,8 @@ def accuracy_vs_sparsity(
     for i, (g, rs) in enumerate(groups.items()):
         base = g.endswith("(baseline)")
         xs, ys = [r["sparsity"] for r in rs], [max(float(r["accuracy"]), floor) for r in rs]
-        sc = ax.scatter(xs, ys, s=40 if base else 22, marker="XPD"[i % 3] if base else "o", color=_SIGNAL_COLORS.get(g),
+        sc = ax.scatter(xs, ys, s=40 if base else 22, marker="XPD"[i % 3] if base else "o",
+                        color=_SIGNAL_COLORS.get(g, ("#444444", "#8c564b", "#e377c2")[i % 3]),
                         alpha=0.85, label=g, zorder=3)
         low = [(x, r) for x, r in zip(xs, rs, strict=True) if float(r["accuracy"]) < floor]
         if low:
