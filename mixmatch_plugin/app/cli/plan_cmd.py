@@ -72,6 +72,4 @@ def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_s
     click.echo(table(rows, ("strategy", "global sparsity", "layers outside range")))
     lo, hi = p.meta["reachable"]
     click.echo(f"\n{p.summary()}; ranges reach [{lo:.3f}, {hi:.3f}]")
-    if p.meta.get("range_shift") is not None:
-        click.echo(f"ranges were shifted by {p.meta['range_shift']:.2f} in log-odds to reach the target")
     click.echo(f"wrote {path}")
