@@ -56,12 +56,12 @@ def measure(step: str, model_spec: str, batches: int, batch: int, size: int) -> 
         p = mm.plan(model, calib)
         space = p.space()
         t = time.perf_counter()
-        n = len(space.rule_strategies(mm.SIGNALS, p.signals))
+        n = len(space.rule_strategies(mm.DEFAULT_SIGNALS, p.signals))
         extra["strategies"] = n
         t_native = time.perf_counter() - t
         budget = mm.StrategySpace(p.layers, p.ranges, p.bounds, target=0.5, on_unreachable="extend")
         t2 = time.perf_counter()
-        budget.rule_strategies(mm.SIGNALS, p.signals)
+        budget.rule_strategies(mm.DEFAULT_SIGNALS, p.signals)
         extra["budget_seconds"] = time.perf_counter() - t2
         t = time.perf_counter() - t_native  # report native generation time below
     elif step == "empirical":

@@ -23,8 +23,9 @@ Everything here is pure: numpy vectors over the layers of an inventory, and sort
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -99,10 +100,14 @@ def score_ratios(scores: Sequence[np.ndarray | None], n: np.ndarray, lo: np.ndar
             break
     f_lo, f_hi = frac(lo_t), frac(hi_t)
     g_lo, g_hi = glob(f_lo), glob(f_hi)
-    if g_hi <= g_lo:
-        return f_hi
-    w = (target - g_lo) / (g_hi - g_lo)
-    return f_lo + min(max(w, 0.0), 1.0) * (f_hi - f_lo)
+    w = (target - g_lo) / (g_hi - g_lo) if g_hi > g_lo else 1.0
+    rho = f_lo + min(max(w, 0.0), 1.0) * (f_hi - f_lo)
+    # ties (many equal scores) can leave a step the interpolation does not close: spread the rest over the slack
+    rest = (target - glob(rho)) * total
+    slack = hi - rho if rest > 0 else rho - lo
+    if abs(rest) > 1e-9 and float((n * slack).sum()) > 0:
+        rho = rho + np.sign(rest) * slack * min(1.0, abs(rest) / float((n * slack).sum()))
+    return rho
 
 
 def curve_ratios(grid: Sequence[np.ndarray | None], cost: Sequence[np.ndarray | None], n: np.ndarray,
@@ -151,15 +156,4 @@ def _hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[float, float, float]]:
             else:
                 break
         pts.append((x, y))
-    return [(a[0], b[0], (b[1] - a[1]) / (b[0] - a[0])) for a, b in zip(pts, pts[1:], strict=False) if b[0] > a[0]]
-
-
-def limits(clip: Clip, *, ranges: tuple[np.ndarray, np.ndarray], bounds: tuple[np.ndarray, np.ndarray],
-           free: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(lo, hi)`` vectors of a clip choice."""
-    return {"ranges": ranges, "bounds": bounds, "free": free}[clip]
-
-
-def per_layer(values: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
-    """A vector over ``names`` from a mapping (missing names are 0)."""
-    return np.array([float(values.get(m, 0.0)) for m in names])
+    return [(a[0], b[0], (b[1] - a[1]) / (b[0] - a[0])) for a, b in itertools.pairwise(pts) if b[0] > a[0]]

@@ -24,7 +24,7 @@ from torch import nn
 from .batches import LossFn, default_loss, iterate, model_device, to_device
 from .layers import Layer, inventory, weight_of
 from .masks import layer_mask, prune_count
-from .signals import SIGNALS, Signals
+from .signals import DEFAULT_SIGNALS, Signals
 from .strategies import Strategy
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def mix_signals(
     signals: Signals,
     calib: Iterable[Any],
     *,
-    candidates: Sequence[str] = SIGNALS,
+    candidates: Sequence[str] = DEFAULT_SIGNALS,
     layers: Sequence[Layer] | None = None,
     loss_fn: LossFn | None = None,
     max_batches: int = 2,

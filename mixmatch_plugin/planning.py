@@ -29,6 +29,7 @@ from torch import nn
 
 from . import baselines as _baselines
 from ._version import __version__
+from .allocation import CLIPS, curve_ratios
 from .batches import LossFn
 from .errors import MixMatchError, RulesError
 from .io import atomic_write_json, read_json
@@ -47,7 +48,16 @@ from .ranges import (
     validate_ratio,
 )
 from .rules import KINDS, RuleSet, load_rules, preset_for
-from .signals import ALL_SIGNALS, SIGNALS, SignalName, Signals, compute_grasp, compute_signals
+from .sensitivity import measure_curves
+from .signals import (
+    ALL_SIGNALS,
+    DEFAULT_SIGNALS,
+    SIGNALS,
+    SignalName,
+    Signals,
+    compute_grasp,
+    compute_signals,
+)
 from .strategies import OnUnreachable, Strategy, StrategySpace
 
 logger = logging.getLogger(__name__)
@@ -295,6 +305,11 @@ class PlanOptions:
         roles: role overrides ``{regex: role}``.
         protect: regexes of layers to keep dense (hard bound [0, 0]).
         shapes: strategy shapes to build (default: all ten, :data:`~mixmatch_plugin.strategies.SHAPES`).
+        score_family: in budget mode, add the score family (``"<signal>:score-<norm>-<clip>"``, see
+            :meth:`~mixmatch_plugin.strategies.StrategySpace.score_strategies`).
+        measure: also measure every layer's damage curve under this signal's masks
+            (:func:`~mixmatch_plugin.sensitivity.measure_curves`, about 10 forward passes per layer) and
+            add ``"<signal>:measured-<clip>"``, the allocations that minimise the measured damage.
         loss_fn, max_batches: see :func:`~mixmatch_plugin.compute_signals`.
     """
 
@@ -303,6 +318,8 @@ class PlanOptions:
     roles: Mapping[str, str] | None = None
     protect: tuple[str, ...] = ()
     shapes: tuple[str, ...] | None = None
+    score_family: bool = True
+    measure: SignalName | None = None
     loss_fn: LossFn | None = None
     max_batches: int | None = None
 
@@ -311,7 +328,7 @@ def plan(
     model: nn.Module,
     calib: Iterable[Any] | None = None,
     *,
-    signals: Sequence[SignalName] = SIGNALS,
+    signals: Sequence[SignalName] = DEFAULT_SIGNALS,
     target: float | None = None,
     on_unreachable: OnUnreachable = "error",
     preset: str | Path | Mapping[str, Any] | RuleSet = "auto",
@@ -325,7 +342,7 @@ def plan(
         model: the trained model; it is only read.
         calib: labelled calibration batches (5-10 % of the training data in the paper). Needed for the
             gradient and product signals and for empirical ranges.
-        signals: which of ``magnitude``, ``gradient``, ``product`` to build strategies for.
+        signals: which of ``magnitude``, ``gradient``, ``product``, ``wanda`` to build rule strategies for.
         target: global sparsity to match (budget-matched mode); None for native mode.
         on_unreachable: ``"error"`` or ``"extend"`` (shift ranges to reach ``target``; see
             :class:`~mixmatch_plugin.strategies.StrategySpace`).
@@ -350,7 +367,8 @@ def plan(
     hard = bounds(layers, rules)
     _protect(layers, hard, o.protect)
 
-    needs_grad = any(s in ("gradient", "product") for s in signals) or how != "rules"
+    scored = o.score_family and target is not None
+    needs_grad = any(s != "magnitude" for s in signals) or how != "rules" or o.measure is not None or (scored and calib is not None)
     needs_grasp = how != "rules" and "grasp" in rules.empirical_methods
     if scores is not None:
         missing = sorted(set(layer.name for layer in layers) ^ set(scores.magnitude))
@@ -382,6 +400,23 @@ def plan(
 
     space = StrategySpace(layers, final, hard, target=target, on_unreachable=on_unreachable)
     strategies = space.rule_strategies(signals, scores, o.shapes)
+    # the "free" limits: only the constraints that keep a layer dense (normalization, protected layers) hold
+    free = bounds(layers, rules.without(*[c.id for c in rules.constraints if c.clamp != (0.0, 0.0)]))
+    _protect(layers, free, o.protect)
+    if scored:
+        strategies += space.score_strategies(scores, free=free)
+    measured = None
+    if o.measure is not None and target is not None:
+        assert calib is not None
+        curves = measure_curves(model, layers, scores, calib, signal=o.measure, hi={m: b[1] for m, b in free.items()},
+                                loss_fn=loss_fn, progress=progress)
+        grid = [np.array(curves.grid[x.name]) if x.name in curves.grid else None for x in layers]
+        cost = [np.array(curves.cost[x.name]) if x.name in curves.cost else None for x in layers]
+        for clip in CLIPS:
+            lo, hi = space.limits(clip, free)
+            rho = curve_ratios(grid, cost, space.n, lo, hi, target)
+            strategies.append(space.build(f"{o.measure}:measured-{clip}", o.measure, rho, {"family": "measured", "clip": clip}))
+        measured = {"signal": o.measure, "forwards": curves.forwards, "seconds": round(curves.seconds, 2)}
     sensitivity = {str(s): scores.layer_means(s) for s in scores.available if s in SIGNALS}
     n = np.array([layer.params for layer in layers], dtype=np.float64)
     meta = {
@@ -397,6 +432,7 @@ def plan(
         "reachable": [float((n * space.original_lo).sum() / n.sum()), float((n * space.original_hi).sum() / n.sum())],
         "signals": list(signals),
         "calibration": {"batches": scores.batches, "samples": scores.samples},
+        **({"measured": measured} if measured else {}),
     }
     logger.info("plan: %d layers, %d strategies (preset %s, ranges %s)", len(layers), len(strategies), rules.name, how)
     return Plan(layers, final, hard, strategies, sensitivity, meta, signals=scores)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .batches import LossFn, batch_size, default_loss, forward, iterate, model_device, split_batch, to_device
 from .errors import MixMatchError
-from .inventory import Layer, weight_of
+from .layers import Layer, weight_of
 from .progress import progress_bar
 from .signals import Signals
 

@@ -3,8 +3,13 @@
 * ``magnitude``: ``|w|``
 * ``gradient``: the mean over calibration batches of ``|dL/dw|`` (one gradient per batch)
 * ``product``: ``|w| * gradient`` (first-order Taylor saliency, as SNIP)
+* ``wanda``: ``|w|`` times the L2 norm of its input channel over the calibration data (Wanda,
+  arXiv 2306.11695); collected by forward hooks in the same pass. Layers other than ``Linear`` and
+  ``Conv*d`` score by magnitude.
 
-One forward+backward pass over the calibration data gives all three. Gradients are taken with
+One forward+backward pass over the calibration data gives all four; the paper's three
+(:data:`DEFAULT_SIGNALS`) are what a plan builds rule strategies for unless asked otherwise.
+Gradients are taken with
 ``torch.autograd.grad``, in eval mode, so the user's model is not changed: no ``.grad`` is written,
 no BatchNorm statistic moves, and ``requires_grad`` flags are restored.
 
@@ -30,8 +35,10 @@ from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-SignalName = Literal["magnitude", "gradient", "product"]
+SignalName = Literal["magnitude", "gradient", "product", "wanda"]
 SIGNALS: tuple[SignalName, ...] = get_args(SignalName)
+#: The paper's three: the signals a plan builds its rule strategies for by default.
+DEFAULT_SIGNALS: tuple[SignalName, ...] = ("magnitude", "gradient", "product")
 ALL_SIGNALS = (*SIGNALS, "grasp")
 
 
@@ -46,6 +53,7 @@ class Signals:
     magnitude: dict[str, torch.Tensor]
     gradient: dict[str, torch.Tensor] | None = None
     grasp: dict[str, torch.Tensor] | None = None
+    wanda: dict[str, torch.Tensor] | None = None
     batches: int = 0
     samples: int = 0
     _cache: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
@@ -55,6 +63,8 @@ class Signals:
         have = ["magnitude"]
         if self.gradient is not None:
             have += ["gradient", "product"]
+        if self.wanda is not None:
+            have.append("wanda")
         if self.grasp is not None:
             have.append("grasp")
         return tuple(have)
@@ -70,9 +80,8 @@ class Signals:
             raise MixMatchError(f"no scores for layer {name!r}; the signals were computed on a different model")
         if signal == "magnitude":
             return self.magnitude[name]
-        if signal == "grasp":
-            assert self.grasp is not None
-            return self.grasp[name]
+        if signal in ("grasp", "wanda"):
+            return getattr(self, signal)[name]
         assert self.gradient is not None
         if signal == "gradient":
             return self.gradient[name]
@@ -198,6 +207,43 @@ def _batch_grads(
             torch.cuda.empty_cache()
 
 
+@contextmanager
+def _input_norms(model: nn.Module, layers: Sequence[Layer]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward pre-hooks summing the squared input of every ``Linear`` and ``Conv*d`` layer per input channel."""
+    sq: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().float()
+        dims = [d for d in range(x.dim()) if d != (1 if isinstance(module, nn.modules.conv._ConvNd) else x.dim() - 1)]
+        s = x.pow(2).sum(dim=dims)
+        sq[name] = sq[name] + s if name in sq else s
+
+    for layer in layers:
+        module = model.get_submodule(layer.name)
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+            hooks.append(module.register_forward_pre_hook(lambda m, a, name=layer.name: hook(name, m, a)))
+    try:
+        yield sq
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _wanda(model: nn.Module, magnitude: dict[str, torch.Tensor], sq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``|w|`` times its input channel's norm; magnitude where no input was seen."""
+    out = dict(magnitude)
+    for name, s in sq.items():
+        w, norm = magnitude[name], s.sqrt()
+        groups = getattr(model.get_submodule(name), "groups", 1)
+        if w.dim() > 2:  # conv: weight [out, in / groups, *kernel]; output o reads input channel (o // (out / g)) * in_g + j
+            cout, cin = w.shape[:2]
+            idx = (torch.arange(cout, device=w.device) // (cout // groups)).view(-1, 1) * cin + torch.arange(cin, device=w.device)
+            norm = norm.to(w.device)[idx].view(cout, cin, *([1] * (w.dim() - 2)))
+        out[name] = w * norm.to(w.device, w.dtype)
+    return out
+
+
 def _check_finite(scores: dict[str, torch.Tensor], what: str) -> None:
     bad = [n for n, t in scores.items() if not torch.isfinite(t).all()]
     if bad:
@@ -212,7 +258,7 @@ def compute_signals(
     calib: Iterable[Any] | None = None,
     *,
     layers: Sequence[Layer] | None = None,
-    signals: Sequence[SignalName] = SIGNALS,
+    signals: Sequence[SignalName] = DEFAULT_SIGNALS,
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,
     progress: bool = False,
@@ -223,7 +269,8 @@ def compute_signals(
         model: the trained model; left unchanged.
         calib: iterable of batches (see :mod:`mixmatch_plugin.batches`). Not needed for ``magnitude`` alone.
         layers: the inventory to score (default: ``inventory(model)``).
-        signals: any of ``magnitude``, ``gradient``, ``product``.
+        signals: any of ``magnitude``, ``gradient``, ``product``, ``wanda``; every one but magnitude
+            needs ``calib``, and one pass gives them all.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default cross-entropy on ``(inputs, labels)``.
         max_batches: stop after this many batches.
         progress: show a progress bar.
@@ -240,10 +287,10 @@ def compute_signals(
     params = _params(model, layers)
     magnitude = {layer.name: p.detach().abs() for layer, p in zip(layers, params, strict=True)}  # abs() copies
     _check_finite(magnitude, "the weights")
-    if not any(s in ("gradient", "product") for s in signals):
+    if set(signals) <= {"magnitude"}:
         return Signals(magnitude=magnitude)
     if calib is None:
-        raise MixMatchError("the gradient and product signals need calibration data: pass calib=<DataLoader>")
+        raise MixMatchError("the gradient, product and wanda signals need calibration data: pass calib=<DataLoader>")
 
     loss_fn = loss_fn or default_loss
     device = model_device(model)
@@ -251,7 +298,7 @@ def compute_signals(
     batches = samples = 0
     from .batches import batch_size
 
-    with _grad_mode(model, params):
+    with _grad_mode(model, params), _input_norms(model, layers) as sq:
         for batch in progress_bar(iterate(calib, max_batches), "signals", enable=progress, total=max_batches):
             batch = to_device(batch, device)
             for a, g in zip(acc, _batch_grads(model, batch, params, loss_fn, batches), strict=True):
@@ -264,7 +311,7 @@ def compute_signals(
     if dead:
         logger.warning("no gradient reached %d layer(s) (%s): their gradient score is 0", len(dead), ", ".join(dead[:4]))
     logger.info("signals from %d calibration batches (%d samples)", batches, samples)
-    return Signals(magnitude=magnitude, gradient=gradient, batches=batches, samples=samples)
+    return Signals(magnitude=magnitude, gradient=gradient, wanda=_wanda(model, magnitude, sq), batches=batches, samples=samples)
 
 
 @contextmanager

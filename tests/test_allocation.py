@@ -10,7 +10,7 @@ from mixmatch_plugin import baselines
 from mixmatch_plugin.allocation import curve_ratios, lamp, score_ratios, sorted_scores
 from mixmatch_plugin.budget import exact_counts
 from mixmatch_plugin.errors import BudgetError
-from mixmatch_plugin.inventory import inventory
+from mixmatch_plugin.layers import inventory
 from mixmatch_plugin.sensitivity import measure_curves
 from mixmatch_plugin.signals import compute_signals
 
@@ -93,3 +93,66 @@ def test_measured_curves_leave_the_model_alone_and_start_at_zero(tiny_resnet, ca
     # pruning a layer to 90 % does some damage somewhere
     assert max(c[-1] for c in curves.cost.values()) > 1e-3
     assert curves.forwards == 1 + sum(len(p) - 1 for p in curves.grid.values())
+
+
+def test_wanda_is_the_weight_times_its_input_channel_norm_for_linear_and_grouped_conv(calib):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3, groups=2),
+                                torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(24, 10))
+    batches = list(calib)
+    scores = compute_signals(model, batches)
+    x = torch.cat([b[0] for b in batches])
+    h1 = model[1](model[0](x))
+    h2 = model[4](model[3](model[2](h1)))
+    conv = model[2].weight.detach().abs()
+    n1 = h1.pow(2).sum(dim=(0, 2, 3)).sqrt()  # 4 input channels, 2 groups of 2; outputs 0-2 read channels 0-1
+    want = conv * torch.stack([n1[0:2]] * 3 + [n1[2:4]] * 3).view(6, 2, 1, 1)
+    assert torch.allclose(scores.score("2", "wanda"), want, rtol=1e-4)
+    lin = model[5].weight.detach().abs() * h2.pow(2).sum(0).sqrt()
+    assert torch.allclose(scores.score("5", "wanda"), lin, rtol=1e-4)
+    assert "wanda" in scores.available and "wanda" not in compute_signals(model, signals=("magnitude",)).available
+
+
+def test_a_budget_plan_holds_the_score_and_measured_families_at_the_exact_budget(trained_tiny_resnet, calib):
+    from mixmatch_plugin.planning import PlanOptions, plan
+
+    p = plan(trained_tiny_resnet, calib, target=0.6, on_unreachable="extend", options=PlanOptions(measure="wanda"))
+    n = sum(x.params for x in p.layers)
+    score = [s for s in p.strategies if s.meta.get("family") == "score"]
+    measured = [s for s in p.strategies if s.meta.get("family") == "measured"]
+    assert {s.signal for s in score} == {"magnitude", "product", "wanda"}
+    assert [s.name for s in measured] == ["wanda:measured-ranges", "wanda:measured-bounds", "wanda:measured-free"]
+    hard, size = dict(p.bounds), {x.name: x.params for x in p.layers}
+    for s in score + measured:
+        assert round(s.global_sparsity * n) == round(0.6 * n)
+        if s.meta["clip"] != "free":  # inside the hard bounds; "free" may leave the small-layer clamp
+            assert all(hard[m][0] - 1 / size[m] <= r <= hard[m][1] + 1 / size[m] for m, r in s.ratios.items())  # whole weights
+        assert all(s.ratios[x.name] == 0.0 for x in p.layers if x.kind == "norm")
+    assert p.meta["measured"]["forwards"] > len(p.layers)
+    # the free score allocations differ from the ranged ones: the ranges do bind somewhere
+    by = {s.name: s for s in score}
+    assert by["product:score-raw-free"].ratios != by["product:score-raw-ranges"].ratios
+    # saved and loaded like any other strategy
+    from mixmatch_plugin.planning import Plan
+
+    assert Plan.from_dict(p.to_dict()).strategy("wanda:measured-free").ratios == measured[2].ratios
+
+
+def test_choose_screens_the_pool_then_ranks_the_best_on_validation(trained_tiny_resnet, calib, digits_loaders):
+    from mixmatch_plugin.evaluation import choose, rank
+    from mixmatch_plugin.planning import plan
+
+    _, val, _ = digits_loaders
+    screen = [next(iter(val))]
+    p = plan(trained_tiny_resnet, calib, target=0.6, on_unreachable="extend")
+    c = choose(trained_tiny_resnet, p.strategies, screen, val, signals=p.signals, top_k=3, masks=("magnitude", "wanda"))
+    assert len(c.screen) == len(p.strategies)
+    plain = [r for r in c.finals if "@" not in r.strategy]
+    assert {r.strategy for r in plain} == {r.strategy for r in c.screen[:3]}
+    remasked = [r.strategy for r in c.finals if "@" in r.strategy]
+    assert sorted(remasked) == sorted(f"{plain[0].strategy}@{m}" for m in ("magnitude", "wanda") if m != p.strategy(plain[0].strategy).signal)
+    assert c.evaluations == len(p.strategies) + 3 + len(remasked)
+    # the winner is the best finalist, and measuring it again gives the same accuracy
+    assert c.finals[0].strategy == c.strategy.name
+    assert c.finals[0].accuracy == max(r.accuracy for r in c.finals)
+    assert rank(trained_tiny_resnet, [c.strategy], val, signals=p.signals)[0].accuracy == c.finals[0].accuracy
