@@ -48,7 +48,7 @@ from .ranges import (
     validate_ratio,
 )
 from .rules import KINDS, RuleSet, load_rules, preset_for
-from .sensitivity import measure_curves
+from .sensitivity import Curves, measure_curves
 from .signals import (
     ALL_SIGNALS,
     DEFAULT_SIGNALS,
@@ -309,7 +309,8 @@ class PlanOptions:
             :meth:`~mixmatch_plugin.strategies.StrategySpace.score_strategies`).
         measure: also measure every layer's damage curve under this signal's masks
             (:func:`~mixmatch_plugin.sensitivity.measure_curves`, about 10 forward passes per layer) and
-            add ``"<signal>:measured-<clip>"``, the allocations that minimise the measured damage.
+            add ``"<signal>:measured-<clip>"``, the allocations that minimise the measured damage; or
+            curves measured before (reused across targets).
         loss_fn, max_batches: see :func:`~mixmatch_plugin.compute_signals`.
     """
 
@@ -319,7 +320,7 @@ class PlanOptions:
     protect: tuple[str, ...] = ()
     shapes: tuple[str, ...] | None = None
     score_family: bool = True
-    measure: SignalName | None = None
+    measure: SignalName | Curves | None = None
     loss_fn: LossFn | None = None
     max_batches: int | None = None
 
@@ -368,15 +369,16 @@ def plan(
     _protect(layers, hard, o.protect)
 
     scored = o.score_family and target is not None
-    needs_grad = any(s != "magnitude" for s in signals) or how != "rules" or o.measure is not None or (scored and calib is not None)
+    needs_grad = any(s != "magnitude" for s in signals) or how != "rules" or isinstance(o.measure, str) or (scored and calib is not None)
     needs_grasp = how != "rules" and "grasp" in rules.empirical_methods
     if scores is not None:
         missing = sorted(set(layer.name for layer in layers) ^ set(scores.magnitude))
         if missing:
             raise MixMatchError(f"the given scores do not match the model (first differing layer {missing[0]!r})")
-    if ((needs_grad and (scores is None or scores.gradient is None)) or (needs_grasp and (scores is None or scores.grasp is None))) and calib is None:
+    lacking = (needs_grad and (scores is None or scores.gradient is None)) or (needs_grasp and (scores is None or scores.grasp is None))
+    if (lacking or isinstance(o.measure, str)) and calib is None:
         raise MixMatchError(
-            "the gradient and product signals and empirical ranges need calibration data: pass calib=<DataLoader> "
+            "the gradient, product and wanda signals, measured allocations and empirical ranges need calibration data: pass calib=<DataLoader> "
             "(CLI: --calib digits|fashion-mnist|random), or use signals=('magnitude',) with rule ranges"
         )
     if scores is None or (needs_grad and scores.gradient is None):
@@ -388,7 +390,8 @@ def plan(
     if how != "rules":
         if needs_grasp and scores.grasp is None:
             assert calib is not None
-            scores.grasp = compute_grasp(model, calib, layers=layers, loss_fn=loss_fn, max_batches=max_batches, progress=progress)
+            scores.grasp = compute_grasp(model, calib, layers=layers, loss_fn=loss_fn, max_batches=max_batches,
+                                         mean_gradient=scores.mean_gradient, progress=progress)
         try:
             emp = compute_empirical_ranges(layers, scores, rules.empirical_methods, rules.empirical_sparsities)
         except RulesError as exc:
@@ -407,16 +410,15 @@ def plan(
         strategies += space.score_strategies(scores, free=free)
     measured = None
     if o.measure is not None and target is not None:
-        assert calib is not None
-        curves = measure_curves(model, layers, scores, calib, signal=o.measure, hi={m: b[1] for m, b in free.items()},
-                                loss_fn=loss_fn, progress=progress)
+        curves = o.measure if isinstance(o.measure, Curves) else measure_curves(
+            model, layers, scores, calib or (), signal=o.measure, hi={m: b[1] for m, b in free.items()}, loss_fn=loss_fn, progress=progress)
         grid = [np.array(curves.grid[x.name]) if x.name in curves.grid else None for x in layers]
         cost = [np.array(curves.cost[x.name]) if x.name in curves.cost else None for x in layers]
         for clip in CLIPS:
             lo, hi = space.limits(clip, free)
             rho = curve_ratios(grid, cost, space.n, lo, hi, target)
-            strategies.append(space.build(f"{o.measure}:measured-{clip}", o.measure, rho, {"family": "measured", "clip": clip}))
-        measured = {"signal": o.measure, "forwards": curves.forwards, "seconds": round(curves.seconds, 2)}
+            strategies.append(space.build(f"{curves.signal}:measured-{clip}", curves.signal, rho, {"family": "measured", "clip": clip}))
+        measured = {"signal": curves.signal, "forwards": curves.forwards, "seconds": round(curves.seconds, 2)}
     sensitivity = {str(s): scores.layer_means(s) for s in scores.available if s in SIGNALS}
     n = np.array([layer.params for layer in layers], dtype=np.float64)
     meta = {

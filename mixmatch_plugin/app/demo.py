@@ -104,7 +104,7 @@ def run_demo(
 
     p = plan(model, calib, target=target, on_unreachable="extend", progress=progress)
     assert p.signals is not None
-    p.signals.grasp = compute_grasp(model, calib, layers=p.layers, progress=progress)
+    p.signals.grasp = compute_grasp(model, calib, layers=p.layers, mean_gradient=p.signals.mean_gradient, progress=progress)
     base = {b: baselines.make(b, p.layers, p.signals, target) for b in baselines.available()}
     p.strategies += list(base.values())
     p.meta["model_spec"] = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": splits.name}
