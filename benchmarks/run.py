@@ -557,6 +557,6 @@ def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:
     d = asdict(cfg)
     for k in ("models", "sparsities", "structured", "structured_macs", "seeds"):  # seeds: results are kept per seed
         d.pop(k)
-    for k in ("finetune_methods", "variants"):
+    for k in ("finetune_methods", "variants", "masks"):
         d[k] = list(d[k])
     return d

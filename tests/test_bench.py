@@ -118,12 +118,13 @@ def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
            + runs("snip", [0.795, 0.80, 0.805]) + runs("grasp", [0.10, 0.40, 0.20])}
     row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
-    by = dict(zip(tables.FIGHT, cells, strict=True))
+    by = dict(zip((*tables.FIGHT, "best"), cells, strict=True))
     # mm drops 10 points, global magnitude 20, both with stds far below the gap: a win of +50 %
     assert by["global_magnitude"] == "**win** +50 %"
     # SNIP is within mm's own seed spread: a tie, whatever GraSP's spread
     assert by["snip"].startswith("tie")
     assert by["grasp"].startswith("**win**")
+    assert by["best"].startswith("tie") and by["best"].endswith("vs SNIP")  # the best of the free allocators
     assert tables.noise_floor(tables.drops(doc), "one-shot", 0.8, ("mm", "global_magnitude")) < 1.5
 
 
@@ -134,7 +135,7 @@ def test_one_seed_is_not_judged_a_win_or_a_loss():
            "runs": [{"regime": "one-shot", "sparsity": 0.9, "method": m, "seed": 0, "test_accuracy": a}
                     for m, a in (("mm", 0.89), ("global_magnitude", 0.80), ("lamp", 0.895))]}
     row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
-    by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
     assert by["global_magnitude"] == "not judged, 1 seed (+90 %)"
     assert by["lamp"] == "not judged, 1 seed (-100 %)"
     assert "Preliminary: 1 seed(s) so far" in tables.model_table("m", doc)
@@ -155,7 +156,7 @@ def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing()
             for i, a in enumerate(accs)]
     doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90}, "runs": runs}
     row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| fine-tuned"))
-    by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
     assert "no baseline drop" in by["uniform"] and "%" not in by["uniform"]  # uniform gained accuracy: no ratio
     assert by["lamp"].startswith("**win** +")
 
