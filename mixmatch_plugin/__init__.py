@@ -34,7 +34,6 @@ _LAZY = {
     **dict.fromkeys(("FinetuneOptions", "FinetuneResult", "finetune"), ".finetuning"),
     **dict.fromkeys(("Layer", "inventory"), ".layers"),
     **dict.fromkeys(("PruneResult", "apply", "compute_masks", "sparsity_of", "to_torch_prune"), ".masks"),
-    "mix_signals": ".mixing",
     **dict.fromkeys(("Plan", "PlanOptions", "load_plan", "plan"), ".planning"),
     **dict.fromkeys(("builtin_presets", "load_rules", "preset_for"), ".rules"),
     **dict.fromkeys(("DEFAULT_SIGNALS", "SIGNALS", "Signals", "compute_grasp", "compute_signals"), ".signals"),
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
     from .finetuning import FinetuneOptions, FinetuneResult, finetune
     from .layers import Layer, inventory
     from .masks import PruneResult, apply, compute_masks, sparsity_of, to_torch_prune
-    from .mixing import mix_signals
     from .planning import Plan, PlanOptions, load_plan, plan
     from .rules import builtin_presets, load_rules, preset_for
     from .signals import DEFAULT_SIGNALS, SIGNALS, Signals, compute_grasp, compute_signals
@@ -74,6 +72,6 @@ __all__ = [
     "DEFAULT_SIGNALS", "SHAPES", "SIGNALS", "BudgetError", "Choice", "FinetuneOptions", "FinetuneResult", "Layer", "Metrics", "MixMatchError", "Plan",
     "PlanMismatchError", "PlanOptions", "PruneResult", "Ranked", "RulesError", "SignalError", "Signals", "Strategy",
     "StrategySpace", "__version__", "apply", "baselines", "builtin_presets", "choose", "compute_grasp", "compute_masks",
-    "compute_signals", "evaluate", "finetune", "hold_batches", "inventory", "load_plan", "load_rules", "mix_signals", "plan", "preset_for",
+    "compute_signals", "evaluate", "finetune", "hold_batches", "inventory", "load_plan", "load_rules", "plan", "preset_for",
     "rank", "reestimate_bn", "sparsity_of", "to_torch_prune",
 ]

@@ -1,24 +1,13 @@
-"""Allocation by score: the rules bound the layers, the scores allocate the budget.
+"""Allocation by evidence inside the rules' limits: pure functions over per-layer vectors.
 
-A rule strategy takes each layer's sparsity from its range by a fixed shape. The strategies of this
-module let evidence decide instead, inside the same limits:
+* :func:`score_ratios`: one global threshold on a signal's scores (raw or LAMP-normalised per layer),
+  each layer clipped into ``[lo, hi]``, water-filled to the exact budget. With only normalization
+  held dense, raw magnitude, product and LAMP scores give global magnitude, SNIP and LAMP.
+* :func:`curve_ratios`: the allocation that minimises the summed measured damage curves
+  (:mod:`mixmatch_plugin.sensitivity`) under the budget, exact for their convex hulls.
 
-* **score** (:func:`score_ratios`): one global threshold on a signal's per-weight score, raw or
-  LAMP-normalised per layer; each layer's pruned fraction is clipped into its limits and the
-  threshold is moved until the clipped fractions prune exactly the budget (water-filling). With
-  the ``free`` limits (normalization dense, nothing else) the raw magnitude, product and LAMP
-  versions are global magnitude, SNIP and LAMP: the pool always holds the rivals' kind of answer.
-* **measured** (:func:`curve_ratios`): each layer's loss increase measured with only that layer
-  pruned, at a grid of sparsities (:func:`mixmatch_plugin.sensitivity.measure_curves`); the
-  allocation minimises the sum of those increases under the budget (a greedy walk over the convex
-  hulls of the curves, which is exact for the convexified problem).
-
-Limits (``CLIPS``): ``ranges`` (the plan's ranges, as budget matching shifted them when the target
-lies outside their reach), ``bounds`` (the hard bounds of the structural constraints) and ``free``
-(normalization dense, every other layer in ``[0, max_layer_sparsity]``). Which one serves a model
-best is a validated choice, not a rule.
-
-Everything here is pure: numpy vectors over the layers of an inventory, and sorted score arrays.
+The limits (``CLIPS``: ``ranges``, ``bounds``, ``free``) are a validated choice, not a rule; see
+:meth:`mixmatch_plugin.strategies.StrategySpace.limits`.
 """
 
 from __future__ import annotations

@@ -285,7 +285,7 @@ def _report_pinned(layers: Sequence[Layer], final: Mapping[str, Range], fixed: M
         level = logging.WARNING if share >= PINNED_WARN_SHARE else logging.INFO
         logger.log(
             level, "constraint %r fixes %d layer(s) holding %.1f %% of the prunable weights at sparsity %s (%s%s): "
-            "no strategy or search can move them and the budget goes to the other layers; if that is not meant "
+            "no rule strategy or search can move them (only the score family's `free` ones) and the budget goes to the other layers; if that is not meant "
             "(the paper set its clamps for ImageNet-size models; on a small one they can catch whole roles), "
             "plan(..., disable_constraints=[%r]) or `mixmatch plan --no-constraint %s`",
             cid, len(names), 100 * share, "/".join(f"{v:g}" for v in at), ", ".join(names[:3]),
@@ -411,7 +411,7 @@ def plan(
     measured = None
     if o.measure is not None and target is not None:
         curves = o.measure if isinstance(o.measure, Curves) else measure_curves(
-            model, layers, scores, calib or (), signal=o.measure, hi={m: b[1] for m, b in free.items()}, loss_fn=loss_fn, progress=progress)
+            model, layers, scores, calib or (), signal=o.measure, hi={m: b[1] for m, b in free.items()}, progress=progress)
         grid = [np.array(curves.grid[x.name]) if x.name in curves.grid else None for x in layers]
         cost = [np.array(curves.cost[x.name]) if x.name in curves.cost else None for x in layers]
         for clip in CLIPS:

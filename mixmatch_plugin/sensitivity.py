@@ -2,8 +2,7 @@
 
 For every prunable layer, the layer (and only it) is pruned at each sparsity of a grid by a
 signal's masks, and the damage is measured on calibration batches (drawn from the *training* split):
-by default the KL divergence of the pruned model's predictions from the dense model's, or the
-increase of the loss. The curves are plain data; :func:`mixmatch_plugin.allocation.curve_ratios`
+the KL divergence of the pruned model's predictions from the dense model's. The curves are plain data; :func:`mixmatch_plugin.allocation.curve_ratios`
 turns them into the allocation that minimises their sum under a budget.
 
 BatchNorm is measured with batch statistics (train mode at momentum 0: the running statistics stay
@@ -19,20 +18,18 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from .batches import LossFn, batch_size, default_loss, forward, iterate, model_device, split_batch, to_device
-from .errors import MixMatchError
+from .batches import batch_size, forward, iterate, model_device, split_batch, to_device
 from .layers import Layer, weight_of
 from .progress import progress_bar
 from .signals import Signals
 
 logger = logging.getLogger(__name__)
 
-Metric = Literal["kl", "loss"]
 #: Kept fractions of the grid: dense, then denser steps towards the very sparse end.
 DENSITIES = (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.035, 0.02, 0.01)
 
@@ -42,7 +39,6 @@ class Curves:
     """Per-layer damage of pruning that layer alone, at the sparsities of its grid (plain data)."""
 
     signal: str
-    metric: Metric
     grid: dict[str, tuple[float, ...]]
     cost: dict[str, tuple[float, ...]]
     samples: int
@@ -72,34 +68,26 @@ def measure_curves(
     *,
     signal: str,
     hi: Mapping[str, float],
-    metric: Metric = "kl",
     max_batches: int = 2,
-    loss_fn: LossFn | None = None,
     progress: bool = False,
 ) -> Curves:
     """Measure every layer's damage curve under ``signal``'s masks, up to ``hi[layer]`` sparsity.
 
     ``model`` is not changed (a copy is measured). Layers with ``hi`` 0 (normalization) are skipped.
     """
-    if metric not in ("kl", "loss"):
-        raise MixMatchError(f"metric must be 'kl' or 'loss', got {metric!r}")
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()
     _batch_stats(work)
     device = model_device(work)
     batches = [to_device(b, device) for b in iterate(calib, max_batches, what="sensitivity")]
     samples = sum(batch_size(b) for b in batches)
-    loss_fn = loss_fn or default_loss
 
     def outputs() -> list[torch.Tensor]:
         return [forward(work, split_batch(b)[0]).float().log_softmax(-1) for b in batches]
 
-    ref = outputs() if metric == "kl" else None
-    base = sum(float(loss_fn(work, b)) * batch_size(b) for b in batches) / samples if metric == "loss" else 0.0
+    ref = outputs()
 
     def damage() -> float:
-        if ref is None:
-            return sum(float(loss_fn(work, b)) * batch_size(b) for b in batches) / samples - base
         out = outputs()
         return sum(float(torch.nn.functional.kl_div(o, r, log_target=True, reduction="sum")) for o, r in zip(out, ref, strict=True)) / samples
 
@@ -125,4 +113,4 @@ def measure_curves(
     seconds = time.perf_counter() - t0
     logger.info("sensitivity of %d layers under %s: %d forward passes over %d samples, %.1f s",
                 len(todo), signal, forwards, samples, seconds)
-    return Curves(signal, metric, grid, cost, samples, forwards, seconds)
+    return Curves(signal, grid, cost, samples, forwards, seconds)

@@ -65,8 +65,7 @@ class Strategy:
             :func:`mixmatch_plugin.masks.prune_count` does.
         meta: provenance: ``shape``, ``mode``, ``alphas``, ``out_of_range`` (layers a budget had to
             move outside their original range), ``method`` for baselines, ``trial`` for searched ones.
-        layer_signals: per-layer exceptions to ``signal`` (see :func:`mixmatch_plugin.mixing.mix_signals`);
-            a layer not listed uses ``signal``.
+        layer_signals: per-layer exceptions to ``signal``; a layer not listed uses ``signal``.
     """
 
     name: str
