@@ -28,7 +28,7 @@ from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.layers import Layer, check_untied, inventory
 from mixmatch_plugin.planning import PlanOptions, plan
 from mixmatch_plugin.rules import load_rules, preset_for
-from mixmatch_plugin.signals import SIGNALS, SignalName
+from mixmatch_plugin.signals import DEFAULT_SIGNALS, SignalName
 from mixmatch_plugin.strategies import Strategy
 
 from .nni_compat import FIXES, is_active, mask_updaters, speedup_compat
@@ -310,7 +310,7 @@ def from_uniform(
         rules = load_rules(preset_for(model) if preset == "auto" else preset)
         options = PlanOptions(disable_constraints=tuple(c.id for c in rules.constraints if c.id != "norm"))
     options = dataclasses.replace(options, protect=(*options.protect, *protect))
-    p = plan(model, calib, signals=signals or (SIGNALS if calib is not None else ("magnitude",)), target=target,
+    p = plan(model, calib, signals=signals or (DEFAULT_SIGNALS if calib is not None else ("magnitude",)), target=target,
              on_unreachable="extend", preset=preset, options=options)
     s = p.strategy(strategy)
     logger.info("from_uniform: %d layers at overall sparsity %.4f -> %s", len(cov), overall, s.name)

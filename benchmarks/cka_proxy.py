@@ -62,7 +62,7 @@ def measure(name: str, splits: data.Splits, args: argparse.Namespace) -> dict[st
     train = data.loader(splits.train, args.batch_size, shuffle=True, seed=0)
     t0 = time.time()
     p = mm.plan(model, calib, target=sparsity, on_unreachable="extend",
-                signals=("magnitude",) if args.quick else mm.SIGNALS)
+                signals=("magnitude",) if args.quick else mm.DEFAULT_SIGNALS)
     by_acc = {r.strategy: r for r in mm.rank(model, p.strategies, val, signals=p.signals)}
     by_cka = {r.strategy: r.cka for r in rank_by_cka(model, p.strategies, val, signals=p.signals)}
     t_proxy = time.time() - t0

@@ -40,6 +40,7 @@ class _Command(click.Command):
                    "and the README's one-table summary between <!-- results:start --> and <!-- results:end -->.")
 @click.option("--fresh", is_flag=True, help="Ignore earlier partial results instead of resuming them.")
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
+@click.option("--one-shot", is_flag=True, help="No fine-tuning (one-shot rows only), into OUT/one-shot.json: a third of the time.")
 @click.option("--tables-only", is_flag=True,
               help="Run nothing: regenerate the tables, plots and --update-readme section from OUT's results.")
 @click.option("--device", default=None,
@@ -49,7 +50,8 @@ class _Command(click.Command):
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
 @click.pass_context
 def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: str | None, seeds: str | None, sparsities: str | None, out: str, data_dir: str | None, cache_dir: str | None,
-            update_readme: str | None, fresh: bool, no_structured: bool, tables_only: bool, device: str | None, tiny: bool) -> None:
+            update_readme: str | None, fresh: bool, no_structured: bool, one_shot: bool, tables_only: bool, device: str | None,
+            tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
 
@@ -95,16 +97,19 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
         cfg.sparsities = {m: levels for m in cfg.models}
     if no_structured:
         cfg.structured = False
+    if one_shot:
+        cfg.finetune_methods = ()
+    name = "tiny" if tiny else "one-shot" if one_shot else None
     cmd = "python -m benchmarks" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "") + (
-        f" --sparsities {','.join(map(str, cfg.sparsities[next(iter(cfg.models))]))}" if sparsities else "")
+        f" --sparsities {','.join(map(str, cfg.sparsities[next(iter(cfg.models))]))}" if sparsities else "") + (
+        " --one-shot" if one_shot else "")
     if tables_only:
-        path = results_path(out, quick=quick, name="tiny" if tiny else None)
+        path = results_path(out, quick=quick, name=name)
         doc = _saved(path, list(cfg.models))
         files = tables.plots(doc, Path(out))
         md = tables.markdown(doc, command=cmd + " --tables-only")
     else:
-        res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name="tiny" if tiny else None,
-                  device=device)
+        res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name=name, device=device)
         files = tables.plots(res.doc, Path(out))
         md = tables.markdown(res.doc, command=cmd)
         res.doc["markdown"] = md

@@ -23,7 +23,7 @@ Results are saved after every (model, seed) so an interrupted run resumes where 
 from __future__ import annotations
 
 import copy
-import functools
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +32,7 @@ import platform
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,17 +50,17 @@ from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import TrainConfig, train_cached
 from mixmatch_plugin.batches import resolve_device
 from mixmatch_plugin.errors import BudgetError, MixMatchError
-from mixmatch_plugin.evaluation import evaluate, rank, reestimate_bn
+from mixmatch_plugin.evaluation import Choice, choose, evaluate, reestimate_bn
 from mixmatch_plugin.finetuning import finetune
 from mixmatch_plugin.io import atomic_write_json, read_json
 from mixmatch_plugin.layers import inventory
 from mixmatch_plugin.masks import Masker, compute_masks
-from mixmatch_plugin.mixing import mix_signals
 from mixmatch_plugin.models import build_model
-from mixmatch_plugin.planning import Plan, plan
+from mixmatch_plugin.planning import Plan, PlanOptions, plan
 from mixmatch_plugin.progress import progress_bar
 from mixmatch_plugin.ranges import bounds, rule_ranges
 from mixmatch_plugin.rules import load_rules, preset_for
+from mixmatch_plugin.sensitivity import measure_curves
 from mixmatch_plugin.signals import Signals, compute_grasp, compute_signals
 from mixmatch_plugin.strategies import Strategy
 
@@ -90,9 +90,10 @@ class BenchConfig:
     bn_batches: int = 4
     finetune_steps: int = 100
     finetune_lr: float = 3e-4
-    finetune_methods: tuple[str, ...] = ("uniform", "global_magnitude", "lamp", "mm")
+    finetune_methods: tuple[str, ...] = (*BASELINES, "mm")
     variants: tuple[str, ...] = ("rules", "empirical")
-    mix_signals: bool = True
+    measure: str | None = "wanda"  # the signal whose per-layer damage curves give the measured allocations (None: none)
+    masks: tuple[str, ...] = ("magnitude", "product", "wanda")  # the winner's allocation is also tried with these masks
     test_samples: int | None = None  # None: the whole 10,000-image test split
     val_samples: int | None = None  # None: the whole 5,000-image validation split
     structured: bool = True
@@ -108,7 +109,7 @@ class BenchConfig:
         """Smoke-sized (seconds per seed), for the tests that kill and resume a run; not a benchmark."""
         return cls(models=dict(TINY), sparsities={"resnet": (0.5,)}, seeds=(0, 1, 2), calib_samples=64, screen_samples=64,
                    top_k=1, bn_batches=0, finetune_steps=2, finetune_methods=("uniform", "mm"), variants=("rules",),
-                   mix_signals=False, test_samples=128, val_samples=128, structured=False)
+                   measure=None, masks=(), test_samples=128, val_samples=128, structured=False)
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -178,18 +179,6 @@ class _PhaseClock:
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in self.seconds.items()}
-
-
-def _choose(ev: _Evaluator, cands: Sequence[Strategy], screen: Any, val: Any, top_k: int) -> tuple[Strategy, list[dict[str, Any]]]:
-    """Validation-only choice: screen every candidate on a small split, re-rank the top ``top_k`` on all of it."""
-    ranked = rank(ev.model, cands, screen, signals=ev.scores, bn_loader=ev.bn, bn_batches=ev.bn_batches)
-    by = {s.name: s for s in cands}
-    finals: list[dict[str, Any]] = []
-    for r in ranked[:top_k]:
-        m = evaluate(ev.masked(by[r.strategy]), val)
-        finals.append({"strategy": r.strategy, "screen_accuracy": r.accuracy, "val_accuracy": m.accuracy, "val_loss": m.loss})
-    finals.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
-    return by[finals[0]["strategy"]], [{"strategy": r.strategy, "screen_accuracy": r.accuracy} for r in ranked] + finals
 
 
 def _variant_preset(variant: str, model: torch.nn.Module) -> str:
@@ -272,7 +261,13 @@ def run_model(
 
         with clock("signals"):
             scores = compute_signals(model, calib)
-            scores.grasp = compute_grasp(model, calib)
+            scores.grasp = compute_grasp(model, calib, mean_gradient=scores.mean_gradient)
+        curves = None
+        if cfg.measure:  # once per seed, for every sparsity: up to every layer's limit (normalization stays dense)
+            with clock("measured curves"):
+                inv = inventory(model)
+                curves = measure_curves(model, inv, scores, calib, signal=cfg.measure,
+                                        hi={x.name: 0.0 if x.kind == "norm" else load_rules(preset_for(model)).max_layer_sparsity for x in inv})
         layers = None
         rows: list[dict[str, Any]] = []
         for target in progress_bar(sorted(todo + refit), f"{name} seed {seed}", enable=progress):
@@ -281,7 +276,8 @@ def run_model(
                 try:
                     with clock("strategies"):
                         plans[variant] = plan(model, calib, preset=_variant_preset(variant, model), target=target,
-                                              on_unreachable="extend", scores=scores)
+                                              on_unreachable="extend", scores=scores,
+                                              options=PlanOptions(measure=curves if variant == cfg.variants[0] else None))
                 except BudgetError as exc:
                     logger.warning("%s at %.2f: variant %s skipped (%s)", name, target, variant, exc)
             variants = list(plans)
@@ -300,44 +296,24 @@ def run_model(
             methods: dict[str, Strategy]
             if target in refit:
                 with clock("one-shot check"):
-                    methods = {**base, **_recorded(out["runs"], name, seed, target, cfg.finetune_methods, base, cands, ev,
-                                                   test, functools.partial(mix_signals, model, signals=scores, calib=calib, layers=layers))}
+                    methods = {**base, **_recorded(out["runs"], name, seed, target, cfg.finetune_methods, base, cands, ev, test)}
             else:
-                chosen_by_variant = {}
-                for variant in variants:
-                    vc = [s for k, s in cands.items() if k.startswith(variant + "/")]
-                    with clock("validation choice"):
-                        chosen_by_variant[variant], log = _choose(ev, vc, screen, val, cfg.top_k)
-                    out["choices"].append({"seed": seed, "sparsity": target, "variant": variant, "ranking": log})
-                if cfg.mix_signals:  # per-layer signal choice applied to each variant's winner
-                    mixed: list[dict[str, Any]] = []
-                    for s in chosen_by_variant.values():
-                        with clock("signal mixing"):
-                            mx = mix_signals(model, s, scores, calib, layers=layers)
-                        cands[mx.name] = mx
-                        with clock("validation choice"):
-                            met = evaluate(ev.masked(mx), val)
-                        mixed.append({"strategy": mx.name, "val_accuracy": met.accuracy, "val_loss": met.loss})
-                    mixed.sort(key=lambda d: (-d["val_accuracy"], d["val_loss"]))
-                    chosen_by_variant["mixed"] = cands[mixed[0]["strategy"]]
-                    out["choices"].append({"seed": seed, "sparsity": target, "variant": "mixed", "ranking": mixed})
-                # the overall choice: the best validation accuracy among all finalists
-                finalists = [c for c in out["choices"] if c["seed"] == seed and c["sparsity"] == target]
-                best_name = max((f for c in finalists for f in c["ranking"] if "val_accuracy" in f),
-                                key=lambda f: (f["val_accuracy"], -f["val_loss"]))["strategy"]
-                methods = {**base, "mm": cands[best_name], **{f"mm_{v}": s for v, s in chosen_by_variant.items()}}
-                measured: dict[str, tuple[float, float]] = {}  # "mm" is always one of the variants' choices: measured once
+                with clock("validation choice"):
+                    choice = choose(model, list(cands.values()), screen, val, signals=scores, bn_loader=bn,
+                                    bn_batches=ev.bn_batches, top_k=cfg.top_k, masks=cfg.masks)
+                    steps = _ablation(ev, cands, choice, val, cfg.top_k)
+                out["choices"].append({"seed": seed, "sparsity": target, "pool": len(cands), "winner": choice.strategy.name,
+                                       "evaluations": choice.evaluations, "seconds": round(choice.seconds, 1),
+                                       "finals": [asdict(r) for r in choice.finals],
+                                       "ablation": {k: v.name for k, v in steps.items()}})
+                methods = {**base, "mm": choice.strategy, **{f"mm[{k}]": v for k, v in steps.items()}}
+                measured: dict[str, tuple[float, float]] = {}  # a strategy named by several methods is measured once
                 for method, s in methods.items():
                     if s.name not in measured:
                         with clock("one-shot evaluation"):
                             m = ev.masked(s)
                             measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
                     rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
-                if seed == cfg.seeds[0]:  # selection cost: every rule strategy on test (diagnostic, first seed only)
-                    with clock("oracle diagnostic"):
-                        accs = [evaluate(ev.masked(s), test).accuracy for k, s in cands.items() if k.startswith("rules/")]
-                    rows.append(_row(name, target, seed, "mm_oracle", "one-shot", None, None, max(accs)))
-                    rows.append(_row(name, target, seed, "mm_mean", "one-shot", None, None, sum(accs) / len(accs)))
             for method in cfg.finetune_methods:
                 s = methods[method]
                 with clock("fine-tuning"):
@@ -368,11 +344,10 @@ def run_model(
 
 
 def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: float, wanted: Sequence[str],
-              base: dict[str, Strategy], cands: dict[str, Strategy], ev: _Evaluator, test: Any,
-              mix: Callable[..., Strategy]) -> dict[str, Strategy]:
+              base: dict[str, Strategy], cands: dict[str, Strategy], ev: _Evaluator, test: Any) -> dict[str, Strategy]:
     """The strategies that kept one-shot rows name, for the fine-tuned methods that are not baselines.
 
-    Each is rebuilt by name (a ``+mixed`` one by mixing its base strategy again) and must score its
+    Each is rebuilt by name (``<name>@<signal>``: remasked by that signal) and must score its
     recorded one-shot test accuracy again; otherwise the kept rows do not belong to this model and code.
     """
     found: dict[str, Strategy] = {}
@@ -382,8 +357,9 @@ def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: floa
         row = next((r for r in runs if (r["seed"], r["sparsity"], r["method"], r["regime"]) == (seed, target, method, "one-shot")), None)
         strategy = row["strategy"] if row else None
         s = cands.get(strategy) if strategy else None
-        if s is None and strategy and strategy.endswith("+mixed") and strategy.removesuffix("+mixed") in cands:
-            s = mix(strategy=cands[strategy.removesuffix("+mixed")])
+        if s is None and strategy and "@" in strategy and strategy.rsplit("@", 1)[0] in cands:
+            base_name, signal = strategy.rsplit("@", 1)
+            s = dataclasses.replace(cands[base_name], name=strategy, signal=signal)
         if row is None or s is None or s.name != strategy:
             raise MixMatchError(f"{name} seed {seed} at sparsity {target}: the kept one-shot row of {method} names strategy "
                                 f"{strategy!r}, which cannot be rebuilt; rerun with --fresh")
@@ -394,6 +370,37 @@ def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: floa
                                 "or code; rerun with --fresh")
         found[method] = s
     return found
+
+
+#: The ablation's nested pools, in order: each adds one kind of pool member to the one before.
+POOLS = ("rules", "+score", "+wanda", "+free", "+measured")
+
+
+def pool_step(s: Strategy) -> str:
+    """The ablation step that brings strategy ``s`` into the pool (see :data:`POOLS`)."""
+    if s.meta.get("family") is None:
+        return "rules"
+    if s.meta["family"] == "measured":
+        return "+measured"
+    return "+free" if s.meta.get("clip") == "free" else "+wanda" if s.signal == "wanda" else "+score"
+
+
+def _ablation(ev: _Evaluator, cands: dict[str, Strategy], choice: Choice, val: Any, top_k: int) -> dict[str, Strategy]:
+    """Each nested pool's validation choice, by the same rule as ``choice`` (screen, then its top ``top_k`` on validation)."""
+    screen = {r.strategy: r for r in choice.screen}
+    full = {r.strategy: (r.accuracy, r.loss) for r in choice.finals}
+    out: dict[str, Strategy] = {}
+    for i, step in enumerate(POOLS):
+        pool = [s for s in cands.values() if pool_step(s) in POOLS[: i + 1]]
+        if not pool or (out and len(pool) == len([s for s in cands.values() if pool_step(s) in POOLS[:i]])):
+            continue
+        top = sorted(pool, key=lambda s: (-screen[s.name].accuracy, screen[s.name].loss))[:top_k] if screen else pool
+        for s in top:
+            if s.name not in full:
+                m = evaluate(ev.masked(s), val)
+                full[s.name] = (m.accuracy, m.loss)
+        out[step] = min(top, key=lambda s: (-full[s.name][0], full[s.name][1]))
+    return out
 
 
 def _has_bn(model: torch.nn.Module) -> bool:
@@ -550,6 +557,6 @@ def _cfg_dict(cfg: BenchConfig) -> dict[str, Any]:
     d = asdict(cfg)
     for k in ("models", "sparsities", "structured", "structured_macs", "seeds"):  # seeds: results are kept per seed
         d.pop(k)
-    for k in ("finetune_methods", "variants"):
+    for k in ("finetune_methods", "variants", "masks"):
         d[k] = list(d[k])
     return d

@@ -30,27 +30,25 @@ from .errors import BudgetError, MixMatchError, PlanMismatchError, RulesError, S
 # never hides a function.
 _LAZY = {
     "baselines": ".baselines",
-    **dict.fromkeys(("Metrics", "Ranked", "evaluate", "hold_batches", "rank", "reestimate_bn"), ".evaluation"),
+    **dict.fromkeys(("Choice", "Metrics", "Ranked", "choose", "evaluate", "hold_batches", "rank", "reestimate_bn"), ".evaluation"),
     **dict.fromkeys(("FinetuneOptions", "FinetuneResult", "finetune"), ".finetuning"),
     **dict.fromkeys(("Layer", "inventory"), ".layers"),
     **dict.fromkeys(("PruneResult", "apply", "compute_masks", "sparsity_of", "to_torch_prune"), ".masks"),
-    "mix_signals": ".mixing",
     **dict.fromkeys(("Plan", "PlanOptions", "load_plan", "plan"), ".planning"),
     **dict.fromkeys(("builtin_presets", "load_rules", "preset_for"), ".rules"),
-    **dict.fromkeys(("SIGNALS", "Signals", "compute_grasp", "compute_signals"), ".signals"),
+    **dict.fromkeys(("DEFAULT_SIGNALS", "SIGNALS", "Signals", "compute_grasp", "compute_signals"), ".signals"),
     **dict.fromkeys(("SHAPES", "Strategy", "StrategySpace"), ".strategies"),
 }
 
 if TYPE_CHECKING:
     from . import baselines
-    from .evaluation import Metrics, Ranked, evaluate, hold_batches, rank, reestimate_bn
+    from .evaluation import Choice, Metrics, Ranked, choose, evaluate, hold_batches, rank, reestimate_bn
     from .finetuning import FinetuneOptions, FinetuneResult, finetune
     from .layers import Layer, inventory
     from .masks import PruneResult, apply, compute_masks, sparsity_of, to_torch_prune
-    from .mixing import mix_signals
     from .planning import Plan, PlanOptions, load_plan, plan
     from .rules import builtin_presets, load_rules, preset_for
-    from .signals import SIGNALS, Signals, compute_grasp, compute_signals
+    from .signals import DEFAULT_SIGNALS, SIGNALS, Signals, compute_grasp, compute_signals
     from .strategies import SHAPES, Strategy, StrategySpace
 
 
@@ -71,9 +69,9 @@ def __dir__() -> list[str]:
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "SHAPES", "SIGNALS", "BudgetError", "FinetuneOptions", "FinetuneResult", "Layer", "Metrics", "MixMatchError", "Plan",
+    "DEFAULT_SIGNALS", "SHAPES", "SIGNALS", "BudgetError", "Choice", "FinetuneOptions", "FinetuneResult", "Layer", "Metrics", "MixMatchError", "Plan",
     "PlanMismatchError", "PlanOptions", "PruneResult", "Ranked", "RulesError", "SignalError", "Signals", "Strategy",
-    "StrategySpace", "__version__", "apply", "baselines", "builtin_presets", "compute_grasp", "compute_masks",
-    "compute_signals", "evaluate", "finetune", "hold_batches", "inventory", "load_plan", "load_rules", "mix_signals", "plan", "preset_for",
+    "StrategySpace", "__version__", "apply", "baselines", "builtin_presets", "choose", "compute_grasp", "compute_masks",
+    "compute_signals", "evaluate", "finetune", "hold_batches", "inventory", "load_plan", "load_rules", "plan", "preset_for",
     "rank", "reestimate_bn", "sparsity_of", "to_torch_prune",
 ]

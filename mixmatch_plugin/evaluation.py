@@ -10,8 +10,9 @@ instead (see :mod:`mixmatch_plugin.cka`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -163,3 +164,52 @@ def rank(
         out.sort(key=(lambda r: (-r.accuracy, r.loss)) if key == "accuracy" else (lambda r: (r.loss, -r.accuracy)))
     return out
 
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The validation choice among a pool: the winner, both rankings, and what choosing cost."""
+
+    strategy: Strategy
+    screen: list[Ranked]
+    finals: list[Ranked]
+    evaluations: int
+    seconds: float
+
+
+def choose(
+    model: nn.Module,
+    strategies: Sequence[Strategy],
+    screen: Iterable[Any],
+    val: Iterable[Any],
+    *,
+    signals: Signals | None = None,
+    bn_loader: Iterable[Any] | None = None,
+    bn_batches: int = 0,
+    top_k: int = 5,
+    masks: Sequence[str] = (),
+    progress: bool = False,
+) -> Choice:
+    """Choose a pool's best strategy on validation data: every member on ``screen``, the ``top_k`` on ``val``.
+
+    ``masks``: signals to try the winner's allocation with as well (``"<name>@<signal>"``), on ``val``;
+    the best of those and the winner is chosen. ``model`` is not changed. Pass validation splits only.
+    """
+    if not strategies:
+        raise MixMatchError("choose() needs at least one strategy")
+    t0 = time.perf_counter()
+    kw: dict[str, Any] = {"signals": signals, "bn_loader": bn_loader, "bn_batches": bn_batches}
+    first = rank(model, strategies, screen, progress=progress, **kw) if len(strategies) > top_k else []
+    by = {s.name: s for s in strategies}
+    keep = [by[r.strategy] for r in first[:top_k]] if first else list(strategies)
+    finals = rank(model, keep, val, **kw)
+    best = by[finals[0].strategy]
+    usable = [m for m in masks if m != best.signal and (signals is None or m in signals.available)]
+    if usable:
+        alt = [replace(best, name=f"{best.name}@{m}", signal=m, layer_signals={}) for m in usable]
+        by.update({s.name: s for s in alt})
+        finals = sorted([*finals, *rank(model, alt, val, **kw)], key=lambda r: (-r.accuracy, r.loss))
+    seconds = time.perf_counter() - t0
+    n = len(first) + len(keep) + len(usable)
+    logger.info("chose %s from %d strategies: %d evaluations, %.1f s", finals[0].strategy, len(strategies), n, seconds)
+    return Choice(by[finals[0].strategy], first, finals, n, seconds)

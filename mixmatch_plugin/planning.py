@@ -30,6 +30,7 @@ from torch import nn
 
 from . import baselines as _baselines
 from ._version import __version__
+from .allocation import CLIPS, curve_ratios
 from .batches import LossFn
 from .errors import MixMatchError, RulesError
 from .io import atomic_write_json, read_json
@@ -48,7 +49,16 @@ from .ranges import (
     validate_ratio,
 )
 from .rules import KINDS, RuleSet, load_rules, preset_for
-from .signals import ALL_SIGNALS, SIGNALS, SignalName, Signals, compute_grasp, compute_signals
+from .sensitivity import Curves, measure_curves
+from .signals import (
+    ALL_SIGNALS,
+    DEFAULT_SIGNALS,
+    SIGNALS,
+    SignalName,
+    Signals,
+    compute_grasp,
+    compute_signals,
+)
 from .strategies import SHAPES, OnUnreachable, Strategy, StrategySpace
 
 logger = logging.getLogger(__name__)
@@ -283,7 +293,8 @@ def _report_pinned(layers: Sequence[Layer], final: Mapping[str, Range], fixed: M
         at = sorted({round(final[n][0], 4) for n in names})
         msg = (f"constraint {cid!r} fixes {len(names)} layer(s) holding {100 * share:.1f} % of the prunable weights at sparsity "
                f"{'/'.join(f'{v:g}' for v in at)} ({', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}): "
-               "no strategy or search can move them and the budget goes to the other layers; if that is not meant (the paper "
+               "no rule strategy or search can move them (the score family's `free` strategies can), and the budget goes to the "
+               "other layers; if that is not meant (the paper "
                "set its clamps for ImageNet-size models; on a small one they can catch whole roles), "
                f"PlanOptions(disable_constraints=({cid!r},)) or `mixmatch plan --no-constraint {cid}`")
         (out.append if share >= PINNED_WARN_SHARE else logger.info)(msg)
@@ -302,6 +313,12 @@ class PlanOptions:
         roles: role overrides ``{regex: role}``.
         protect: regexes of layers to keep dense (hard bound [0, 0]).
         shapes: strategy shapes to build (default: all ten, :data:`~mixmatch_plugin.strategies.SHAPES`).
+        score_family: in budget mode, add the score family (``"<signal>:score-<norm>-<clip>"``, see
+            :meth:`~mixmatch_plugin.strategies.StrategySpace.score_strategies`).
+        measure: also measure every layer's damage curve under this signal's masks
+            (:func:`~mixmatch_plugin.sensitivity.measure_curves`, about 10 forward passes per layer) and
+            add ``"<signal>:measured-<clip>"``, the allocations that minimise the measured damage; or
+            curves measured before (reused across targets).
         loss_fn, max_batches: see :func:`~mixmatch_plugin.compute_signals`.
     """
 
@@ -310,6 +327,8 @@ class PlanOptions:
     roles: Mapping[str, str] | None = None
     protect: tuple[str, ...] = ()
     shapes: tuple[str, ...] | None = None
+    score_family: bool = True
+    measure: SignalName | Curves | None = None
     loss_fn: LossFn | None = None
     max_batches: int | None = None
 
@@ -318,7 +337,7 @@ def plan(
     model: nn.Module,
     calib: Iterable[Any] | None = None,
     *,
-    signals: Sequence[SignalName] = SIGNALS,
+    signals: Sequence[SignalName] = DEFAULT_SIGNALS,
     target: float | None = None,
     on_unreachable: OnUnreachable = "error",
     preset: str | Path | Mapping[str, Any] | RuleSet = "auto",
@@ -332,7 +351,7 @@ def plan(
         model: the trained model; it is only read.
         calib: labelled calibration batches (5-10 % of the training data in the paper). Needed for the
             gradient and product signals and for empirical ranges.
-        signals: which of ``magnitude``, ``gradient``, ``product`` to build strategies for.
+        signals: which of ``magnitude``, ``gradient``, ``product``, ``wanda`` to build rule strategies for.
         target: global sparsity to match (budget-matched mode); None for native mode.
         on_unreachable: ``"error"`` or ``"extend"`` (shift ranges to reach ``target``; see
             :class:`~mixmatch_plugin.strategies.StrategySpace`).
@@ -357,15 +376,17 @@ def plan(
     hard = bounds(layers, rules)
     _protect(layers, hard, o.protect)
 
-    needs_grad = any(s in ("gradient", "product") for s in signals) or how != "rules"
+    scored = o.score_family and target is not None
+    needs_grad = any(s != "magnitude" for s in signals) or how != "rules" or isinstance(o.measure, str) or (scored and calib is not None)
     needs_grasp = how != "rules" and "grasp" in rules.empirical_methods
     if scores is not None:
         missing = sorted(set(layer.name for layer in layers) ^ set(scores.magnitude))
         if missing:
             raise MixMatchError(f"the given scores do not match the model (first differing layer {missing[0]!r})")
-    if ((needs_grad and (scores is None or scores.gradient is None)) or (needs_grasp and (scores is None or scores.grasp is None))) and calib is None:
+    lacking = (needs_grad and (scores is None or scores.gradient is None)) or (needs_grasp and (scores is None or scores.grasp is None))
+    if (lacking or isinstance(o.measure, str)) and calib is None:
         raise MixMatchError(
-            "the gradient and product signals and empirical ranges need calibration data: pass calib=<DataLoader> "
+            "the gradient, product and wanda signals, measured allocations and empirical ranges need calibration data: pass calib=<DataLoader> "
             "(CLI: --calib digits|fashion-mnist|random), or use signals=('magnitude',) with rule ranges"
         )
     if scores is None or (needs_grad and scores.gradient is None):
@@ -377,7 +398,8 @@ def plan(
     if how != "rules":
         if needs_grasp and scores.grasp is None:
             assert calib is not None
-            scores.grasp = compute_grasp(model, calib, layers=layers, loss_fn=loss_fn, max_batches=max_batches, progress=progress)
+            scores.grasp = compute_grasp(model, calib, layers=layers, loss_fn=loss_fn, max_batches=max_batches,
+                                         mean_gradient=scores.mean_gradient, progress=progress)
         try:
             emp = compute_empirical_ranges(layers, scores, rules.empirical_methods, rules.empirical_sparsities)
         except RulesError as exc:
@@ -400,6 +422,22 @@ def plan(
                      "log-odds to reach it (on_unreachable='extend'); each strategy lists its layers outside their range")
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
+    # the "free" limits: only the constraints that keep a layer dense (normalization, protected layers) hold
+    free = bounds(layers, rules.without(*[c.id for c in rules.constraints if c.clamp != (0.0, 0.0)]))
+    _protect(layers, free, o.protect)
+    if scored:
+        strategies += space.score_strategies(scores, free=free)
+    measured = None
+    if o.measure is not None and target is not None:
+        curves = o.measure if isinstance(o.measure, Curves) else measure_curves(
+            model, layers, scores, calib or (), signal=o.measure, hi={m: b[1] for m, b in free.items()}, progress=progress)
+        grid = [np.array(curves.grid[x.name]) if x.name in curves.grid else None for x in layers]
+        cost = [np.array(curves.cost[x.name]) if x.name in curves.cost else None for x in layers]
+        for clip in CLIPS:
+            lo, hi = space.limits(clip, free)
+            rho = curve_ratios(grid, cost, space.n, lo, hi, target)
+            strategies.append(space.build(f"{curves.signal}:measured-{clip}", curves.signal, rho, {"family": "measured", "clip": clip}))
+        measured = {"signal": curves.signal, "forwards": curves.forwards, "seconds": round(curves.seconds, 2)}
     sensitivity = {str(s): scores.layer_means(s) for s in scores.available if s in SIGNALS}
     n = np.array([layer.params for layer in layers], dtype=np.float64)
     meta = {
@@ -417,6 +455,7 @@ def plan(
         "calibration": {"batches": scores.batches, "samples": scores.samples},
         "collapsed": collapsed,
         "warnings": notes,
+        **({"measured": measured} if measured else {}),
     }
     logger.info("plan: %d layers, %d strategies (preset %s, ranges %s)", len(layers), len(strategies), rules.name, how)
     return Plan(layers, final, hard, strategies, sensitivity, meta, signals=scores)

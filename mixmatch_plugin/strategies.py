@@ -22,6 +22,11 @@ late-heavy     alpha = depth (stage / last stage); heads 1, stems and embeddings
 early-heavy    alpha = 1 - depth; stems and embeddings 1, heads 0
 ============== ==================================================================================
 
+The **score family** (:meth:`StrategySpace.score_strategies`, budget mode only) lets a signal's scores
+allocate instead of a shape: ``"<signal>:score-<norm>-<clip>"`` sets one global threshold on the raw
+or LAMP-normalised scores, clips each layer into its (budget-shifted) range, its hard bounds or the
+``free`` limits, and water-fills to the budget (:mod:`mixmatch_plugin.allocation`).
+
 Two modes. **native** (``target=None``): the global sparsity is whatever the ranges give.
 **budget-matched** (``target=S``): each strategy is moved by one log-odds shift inside the ranges
 (:func:`mixmatch_plugin.budget.move_to_budget`) until it prunes exactly ``round(S * N)`` weights.
@@ -36,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .allocation import CLIPS, NORMS, Clip, Norm, score_ratios, sorted_scores
 from .budget import exact_counts, extend_ranges, move_to_budget
 from .errors import MixMatchError
 from .layers import Layer
@@ -59,8 +65,7 @@ class Strategy:
             :func:`mixmatch_plugin.masks.prune_count` does.
         meta: provenance: ``shape``, ``mode``, ``alphas``, ``out_of_range`` (layers a budget had to
             move outside their original range), ``method`` for baselines, ``trial`` for searched ones.
-        layer_signals: per-layer exceptions to ``signal`` (see :func:`mixmatch_plugin.mixing.mix_signals`);
-            a layer not listed uses ``signal``.
+        layer_signals: per-layer exceptions to ``signal``; a layer not listed uses ``signal``.
     """
 
     name: str
@@ -192,7 +197,7 @@ class StrategySpace:
         self, name: str, signal: str, alphas: Mapping[str, float], meta: Mapping[str, Any] | None = None
     ) -> Strategy:
         """Build a :class:`Strategy` from per-group alphas."""
-        return self._build(name, signal, self.ratios(alphas), {"alphas": {g: float(v) for g, v in alphas.items()}, **(meta or {})})
+        return self.build(name, signal, self.ratios(alphas), {"alphas": {g: float(v) for g, v in alphas.items()}, **(meta or {})})
 
     def from_ratios(
         self, name: str, signal: str, ratios: Mapping[str, float], meta: Mapping[str, Any] | None = None
@@ -208,10 +213,11 @@ class StrategySpace:
         rho = np.clip(np.array([float(ratios[m]) for m in self.names]), self.lo, self.hi)
         if self.target is not None:
             rho = move_to_budget(rho, self.n, self.lo, self.hi, self.target)
-        return self._build(name, signal, rho, dict(meta or {}))
+        return self.build(name, signal, rho, dict(meta or {}))
 
-    def _build(self, name: str, signal: str, rho: np.ndarray, meta: dict[str, Any]) -> Strategy:
-        if signal not in SIGNALS:
+    def build(self, name: str, signal: str, rho: np.ndarray, meta: dict[str, Any]) -> Strategy:
+        """A :class:`Strategy` from a vector of per-layer sparsities in inventory order, as they are (rounded to whole weights)."""
+        if signal not in SIGNALS and signal != "grasp":
             raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(SIGNALS)}")
         n = self.n.astype(np.int64)
         k = exact_counts(rho, n, self.target)
@@ -240,6 +246,44 @@ class StrategySpace:
                     continue
                 kept.append(s)
             out += kept
+        return out
+
+
+    def limits(self, clip: Clip, free: Mapping[str, Range] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The per-layer ``(lo, hi)`` of a clip: the (budget-shifted) ranges, the hard bounds, or ``free``."""
+        if clip == "ranges":
+            return self.lo, self.hi
+        if clip == "bounds" or free is None:
+            return self.floor, self.ceil
+        return np.array([free[m][0] for m in self.names]), np.array([free[m][1] for m in self.names])
+
+    def score_strategies(
+        self, scores: Signals, signals: Sequence[str] = ("magnitude", "product", "wanda"), *,
+        norms: Sequence[Norm] = NORMS, clips: Sequence[Clip] = CLIPS, free: Mapping[str, Range] | None = None,
+    ) -> list[Strategy]:
+        """The score family: ``"<signal>:score-<norm>-<clip>"`` for each available signal, norm and clip.
+
+        ``free`` holds the limits of the ``free`` clip (the hard bounds without the preset's structural
+        constraints but the normalization one); without it, ``free`` is skipped. Needs budget mode.
+        Allocations equal to an earlier one of the same signal are dropped.
+        """
+        if self.target is None:
+            raise MixMatchError("the score family allocates a budget: give the space a target sparsity")
+        out: list[Strategy] = []
+        for signal in (s for s in signals if s in scores.available):
+            for norm in norms:
+                sorted_ = [sorted_scores(scores.score(m, signal), norm) for m in self.names]
+                if not any(len(x) and x[-1] > 0 for x in sorted_):
+                    logger.warning("the %s scores are all zero: no score strategy for them", signal)
+                    break
+                for clip in clips:
+                    if clip == "free" and free is None:
+                        continue
+                    lo, hi = self.limits(clip, free)
+                    rho = score_ratios([x if h > 0 else None for x, h in zip(sorted_, hi, strict=True)], self.n, lo, hi, self.target)
+                    s = self.build(f"{signal}:score-{norm}-{clip}", signal, rho, {"family": "score", "norm": norm, "clip": clip})
+                    if not any(_same(t, s) for t in out if t.signal == signal):
+                        out.append(s)
         return out
 
 

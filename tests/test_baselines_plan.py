@@ -86,7 +86,7 @@ def test_plan_round_trips_exactly(tmp_path, resnet_plan):
     assert {"name", "role", "stage", "params", "range"} <= set(layer)
     s = data["strategies"][0]
     assert {"name", "signal", "global_sparsity", "layers"} <= set(s)
-    assert set(data["sensitivity"]) == {"magnitude", "gradient", "product"}
+    assert set(data["sensitivity"]) == {"magnitude", "gradient", "product", "wanda"}
     assert back.to_dict() == resnet_plan.to_dict()
 
 

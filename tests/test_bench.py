@@ -35,24 +35,28 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     assert doc["schema"] == "mixmatch.bench/1" and doc["environment"]["torch"] and doc["environment"]["cpu"]
     runs = doc["models"]["resnet"]["runs"]
     methods = {r["method"] for r in runs}
-    assert {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm_rules", "mm_empirical",
-            "mm_mixed", "mm_oracle", "mm_mean", "uniform_reseeded"} <= methods
+    assert {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm[rules]", "mm[+score]", "mm[+wanda]",
+            "mm[+free]", "mm[+measured]", "uniform_reseeded"} <= methods
     one_shot = [r for r in runs if r["regime"] == "one-shot" and r["realized_sparsity"] is not None]
     assert all(abs(r["realized_sparsity"] - 0.8) < 1e-3 for r in one_shot)  # every method at the same sparsity
     ft = [r for r in runs if r["regime"] == "fine-tuned"]
-    assert {r["method"] for r in ft} >= {"uniform", "global_magnitude", "lamp", "mm"}
+    assert {r["method"] for r in ft} >= {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm"}
     assert all(abs(r["realized_sparsity"] - 0.8) < 2e-3 for r in ft)  # fine-tuning kept the masks
-    # every choice was made on validation: the chosen strategy is the validation-best finalist
+    # every choice was made on validation: the chosen strategy is the validation-best finalist, and the pool held
+    # every kind of member (rules of both range variants, the score family, measured allocations)
     for c in doc["models"]["resnet"]["choices"]:
-        finals = [f for f in c["ranking"] if "val_accuracy" in f]
-        assert finals and finals[0]["val_accuracy"] == max(f["val_accuracy"] for f in finals)
+        assert c["finals"][0]["strategy"] == c["winner"] and c["finals"][0]["accuracy"] == max(f["accuracy"] for f in c["finals"])
+        assert c["evaluations"] >= c["pool"] > 60 and set(c["ablation"]) == {"rules", "+score", "+wanda", "+free", "+measured"}
+    chosen = {r["method"]: r for r in runs if r["regime"] == "one-shot"}
+    assert chosen["mm"]["strategy"] == doc["models"]["resnet"]["choices"][0]["winner"]
     # where the time went: every phase timed, and the phases account for (most of) the seed's wall time
     phases = doc["models"]["resnet"]["phase_seconds"]["0"]
-    assert {"signals", "strategies", "validation choice", "one-shot evaluation", "oracle diagnostic", "fine-tuning",
+    assert {"signals", "measured curves", "strategies", "validation choice", "one-shot evaluation", "fine-tuning",
             "noise floor (reseeded fine-tune)"} <= set(phases)
     assert 0.5 * doc["models"]["resnet"]["seconds"]["0"] <= sum(phases.values()) <= doc["models"]["resnet"]["seconds"]["0"] + 0.5
     md = tables.markdown(doc, command="python -m benchmarks --quick")
     assert "noise floor" in md and "| 80% |" in md and "Minutes per seed by phase (mean of 1): " in md
+    assert "what each kind of pool member adds" in md and "masked evaluations" in md
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
     assert tables.update_readme(readme, md)
@@ -114,12 +118,13 @@ def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
            + runs("snip", [0.795, 0.80, 0.805]) + runs("grasp", [0.10, 0.40, 0.20])}
     row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
-    by = dict(zip(tables.FIGHT, cells, strict=True))
+    by = dict(zip((*tables.FIGHT, "best"), cells, strict=True))
     # mm drops 10 points, global magnitude 20, both with stds far below the gap: a win of +50 %
     assert by["global_magnitude"] == "**win** +50 %"
     # SNIP is within mm's own seed spread: a tie, whatever GraSP's spread
     assert by["snip"].startswith("tie")
     assert by["grasp"].startswith("**win**")
+    assert by["best"].startswith("tie") and by["best"].endswith("vs SNIP")  # the best of the free allocators
     assert tables.noise_floor(tables.drops(doc), "one-shot", 0.8, ("mm", "global_magnitude")) < 1.5
 
 
@@ -130,7 +135,7 @@ def test_one_seed_is_not_judged_a_win_or_a_loss():
            "runs": [{"regime": "one-shot", "sparsity": 0.9, "method": m, "seed": 0, "test_accuracy": a}
                     for m, a in (("mm", 0.89), ("global_magnitude", 0.80), ("lamp", 0.895))]}
     row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
-    by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
     assert by["global_magnitude"] == "not judged, 1 seed (+90 %)"
     assert by["lamp"] == "not judged, 1 seed (-100 %)"
     assert "Preliminary: 1 seed(s) so far" in tables.model_table("m", doc)
@@ -151,7 +156,7 @@ def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing()
             for i, a in enumerate(accs)]
     doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90}, "runs": runs}
     row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| fine-tuned"))
-    by = dict(zip(tables.FIGHT, [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
     assert "no baseline drop" in by["uniform"] and "%" not in by["uniform"]  # uniform gained accuracy: no ratio
     assert by["lamp"].startswith("**win** +")
 
@@ -250,14 +255,13 @@ def test_older_protocol_keeps_one_shot_rows_of_a_model_without_batchnorm_and_fin
     """A ViT (LayerNorm only): protocol-1 results keep their one-shot rows; the fine-tuned rows are measured again."""
     vit = TrainConfig(model="timm:vit_tiny_patch16_224", model_kwargs={"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10,
                       "embed_dim": 64, "depth": 2, "num_heads": 2}, epochs=1, lr=1e-3, max_train=512, warmup_steps=5, augment=False)
-    cfg = replace(BenchConfig.tiny(), models={"vit": vit}, sparsities={"vit": (0.5,)}, seeds=(0,), mix_signals=True,
-                  variants=("rules", "empirical"), finetune_methods=("uniform", "mm", "mm_mixed"))
+    cfg = replace(BenchConfig.tiny(), models={"vit": vit}, sparsities={"vit": (0.5,)}, seeds=(0,), masks=("magnitude", "product", "wanda"),
+                  variants=("rules", "empirical"), finetune_methods=("uniform", "mm"))
     first = run(cfg, tmp_path, cache_dir=tmp_path / "cache", progress=False, name="r")
     runs = first.doc["models"]["vit"]["runs"]
     one_shot = [r for r in runs if r["regime"] == "one-shot"]
     fine_tuned = [r for r in runs if r["regime"] == "fine-tuned"]
-    assert {r["method"] for r in fine_tuned} == {"uniform", "mm", "mm_mixed", "uniform_reseeded"}
-    assert next(r for r in fine_tuned if r["method"] == "mm_mixed")["strategy"].endswith("+mixed")  # rebuilt by mixing again
+    assert {r["method"] for r in fine_tuned} == {"uniform", "mm", "uniform_reseeded"}
 
     def as_protocol_1(change_mm_by: float = 0.0) -> None:
         doc = json.loads(first.path.read_text())

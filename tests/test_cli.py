@@ -82,7 +82,8 @@ def test_plan_writes_a_loadable_plan(tmp_path):
             "--out", str(out))
     assert p.returncode == 0, p.stderr
     plan = mm.load_plan(out)
-    assert len(plan.strategies) == 30 and plan.meta["target"] == 0.6
+    assert sum("shape" in s.meta for s in plan.strategies) == 30 and plan.meta["target"] == 0.6
+    assert {s.meta["clip"] for s in plan.strategies if s.meta.get("family") == "score"} == {"ranges", "bounds", "free"}
     assert all(abs(s.global_sparsity - 0.6) < 0.003 for s in plan.strategies)
     assert "wrote" in p.stdout and "product:early-heavy" in p.stdout
     r = run("report", str(out), "--out", str(tmp_path / "r.html"))
@@ -151,7 +152,7 @@ def test_demo_quick_end_to_end(tmp_path):
     for f in ("plan.json", "summary.json", "report.md", "strategies.png", "ranges.png", "accuracy_vs_sparsity.png", "sensitivity.png"):
         assert (tmp_path / "d" / f).stat().st_size > 0, f
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert summary["chosen"].split(":")[1] in mm.SHAPES
+    assert summary["chosen"].split(":")[1] in mm.SHAPES or summary["chosen"].split(":")[1].startswith("score-")
     assert all(abs(r["sparsity"] - 0.9) < 1e-3 for r in summary["rows"])
     assert "Mix-and-Match" in p.stdout and "global_magnitude" in p.stdout
     plan = mm.load_plan(tmp_path / "d" / "plan.json")

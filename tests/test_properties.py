@@ -153,14 +153,17 @@ def check_strategy(p: mm.Plan, s: mm.Strategy, protected: set[str]) -> None:
         lo, hi = p.ranges[layer.name]
         floor, ceil = p.bounds[layer.name]
         assert 0.0 <= r < 1.0 and math.isfinite(r)
-        assert floor - tol <= r <= ceil + tol, (s.name, layer.name, r, (floor, ceil))  # hard bounds: never left
+        if s.meta.get("clip") != "free":  # "free" lifts the constraints that do not keep a layer dense
+            assert floor - tol <= r <= ceil + tol, (s.name, layer.name, r, (floor, ceil))  # hard bounds: never left
+        elif ceil == 0.0:
+            assert r == 0.0, (s.name, layer.name, r)
         if layer.kind == "norm" or layer.name in protected:
             assert r == 0.0, (s.name, layer.name, r)
         if r < lo - tol or r > hi + tol:
             outside.add(layer.name)
     # a layer is outside its original range if and only if the strategy reports it
     assert outside == set(s.meta.get("out_of_range", [])), (s.name, outside, s.meta.get("out_of_range"))
-    if s.meta["mode"] == "native" or p.meta["range_shift"] is None:
+    if "shape" in s.meta and (s.meta["mode"] == "native" or p.meta["range_shift"] is None):  # rule strategies keep the ranges
         assert not outside, (s.name, outside)
     n = np.array([layer.params for layer in layers], dtype=np.int64)
     k = np.array([prune_count(s.ratios[layer.name], layer.params) for layer in layers])

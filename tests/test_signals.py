@@ -102,8 +102,14 @@ def test_grasp_is_weight_times_hessian_gradient(calib):
         return sum(nn.functional.cross_entropy(nn.functional.linear(x.flatten(1), weight, m[1].bias), y) for x, y in batches) / len(batches)
 
     g = torch.autograd.grad(loss_of(w), w)[0].detach()
-    hvp = torch.autograd.functional.hvp(loss_of, w.detach(), g)[1]
-    assert torch.allclose(scores["1"], w.detach() * hvp, rtol=1e-3, atol=1e-9)
+    exact = w.detach() * torch.autograd.functional.hvp(loss_of, w.detach(), g)[1]  # double back-propagation
+    # a finite difference of gradients: the same scores up to float32 rounding, in the same order
+    assert torch.corrcoef(torch.stack([scores["1"].flatten(), exact.flatten()]))[0, 1] > 0.999
+    assert torch.allclose(scores["1"], exact, rtol=0.05, atol=1e-2 * float(exact.abs().max()))
+    # the signals pass's mean gradient is reused (no pass for g) and gives the same scores
+    reused = mm.compute_grasp(m, batches, mean_gradient=mm.compute_signals(m, batches).mean_gradient)
+    assert torch.allclose(reused["1"], scores["1"], rtol=0.05, atol=1e-2 * float(exact.abs().max()))
+    assert torch.equal(m[1].weight, w)  # the weights are back where they were
 
 
 def test_grasp_works_through_fused_attention_and_matches_explicit_attention():
@@ -122,21 +128,4 @@ def test_grasp_works_through_fused_attention_and_matches_explicit_attention():
     explicit = mm.compute_grasp(m, batches)
     assert set(fused) == set(explicit) and any(float(v.abs().sum()) > 0 for v in fused.values())
     for name in fused:
-        assert torch.allclose(fused[name], explicit[name], rtol=1e-3, atol=1e-10), name
-
-
-def test_grasp_through_an_operation_without_second_derivative_says_what_to_use_instead():
-    class FlashOnly(nn.Module):  # calls the CPU flash kernel directly, so no backend choice can route around it
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(8, 24)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            q, k, v = self.qkv(x.flatten(1).reshape(-1, 1, 2, 8)).chunk(3, dim=-1)
-            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
-            return self.head(out.mean(dim=(1, 2)))
-
-    batches = [(torch.randn(4, 1, 4, 4), torch.randint(0, 3, (4,)))]
-    with pytest.raises(SignalError, match=r"GraSP needs second derivatives.*use the magnitude, gradient or product"):
-        mm.compute_grasp(FlashOnly(), batches)
+        assert torch.allclose(fused[name], explicit[name], rtol=0.05, atol=1e-2 * float(explicit[name].abs().max()) + 1e-12), name

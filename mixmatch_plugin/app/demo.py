@@ -111,7 +111,7 @@ def run_demo(
     with _phase(phases, "signals and strategies", say) as note:
         p = plan(model, calib, target=target, on_unreachable="extend", progress=progress)
         assert p.signals is not None
-        p.signals.grasp = compute_grasp(model, calib, layers=p.layers, progress=progress)
+        p.signals.grasp = compute_grasp(model, calib, layers=p.layers, mean_gradient=p.signals.mean_gradient, progress=progress)
         base = {b: baselines.make(b, p.layers, p.signals, target) for b in baselines.available()}
         note.append(f"{len(p.strategies)} strategies and {len(base)} baselines, all at {target:.0%} sparsity")
         p.strategies += list(base.values())
