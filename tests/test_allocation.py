@@ -156,3 +156,19 @@ def test_choose_screens_the_pool_then_ranks_the_best_on_validation(trained_tiny_
     assert c.finals[0].strategy == c.strategy.name
     assert c.finals[0].accuracy == max(r.accuracy for r in c.finals)
     assert rank(trained_tiny_resnet, [c.strategy], val, signals=p.signals)[0].accuracy == c.finals[0].accuracy
+
+
+def test_large_layers_are_allocated_from_a_sample_that_keeps_their_fraction_and_lamp_scale():
+    from mixmatch_plugin import allocation
+
+    torch.manual_seed(0)
+    big = torch.randn(4 * allocation.SAMPLE) * 0.5
+    small = torch.randn(allocation.SAMPLE // 2)
+    for norm in ("raw", "lamp"):
+        s_big, s_small = sorted_scores(big, norm), sorted_scores(small, norm)
+        assert len(s_big) == allocation.SAMPLE and len(s_small) == len(small)
+        # the same threshold prunes about the same fraction of the sample as of the whole layer
+        full = lamp(big) if norm == "lamp" else big.double().abs().sort().values.numpy()
+        for q in (0.3, 0.7, 0.95):
+            t = full[int(q * len(full))]
+            assert abs(np.searchsorted(s_big, t) / len(s_big) - q) < 0.01, (norm, q)
