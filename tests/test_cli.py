@@ -79,11 +79,13 @@ def test_inspect_json(tmp_path):
 def test_plan_writes_a_loadable_plan(tmp_path):
     out = tmp_path / "plan.json"
     p = run("plan", *TINY, "--calib", "digits", "--calib-samples", "128", "--target", "0.6", "--extend-ranges",
-            "--out", str(out))
+            "--measure", "wanda", "--out", str(out))
     assert p.returncode == 0, p.stderr
     plan = mm.load_plan(out)
     assert sum("shape" in s.meta for s in plan.strategies) == 30 and plan.meta["target"] == 0.6
     assert {s.meta["clip"] for s in plan.strategies if s.meta.get("family") == "score"} == {"ranges", "bounds", "free"}
+    assert [s.name for s in plan.strategies if s.meta.get("family") == "measured"] == [
+        "wanda:measured-ranges", "wanda:measured-bounds", "wanda:measured-free"]
     assert all(abs(s.global_sparsity - 0.6) < 0.003 for s in plan.strategies)
     assert "wrote" in p.stdout and "product:early-heavy" in p.stdout
     r = run("report", str(out), "--out", str(tmp_path / "r.html"))

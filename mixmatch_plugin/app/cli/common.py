@@ -63,7 +63,7 @@ class CommaList(click.ParamType):
         return items
 
 
-SIGNAL_LIST = CommaList(("magnitude", "gradient", "product"))
+SIGNAL_LIST = CommaList(("magnitude", "gradient", "product", "wanda"))
 CALIB_CHOICES = ("digits", "fashion-mnist", "random", "none")
 
 
