@@ -75,8 +75,9 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
 
     if update_readme:  # checked before hours of work, not after
         readme = Path(update_readme)
-        if not readme.is_file() or "<!-- bench:start -->" not in readme.read_text(encoding="utf-8", errors="replace"):
-            raise MixMatchError(f"--update-readme {update_readme}: no such file with <!-- bench:start --> / <!-- bench:end --> markers")
+        marker = "bench-one-shot" if one_shot else "bench"
+        if not readme.is_file() or f"<!-- {marker}:start -->" not in readme.read_text(encoding="utf-8", errors="replace"):
+            raise MixMatchError(f"--update-readme {update_readme}: no such file with <!-- {marker}:start --> / <!-- {marker}:end --> markers")
     cfg = BenchConfig.tiny() if tiny else BenchConfig.quick() if quick else BenchConfig.full()
     if models:
         from benchmarks.configs import LARGER
@@ -106,11 +107,11 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
     if tables_only:
         path = results_path(out, quick=quick, name=name)
         doc = _saved(path, list(cfg.models))
-        files = tables.plots(doc, Path(out))
+        files = tables.plots(doc, Path(out), prefix=f"{name}-" if name else "")
         md = tables.markdown(doc, command=cmd + " --tables-only")
     else:
         res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name=name, device=device)
-        files = tables.plots(res.doc, Path(out))
+        files = tables.plots(res.doc, Path(out), prefix=f"{name}-" if name else "")
         md = tables.markdown(res.doc, command=cmd)
         res.doc["markdown"] = md
         res.doc["plots"] = files
@@ -124,8 +125,9 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
     if update_readme:
         here = Path(update_readme).resolve().parent  # image links relative to the file they are written into
         section = md + "\n\n" + "\n".join(f"![{k}]({Path(os.path.relpath(Path(v).resolve(), here)).as_posix()})" for k, v in files.items())
-        if not tables.update_readme(update_readme, section):
-            raise MixMatchError(f"{update_readme} has no <!-- bench:start --> / <!-- bench:end --> markers")
+        marker = f"bench-{name}" if name else "bench"  # --one-shot results have a section of their own
+        if not tables.update_readme(update_readme, section, marker=marker):
+            raise MixMatchError(f"{update_readme} has no <!-- {marker}:start --> / <!-- {marker}:end --> markers")
         click.echo(f"updated {update_readme}")
         readme = Path(update_readme).resolve().parent.parent / "README.md"  # benchmarks/RESULTS.md -> the README's summary
         if readme.is_file() and tables.update_readme(readme, tables.verdict_table(doc), marker="results"):

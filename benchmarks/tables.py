@@ -198,7 +198,8 @@ def _red(b: float, m: float) -> str:
     return f"{100 * (b - m) / b:+.0f} %"
 
 
-def plots(doc: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
+def plots(doc: Mapping[str, Any], folder: str | Path, prefix: str = "") -> dict[str, str]:
+    """Accuracy-vs-sparsity plots per model and regime, ``folder/<prefix><model>-<regime>.png``."""
     folder = Path(folder)
     files = {}
     for name, md in doc["models"].items():
@@ -210,7 +211,7 @@ def plots(doc: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
                     series[LABEL[r["method"]].strip("*")][r["sparsity"]].append(r["test_accuracy"])
             if not series:
                 continue
-            key = f"{name}-{regime}"
+            key = f"{prefix}{name}-{regime}"
             ordered = {("Mix-and-Match" if k == "M&M" else k): v for k, v in sorted(series.items(), key=lambda kv: kv[0] != "M&M")}
             files[key] = str(method_comparison(ordered, folder / f"{key}.png", reference=dense,
                                                title=f"{name} on Fashion-MNIST, {regime}: test accuracy (mean ± std over seeds)"))
@@ -317,4 +318,4 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
     lines.append(f"\nAgainst the best rival of each cell: {tally}.")
     return ("Cells: test-accuracy drop in points (lower is better; negative: above dense), Mix-and-Match's validation-chosen strategy vs the best "
             "of uniform, global magnitude, LAMP, SNIP, GraSP and ERK at that cell, mean over seeds; a tie is a difference "
-            "within the larger seed std of the two or the reseed spread.\n\n" + "\n".join(lines))
+            "within the larger seed std of the two, the reseed spread or 0.1 point.\n\n" + "\n".join(lines))
