@@ -107,11 +107,11 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
     if tables_only:
         path = results_path(out, quick=quick, name=name)
         doc = _saved(path, list(cfg.models))
-        files = tables.plots(doc, Path(out), prefix=f"{name}-" if name else "")
+        files = tables.plots(doc, Path(out), prefix="one-shot-" if one_shot else "")
         md = tables.markdown(doc, command=cmd + " --tables-only")
     else:
         res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name=name, device=device)
-        files = tables.plots(res.doc, Path(out), prefix=f"{name}-" if name else "")
+        files = tables.plots(res.doc, Path(out), prefix="one-shot-" if one_shot else "")
         md = tables.markdown(res.doc, command=cmd)
         res.doc["markdown"] = md
         res.doc["plots"] = files
