@@ -10,11 +10,13 @@ All functions work on numpy vectors over the layers of an inventory: ``n`` (weig
 * :func:`extend_ranges` moves the ranges themselves (one common log-odds shift of both ends, inside
   the hard bounds) when the budget lies outside what the ranges can reach.
 * :func:`exact_counts` rounds ratios to whole weights so that the global count is met exactly.
+* :func:`removal_path` and :func:`closest_prefix`: channel groups (structured pruning) under a cost budget,
+  from measured loss curves, greedily on their convex hulls; any budget's allocation is a prefix of one path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -140,3 +142,77 @@ def exact_counts(rho: np.ndarray, n: np.ndarray, target: float | None = None) ->
             f"{want} of {int(n.sum())} weights cannot be pruned in whole weights without emptying a layer; lower the target"
         )
     return k
+
+
+def convex_curve(channels: int, removed: Sequence[int], dloss: Sequence[float]) -> np.ndarray:
+    """Loss increase for 0..``channels`` removed channels from measurements (counts ``removed``, increases ``dloss``).
+
+    The points are made non-decreasing (noise never makes removal a gain), then replaced by their lower
+    convex hull, interpolated per channel and extended beyond the last point with the last slope.
+    """
+    xs = np.array([0, *removed], float)
+    ys = np.maximum.accumulate(np.maximum(np.array([0.0, *dloss], float)[np.argsort(xs)], 0.0))
+    xs = np.sort(xs)
+    hull: list[int] = []
+    for i in range(len(xs)):
+        while len(hull) >= 2 and (ys[hull[-1]] - ys[hull[-2]]) * (xs[i] - xs[hull[-2]]) >= (ys[i] - ys[hull[-2]]) * (xs[hull[-1]] - xs[hull[-2]]):
+            hull.pop()
+        hull.append(i)
+    hx, hy = xs[hull], ys[hull]
+    slope = (hy[-1] - hy[-2]) / (hx[-1] - hx[-2]) if len(hull) > 1 else 0.0
+    j = np.arange(channels + 1, dtype=float)
+    return np.where(j > hx[-1], hy[-1] + slope * (j - hx[-1]), np.interp(j, hx, hy))
+
+
+def removal_path(curves: Sequence[np.ndarray], cost: np.ndarray, uses: np.ndarray, lo: Sequence[int],
+                 step: int = 1) -> list[tuple[int, int]]:
+    """The greedy removal order of channels across groups: ``[(group, channels removed), ...]``.
+
+    ``curves[g][j]`` is the (convex) loss increase with ``j`` of group ``g``'s ``C_g`` channels removed. The
+    cost is ``Σ_m cost[m] Π_{g: uses[m, g]} keep_g / C_g`` (exact for Conv/Linear/norm layers, whose input
+    and output widths belong to groups). Each move removes ``step`` channels (fewer at ``lo``) from the group
+    with the least loss increase per unit of cost saved, the saving taken from the exact marginal cost, so
+    coupled groups (a conv between two pruned groups) are accounted for. It runs until every group is at ``lo``.
+    """
+    size = np.array([len(c) - 1 for c in curves], float)
+    keep, low = size.copy(), np.asarray(lo, float)
+    use = np.asarray(uses, float)
+    path: list[tuple[int, int]] = []
+    while True:
+        per_layer = cost * np.exp(use @ np.log(keep / size))
+        saving = (use.T @ per_layer) / keep  # the cost is linear in each keep_g
+        best, best_g, best_s = np.inf, -1, 0
+        for g, c in enumerate(curves):
+            s = int(min(keep[g] % step or step, keep[g] - low[g]))  # to the next multiple of step
+            if s <= 0 or saving[g] <= 0:
+                continue
+            r = int(size[g] - keep[g])
+            ratio = (c[r + s] - c[r]) / (saving[g] * s)
+            if ratio < best:
+                best, best_g, best_s = ratio, g, s
+        if best_g < 0:
+            return path
+        keep[best_g] -= best_s
+        path.append((best_g, best_s))
+
+
+def closest_prefix(n: int, cost: Callable[[int], float], budget: float) -> tuple[int, float]:
+    """The prefix length in ``[0, n]`` whose ``cost`` (non-increasing in the length) is closest to ``budget``.
+
+    Bisection: about ``log2(n)`` calls of ``cost``. Returns ``(length, cost)``.
+    """
+    seen: dict[int, float] = {}
+
+    def f(k: int) -> float:
+        if k not in seen:
+            seen[k] = cost(k)
+        return seen[k]
+
+    lo, hi = 0, n
+    if f(hi) > budget:
+        return hi, f(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if f(mid) > budget else (lo, mid)
+    best = lo if abs(f(lo) - budget) <= abs(f(hi) - budget) else hi
+    return best, f(best)

@@ -20,7 +20,7 @@ from mixmatch_plugin.strategies import Strategy
 
 from .options import FOLDS, TOKEN_PARAMS, Fold, TPOptions
 from .report import GroupPlan
-from .timm_layers import PatchMergingPruner, timm_classes
+from .timm_layers import PatchMergingPruner, clear_caches, timm_classes
 
 logger = logging.getLogger(__name__)
 
@@ -197,16 +197,15 @@ def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
     return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
 
-def build_pruner(
-    model: nn.Module, example_inputs: Any, setup: ModelSetup, prune_heads: bool, forward_fn: Callable[..., Any] | None
-) -> tp.pruner.MetaPruner:
+def build_pruner(model: nn.Module, example_inputs: Any, setup: ModelSetup, prune_heads: bool,
+                 forward_fn: Callable[..., Any] | None, importance: Any = None) -> tp.pruner.MetaPruner:
     """A ``MetaPruner`` that only traces: no ratio yet (the groups are planned from it), magnitude importance."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
         return tp.pruner.MetaPruner(
             model,
             example_inputs,
-            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            importance=importance or tp.importance.GroupMagnitudeImportance(p=1),
             pruning_ratio=0.0,  # every group has an entry; anything else must stay intact
             max_pruning_ratio=1.0,  # it would not cap dict ratios anyway (TP issue 448): clamped here instead
             ignored_layers=list(setup.ignored) + list(setup.ignored_params),
@@ -272,6 +271,7 @@ def analyse_groups(
     strategy: Strategy,
     setup: ModelSetup,
     o: TPOptions,
+    keeps: Mapping[str, int] | None = None,
 ) -> list[GroupPlan]:
     names = {m: n for n, m in model.named_modules()}
     params = {n: int(m.weight.numel()) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
@@ -317,8 +317,10 @@ def analyse_groups(
             plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep, ratio,
                                    heads=heads, clamped=why, module=key_mod))
             continue
-        min_keep = max(1, o.round_to or 1)
-        keep, why = _plan_keep(channels, target, min_keep, o.round_to, o.max_ratio)
+        if keeps is not None:  # a budget's allocation, already inside the bounds
+            keep, why = keeps.get(key, channels), ""
+        else:
+            keep, why = _plan_keep(channels, target, max(1, o.round_to or 1), o.round_to, o.max_ratio)
         plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep,
                                _tp_ratio(channels, keep), clamped=why, module=key_mod))
     return plans
@@ -341,7 +343,8 @@ def check_tp_strategy(model: nn.Module, strategy: Strategy) -> None:
     check_strategy(strategy, layers, complete=False)
 
 
-def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOptions) -> tuple[ModelSetup, list[GroupPlan]]:
+def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOptions,
+            keeps: Mapping[str, int] | None = None) -> tuple[ModelSetup, list[GroupPlan]]:
     """Check the strategy and options, trace ``model`` once (eval mode, restored) and plan every group."""
     check_tp_strategy(model, strategy)
     o.check()
@@ -349,8 +352,9 @@ def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOpti
     try:
         setup = model_setup(model, o.ignored_layers, o.prune_heads, o.ignore_classifier)
         pruner = build_pruner(model, example_inputs, setup, o.prune_heads, o.forward_fn)
-        return setup, analyse_groups(pruner, model, strategy, setup, o)
+        return setup, analyse_groups(pruner, model, strategy, setup, o, keeps)
     finally:
+        clear_caches(model)
         model.train(was_training)
 
 

@@ -1,12 +1,14 @@
-"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, and the repair of
-attention modules after their ``qkv`` was pruned."""
+"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, the repair of
+attention modules after their ``qkv`` was pruned, and two fixes: deep copies of models holding cached
+non-leaf tensors, and Torch-Pruning 1.6.1's LayerNorm pruning (fixed for the whole process on import)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch_pruning as tp
@@ -15,6 +17,7 @@ from torch import nn
 from mixmatch_plugin.errors import MixMatchError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def timm_classes() -> dict[str, tuple[Any, ...]]:
@@ -124,3 +127,45 @@ def fix_dims(model: nn.Module) -> None:
         norm1 = getattr(m, "norm1", None)
         if hasattr(m, "dim") and isinstance(norm1, nn.LayerNorm) and isinstance(m.dim, int):
             m.dim = int(norm1.normalized_shape[-1])
+
+
+def safe_deepcopy(obj: T, model: nn.Module | None = None) -> T:
+    """``copy.deepcopy(obj)`` (``obj`` is ``model`` or holds it) that also works after an eval-mode forward with gradients on.
+
+    timm's LeViT, EfficientFormer and TinyViT then cache ``attention_biases[:, idxs]``, a non-leaf tensor
+    that ``deepcopy`` refuses; the copy gets detached clones of such tensors and ``model`` is not changed.
+    """
+    memo: dict[int, Any] = {}
+    for m in (model if model is not None else obj).modules():  # type: ignore[attr-defined]
+        for v in m.__dict__.values():
+            for t in v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]:
+                if isinstance(t, torch.Tensor) and not t.is_leaf:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(obj, memo)
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Empty timm's attention-bias caches (stale once a model is pruned, and non-leaf after a traced forward)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):
+            m.attention_bias_cache = {}
+
+
+def _sorted_layernorm_prune(self: Any, layer: Any, idxs: Sequence[int]) -> Any:
+    # Torch-Pruning 1.6.1 calls ``keep_idxs.sort()`` (not in place): the kept weights come out in set order.
+    dim = self.pruning_dim
+    if len(layer.normalized_shape) < -dim:
+        return layer
+    keep_idxs = torch.tensor(sorted(set(range(layer.normalized_shape[dim])) - {int(i) for i in idxs}), dtype=torch.long)
+    if layer.elementwise_affine:
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep_idxs, dim)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep_idxs, dim)
+    shape = list(layer.normalized_shape)
+    shape[dim] = len(keep_idxs)
+    layer.normalized_shape = tuple(shape)
+    return layer
+
+
+if tp.__version__.startswith("1.6."):  # the same function object: importances that compare handlers still match
+    tp.pruner.function.LayernormPruner.prune_out_channels.__code__ = _sorted_layernorm_prune.__code__
