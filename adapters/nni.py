@@ -38,6 +38,7 @@ import io
 import logging
 import math
 import re
+import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from mixmatch_plugin.rules import load_rules, preset_for
 from mixmatch_plugin.signals import SIGNALS, SignalName
 from mixmatch_plugin.strategies import Strategy
 
-from .nni_compat import FIXES, is_active, mask_updaters, speedup_compat
+from .nni_compat import FIXES, is_active, mask_updaters, plain_timm_layers, speedup_compat
 
 if TYPE_CHECKING:
     from .torch_pruning.options import Fold
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FIXES", "PRUNERS", "SELECTABLE", "NNIResult", "config_list", "coverage", "from_uniform", "is_active",
-    "mask_updaters", "prune", "speedup", "speedup_compat",
+    "mask_updaters", "nni_mode", "plain_timm_layers", "prune", "speedup", "speedup_compat",
 ]
 
 PrunerName = Literal["level", "l1", "l2", "fpgm", "taylor"]
@@ -286,7 +287,7 @@ def from_uniform(
     *,
     calib: Iterable[Any] | None = None,
     strategy: str = "magnitude:midpoint",
-    mode: Mode = "level",
+    mode: Mode | Any = "level",
     example_inputs: Any = None,
     selector: Selector = "op_names",
     signals: Sequence[SignalName] | None = None,
@@ -301,7 +302,8 @@ def from_uniform(
         model: the model the config is for.
         calib: calibration batches (needed for gradient/product strategies).
         strategy: which of the plan's strategies to use (``"<signal>:<shape>"``).
-        mode: ``level`` or ``channel`` (see :func:`config_list`).
+        mode: ``level`` or ``channel`` (see :func:`config_list`), or the NNI pruner the list is for (class,
+            instance or class name, e.g. ``L1NormPruner``): its mode is NNI's own default granularity.
         example_inputs: for ``mode="channel"``.
         selector: ``op_names`` or ``op_names_re`` (anchored).
         signals: the plan's signals (default: all three with ``calib``, else magnitude).
@@ -315,6 +317,7 @@ def from_uniform(
     equals it up to channel rounding, and a group with an uncovered producer stays dense.
     """
 
+    mode = mode if mode in ("level", "channel") else nni_mode(mode)
     covered = coverage(config, model)
     if not covered:
         raise MixMatchError("the config_list selects no layer NNI can prune in this model; check op_types/op_names")
@@ -341,6 +344,26 @@ def from_uniform(
         return [e for e in config_list(s, model, mode="level", selector=selector) if _names(e)[0] in cov]
     entries = config_list(s, model, mode="channel", example_inputs=example_inputs, selector=selector)
     return [e for e in entries if all(n in cov for n in _names(e))]
+
+
+def nni_mode(pruner: Any) -> Mode:
+    """``channel`` for a pruner whose default granularity is output channels (``L1NormPruner`` ...), else ``level``.
+
+    ``pruner`` is an NNI 3.0 pruner class, instance or class name; NNI itself is asked (its default granularity
+    of a weight). A scheduled pruner (``LinearPruner``, ``AGPPruner``) takes the mode of the pruner it wraps.
+    """
+    with _quiet():
+        from nni.compression import pruning
+        from nni.compression.base.target_space import TargetType
+    cls = getattr(pruning, pruner, None) if isinstance(pruner, str) else pruner if isinstance(pruner, type) else type(pruner)
+    if not isinstance(cls, type) or not hasattr(cls, "_set_default_sparse_granularity"):
+        raise MixMatchError(f"mode must be 'level', 'channel' or an NNI pruner (e.g. L1NormPruner), got {pruner!r}")
+    if getattr(pruner, "bound_pruner", None) is not None:
+        return nni_mode(pruner.bound_pruner)
+    if cls.__name__ in ("LinearPruner", "AGPPruner"):
+        raise MixMatchError(f"{cls.__name__} wraps another pruner: pass the wrapped one as mode (e.g. mode=L1NormPruner)")
+    space = types.SimpleNamespace(type=TargetType.PARAMETER)
+    return "level" if cls._set_default_sparse_granularity(None, space) is None else "channel"
 
 
 def _names(entry: Mapping[str, Any]) -> list[str]:
@@ -586,7 +609,8 @@ def speedup(
         want = target(*x) if isinstance(x, tuple) else target(x)
     with _quiet():
         from nni.compression.speedup import ModelSpeedup
-    nni_masks = {n: {k: v for k, v in m.items() if v is not None} for n, m in masks.items()}
+    renamed = set(plain_timm_layers(target))  # timm's BatchNormAct2d and Linear, as plain layers (see nni_compat)
+    nni_masks = {n + (".0" if n in renamed else ""): {k: v for k, v in m.items() if v is not None} for n, m in masks.items()}
     try:
         with _quiet(), speedup_compat():
             ModelSpeedup(target, x, nni_masks, customized_mask_updaters=mask_updaters()).speedup_model()

@@ -32,6 +32,13 @@ batch, and a LayerNorm's weight (traced as a ``get_attr`` of a 1-D parameter) lo
 LayerNorm's output mask comes out empty and every layer after it would be removed.
 :func:`mask_updaters` returns it for ``ModelSpeedup(customized_mask_updaters=...)``.
 
+6. **A typo in NNI.** ``NoMaskUpdater`` (``size()``, ``dim()``, ``len`` nodes) deletes ``_output_randomize``,
+   an attribute that does not exist; it is replaced by one that clears ``output_randomize``.
+
+timm's ``BatchNormAct2d`` (traced into, so its running statistics are marked as needing gradients) and
+``Linear`` subclass (not replaced, so a pruned input breaks it) need :func:`plain_timm_layers` before
+pruning: it swaps them for ``nn.BatchNorm2d`` + activation and ``nn.Linear``, the same function in eval mode.
+
 After speed-up call ``model.eval()``: BatchNorm comes back in training mode.
 """
 
@@ -61,8 +68,8 @@ _JUMPS_311 = (
     "POP_JUMP_IF_TRUE",
 )
 _ACTIVE = [0]
-#: The five fixes, by name (see the module docstring for what each one does).
-FIXES = ("tensorbase", "is_impure", "bytecode", "handle_torch_function", "assert")
+#: The fixes, by name (see the module docstring for what each one does).
+FIXES = ("tensorbase", "is_impure", "bytecode", "handle_torch_function", "assert", "output_randomize")
 _OLD_PREFIX = "func.__qualname__.startswith('_TensorBase')"
 _NEW_PREFIX = "func.__qualname__.startswith(('_TensorBase', 'TensorBase'))"
 
@@ -115,7 +122,7 @@ def _dis_shim() -> types.SimpleNamespace:
 def speedup_compat(fixes: Collection[str] = FIXES) -> Iterator[None]:
     """Patch NNI 3.0's tracer for torch >= 2.2 while the block runs; restore everything afterwards.
 
-    ``fixes`` selects which of the five fixes (:data:`FIXES`) to apply: all by default. Leaving
+    ``fixes`` selects which of the fixes (:data:`FIXES`) to apply: all by default. Leaving
     one out reproduces that crash (the tests do this to show each fix is needed).
 
     Example::
@@ -170,6 +177,16 @@ def speedup_compat(fixes: Collection[str] = FIXES) -> Iterator[None]:
                 d = getattr(mod, "__dict__", None)
                 if isinstance(d, dict) and d.get("_assert") is original_assert:
                     setp(mod, "_assert", _assert)
+        if "output_randomize" in fixes:  # 6
+            from nni.compression.speedup import mask_updater as mu
+
+            def direct_update_process(self: Any, model_speedup: Any, node: Any) -> None:
+                info = model_speedup.node_infos[node]
+                info.output_masks = mu.tree_map_zip(lambda t: None, info.output_origin)
+                for gone in model_speedup.user_to_last_uses.get(node, []) if model_speedup.garbage_collect_values else []:
+                    model_speedup.node_infos[gone].output_randomize = None
+
+            setp(mu.NoMaskUpdater, "direct_update_process", direct_update_process)
         _ACTIVE[0] += 1
         try:
             yield
@@ -225,3 +242,25 @@ def _layer_norm_updater_class() -> type:
 def mask_updaters() -> list[Any]:
     """Mask updaters for ``ModelSpeedup(customized_mask_updaters=...)``: :class:`LayerNormMaskUpdater`."""
     return [_layer_norm_updater_class()()]
+
+
+def plain_timm_layers(model: torch.nn.Module) -> list[str]:
+    """Replace timm's ``BatchNormAct2d`` by ``Sequential(BatchNorm2d, drop, act)`` and timm's ``Linear`` by
+    ``nn.Linear`` (same weights; call before pruning, the names change); return the replaced BatchNorms' names."""
+    nn = torch.nn
+    renamed: list[str] = []
+    for name, parent in list(model.named_modules()):
+        for child_name, c in list(parent.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(c, nn.Linear) and type(c) is not nn.Linear and type(c).__name__ == "Linear":
+                new: nn.Module = nn.Linear(c.in_features, c.out_features, c.bias is not None)
+                new.load_state_dict(c.state_dict())
+            elif isinstance(c, nn.BatchNorm2d) and type(c).__name__ == "BatchNormAct2d":
+                bn = nn.BatchNorm2d(c.num_features, c.eps, c.momentum, c.affine, c.track_running_stats)
+                bn.load_state_dict(c.state_dict(), strict=False)
+                new = nn.Sequential(bn, c.drop, c.act)
+                renamed.append(full)
+            else:
+                continue
+            setattr(parent, child_name, new.train(c.training))
+    return renamed
