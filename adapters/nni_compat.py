@@ -258,7 +258,8 @@ def plain_timm_layers(model: torch.nn.Module) -> list[str]:
             elif isinstance(c, nn.BatchNorm2d) and type(c).__name__ == "BatchNormAct2d":
                 bn = nn.BatchNorm2d(c.num_features, c.eps, c.momentum, c.affine, c.track_running_stats)
                 bn.load_state_dict(c.state_dict(), strict=False)
-                new = nn.Sequential(bn, c.drop, c.act)
+                rest: Any = (c.drop, c.act)
+                new = nn.Sequential(bn, *rest)
                 renamed.append(full)
             else:
                 continue

@@ -16,6 +16,7 @@ from torch import nn
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.strategies import Strategy
 
+from .allocation import allocate
 from .importance import GroupGradientImportance, calibrate, resolve_importance
 from .options import TPOptions
 from .planning import (
@@ -31,7 +32,6 @@ from .planning import (
     translate_ignored,
 )
 from .report import GroupPlan, GroupResult, PruneReport, RemovedItem, TPResult
-from .allocation import allocate
 from .timm_layers import attention_head_dims, clear_caches, fix_attention, fix_dims, safe_deepcopy
 from .verify import check_runs, count_macs, record_removed, verify_pruned
 

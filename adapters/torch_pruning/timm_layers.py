@@ -136,7 +136,8 @@ def safe_deepcopy(obj: T, model: nn.Module | None = None) -> T:
     that ``deepcopy`` refuses; the copy gets detached clones of such tensors and ``model`` is not changed.
     """
     memo: dict[int, Any] = {}
-    for m in (model if model is not None else obj).modules():  # type: ignore[attr-defined]
+    root: Any = model if model is not None else obj
+    for m in root.modules():
         for v in m.__dict__.values():
             for t in v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]:
                 if isinstance(t, torch.Tensor) and not t.is_leaf:
@@ -146,6 +147,7 @@ def safe_deepcopy(obj: T, model: nn.Module | None = None) -> T:
 
 def clear_caches(model: nn.Module) -> None:
     """Empty timm's attention-bias caches (stale once a model is pruned, and non-leaf after a traced forward)."""
+    m: Any
     for m in model.modules():
         if isinstance(getattr(m, "attention_bias_cache", None), dict):
             m.attention_bias_cache = {}
