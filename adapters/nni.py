@@ -94,10 +94,6 @@ def _quiet() -> Any:
             nni_logger.setLevel(level)
 
 
-def _selectable(type_name: str) -> bool:
-    return type_name in SELECTABLE
-
-
 def _anchored(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
@@ -168,7 +164,7 @@ def config_list(
         level_layers = _layers_of(model, layers)
         check_untied(level_layers, "NNI")
         for layer in level_layers:
-            if layer.kind == "norm" or not _selectable(layer.type):
+            if layer.kind == "norm" or layer.type not in SELECTABLE:
                 continue
             if roles is not None and layer.role not in roles:
                 continue
@@ -196,7 +192,7 @@ def config_list(
     gid = 0
     for g in groups:
         members = [p for p in g.producers if p in inv]
-        bad = [p for p in members if not _selectable(inv[p].type)]
+        bad = [p for p in members if inv[p].type not in SELECTABLE]
         if bad:
             logger.warning("group %s left dense: NNI cannot select %s (%s)", g.key, bad[0], inv[bad[0]].type)
             continue
@@ -272,7 +268,7 @@ def coverage(config: Sequence[Mapping[str, Any]], model: nn.Module) -> dict[str,
         except re.error as exc:
             raise MixMatchError(f"config entry {i}: bad regular expression ({exc})") from None
         for name, module in selected.items():
-            if not _selectable(type(module).__name__):
+            if type(module).__name__ not in SELECTABLE:
                 continue
             if ratio is None:
                 excluded.add(name)
@@ -490,19 +486,22 @@ def prune(
     masks = {n: dict(m) for n, m in masks.items()}
     if pruner != "level" and example_inputs is not None:
         _add_coupled_masks(target, masks, example_inputs)
-    with torch.no_grad():
-        for name, m in masks.items():
-            module = target.get_submodule(name)
-            for pname, mask in m.items():
-                p = getattr(module, pname, None)
-                if isinstance(p, torch.Tensor) and mask is not None:
-                    p.mul_(mask.to(p.dtype))
+    _apply_masks(target, masks)
     sparsity: dict[str, float] = {}
     for name in masks:
         w = getattr(target.get_submodule(name), "weight", None)
         if isinstance(w, torch.Tensor):
             sparsity[name] = float((w == 0).float().mean())
     return NNIResult(target, dict(masks), cfg, pruner, sparsity)
+
+
+@torch.no_grad()
+def _apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor | None]]) -> None:
+    for name, m in masks.items():
+        for pname, mask in m.items():
+            p = getattr(model.get_submodule(name), pname, None)
+            if isinstance(p, torch.Tensor) and mask is not None:
+                p.mul_(mask.to(p.dtype))
 
 
 def _add_coupled_masks(model: nn.Module, masks: dict[str, dict[str, Any]], example_inputs: Any) -> None:
@@ -599,13 +598,8 @@ def speedup(
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     x = dummy_input
+    _apply_masks(target, masks)  # the reference is the masked model
     with torch.no_grad():
-        for name, m in masks.items():  # the reference is the masked model
-            module = target.get_submodule(name)
-            for pname, mask in m.items():
-                p = getattr(module, pname, None)
-                if isinstance(p, torch.Tensor) and mask is not None:
-                    p.mul_(mask.to(p.dtype))
         want = target(*x) if isinstance(x, tuple) else target(x)
     with _quiet():
         from nni.compression.speedup import ModelSpeedup

@@ -16,6 +16,7 @@ All functions work on numpy vectors over the layers of an inventory: ``n`` (weig
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -145,11 +146,8 @@ def exact_counts(rho: np.ndarray, n: np.ndarray, target: float | None = None) ->
 
 
 def convex_curve(channels: int, removed: Sequence[int], dloss: Sequence[float]) -> np.ndarray:
-    """Loss increase for 0..``channels`` removed channels from measurements (counts ``removed``, increases ``dloss``).
-
-    The points are made non-decreasing (noise never makes removal a gain), then replaced by their lower
-    convex hull, interpolated per channel and extended beyond the last point with the last slope.
-    """
+    """Loss increase for 0..``channels`` removed channels from measured ``dloss`` at counts ``removed``: made
+    non-decreasing (noise is never a gain), their lower convex hull, extended with its last slope."""
     xs = np.array([0, *removed], float)
     ys = np.maximum.accumulate(np.maximum(np.array([0.0, *dloss], float)[np.argsort(xs)], 0.0))
     xs = np.sort(xs)
@@ -166,53 +164,36 @@ def convex_curve(channels: int, removed: Sequence[int], dloss: Sequence[float]) 
 
 def removal_path(curves: Sequence[np.ndarray], cost: np.ndarray, uses: np.ndarray, lo: Sequence[int],
                  step: int = 1) -> list[tuple[int, int]]:
-    """The greedy removal order of channels across groups: ``[(group, channels removed), ...]``.
+    """The greedy removal order of channels across groups, ``[(group, channels removed), ...]``, down to ``lo``.
 
-    ``curves[g][j]`` is the (convex) loss increase with ``j`` of group ``g``'s ``C_g`` channels removed. The
-    cost is ``Σ_m cost[m] Π_{g: uses[m, g]} keep_g / C_g`` (exact for Conv/Linear/norm layers, whose input
-    and output widths belong to groups). Each move removes ``step`` channels (fewer at ``lo``) from the group
-    with the least loss increase per unit of cost saved, the saving taken from the exact marginal cost, so
-    coupled groups (a conv between two pruned groups) are accounted for. It runs until every group is at ``lo``.
+    ``curves[g][j]``: the convex loss increase with ``j`` of group ``g``'s ``C_g`` channels removed. The cost is
+    ``Σ_m cost[m] Π_{g: uses[m, g]} keep_g / C_g``, exact for layers whose widths are groups'. Each move takes one
+    group to its next multiple of ``step``: the one with the least loss increase per unit of cost saved, from
+    the exact marginal cost, so coupled groups (a conv between two pruned groups) are accounted for.
     """
     size = np.array([len(c) - 1 for c in curves], float)
-    keep, low = size.copy(), np.asarray(lo, float)
-    use = np.asarray(uses, float)
+    keep, low, use = size.copy(), np.asarray(lo, float), np.asarray(uses, float)
     path: list[tuple[int, int]] = []
     while True:
-        per_layer = cost * np.exp(use @ np.log(keep / size))
-        saving = (use.T @ per_layer) / keep  # the cost is linear in each keep_g
-        best, best_g, best_s = np.inf, -1, 0
-        for g, c in enumerate(curves):
-            s = int(min(keep[g] % step or step, keep[g] - low[g]))  # to the next multiple of step
-            if s <= 0 or saving[g] <= 0:
-                continue
-            r = int(size[g] - keep[g])
-            ratio = (c[r + s] - c[r]) / (saving[g] * s)
-            if ratio < best:
-                best, best_g, best_s = ratio, g, s
-        if best_g < 0:
+        saving = (use.T @ (cost * np.exp(use @ np.log(keep / size)))) / keep  # the cost is linear in each keep_g
+        s = np.minimum(np.where(keep % step > 0, keep % step, step), keep - low).astype(int)
+        r = (size - keep).astype(int)
+        loss = np.array([c[ri + si] - c[ri] for c, ri, si in zip(curves, r, s, strict=True)])
+        ratio = np.where((s > 0) & (saving > 0), loss / np.maximum(saving * s, 1e-300), np.inf)
+        g = int(np.argmin(ratio))
+        if not np.isfinite(ratio[g]):
             return path
-        keep[best_g] -= best_s
-        path.append((best_g, best_s))
+        keep[g] -= s[g]
+        path.append((g, int(s[g])))
 
 
 def closest_prefix(n: int, cost: Callable[[int], float], budget: float) -> tuple[int, float]:
-    """The prefix length in ``[0, n]`` whose ``cost`` (non-increasing in the length) is closest to ``budget``.
-
-    Bisection: about ``log2(n)`` calls of ``cost``. Returns ``(length, cost)``.
-    """
-    seen: dict[int, float] = {}
-
-    def f(k: int) -> float:
-        if k not in seen:
-            seen[k] = cost(k)
-        return seen[k]
-
+    """The prefix length in ``[0, n]`` whose ``cost`` (non-increasing in the length) is closest to ``budget``,
+    and its cost, by bisection (about ``log2(n)`` calls of ``cost``)."""
+    f = functools.cache(cost)
     lo, hi = 0, n
-    if f(hi) > budget:
-        return hi, f(hi)
-    while hi - lo > 1:
+    while hi - lo > 1 and f(hi) <= budget:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if f(mid) > budget else (lo, mid)
-    best = lo if abs(f(lo) - budget) <= abs(f(hi) - budget) else hi
+    best = lo if hi - lo <= 1 and f(hi) <= budget and abs(f(lo) - budget) <= abs(f(hi) - budget) else hi
     return best, f(best)

@@ -157,10 +157,6 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
     return ModelSetup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed, swin)
 
 
-def attention_items(setup: ModelSetup) -> list[tuple[str, Any]]:
-    return list(setup.attentions.items())
-
-
 def setup_head_dims(setup: ModelSetup) -> dict[str, int]:
     out: dict[str, int] = {}
     for n, a in setup.attentions.items():
@@ -274,6 +270,7 @@ def analyse_groups(
     keeps: Mapping[str, int] | None = None,
 ) -> list[GroupPlan]:
     names = {m: n for n, m in model.named_modules()}
+    ignored = {names[m] for m in pruner.ignored_layers if isinstance(m, nn.Module) and m in names}
     params = {n: int(m.weight.numel()) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     DG = pruner.DG
     plans: list[GroupPlan] = []
@@ -308,7 +305,7 @@ def analyse_groups(
             ch_groups = int(setup.num_heads[qkv])
             channels = int(qkv.out_features) // (3 * ch_groups)
             key_mod = qkv
-        targets = {p: float(strategy.ratios.get(p, 0.0)) for p in producers if p not in _ignored_names(model, pruner)}
+        targets = {p: float(strategy.ratios.get(p, 0.0)) for p in producers if p not in ignored}
         target = fold_ratio(targets, params, o.fold)
         if qkv is not None and o.prune_heads:
             heads = int(setup.num_heads[qkv])
@@ -324,15 +321,6 @@ def analyse_groups(
         plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep,
                                _tp_ratio(channels, keep), clamped=why, module=key_mod))
     return plans
-
-
-def _ignored_names(model: nn.Module, pruner: tp.pruner.MetaPruner) -> set[str]:
-    cached = getattr(pruner, "_mixmatch_ignored_names", None)
-    if cached is None:
-        ids = {id(m) for m in pruner.ignored_layers}
-        cached = {n for n, m in model.named_modules() if id(m) in ids}
-        pruner._mixmatch_ignored_names = cached
-    return cached
 
 
 def check_tp_strategy(model: nn.Module, strategy: Strategy) -> None:

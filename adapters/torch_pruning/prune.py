@@ -22,7 +22,6 @@ from .options import TPOptions
 from .planning import (
     ModelSetup,
     analyse,
-    attention_items,
     build_pruner,
     check_tp_strategy,
     kwargs_from,
@@ -173,9 +172,9 @@ def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None,
     count_opts = replace(o, importance="magnitude", verify=False)
 
     def real_size(keeps: dict[str, int]) -> float:
-        trial = safe_deepcopy(work)
-        setup, plans = analyse(trial, zero, example_inputs, count_opts, keeps)
-        _prune_planned(trial, example_inputs, tp.importance.GroupMagnitudeImportance(p=1), setup, plans, count_opts, False)
+        trial, trial_opts = safe_deepcopy((work, count_opts), work)  # ignored_layers follow to the copy
+        setup, plans = analyse(trial, zero, example_inputs, trial_opts, keeps)
+        _prune_planned(trial, example_inputs, tp.importance.GroupMagnitudeImportance(p=1), setup, plans, trial_opts, False)
         m, p = count_macs(trial, example_inputs)
         return m / macs0 if kind == "macs" else p / params0
 
@@ -194,7 +193,7 @@ def _prune_planned(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelS
     """Remove the planned channels and repair timm attention; return the pruner, the removed items, the new heads."""
     head_dims = setup_head_dims(setup)  # before pruning: fix_attention rescales from these
     pruner, removed = _remove(work, example_inputs, imp, setup, plans, o, inplace)
-    new_heads = {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in attention_items(setup)}
+    new_heads = {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in setup.attentions.items()}
     fix_attention(work, head_dims, new_heads)
     fix_dims(work)
     clear_caches(work)
@@ -226,20 +225,15 @@ def _remove(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelSetup, p
                 removed.extend(record_removed(group, pruner.DG, names, pnames))
                 group.prune()
     except Exception as exc:
-        if inplace:
-            raise MixMatchError(
-                f"Torch-Pruning failed while pruning ({type(exc).__name__}: {str(exc)[:160]}); the model was pruned in "
-                "place and may be partly pruned: reload it, and build a new pruner (a failed step() is used up)"
-            ) from exc
-        raise MixMatchError(
-            f"Torch-Pruning failed while pruning ({type(exc).__name__}: {str(exc)[:160]}); your model is unchanged"
-        ) from exc
+        state = ("the model was pruned in place and may be partly pruned: reload it, and build a new pruner (a failed "
+                 "step() is used up)") if inplace else "your model is unchanged"
+        raise MixMatchError(f"Torch-Pruning failed while pruning ({type(exc).__name__}: {str(exc)[:160]}); {state}") from exc
     return pruner, removed
 
 
 def _results(work: nn.Module, setup: ModelSetup, plans: list[GroupPlan], out_before: dict[str, int]) -> list[GroupResult]:
     """Planned against realized pruning per group."""
-    qkv_mods = {a.qkv for _, a in attention_items(setup)}
+    qkv_mods = {a.qkv for _, a in setup.attentions.items()}
     groups: list[GroupResult] = []
     for p in plans:
         now = out_width(work.get_submodule(p.key))
