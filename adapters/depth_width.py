@@ -1,47 +1,9 @@
 """Depth-and-width pruning chosen by CKA ("Pruning Everything, Everywhere, All at Once"), with Mix-and-Match widths.
 
-Each iteration of :func:`prune_depth_width` starts from the current model (the *parent*) and:
-
-1. builds the **depth candidate**: the removable block whose removal changes the output least
-   (:func:`mixmatch_plugin.depth.score_blocks`, KL divergence on a calibration set from the training
-   split, as in the paper; CKA as the alternative) is replaced by identity; ``min_blocks`` per stage
-   are kept;
-2. builds the **width candidate**: structured channel pruning through the Torch-Pruning adapter with a
-   Mix-and-Match allocation (or uniform, for comparison) that removes the **same MACs** as the depth
-   candidate. The original matched filter counts; matching MACs is fairer. The target sparsity of the
-   budget-matched strategy (``mm.plan(..., target=t, on_unreachable="extend")``) is bisected until the
-   pruned model's MACs are within ``macs_tolerance`` of the depth candidate's; the achieved MACs of
-   both and the relative mismatch are logged;
-3. optionally fine-tunes each candidate for ``finetune_steps`` steps (structure kept: the removed
-   channels and blocks are gone physically), with the same data order for both;
-4. keeps the candidate whose penultimate features have the higher linear CKA to the parent's on the
-   **validation** split (debiased minibatch CKA; a tie goes to the depth candidate, as in the paper),
-   and logs the choice. The original selected on the test split; the test split is never used here;
-5. checkpoints the loop's state atomically, so a killed run resumes after its last finished iteration.
-
-The loop stops when the MACs removed reach ``target`` (a fraction of the original MACs), when
-nothing more can be removed, or after ``max_iterations``. When no block can be removed any more the
-width candidate alone continues, removing as many MACs as the last depth candidate did (or
-``width_step`` of the original MACs). ``mode="depth"`` and ``mode="width"`` run the same loop with
-one kind of candidate only (for baselines; ``width`` still uses the depth candidate's MACs as step,
-or follows a given ``schedule`` of MACs reductions, e.g. a depth-only run's).
-
-**Checkpoint** (``mixmatch.depth_width/1``, a ``torch.save`` of plain data, loadable with
-``weights_only=True``)::
-
-    {"format": ..., "config": {...}, "meta": {...}, "model_hash": "...", "input_shape": [...],
-     "ops": [{"kind": "depth", "block": "layer3.1"},
-             {"kind": "width", "history": [[module, is_out, [idx...]], ...], "num_heads": {...}, ...}],
-     "log": [{...one entry per finished iteration...}], "start": {...},
-     "state_dict": {...}, "macs_original": int, "params_original": int, "stopped": str | None}
-
-The architecture is stored as data (the ops, replayed on a fresh copy of the original model: block
-removals, and Torch-Pruning's pruning history re-applied with the adapter's ``rebuild``), the weights
-as a state dict. A rerun with the same model, configuration and ``meta`` continues from the last
-finished iteration; a file from another configuration is refused. ``target`` and ``max_iterations``
-only decide when to stop, so they may change between runs (a larger target continues pruning).
-Every iteration reseeds ``torch`` and the training loader's generator from ``(seed, iteration)``, so a
-resumed run repeats what the uninterrupted one would have done.
+Each iteration of :func:`prune_depth_width` builds a depth candidate (the least harmful block removed) and a width
+candidate removing the same MACs, optionally fine-tunes both, and keeps the one with the higher CKA to its parent
+on validation; it checkpoints atomically (``mixmatch.depth_width/1``) and resumes. The full description, the
+checkpoint format and the resume rules: ``docs/adapters.md``.
 """
 
 from __future__ import annotations
@@ -209,14 +171,8 @@ def _probe(example_inputs: Any) -> Any:
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """``(MACs, params)`` of ``model`` on one sample of ``example_inputs`` (Torch-Pruning's counter)."""
-    was = model.training
-    model.eval()
-    try:
-        macs, params = tp_count_macs(model, _probe(example_inputs))
-    finally:
-        model.train(was)
-    return macs, params
+    """``(MACs, params)`` of ``model`` on one sample of ``example_inputs`` (Torch-Pruning's counter, eval mode)."""
+    return tp_count_macs(model, _probe(example_inputs))
 
 
 # ---------------------------------------------------------------------------------- width candidate
@@ -498,12 +454,7 @@ def prune_depth_width(
         state = _load_state(path)
         _check_resume(path, state, expected)
         ops, log, start = list(state["ops"]), list(state["log"]), dict(state.get("start") or {})
-        replay(work, ops, example_inputs)
-        try:
-            work.load_state_dict(state["state_dict"], strict=True)
-        except RuntimeError as exc:
-            raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({str(exc).splitlines()[0][:160]})") from None
-        work.eval()
+        _load_weights(replay(work, ops, example_inputs), state, path)
         resumed = len(log)
         logger.info("resuming %s after iteration %d", path, resumed)
     if not start:
@@ -689,14 +640,16 @@ def load_depth_width(
         if not shape:
             raise MixMatchError(f"{path} has no input shape: pass example_inputs")
         example_inputs = torch.zeros(1, *[int(v) for v in shape])
-    model.eval()
-    replay(model, state["ops"], example_inputs)
+    _load_weights(replay(model.eval(), state["ops"], example_inputs), state, path)
+    return model, {k: v for k, v in state.items() if k != "state_dict"}
+
+
+def _load_weights(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
     try:
         model.load_state_dict(state["state_dict"], strict=True)
     except RuntimeError as exc:
         raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({str(exc).splitlines()[0][:160]})") from None
     model.eval()
-    return model, {k: v for k, v in state.items() if k != "state_dict"}
 
 
 __all__ = [

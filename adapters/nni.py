@@ -1,32 +1,8 @@
 """Mix-and-Match for NNI 3.0 users: per-layer ``config_list``, a drop-in for uniform configs, pruning, speed-up.
 
-NNI is imported lazily (only when a function here needs it) and under ``warnings.catch_warnings()``,
-because ``nni.compression.speedup`` warns on import. Everything here follows NNI 3.0's rules
-(REFERENCE section 5):
-
-* ``config_list`` entries use **lists** for selectors and **Python floats** for ``sparse_ratio``
-  (an ``int`` 0 or a ``numpy.float32`` is rejected by NNI's schema); every layer appears in exactly
-  one entry (NNI lets the first matching entry win and only warns about the others); only the
-  module types NNI can select (Linear, Conv, ConvTranspose, BatchNorm, Embedding) are listed;
-  ``op_names_re`` patterns (``selector="op_names_re"``) are anchored ``^...$`` because NNI uses a
-  prefix ``re.match`` (``head`` would also select ``head_dist``).
-* **Level** pruning (``LevelPruner``, unstructured) gets one entry per layer:
-  ``{"op_names": [name], "sparse_ratio": float(r)}``.
-* **Channel** pruning (``L1NormPruner``, ``L2NormPruner``, ``FPGMPruner``, ``TaylorPruner``) gets one
-  entry per *dependency group* with one ratio and a shared ``dependency_group_id`` (NNI asserts that
-  every member has the same ratio). The groups come from Torch-Pruning's ``DependencyGraph``
-  (:mod:`mixmatch_plugin.adapters.torch_pruning`): NNI's own ``auto_set_denpendency_group_ids`` misses
-  residual convs (in resnet18 it groups ``layerN.0.conv2`` with the downsample but not
-  ``layerN.1.conv2``). The group ratio is folded from the strategy as in the Torch-Pruning adapter.
-* ``global_group_id`` is never used: NNI does not enforce ``min/max_sparse_ratio`` in a global
-  group (at a global 0.5, most of resnet18's convs go to 100 %), and global LevelPruner loops in Python.
-* The legacy ``total_sparsity`` key is broken in NNI 3.0 and is refused with a message.
-
-:func:`prune` runs NNI's pruner on a copy, then multiplies the masks into the weights itself
-(``unwrap_model()`` restores the dense weights). :func:`speedup` runs ``ModelSpeedup`` inside the
-opt-in compatibility layer :func:`speedup_compat` (see :mod:`mixmatch_plugin.adapters.nni_compat`);
-it works for CNN channel pruning and ViT ``mlp.fc1`` pruning and refuses ViT ``qkv``/``proj``/``fc2``
-masks, which NNI cannot speed up (use the Torch-Pruning adapter for those).
+NNI is imported lazily and quietly. Level entries are one per layer, channel entries one per Torch-Pruning
+dependency group (``dependency_group_id``); :func:`speedup` runs ``ModelSpeedup`` inside :func:`speedup_compat`.
+NNI 3.0's rules and traps: ``docs/adapters.md``.
 """
 
 from __future__ import annotations

@@ -1,45 +1,9 @@
 """Make NNI 3.0's ``ModelSpeedup`` work on torch >= 2.2 and Python 3.11, inside a context manager.
 
-NNI 3.0 (the last release) traces models with its own ``concrete_trace``, which breaks on modern
-torch (NNI issue 5768). The five causes, and what :func:`speedup_compat` does about each while the
-``with`` block runs (everything is restored on exit; nothing is patched at import):
-
-1. **Builtins with** ``__module__ = None``. torch renamed ``torch._C._TensorBase`` to ``TensorBase``;
-   the tracer only recognises tensor methods by the ``_TensorBase`` prefix of their ``__qualname__``,
-   sends the others down a branch that reads ``func.__module__.startswith(...)`` and crashes. The
-   tracer's ``trace`` method is recompiled from NNI's own source with both prefixes accepted.
-2. ``Node.is_impure`` **gained an argument** (``impure_random``). NNI replaces it with a one-argument
-   wrapper; it is swapped for one that accepts and ignores the extra arguments.
-3. **Python 3.11 bytecode.** ``ConcreteProxy`` finds the calling instruction with
-   ``dis.get_instructions(code)[f_lasti // 2]``, which assumes one entry per 2-byte code unit; 3.11
-   inserts inline ``CACHE`` entries (only listed with ``show_caches``) and renamed the conditional
-   jumps (``POP_JUMP_FORWARD_IF_FALSE`` ...). The proxy module sees a ``dis`` whose
-   ``get_instructions`` is indexed by code unit, and the new jump opcodes are added.
-4. ``handle_torch_function`` **is wrapped as a leaf.** It is listed in ``torch.nn.functional``, so the
-   tracer records it as an opaque call instead of dispatching; it (and the ``has_torch_function*``
-   helpers) are removed from the tracer's leaf functions.
-5. ``torch._assert`` **on a traced value.** Modules that imported ``_assert`` from torch (timm's patch
-   embedding) call the original, which cannot evaluate a proxy; every module-level ``_assert`` bound
-   to ``torch._assert`` is pointed to a wrapper that asserts on the proxy's concrete value.
-
-4 and 5 are two halves of one crash on timm ViTs (``_assert`` dispatches through
-``handle_torch_function``, which fails on the traced condition whether or not it is a leaf): fix 5
-alone resolves it on the tested models; fix 4 is kept so that dispatch is not recorded as an opaque
-call. The tests show fixes 1, 2, 3 and 5 are each necessary, and 4 together with 5.
-
-ViTs also need :class:`LayerNormMaskUpdater`: NNI infers masks from values that do not vary over the
-batch, and a LayerNorm's weight (traced as a ``get_attr`` of a 1-D parameter) looks constant, so the
-LayerNorm's output mask comes out empty and every layer after it would be removed.
-:func:`mask_updaters` returns it for ``ModelSpeedup(customized_mask_updaters=...)``.
-
-6. **A typo in NNI.** ``NoMaskUpdater`` (``size()``, ``dim()``, ``len`` nodes) deletes ``_output_randomize``,
-   an attribute that does not exist; it is replaced by one that clears ``output_randomize``.
-
-timm's ``BatchNormAct2d`` (traced into, so its running statistics are marked as needing gradients) and
-``Linear`` subclass (not replaced, so a pruned input breaks it) need :func:`plain_timm_layers` before
-pruning: it swaps them for ``nn.BatchNorm2d`` + activation and ``nn.Linear``, the same function in eval mode.
-
-After speed-up call ``model.eval()``: BatchNorm comes back in training mode.
+:func:`speedup_compat` applies the fixes of :data:`FIXES` while its ``with`` block runs (nothing is patched at
+import); :func:`mask_updaters` keeps LayerNorm masks; :func:`plain_timm_layers` turns timm's ``BatchNormAct2d``
+and ``Linear`` into plain layers. What each fix does and why: ``docs/adapters.md``. After speed-up call
+``model.eval()``: BatchNorm comes back in training mode.
 """
 
 from __future__ import annotations

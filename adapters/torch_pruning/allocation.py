@@ -90,10 +90,8 @@ def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Cha
 def layer_costs(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup], kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Per module Torch-Pruning's counter counts (a layer, or a whole timm attention): its MACs or parameters, and
     which groups' widths it scales with (those of it or its children)."""
-    was = model.training
-    with torch.no_grad():
+    with torch.no_grad():  # on a deep copy, in eval mode
         _, _, flops, params = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
-    model.train(was)
     per, units, stack = flops if kind == "macs" else params, [], [model]
     while stack:
         m = stack.pop()

@@ -24,13 +24,9 @@ logger = logging.getLogger(__name__)
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """``(MACs, params)`` of ``model`` on ``example_inputs`` by Torch-Pruning's counter (no gradients)."""
-    was = model.training
-    clear_caches(model)  # Torch-Pruning deep-copies the model
-    try:
-        with torch.no_grad():
-            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(was)
+    clear_caches(model)  # Torch-Pruning counts on a deep copy, in eval mode
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
 
 
