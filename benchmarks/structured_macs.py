@@ -107,6 +107,25 @@ def latency(m: torch.nn.Module, batch: int, shape: tuple[int, ...], reps: int) -
     return statistics.median(ts)
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Mean ± standard deviation over seeds per (model, target, method); speed-ups from seed 0."""
+    def ms(v: list[float]) -> str:
+        return f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}" if len(v) > 1 else f"{100 * v[0]:.2f}"
+
+    lines = ["| model | MACs kept (target) | method | seeds | MACs kept | test one-shot % | test fine-tuned % | "
+             "speed-up b1 | speed-up b64 | b64 speed-up / MACs ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["target"], r["method"]) for r in rows}, key=lambda k: (k[1], k[0], METHODS.index(k[2])))
+    for model, target, method in keys:
+        rs = [r for r in rows if (r["model"], r["target"], r["method"]) == (model, target, method)]
+        lat = next((r for r in rs if "latency_b64" in r), None)
+        sp = [lat[f"dense_latency_b{b}"] / lat[f"latency_b{b}"] for b in (1, 64)] if lat else None
+        speed = f"{sp[0]:.2f} | {sp[1]:.2f} | {sp[1] * lat['macs_kept']:.0%}" if sp and lat else "- | - | -"
+        lines.append(f"| {model} ({rs[0]['origin']}) | {target:.0%} | {method} | {len(rs)} | "
+                     f"{statistics.mean(r['macs_kept'] for r in rs):.3f} | {ms([r['test_one_shot'] for r in rs])} | "
+                     f"{ms([r['test_finetuned'] for r in rs])} | {speed} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vit,swin,resnet18")
@@ -115,7 +134,11 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--finetune", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/structured_macs.json")
+    ap.add_argument("--table", action="store_true", help="only write the markdown table from --out")
     a = ap.parse_args()
+    if a.table:
+        Path(a.out).with_suffix(".md").write_text(markdown(json.loads(Path(a.out).read_text())["rows"]) + "\n")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
     out = Path(a.out)
