@@ -198,23 +198,8 @@ def build_pruner(model: nn.Module, example_inputs: Any, setup: ModelSetup, prune
     """A ``MetaPruner`` that only traces: no ratio yet (the groups are planned from it), magnitude importance."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
-        return tp.pruner.MetaPruner(
-            model,
-            example_inputs,
-            importance=importance or tp.importance.GroupMagnitudeImportance(p=1),
-            pruning_ratio=0.0,  # every group has an entry; anything else must stay intact
-            max_pruning_ratio=1.0,  # it would not cap dict ratios anyway (TP issue 448): clamped here instead
-            ignored_layers=list(setup.ignored) + list(setup.ignored_params),
-            round_to=None,  # rounding is planned here, to the nearest multiple, not TP's floor
-            in_channel_groups={},  # fresh dicts: TP's defaults are shared mutable objects
-            out_channel_groups={},
-            num_heads=dict(setup.num_heads),
-            prune_num_heads=prune_heads,
-            prune_head_dims=not prune_heads,
-            customized_pruners=dict(setup.customized),
-            unwrapped_parameters=list(setup.unwrapped),
-            forward_fn=forward_fn,
-        )
+        return tp.pruner.MetaPruner(model, example_inputs, importance=importance or tp.importance.GroupMagnitudeImportance(p=1),
+                                    **kwargs_from(setup, [], prune_heads, forward_fn))
 
 
 def fold_ratio(targets: Mapping[str, float], weights: Mapping[str, int], fold: Fold = "mean") -> float:
@@ -390,11 +375,11 @@ def kwargs_from(setup: ModelSetup, plans: Sequence[GroupPlan], prune_heads: bool
         else:
             ratio_dict[p.module] = p.ratio
     return {
-        "pruning_ratio": 0.0,
+        "pruning_ratio": 0.0,  # every group has an entry; anything else must stay intact
         "pruning_ratio_dict": ratio_dict,
-        "max_pruning_ratio": 1.0,
+        "max_pruning_ratio": 1.0,  # it would not cap dict ratios anyway (TP issue 448): clamped here instead
         "ignored_layers": list(setup.ignored) + list(setup.ignored_params),
-        "in_channel_groups": {},
+        "in_channel_groups": {},  # fresh dicts: TP's defaults are shared mutable objects
         "out_channel_groups": {},
         "num_heads": dict(setup.num_heads),
         "prune_num_heads": prune_heads,

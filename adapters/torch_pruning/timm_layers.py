@@ -5,6 +5,7 @@ non-leaf tensors, and Torch-Pruning 1.6.1's LayerNorm pruning (fixed for the who
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -22,26 +23,14 @@ T = TypeVar("T")
 
 def timm_classes() -> dict[str, tuple[Any, ...]]:
     """The timm classes this adapter knows; empty tuples when timm (or a class) is missing."""
-    out: dict[str, tuple[Any, ...]] = {"attention": (), "window_attention": (), "patch_merging": (), "layernorm2d": ()}
-    try:
-        from timm.layers import Attention
-
-        out["attention"] = (Attention,)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    try:
-        from timm.models.swin_transformer import PatchMerging, WindowAttention
-
-        out["window_attention"] = (WindowAttention,)
-        out["patch_merging"] = (PatchMerging,)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from timm.layers import LayerNorm2d
-
-        out["layernorm2d"] = (LayerNorm2d,)
-    except ImportError:  # pragma: no cover
-        pass
+    out: dict[str, tuple[Any, ...]] = {}
+    for key, module, name in (("attention", "timm.layers", "Attention"), ("layernorm2d", "timm.layers", "LayerNorm2d"),
+                              ("window_attention", "timm.models.swin_transformer", "WindowAttention"),
+                              ("patch_merging", "timm.models.swin_transformer", "PatchMerging")):
+        try:
+            out[key] = (getattr(importlib.import_module(module), name),)
+        except (ImportError, AttributeError):  # pragma: no cover - timm is a dependency
+            out[key] = ()
     return out
 
 
