@@ -19,6 +19,7 @@ import torch_pruning as tp
 import mixmatch_plugin as mm
 from mixmatch_plugin.adapters import torch_pruning as mm_tp
 from mixmatch_plugin.app.data import digits
+from mixmatch_plugin.evaluation import reestimate_bn
 from mixmatch_plugin.models import tiny_resnet
 
 
@@ -45,7 +46,8 @@ def main() -> None:
             kw = mm_tp.from_metapruner(m, x, calib=calib, **kw)  # <- the drop-in
         pruner = tp.pruner.MetaPruner(m, x, **kw)  # <- was: tp.pruner.MetaPruner(m, x, importance=imp, ...)
         pruner.step()
-        print(f"{name}: MACs kept {mm_tp.count_macs(m, x)[0] / dense:.3f}, one-shot accuracy "
+        reestimate_bn(m, train_loader, 10)  # BatchNorm statistics of the pruned model, from training batches
+        print(f"{name}: MACs kept {mm_tp.count_macs(m, x)[0] / dense:.3f}, one-shot accuracy (BatchNorm re-estimated) "
               f"{mm.evaluate(m, val_loader).accuracy:.4f}")
 
 
