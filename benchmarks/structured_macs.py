@@ -135,7 +135,14 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/structured_macs.json")
     ap.add_argument("--table", action="store_true", help="only write the markdown table from --out")
+    ap.add_argument("--dense", action="store_true", help="only measure the dense models' test accuracy (OUT_dense.json)")
     a = ap.parse_args()
+    if a.dense:
+        splits = data.fashion_mnist(seed=0)
+        dense = {n: dict(zip(("origin", "test"), (load(n, splits)[1], evaluate(load(n, splits)[0], data.loader(splits.test, 500)).accuracy)))
+                 for n in a.models.split(",")}
+        Path(a.out).with_name(Path(a.out).stem + "_dense.json").write_text(json.dumps(dense, indent=1))
+        return
     if a.table:
         Path(a.out).with_suffix(".md").write_text(markdown(json.loads(Path(a.out).read_text())["rows"]) + "\n")
         return
