@@ -139,8 +139,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.dense:
         splits = data.fashion_mnist(seed=0)
-        dense = {n: dict(zip(("origin", "test"), (load(n, splits)[1], evaluate(load(n, splits)[0], data.loader(splits.test, 500)).accuracy)))
-                 for n in a.models.split(",")}
+        dense = {}
+        for n in a.models.split(","):
+            m, origin = load(n, splits)
+            dense[n] = {"origin": origin, "test": evaluate(m, data.loader(splits.test, 500)).accuracy}
         Path(a.out).with_name(Path(a.out).stem + "_dense.json").write_text(json.dumps(dense, indent=1))
         return
     if a.table:
