@@ -90,14 +90,6 @@ def _nni_ratio(channels: int, keep: int) -> float:
     return float(r)
 
 
-def _layers_of(model: nn.Module | None, layers: Sequence[Layer] | None) -> list[Layer]:
-    if layers is not None:
-        return list(layers)
-    if model is None:
-        raise MixMatchError("config_list needs the model (or the plan's layers, plan.layers) to know each layer's type")
-    return inventory(model)
-
-
 def config_list(
     strategy: Strategy,
     model: nn.Module | None = None,
@@ -137,7 +129,9 @@ def config_list(
     roles = set(only) if only is not None else None
     if mode == "level":
         out: list[dict[str, Any]] = []
-        level_layers = _layers_of(model, layers)
+        if layers is None and model is None:
+            raise MixMatchError("config_list needs the model (or the plan's layers, plan.layers) to know each layer's type")
+        level_layers = list(layers) if layers is not None else inventory(model)  # type: ignore[arg-type]
         check_untied(level_layers, "NNI")
         for layer in level_layers:
             if layer.kind == "norm" or layer.type not in SELECTABLE:
