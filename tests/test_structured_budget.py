@@ -167,3 +167,9 @@ def test_attention_variants_prune_with_their_attention_kept(name):
     if name == "efficientformer":  # and at a MACs budget
         res = mtp.prune(m, None, x, macs=0.7, options=mtp.TPOptions(ignored_layers=attn))
         assert abs(res.report.macs_ratio - 0.7) <= 0.01 * 0.7 and res.report.consistency < 1e-4
+
+
+def test_drop_in_refuses_a_call_that_fails_in_torch_pruning():
+    m = WideCNN().eval()
+    with pytest.raises(MixMatchError, match="MetaPruner call fails"):
+        mtp.from_metapruner(m, X, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5, no_such_keyword=1)

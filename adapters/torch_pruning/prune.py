@@ -145,8 +145,12 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
     if macs is None:
         trial, trial_kw = safe_deepcopy((model, kw), model)
         dims = attention_head_dims(trial)
-        pruner = tp.pruner.MetaPruner(trial, example_inputs, **trial_kw)
-        pruner.step()
+        try:
+            pruner = tp.pruner.MetaPruner(trial, example_inputs, **trial_kw)
+            pruner.step()
+        except Exception as exc:
+            raise MixMatchError(f"your MetaPruner call fails as given ({type(exc).__name__}: {str(exc)[:160]}); fix it, "
+                                "or pass macs= to skip it") from exc
         attn = {n: trial.get_submodule(n) for n in dims}
         fix_attention(trial, dims, {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in attn.items()})
         macs = count_macs(trial, example_inputs)[0] / macs0
