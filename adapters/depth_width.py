@@ -1,10 +1,9 @@
 """Depth-and-width pruning chosen by CKA ("Pruning Everything, Everywhere, All at Once"), with Mix-and-Match widths.
 
-Each iteration of :func:`prune_depth_width` builds a depth candidate (the least damaging block replaced by
-identity) and a width candidate (Torch-Pruning channels with a Mix-and-Match allocation removing the same
-MACs), optionally fine-tunes both, keeps the one with the higher CKA to the parent on the validation split
-and checkpoints the loop (``mixmatch.depth_width/1``) so that a killed run resumes. The loop, its stopping
-rules and the checkpoint format are described in ``docs/depth-width.md``.
+Each iteration of :func:`prune_depth_width` builds a depth candidate (the least harmful block removed) and a width
+candidate removing the same MACs, optionally fine-tunes both, and keeps the one with the higher CKA to its parent
+on validation; it checkpoints atomically (``mixmatch.depth_width/1``) and resumes. The full description, the
+checkpoint format and the resume rules: ``docs/adapters.md``.
 """
 
 from __future__ import annotations
@@ -172,14 +171,8 @@ def _probe(example_inputs: Any) -> Any:
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """``(MACs, params)`` of ``model`` on one sample of ``example_inputs`` (Torch-Pruning's counter)."""
-    was = model.training
-    model.eval()
-    try:
-        macs, params = tp_count_macs(model, _probe(example_inputs))
-    finally:
-        model.train(was)
-    return macs, params
+    """``(MACs, params)`` of ``model`` on one sample of ``example_inputs`` (Torch-Pruning's counter, eval mode)."""
+    return tp_count_macs(model, _probe(example_inputs))
 
 
 # ---------------------------------------------------------------------------------- width candidate
@@ -461,12 +454,7 @@ def prune_depth_width(
         state = _load_state(path)
         _check_resume(path, state, expected)
         ops, log, start = list(state["ops"]), list(state["log"]), dict(state.get("start") or {})
-        replay(work, ops, example_inputs)
-        try:
-            work.load_state_dict(state["state_dict"], strict=True)
-        except RuntimeError as exc:
-            raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({str(exc).splitlines()[0][:160]})") from None
-        work.eval()
+        _load_weights(replay(work, ops, example_inputs), state, path)
         resumed = len(log)
         logger.info("resuming %s after iteration %d", path, resumed)
     if not start:
@@ -652,14 +640,16 @@ def load_depth_width(
         if not shape:
             raise MixMatchError(f"{path} has no input shape: pass example_inputs")
         example_inputs = torch.zeros(1, *[int(v) for v in shape])
-    model.eval()
-    replay(model, state["ops"], example_inputs)
+    _load_weights(replay(model.eval(), state["ops"], example_inputs), state, path)
+    return model, {k: v for k, v in state.items() if k != "state_dict"}
+
+
+def _load_weights(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
     try:
         model.load_state_dict(state["state_dict"], strict=True)
     except RuntimeError as exc:
         raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({str(exc).splitlines()[0][:160]})") from None
     model.eval()
-    return model, {k: v for k, v in state.items() if k != "state_dict"}
 
 
 __all__ = [

@@ -1,9 +1,8 @@
 """Mix-and-Match for NNI 3.0 users: per-layer ``config_list``, a drop-in for uniform configs, pruning, speed-up.
 
-NNI is imported lazily, under ``warnings.catch_warnings()``. The NNI rules every generated ``config_list``
-follows (lists for selectors, Python floats, one entry per layer or per dependency group, anchored
-``op_names_re``, no ``global_group_id``) are described in ``docs/frameworks.md``. :func:`speedup` runs
-``ModelSpeedup`` inside :func:`speedup_compat` (:mod:`mixmatch_plugin.adapters.nni_compat`).
+NNI is imported lazily and quietly. Level entries are one per layer, channel entries one per Torch-Pruning
+dependency group (``dependency_group_id``); :func:`speedup` runs ``ModelSpeedup`` inside :func:`speedup_compat`.
+NNI 3.0's rules and traps: ``docs/adapters.md``.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import io
 import logging
 import math
 import re
+import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from mixmatch_plugin.rules import load_rules, preset_for
 from mixmatch_plugin.signals import DEFAULT_SIGNALS, SignalName
 from mixmatch_plugin.strategies import Strategy
 
-from .nni_compat import FIXES, is_active, mask_updaters, speedup_compat
+from .nni_compat import FIXES, is_active, mask_updaters, plain_timm_layers, speedup_compat
 
 if TYPE_CHECKING:
     from .torch_pruning.options import Fold
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FIXES", "PRUNERS", "SELECTABLE", "NNIResult", "config_list", "coverage", "from_uniform", "is_active",
-    "mask_updaters", "prune", "speedup", "speedup_compat",
+    "mask_updaters", "nni_mode", "plain_timm_layers", "prune", "speedup", "speedup_compat",
 ]
 
 PrunerName = Literal["level", "l1", "l2", "fpgm", "taylor"]
@@ -70,10 +70,6 @@ def _quiet() -> Any:
             nni_logger.setLevel(level)
 
 
-def _selectable(type_name: str) -> bool:
-    return type_name in SELECTABLE
-
-
 def _anchored(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
@@ -92,14 +88,6 @@ def _nni_ratio(channels: int, keep: int) -> float:
     while int(channels * r) < channels - keep:
         r = math.nextafter(r, 1.0)
     return float(r)
-
-
-def _layers_of(model: nn.Module | None, layers: Sequence[Layer] | None) -> list[Layer]:
-    if layers is not None:
-        return list(layers)
-    if model is None:
-        raise MixMatchError("config_list needs the model (or the plan's layers, plan.layers) to know each layer's type")
-    return inventory(model)
 
 
 def config_list(
@@ -141,10 +129,12 @@ def config_list(
     roles = set(only) if only is not None else None
     if mode == "level":
         out: list[dict[str, Any]] = []
-        level_layers = _layers_of(model, layers)
+        if layers is None and model is None:
+            raise MixMatchError("config_list needs the model (or the plan's layers, plan.layers) to know each layer's type")
+        level_layers = list(layers) if layers is not None else inventory(model)  # type: ignore[arg-type]
         check_untied(level_layers, "NNI")
         for layer in level_layers:
-            if layer.kind == "norm" or not _selectable(layer.type):
+            if layer.kind == "norm" or layer.type not in SELECTABLE:
                 continue
             if roles is not None and layer.role not in roles:
                 continue
@@ -172,7 +162,7 @@ def config_list(
     gid = 0
     for g in groups:
         members = [p for p in g.producers if p in inv]
-        bad = [p for p in members if not _selectable(inv[p].type)]
+        bad = [p for p in members if inv[p].type not in SELECTABLE]
         if bad:
             logger.warning("group %s left dense: NNI cannot select %s (%s)", g.key, bad[0], inv[bad[0]].type)
             continue
@@ -248,7 +238,7 @@ def coverage(config: Sequence[Mapping[str, Any]], model: nn.Module) -> dict[str,
         except re.error as exc:
             raise MixMatchError(f"config entry {i}: bad regular expression ({exc})") from None
         for name, module in selected.items():
-            if not _selectable(type(module).__name__):
+            if type(module).__name__ not in SELECTABLE:
                 continue
             if ratio is None:
                 excluded.add(name)
@@ -263,7 +253,7 @@ def from_uniform(
     *,
     calib: Iterable[Any] | None = None,
     strategy: str = "magnitude:midpoint",
-    mode: Mode = "level",
+    mode: Mode | Any = "level",
     example_inputs: Any = None,
     selector: Selector = "op_names",
     signals: Sequence[SignalName] | None = None,
@@ -278,7 +268,8 @@ def from_uniform(
         model: the model the config is for.
         calib: calibration batches (needed for gradient/product strategies).
         strategy: which of the plan's strategies to use (``"<signal>:<shape>"``).
-        mode: ``level`` or ``channel`` (see :func:`config_list`).
+        mode: ``level`` or ``channel`` (see :func:`config_list`), or the NNI pruner the list is for (class,
+            instance or class name, e.g. ``L1NormPruner``): its mode is NNI's own default granularity.
         example_inputs: for ``mode="channel"``.
         selector: ``op_names`` or ``op_names_re`` (anchored).
         signals: the plan's signals (default: all three with ``calib``, else magnitude).
@@ -292,6 +283,7 @@ def from_uniform(
     equals it up to channel rounding, and a group with an uncovered producer stays dense.
     """
 
+    mode = mode if mode in ("level", "channel") else nni_mode(mode)
     covered = coverage(config, model)
     if not covered:
         raise MixMatchError("the config_list selects no layer NNI can prune in this model; check op_types/op_names")
@@ -318,6 +310,26 @@ def from_uniform(
         return [e for e in config_list(s, model, mode="level", selector=selector) if _names(e)[0] in cov]
     entries = config_list(s, model, mode="channel", example_inputs=example_inputs, selector=selector)
     return [e for e in entries if all(n in cov for n in _names(e))]
+
+
+def nni_mode(pruner: Any) -> Mode:
+    """``channel`` for a pruner whose default granularity is output channels (``L1NormPruner`` ...), else ``level``.
+
+    ``pruner`` is an NNI 3.0 pruner class, instance or class name; NNI itself is asked (its default granularity
+    of a weight). A scheduled pruner (``LinearPruner``, ``AGPPruner``) takes the mode of the pruner it wraps.
+    """
+    with _quiet():
+        from nni.compression import pruning
+        from nni.compression.base.target_space import TargetType
+    cls = getattr(pruning, pruner, None) if isinstance(pruner, str) else pruner if isinstance(pruner, type) else type(pruner)
+    if not isinstance(cls, type) or not hasattr(cls, "_set_default_sparse_granularity"):
+        raise MixMatchError(f"mode must be 'level', 'channel' or an NNI pruner (e.g. L1NormPruner), got {pruner!r}")
+    if getattr(pruner, "bound_pruner", None) is not None:
+        return nni_mode(pruner.bound_pruner)
+    if cls.__name__ in ("LinearPruner", "AGPPruner"):
+        raise MixMatchError(f"{cls.__name__} wraps another pruner: pass the wrapped one as mode (e.g. mode=L1NormPruner)")
+    space = types.SimpleNamespace(type=TargetType.PARAMETER)
+    return "level" if cls._set_default_sparse_granularity(None, space) is None else "channel"
 
 
 def _names(entry: Mapping[str, Any]) -> list[str]:
@@ -444,19 +456,22 @@ def prune(
     masks = {n: dict(m) for n, m in masks.items()}
     if pruner != "level" and example_inputs is not None:
         _add_coupled_masks(target, masks, example_inputs)
-    with torch.no_grad():
-        for name, m in masks.items():
-            module = target.get_submodule(name)
-            for pname, mask in m.items():
-                p = getattr(module, pname, None)
-                if isinstance(p, torch.Tensor) and mask is not None:
-                    p.mul_(mask.to(p.dtype))
+    _apply_masks(target, masks)
     sparsity: dict[str, float] = {}
     for name in masks:
         w = getattr(target.get_submodule(name), "weight", None)
         if isinstance(w, torch.Tensor):
             sparsity[name] = float((w == 0).float().mean())
     return NNIResult(target, dict(masks), cfg, pruner, sparsity)
+
+
+@torch.no_grad()
+def _apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor | None]]) -> None:
+    for name, m in masks.items():
+        for pname, mask in m.items():
+            p = getattr(model.get_submodule(name), pname, None)
+            if isinstance(p, torch.Tensor) and mask is not None:
+                p.mul_(mask.to(p.dtype))
 
 
 def _add_coupled_masks(model: nn.Module, masks: dict[str, dict[str, Any]], example_inputs: Any) -> None:
@@ -553,17 +568,13 @@ def speedup(
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     x = dummy_input
+    _apply_masks(target, masks)  # the reference is the masked model
     with torch.no_grad():
-        for name, m in masks.items():  # the reference is the masked model
-            module = target.get_submodule(name)
-            for pname, mask in m.items():
-                p = getattr(module, pname, None)
-                if isinstance(p, torch.Tensor) and mask is not None:
-                    p.mul_(mask.to(p.dtype))
         want = target(*x) if isinstance(x, tuple) else target(x)
     with _quiet():
         from nni.compression.speedup import ModelSpeedup
-    nni_masks = {n: {k: v for k, v in m.items() if v is not None} for n, m in masks.items()}
+    renamed = set(plain_timm_layers(target))  # timm's BatchNormAct2d and Linear, as plain layers (see nni_compat)
+    nni_masks = {n + (".0" if n in renamed else ""): {k: v for k, v in m.items() if v is not None} for n, m in masks.items()}
     try:
         with _quiet(), speedup_compat():
             ModelSpeedup(target, x, nni_masks, customized_mask_updaters=mask_updaters()).speedup_model()

@@ -1,9 +1,9 @@
 """Make NNI 3.0's ``ModelSpeedup`` work on torch >= 2.2 and Python 3.11, inside a context manager.
 
-NNI 3.0 traces models with its own ``concrete_trace``, which breaks on modern torch (NNI issue 5768).
-:func:`speedup_compat` fixes its five causes while the ``with`` block runs and restores everything on exit;
-:func:`mask_updaters` adds the LayerNorm mask updater ViTs need. The five fixes, and which tests show each
-is necessary, are described in ``docs/frameworks.md``. After speed-up call ``model.eval()``.
+:func:`speedup_compat` applies the fixes of :data:`FIXES` while its ``with`` block runs (nothing is patched at
+import); :func:`mask_updaters` keeps LayerNorm masks; :func:`plain_timm_layers` turns timm's ``BatchNormAct2d``
+and ``Linear`` into plain layers. What each fix does and why: ``docs/adapters.md``. After speed-up call
+``model.eval()``: BatchNorm comes back in training mode.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ _JUMPS_311 = (
     "POP_JUMP_IF_TRUE",
 )
 _ACTIVE = [0]
-#: The five fixes, by name (see the module docstring for what each one does).
-FIXES = ("tensorbase", "is_impure", "bytecode", "handle_torch_function", "assert")
+#: The fixes, by name (see the module docstring for what each one does).
+FIXES = ("tensorbase", "is_impure", "bytecode", "handle_torch_function", "assert", "output_randomize")
 _OLD_PREFIX = "func.__qualname__.startswith('_TensorBase')"
 _NEW_PREFIX = "func.__qualname__.startswith(('_TensorBase', 'TensorBase'))"
 
@@ -86,7 +86,7 @@ def _dis_shim() -> types.SimpleNamespace:
 def speedup_compat(fixes: Collection[str] = FIXES) -> Iterator[None]:
     """Patch NNI 3.0's tracer for torch >= 2.2 while the block runs; restore everything afterwards.
 
-    ``fixes`` selects which of the five fixes (:data:`FIXES`) to apply: all by default. Leaving
+    ``fixes`` selects which of the fixes (:data:`FIXES`) to apply: all by default. Leaving
     one out reproduces that crash (the tests do this to show each fix is needed).
 
     Example::
@@ -141,6 +141,16 @@ def speedup_compat(fixes: Collection[str] = FIXES) -> Iterator[None]:
                 d = getattr(mod, "__dict__", None)
                 if isinstance(d, dict) and d.get("_assert") is original_assert:
                     setp(mod, "_assert", _assert)
+        if "output_randomize" in fixes:  # 6
+            from nni.compression.speedup import mask_updater as mu
+
+            def direct_update_process(self: Any, model_speedup: Any, node: Any) -> None:
+                info = model_speedup.node_infos[node]
+                info.output_masks = mu.tree_map_zip(lambda t: None, info.output_origin)
+                for gone in model_speedup.user_to_last_uses.get(node, []) if model_speedup.garbage_collect_values else []:
+                    model_speedup.node_infos[gone].output_randomize = None
+
+            setp(mu.NoMaskUpdater, "direct_update_process", direct_update_process)
         _ACTIVE[0] += 1
         try:
             yield
@@ -196,3 +206,26 @@ def _layer_norm_updater_class() -> type:
 def mask_updaters() -> list[Any]:
     """Mask updaters for ``ModelSpeedup(customized_mask_updaters=...)``: :class:`LayerNormMaskUpdater`."""
     return [_layer_norm_updater_class()()]
+
+
+def plain_timm_layers(model: torch.nn.Module) -> list[str]:
+    """Replace timm's ``BatchNormAct2d`` by ``Sequential(BatchNorm2d, drop, act)`` and timm's ``Linear`` by
+    ``nn.Linear`` (same weights; call before pruning, the names change); return the replaced BatchNorms' names."""
+    nn = torch.nn
+    renamed: list[str] = []
+    for name, parent in list(model.named_modules()):
+        for child_name, c in list(parent.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(c, nn.Linear) and type(c) is not nn.Linear and type(c).__name__ == "Linear":
+                new: nn.Module = nn.Linear(c.in_features, c.out_features, c.bias is not None)
+                new.load_state_dict(c.state_dict())
+            elif isinstance(c, nn.BatchNorm2d) and type(c).__name__ == "BatchNormAct2d":
+                bn = nn.BatchNorm2d(c.num_features, c.eps, c.momentum, c.affine, c.track_running_stats)
+                bn.load_state_dict(c.state_dict(), strict=False)
+                rest: Any = (c.drop, c.act)
+                new = nn.Sequential(bn, *rest)
+                renamed.append(full)
+            else:
+                continue
+            setattr(parent, child_name, new.train(c.training))
+    return renamed

@@ -10,11 +10,14 @@ All functions work on numpy vectors over the layers of an inventory: ``n`` (weig
 * :func:`extend_ranges` moves the ranges themselves (one common log-odds shift of both ends, inside
   the hard bounds) when the budget lies outside what the ranges can reach.
 * :func:`exact_counts` rounds ratios to whole weights so that the global count is met exactly.
+* :func:`removal_path` and :func:`closest_prefix`: channel groups (structured pruning) under a cost budget,
+  from measured loss curves, greedily on their convex hulls; any budget's allocation is a prefix of one path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -140,3 +143,57 @@ def exact_counts(rho: np.ndarray, n: np.ndarray, target: float | None = None) ->
             f"{want} of {int(n.sum())} weights cannot be pruned in whole weights without emptying a layer; lower the target"
         )
     return k
+
+
+def convex_curve(channels: int, removed: Sequence[int], dloss: Sequence[float]) -> np.ndarray:
+    """Loss increase for 0..``channels`` removed channels from measured ``dloss`` at counts ``removed``: made
+    non-decreasing (noise is never a gain), their lower convex hull, extended with its last slope."""
+    xs = np.array([0, *removed], float)
+    ys = np.maximum.accumulate(np.maximum(np.array([0.0, *dloss], float)[np.argsort(xs)], 0.0))
+    xs = np.sort(xs)
+    hull: list[int] = []
+    for i in range(len(xs)):
+        while len(hull) >= 2 and (ys[hull[-1]] - ys[hull[-2]]) * (xs[i] - xs[hull[-2]]) >= (ys[i] - ys[hull[-2]]) * (xs[hull[-1]] - xs[hull[-2]]):
+            hull.pop()
+        hull.append(i)
+    hx, hy = xs[hull], ys[hull]
+    slope = (hy[-1] - hy[-2]) / (hx[-1] - hx[-2]) if len(hull) > 1 else 0.0
+    j = np.arange(channels + 1, dtype=float)
+    return np.where(j > hx[-1], hy[-1] + slope * (j - hx[-1]), np.interp(j, hx, hy))
+
+
+def removal_path(curves: Sequence[np.ndarray], cost: np.ndarray, uses: np.ndarray, lo: Sequence[int],
+                 step: int = 1) -> list[tuple[int, int]]:
+    """The greedy removal order of channels across groups, ``[(group, channels removed), ...]``, down to ``lo``.
+
+    ``curves[g][j]``: the convex loss increase with ``j`` of group ``g``'s ``C_g`` channels removed. The cost is
+    ``Σ_m cost[m] Π_{g: uses[m, g]} keep_g / C_g``, exact for layers whose widths are groups'. Each move takes one
+    group to its next multiple of ``step``: the one with the least loss increase per unit of cost saved, from
+    the exact marginal cost, so coupled groups (a conv between two pruned groups) are accounted for.
+    """
+    size = np.array([len(c) - 1 for c in curves], float)
+    keep, low, use = size.copy(), np.asarray(lo, float), np.asarray(uses, float)
+    path: list[tuple[int, int]] = []
+    while True:
+        saving = (use.T @ (cost * np.exp(use @ np.log(keep / size)))) / keep  # the cost is linear in each keep_g
+        s = np.minimum(np.where(keep % step > 0, keep % step, step), keep - low).astype(int)
+        r = (size - keep).astype(int)
+        loss = np.array([c[ri + si] - c[ri] for c, ri, si in zip(curves, r, s, strict=True)])
+        ratio = np.where((s > 0) & (saving > 0), loss / np.maximum(saving * s, 1e-300), np.inf)
+        g = int(np.argmin(ratio))
+        if not np.isfinite(ratio[g]):
+            return path
+        keep[g] -= s[g]
+        path.append((g, int(s[g])))
+
+
+def closest_prefix(n: int, cost: Callable[[int], float], budget: float) -> tuple[int, float]:
+    """The prefix length in ``[0, n]`` whose ``cost`` (non-increasing in the length) is closest to ``budget``,
+    and its cost, by bisection (about ``log2(n)`` calls of ``cost``)."""
+    f = functools.cache(cost)
+    lo, hi = 0, n
+    while hi - lo > 1 and f(hi) <= budget:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if f(mid) > budget else (lo, mid)
+    best = lo if hi - lo <= 1 and f(hi) <= budget and abs(f(lo) - budget) <= abs(f(hi) - budget) else hi
+    return best, f(best)

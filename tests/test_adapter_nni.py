@@ -460,3 +460,48 @@ def test_channel_masks_cover_batchnorm_so_the_masked_model_equals_the_sped_up_on
     raw.eval()
     with torch.no_grad():
         assert (raw(x) - masked(x)).abs().max() > 1e-3
+
+
+def test_from_uniform_infers_channel_mode_from_the_pruner(resnet):
+    # pasted into an L1NormPruner script: grouped channel entries, the mode asked of NNI itself
+    m, x, _ = resnet
+    pruning, _, _ = _nni()
+    uniform = [{"op_names_re": [r"layer[34]\."], "op_types": ["Conv2d"], "sparse_ratio": 0.5}]
+    assert mnni.nni_mode(pruning.L1NormPruner) == "channel" and mnni.nni_mode("LevelPruner") == "level"
+    cfg = mnni.from_uniform(uniform, m, mode=pruning.L1NormPruner, example_inputs=x)
+    assert cfg == mnni.from_uniform(uniform, m, mode="channel", example_inputs=x)
+    assert any("dependency_group_id" in e for e in cfg)
+    with pytest.raises(MixMatchError, match="wraps another pruner"):
+        mnni.from_uniform(uniform, m, mode="AGPPruner", example_inputs=x)
+    with pytest.raises(MixMatchError, match="an NNI pruner"):
+        mnni.from_uniform(uniform, m, mode="LevelPrunr")
+
+
+def test_speedup_of_timm_mobilenetv3_through_the_shim():
+    # NNI 3.0: '_output_randomize' typo, BatchNormAct2d traced into, timm's Linear not replaced
+    pruning, _, _ = _nni()
+    from nni.compression.speedup import ModelSpeedup
+
+    torch.manual_seed(0)
+    m = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = m(x)
+        assert mnni.plain_timm_layers(m) and float((m(x) - want).abs().max()) == 0.0
+    convs = [n for n, c in m.named_modules() if isinstance(c, nn.Conv2d) and c.groups == 1 and ".se." not in n and n != "conv_stem"]
+    pr = pruning.L1NormPruner(m, [{"op_names": convs, "sparse_ratio": 0.5}])
+    _, masks = pr.compress()
+    pr.unwrap_model()
+    before = sum(p.numel() for p in m.parameters())
+    with mnni.speedup_compat(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ModelSpeedup(m, x, masks, customized_mask_updaters=mnni.mask_updaters()).speedup_model()
+    m.eval()
+    assert m(x).shape == (2, 10) and sum(p.numel() for p in m.parameters()) < 0.8 * before
+    # the adapter's own path converts them itself (and maps the BatchNorm masks to the new names)
+    torch.manual_seed(0)
+    fresh = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10).eval()
+    p = mm.plan(fresh, signals=("magnitude",), target=0.3, on_unreachable="extend")
+    res = mnni.prune(fresh, p.strategy("magnitude:midpoint"), "l1", example_inputs=x)
+    fast = mnni.speedup(res.model, res.masks, x)  # raises unless it equals the masked model
+    assert sum(q.numel() for q in fast.parameters()) < 0.8 * before

@@ -57,6 +57,19 @@ def test_prune_writes_a_model_that_rebuilds(tmp_path, resnet_plan, backend, extr
         assert zeros > 0.3
 
 
+def test_prune_tp_macs_budget(tmp_path, resnet_plan):
+    out = tmp_path / "macs.pt"
+    r = _run("prune", "--plan", str(resnet_plan), "--strategy", "magnitude:midpoint", "--backend", "tp", "--macs", "0.5",
+             "--out", str(out), "--calib-samples", "64")
+    assert r.exit_code == 0, r.output
+    model, meta = load_pruned(out)
+    assert abs(meta["report"]["macs_after"] / meta["report"]["macs_before"] - 0.5) <= 0.05  # an 8-wide model: coarse steps
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    r = CliRunner().invoke(main, ["prune", "--plan", str(resnet_plan), "--strategy", "magnitude:midpoint", "--macs", "0.5",
+                                  "--out", str(tmp_path / "x.pt")])
+    assert r.exit_code != 0 and "--backend tp" in r.output
+
+
 def test_prune_tp_vit_rebuilds_attention(tmp_path):
     plan = tmp_path / "vit.json"
     r = _run("plan", "--model", "tests.helpers:small_vit", "--calib", "digits", "--calib-samples", "64",

@@ -36,3 +36,11 @@ def test_torch_pruning_vit_example():
     assert "pruned accuracy after fine-tuning" in text and "pruning_ratio_dict:" in text
     err = float(text.split("channel-zeroed original ")[1].split()[0])
     assert err <= 1e-4
+
+
+@pytest.mark.slow
+def test_torch_pruning_dropin_example():
+    pytest.importorskip("torch_pruning")
+    text = _run("torch_pruning_dropin.py")
+    kept = [float(line.split("MACs kept ")[1].split(",")[0]) for line in text.splitlines() if "MACs kept" in line]
+    assert len(kept) == 2 and abs(kept[1] - kept[0]) <= 0.02 * kept[0]  # the same MACs as the MetaPruner call

@@ -1,22 +1,22 @@
-"""Mix-and-Match for Torch-Pruning 1.6.1: structured pruning by a strategy, one ratio per dependency group.
+"""Mix-and-Match for Torch-Pruning 1.6.1: structured pruning, one ratio per dependency group, or a MACs budget.
 
-:func:`pruner_kwargs` (and :func:`pruning_ratio_dict`) feed your own ``tp.pruner.MetaPruner``; :func:`prune`
-prunes a copy by :class:`TPOptions` and returns a :class:`TPResult` with a :class:`PruneReport`;
-:func:`zeroed_reference` is what the pruned model must equal. Modules: :mod:`.options`, :mod:`.planning`
-(groups and ratios), :mod:`.importance`, :mod:`.prune`, :mod:`.verify`, :mod:`.timm_layers`, :mod:`.report`.
-The fold rule, the clamps and the timm architectures handled are described in ``docs/frameworks.md``.
+:func:`prune` (a strategy's targets folded per group, or ``macs=``/``params=``), :func:`from_metapruner` (a
+``MetaPruner`` call's keywords, reallocated), :func:`pruner_kwargs`/:func:`pruning_ratio_dict` (for your own
+``MetaPruner``), :func:`fix_attention`, :func:`zeroed_reference`, :func:`rebuild`. How groups are folded, the
+timm handling and every trap: ``docs/adapters.md``; budgets and the drop-in: ``docs/structured.md``.
 """
 
 from __future__ import annotations
 
 from .options import TPOptions
 from .planning import plan_groups, pruner_kwargs, pruning_ratio_dict
-from .prune import prune, rebuild
+from .prune import from_metapruner, prune, rebuild
 from .report import PruneReport, TPResult
 from .timm_layers import attention_head_dims, fix_attention
 from .verify import count_macs, zeroed_reference
 
 __all__ = [
-    "PruneReport", "TPOptions", "TPResult", "attention_head_dims", "count_macs", "fix_attention", "plan_groups", "prune",
+    "PruneReport", "TPOptions", "TPResult", "attention_head_dims", "count_macs", "fix_attention", "from_metapruner",
+    "plan_groups", "prune",
     "pruner_kwargs", "pruning_ratio_dict", "rebuild", "zeroed_reference",
 ]

@@ -20,7 +20,7 @@ from mixmatch_plugin.strategies import Strategy
 
 from .options import FOLDS, TOKEN_PARAMS, Fold, TPOptions
 from .report import GroupPlan
-from .timm_layers import PatchMergingPruner, timm_classes
+from .timm_layers import PatchMergingPruner, clear_caches, timm_classes
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +157,6 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
     return ModelSetup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed, swin)
 
 
-def attention_items(setup: ModelSetup) -> list[tuple[str, Any]]:
-    return list(setup.attentions.items())
-
-
 def setup_head_dims(setup: ModelSetup) -> dict[str, int]:
     out: dict[str, int] = {}
     for n, a in setup.attentions.items():
@@ -197,29 +193,13 @@ def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
     return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
 
-def build_pruner(
-    model: nn.Module, example_inputs: Any, setup: ModelSetup, prune_heads: bool, forward_fn: Callable[..., Any] | None
-) -> tp.pruner.MetaPruner:
+def build_pruner(model: nn.Module, example_inputs: Any, setup: ModelSetup, prune_heads: bool,
+                 forward_fn: Callable[..., Any] | None, importance: Any = None) -> tp.pruner.MetaPruner:
     """A ``MetaPruner`` that only traces: no ratio yet (the groups are planned from it), magnitude importance."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
-        return tp.pruner.MetaPruner(
-            model,
-            example_inputs,
-            importance=tp.importance.GroupMagnitudeImportance(p=1),
-            pruning_ratio=0.0,  # every group has an entry; anything else must stay intact
-            max_pruning_ratio=1.0,  # it would not cap dict ratios anyway (TP issue 448): clamped here instead
-            ignored_layers=list(setup.ignored) + list(setup.ignored_params),
-            round_to=None,  # rounding is planned here, to the nearest multiple, not TP's floor
-            in_channel_groups={},  # fresh dicts: TP's defaults are shared mutable objects
-            out_channel_groups={},
-            num_heads=dict(setup.num_heads),
-            prune_num_heads=prune_heads,
-            prune_head_dims=not prune_heads,
-            customized_pruners=dict(setup.customized),
-            unwrapped_parameters=list(setup.unwrapped),
-            forward_fn=forward_fn,
-        )
+        return tp.pruner.MetaPruner(model, example_inputs, importance=importance or tp.importance.GroupMagnitudeImportance(p=1),
+                                    **kwargs_from(setup, [], prune_heads, forward_fn))
 
 
 def fold_ratio(targets: Mapping[str, float], weights: Mapping[str, int], fold: Fold = "mean") -> float:
@@ -272,8 +252,10 @@ def analyse_groups(
     strategy: Strategy,
     setup: ModelSetup,
     o: TPOptions,
+    keeps: Mapping[str, int] | None = None,
 ) -> list[GroupPlan]:
     names = {m: n for n, m in model.named_modules()}
+    ignored = {names[m] for m in pruner.ignored_layers if isinstance(m, nn.Module) and m in names}
     params = {n: int(m.weight.numel()) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     DG = pruner.DG
     plans: list[GroupPlan] = []
@@ -308,7 +290,7 @@ def analyse_groups(
             ch_groups = int(setup.num_heads[qkv])
             channels = int(qkv.out_features) // (3 * ch_groups)
             key_mod = qkv
-        targets = {p: float(strategy.ratios.get(p, 0.0)) for p in producers if p not in _ignored_names(model, pruner)}
+        targets = {p: float(strategy.ratios.get(p, 0.0)) for p in producers if p not in ignored}
         target = fold_ratio(targets, params, o.fold)
         if qkv is not None and o.prune_heads:
             heads = int(setup.num_heads[qkv])
@@ -317,20 +299,13 @@ def analyse_groups(
             plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep, ratio,
                                    heads=heads, clamped=why, module=key_mod))
             continue
-        min_keep = max(1, o.round_to or 1)
-        keep, why = _plan_keep(channels, target, min_keep, o.round_to, o.max_ratio)
+        if keeps is not None:  # a budget's allocation, already inside the bounds
+            keep, why = keeps.get(key, channels), ""
+        else:
+            keep, why = _plan_keep(channels, target, max(1, o.round_to or 1), o.round_to, o.max_ratio)
         plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep,
                                _tp_ratio(channels, keep), clamped=why, module=key_mod))
     return plans
-
-
-def _ignored_names(model: nn.Module, pruner: tp.pruner.MetaPruner) -> set[str]:
-    cached = getattr(pruner, "_mixmatch_ignored_names", None)
-    if cached is None:
-        ids = {id(m) for m in pruner.ignored_layers}
-        cached = {n for n, m in model.named_modules() if id(m) in ids}
-        pruner._mixmatch_ignored_names = cached
-    return cached
 
 
 def check_tp_strategy(model: nn.Module, strategy: Strategy) -> None:
@@ -341,7 +316,8 @@ def check_tp_strategy(model: nn.Module, strategy: Strategy) -> None:
     check_strategy(strategy, layers, complete=False)
 
 
-def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOptions) -> tuple[ModelSetup, list[GroupPlan]]:
+def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOptions,
+            keeps: Mapping[str, int] | None = None) -> tuple[ModelSetup, list[GroupPlan]]:
     """Check the strategy and options, trace ``model`` once (eval mode, restored) and plan every group."""
     check_tp_strategy(model, strategy)
     o.check()
@@ -349,8 +325,9 @@ def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOpti
     try:
         setup = model_setup(model, o.ignored_layers, o.prune_heads, o.ignore_classifier)
         pruner = build_pruner(model, example_inputs, setup, o.prune_heads, o.forward_fn)
-        return setup, analyse_groups(pruner, model, strategy, setup, o)
+        return setup, analyse_groups(pruner, model, strategy, setup, o, keeps)
     finally:
+        clear_caches(model)
         model.train(was_training)
 
 
@@ -398,11 +375,11 @@ def kwargs_from(setup: ModelSetup, plans: Sequence[GroupPlan], prune_heads: bool
         else:
             ratio_dict[p.module] = p.ratio
     return {
-        "pruning_ratio": 0.0,
+        "pruning_ratio": 0.0,  # every group has an entry; anything else must stay intact
         "pruning_ratio_dict": ratio_dict,
-        "max_pruning_ratio": 1.0,
+        "max_pruning_ratio": 1.0,  # it would not cap dict ratios anyway (TP issue 448): clamped here instead
         "ignored_layers": list(setup.ignored) + list(setup.ignored_params),
-        "in_channel_groups": {},
+        "in_channel_groups": {},  # fresh dicts: TP's defaults are shared mutable objects
         "out_channel_groups": {},
         "num_heads": dict(setup.num_heads),
         "prune_num_heads": prune_heads,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import warnings
@@ -17,12 +16,12 @@ from torch import nn
 from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.strategies import Strategy
 
+from .allocation import allocate
 from .importance import GroupGradientImportance, calibrate, resolve_importance
 from .options import TPOptions
 from .planning import (
     ModelSetup,
     analyse,
-    attention_items,
     build_pruner,
     check_tp_strategy,
     kwargs_from,
@@ -32,7 +31,7 @@ from .planning import (
     translate_ignored,
 )
 from .report import GroupPlan, GroupResult, PruneReport, RemovedItem, TPResult
-from .timm_layers import fix_attention, fix_dims
+from .timm_layers import attention_head_dims, clear_caches, fix_attention, fix_dims, safe_deepcopy
 from .verify import check_runs, count_macs, record_removed, verify_pruned
 
 logger = logging.getLogger(__name__)
@@ -40,28 +39,39 @@ logger = logging.getLogger(__name__)
 
 def prune(
     model: nn.Module,
-    strategy: Strategy,
+    strategy: Strategy | None,
     example_inputs: Any,
     *,
     calib: Iterable[Any] | None = None,
     options: TPOptions | None = None,
     inplace: bool = False,
+    macs: float | None = None,
+    params: float | None = None,
 ) -> TPResult:
     """Structurally prune ``model`` by ``strategy`` with Torch-Pruning; return the model and a report.
 
     Args:
         model: the model; a deep copy is pruned unless ``inplace=True``.
-        strategy: a plan's strategy (per-layer targets, folded per dependency group; see the module doc).
+        strategy: a plan's strategy (per-layer targets, folded per dependency group; see the module doc);
+            with a budget it gives only the signal (the importance), and may be ``None`` (magnitude).
         example_inputs: inputs for tracing (a tensor, a tuple of positional inputs, or a dict).
-        calib: calibration batches ``(inputs, labels)``; needed for Taylor and gradient importance.
+        calib: calibration batches ``(inputs, labels)``; needed for Taylor and gradient importance, and
+            used (inputs only) for the loss curves of a budget.
         options: fold, rounding, heads, ignored layers, importance, verification (see :class:`TPOptions`).
         inplace: prune ``model`` itself.
+        macs, params: a budget instead of the strategy's ratios: the fraction of MACs (or parameters) to keep,
+            met within 1 % by Torch-Pruning's counter; the groups are allocated by measured loss curves
+            (see :mod:`.allocation`).
 
     Raises:
         MixMatchError: an unsupported layer (named), a strategy that does not fit the model, missing
-            calibration data, or a pruned model that fails verification.
+            calibration data, a budget that cannot be met, or a pruned model that fails verification.
     """
     o = options or TPOptions()
+    budget = {k: v for k, v in (("macs", macs), ("params", params)) if v is not None}
+    if len(budget) > 1 or (budget and o.prune_heads) or (strategy is None and not budget):
+        raise MixMatchError("pass a strategy, or one budget (macs= or params=) without prune_heads")
+    strategy = strategy or Strategy(f"{next(iter(budget))}-budget", "magnitude", {}, 0.0, {})
     check_tp_strategy(model, strategy)
     o.check()
     imp, imp_name, needs_grad = resolve_importance(o.importance, strategy.signal)
@@ -71,30 +81,28 @@ def prune(
             "(or importance='magnitude')"
         )
     original_training = model.training
-    work = model if inplace else copy.deepcopy(model)
-    original = copy.deepcopy(model) if o.verify else None
+    work = model if inplace else safe_deepcopy(model)
+    original = safe_deepcopy(model) if o.verify else None
+    clear_caches(work)
     if not inplace and o.ignored_layers:
         o = replace(o, ignored_layers=translate_ignored(model, work, o.ignored_layers))
 
-    # 1. sizes before, and one ratio per dependency group
+    # 1. sizes before; the importance (a backward pass over the calibration batches for gradient-based ones)
     t0 = time.perf_counter()
     macs0, params0 = _sizes(work, example_inputs)
-    setup, plans = analyse(work, strategy, example_inputs, o)
-    t_groups = time.perf_counter() - t0
-    # 2. the importance (a backward pass over the calibration batches for gradient-based ones)
-    t1 = time.perf_counter()
     if needs_grad:
         assert calib is not None
         work.eval()
         grad_scores = calibrate(work, calib, o.loss_fn, o.max_batches)
         imp = imp if imp is not None else GroupGradientImportance(grad_scores)
+    # 2. one ratio per dependency group: the strategy's, folded, or a budget's allocation
+    keeps = _allocate(work, example_inputs, calib, imp, o, budget, macs0, params0) if budget else None
+    setup, plans = analyse(work, strategy, example_inputs, o, keeps)
+    t_groups = time.perf_counter() - t0
     # 3. pruning, group by group, recording what goes
+    t1 = time.perf_counter()
     out_before = {p.key: out_width(work.get_submodule(p.key)) for p in plans}
-    head_dims = setup_head_dims(setup)  # before pruning: fix_attention rescales from these
-    pruner, removed = _remove(work, example_inputs, imp, setup, plans, o, inplace)
-    new_heads = {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in attention_items(setup)}
-    fix_attention(work, head_dims, new_heads)
-    fix_dims(work)
+    pruner, removed, new_heads = _prune_planned(work, example_inputs, imp, setup, plans, o, inplace)
     for param in work.parameters():
         param.grad = None
     t_prune = time.perf_counter() - t1
@@ -118,6 +126,82 @@ def prune(
     logger.info("pruned %s: params %.1f%%, MACs %.1f%%", strategy.name, 100 * report.params_ratio, 100 * report.macs_ratio)
     history = [[str(n), bool(flag), [int(i) for i in idx]] for n, flag, idx in pruner.pruning_history()]
     return TPResult(work, report, removed, history, new_heads)
+
+
+def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[Any] | None = None, macs: float | None = None,
+                    **metapruner_kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments of your ``tp.pruner.MetaPruner(model, example_inputs, **kwargs)`` call, reallocated.
+
+    Your call runs once on a copy, exactly as Torch-Pruning runs it (``pruning_ratio``, ``pruning_ratio_dict``,
+    ``global_pruning``, ``isomorphic``, ``round_to``, ``max_pruning_ratio``); the MACs it keeps (or ``macs=``)
+    become the budget of :func:`prune`'s allocation, in steps of your ``round_to``, ranked by your ``importance``,
+    with your ``ignored_layers``, ``num_heads`` and ``forward_fn``. The model is not changed. Example::
+
+        kw = mm_tp.from_metapruner(model, x, calib=loader, importance=imp, pruning_ratio=0.5, ignored_layers=[model.fc])
+        pruner = tp.pruner.MetaPruner(model, x, **kw)   # was: tp.pruner.MetaPruner(model, x, importance=imp, ...)
+    """
+    kw = dict(metapruner_kwargs)
+    macs0, params0 = _sizes(model, example_inputs)
+    if macs is None:
+        trial, trial_kw = safe_deepcopy((model, kw), model)
+        dims = attention_head_dims(trial)
+        try:
+            pruner = tp.pruner.MetaPruner(trial, example_inputs, **trial_kw)
+            pruner.step()
+        except Exception as exc:
+            raise MixMatchError(f"your MetaPruner call fails as given ({type(exc).__name__}: {str(exc)[:160]}); fix it, "
+                                "or pass macs= to skip it") from exc
+        attn = {n: trial.get_submodule(n) for n in dims}
+        fix_attention(trial, dims, {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in attn.items()})
+        macs = count_macs(trial, example_inputs)[0] / macs0
+    imp = kw.pop("importance", None) or tp.importance.GroupMagnitudeImportance(p=2)
+    o = TPOptions(round_to=kw.get("round_to"), ignored_layers=kw.get("ignored_layers"), importance=imp,
+                  forward_fn=kw.get("forward_fn"), verify=False)
+    keeps = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)
+    setup, plans = analyse(model, Strategy("budget", "magnitude", {}, 0.0, {}), example_inputs, o, keeps)
+    out = kwargs_from(setup, plans, False, o.forward_fn)
+    out["num_heads"].update(kw.get("num_heads") or {})
+    out["customized_pruners"].update(kw.get("customized_pruners") or {})
+    for key in set(kw) - set(out) - {"pruning_ratio", "global_pruning", "isomorphic", "round_to", "iterative_steps",
+                                     "iterative_pruning_ratio_scheduler", "head_pruning_ratio"}:
+        out[key] = kw[key]  # everything else of your call (output_transform, root_module_types ...)
+    return {"importance": imp, **out}
+
+
+def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None, imp: Any, o: TPOptions,
+              budget: dict[str, float], macs0: int, params0: int) -> dict[str, int]:
+    """A budget's keep counts per group key; each candidate is pruned on a copy and counted for real."""
+    kind = next(iter(budget))
+    zero = Strategy("budget", "magnitude", {}, 0.0, {})
+    count_opts = replace(o, importance="magnitude", verify=False)
+
+    def real_size(keeps: dict[str, int]) -> float:
+        trial, trial_opts = safe_deepcopy((work, count_opts), work)  # ignored_layers follow to the copy
+        setup, plans = analyse(trial, zero, example_inputs, trial_opts, keeps)
+        _prune_planned(trial, example_inputs, tp.importance.GroupMagnitudeImportance(p=1), setup, plans, trial_opts, False)
+        m, p = count_macs(trial, example_inputs)
+        return m / macs0 if kind == "macs" else p / params0
+
+    was = work.training
+    try:
+        setup = model_setup(work, o.ignored_layers, False, o.ignore_classifier)
+        pruner = build_pruner(work, example_inputs, setup, False, o.forward_fn, imp)
+        return allocate(work, example_inputs, pruner, calib, budget, real_size, o)
+    finally:
+        clear_caches(work)
+        work.train(was)
+
+
+def _prune_planned(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelSetup, plans: list[GroupPlan],
+                   o: TPOptions, inplace: bool) -> tuple[tp.pruner.MetaPruner, list[RemovedItem], dict[str, int]]:
+    """Remove the planned channels and repair timm attention; return the pruner, the removed items, the new heads."""
+    head_dims = setup_head_dims(setup)  # before pruning: fix_attention rescales from these
+    pruner, removed = _remove(work, example_inputs, imp, setup, plans, o, inplace)
+    new_heads = {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in setup.attentions.items()}
+    fix_attention(work, head_dims, new_heads)
+    fix_dims(work)
+    clear_caches(work)
+    return pruner, removed, new_heads
 
 
 def _sizes(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -145,20 +229,15 @@ def _remove(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelSetup, p
                 removed.extend(record_removed(group, pruner.DG, names, pnames))
                 group.prune()
     except Exception as exc:
-        if inplace:
-            raise MixMatchError(
-                f"Torch-Pruning failed while pruning ({type(exc).__name__}: {first_line(exc)}); the model was pruned in "
-                "place and may be partly pruned: reload it, and build a new pruner (a failed step() is used up)"
-            ) from exc
-        raise MixMatchError(
-            f"Torch-Pruning failed while pruning ({type(exc).__name__}: {first_line(exc)}); your model is unchanged"
-        ) from exc
+        state = ("the model was pruned in place and may be partly pruned: reload it, and build a new pruner (a failed "
+                 "step() is used up)") if inplace else "your model is unchanged"
+        raise MixMatchError(f"Torch-Pruning failed while pruning ({type(exc).__name__}: {first_line(exc)}); {state}") from exc
     return pruner, removed
 
 
 def _results(work: nn.Module, setup: ModelSetup, plans: list[GroupPlan], out_before: dict[str, int]) -> list[GroupResult]:
     """Planned against realized pruning per group."""
-    qkv_mods = {a.qkv for _, a in attention_items(setup)}
+    qkv_mods = {a.qkv for _, a in setup.attentions.items()}
     groups: list[GroupResult] = []
     for p in plans:
         now = out_width(work.get_submodule(p.key))

@@ -43,11 +43,7 @@ class GroupPlan:
     module: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key, "producers": self.producers, "consumers": self.consumers, "channels": self.channels,
-            "channel_groups": self.channel_groups, "target": self.target, "keep": self.keep, "ratio": self.ratio,
-            "heads": self.heads, "clamped": self.clamped,
-        }
+        return {k: v for k, v in self.__dict__.items() if k not in ("targets", "module")}
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, and the repair of
-attention modules after their ``qkv`` was pruned."""
+"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, the repair of
+attention modules after their ``qkv`` was pruned, and two fixes: deep copies of models holding cached
+non-leaf tensors, and Torch-Pruning 1.6.1's LayerNorm pruning (fixed for the whole process on import)."""
 
 from __future__ import annotations
 
+import copy
+import importlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch_pruning as tp
@@ -15,30 +18,19 @@ from torch import nn
 from mixmatch_plugin.errors import MixMatchError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def timm_classes() -> dict[str, tuple[Any, ...]]:
     """The timm classes this adapter knows; empty tuples when timm (or a class) is missing."""
-    out: dict[str, tuple[Any, ...]] = {"attention": (), "window_attention": (), "patch_merging": (), "layernorm2d": ()}
-    try:
-        from timm.layers import Attention
-
-        out["attention"] = (Attention,)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    try:
-        from timm.models.swin_transformer import PatchMerging, WindowAttention
-
-        out["window_attention"] = (WindowAttention,)
-        out["patch_merging"] = (PatchMerging,)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from timm.layers import LayerNorm2d
-
-        out["layernorm2d"] = (LayerNorm2d,)
-    except ImportError:  # pragma: no cover
-        pass
+    out: dict[str, tuple[Any, ...]] = {}
+    for key, module, name in (("attention", "timm.layers", "Attention"), ("layernorm2d", "timm.layers", "LayerNorm2d"),
+                              ("window_attention", "timm.models.swin_transformer", "WindowAttention"),
+                              ("patch_merging", "timm.models.swin_transformer", "PatchMerging")):
+        try:
+            out[key] = (getattr(importlib.import_module(module), name),)
+        except (ImportError, AttributeError):  # pragma: no cover - timm is a dependency
+            out[key] = ()
     return out
 
 
@@ -124,3 +116,47 @@ def fix_dims(model: nn.Module) -> None:
         norm1 = getattr(m, "norm1", None)
         if hasattr(m, "dim") and isinstance(norm1, nn.LayerNorm) and isinstance(m.dim, int):
             m.dim = int(norm1.normalized_shape[-1])
+
+
+def safe_deepcopy(obj: T, model: nn.Module | None = None) -> T:
+    """``copy.deepcopy(obj)`` (``obj`` is ``model`` or holds it) that also works after an eval-mode forward with gradients on.
+
+    timm's LeViT, EfficientFormer and TinyViT then cache ``attention_biases[:, idxs]``, a non-leaf tensor
+    that ``deepcopy`` refuses; the copy gets detached clones of such tensors and ``model`` is not changed.
+    """
+    memo: dict[int, Any] = {}
+    root: Any = model if model is not None else obj
+    for m in root.modules():
+        for v in m.__dict__.values():
+            for t in v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]:
+                if isinstance(t, torch.Tensor) and not t.is_leaf:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(obj, memo)
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Empty timm's attention-bias caches (stale once a model is pruned, and non-leaf after a traced forward)."""
+    m: Any
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):
+            m.attention_bias_cache = {}
+
+
+def _sorted_layernorm_prune(self: Any, layer: Any, idxs: Sequence[int]) -> Any:
+    # Torch-Pruning 1.6.1 calls ``keep_idxs.sort()`` (not in place): the kept weights come out in set order.
+    dim = self.pruning_dim
+    if len(layer.normalized_shape) < -dim:
+        return layer
+    keep_idxs = torch.tensor(sorted(set(range(layer.normalized_shape[dim])) - {int(i) for i in idxs}), dtype=torch.long)
+    if layer.elementwise_affine:
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep_idxs, dim)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep_idxs, dim)
+    shape = list(layer.normalized_shape)
+    shape[dim] = len(keep_idxs)
+    layer.normalized_shape = tuple(shape)
+    return layer
+
+
+if tp.__version__.startswith("1.6."):  # the same function object: importances that compare handlers still match
+    tp.pruner.function.LayernormPruner.prune_out_channels.__code__ = _sorted_layernorm_prune.__code__

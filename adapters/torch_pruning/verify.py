@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import warnings
@@ -17,7 +16,7 @@ from mixmatch_plugin.errors import MixMatchError, first_line
 
 from .planning import ModelSetup, model_setup
 from .report import RemovedItem
-from .timm_layers import PatchMergingPruner, timm_classes
+from .timm_layers import PatchMergingPruner, clear_caches, safe_deepcopy, timm_classes
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +24,9 @@ logger = logging.getLogger(__name__)
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """``(MACs, params)`` of ``model`` on ``example_inputs`` by Torch-Pruning's counter (no gradients)."""
-    was = model.training
-    try:
-        with torch.no_grad():
-            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(was)
+    clear_caches(model)  # Torch-Pruning counts on a deep copy, in eval mode
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
 
 
@@ -90,17 +86,17 @@ def coupled_channels(
     return out
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
+def flat_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat(v)]
+        return [t for v in out.values() for t in flat_outputs(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat(v)]
+        return [t for v in out for t in flat_outputs(v)]
     return []
 
 
-def _run(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None) -> Any:
+def run_model(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None) -> Any:
     if forward_fn is not None:
         return forward_fn(model, example_inputs)
     if isinstance(example_inputs, Mapping):
@@ -112,7 +108,7 @@ def _run(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] |
 
 def relative_difference(a: Any, b: Any) -> float:
     """``max|a - b| / max|b|`` over all output tensors (``inf`` when the structures differ)."""
-    ta, tb = _flat(a), _flat(b)
+    ta, tb = flat_outputs(a), flat_outputs(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
         return math.inf
     worst = 0.0
@@ -154,7 +150,7 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
     definition under which removal and zeroing can agree. Raises :class:`MixMatchError` for a module
     kind whose removal has no zeroed equivalent here.
     """
-    ref = copy.deepcopy(model)
+    ref = safe_deepcopy(model)
     ln2d = timm_classes()["layernorm2d"]
     ln_removed: dict[str, set[int]] = {}
     with torch.no_grad():
@@ -219,7 +215,7 @@ def check_runs(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., 
     model.eval()
     try:
         with torch.no_grad():
-            _run(model, example_inputs, forward_fn)
+            run_model(model, example_inputs, forward_fn)
     except Exception as exc:
         where = _failing_module(model, example_inputs, forward_fn)
         raise MixMatchError(
@@ -239,8 +235,8 @@ def verify_pruned(original: nn.Module, pruned: nn.Module, removed: Sequence[Remo
     ref.eval()
     try:
         with torch.no_grad():
-            want = _run(ref, example_inputs, forward_fn)
-            got = _run(pruned, example_inputs, forward_fn)
+            want = run_model(ref, example_inputs, forward_fn)
+            got = run_model(pruned, example_inputs, forward_fn)
         err = relative_difference(got, want)
         if not err <= tolerance:
             where = first_divergence(pruned, ref, example_inputs, forward_fn)
@@ -251,8 +247,8 @@ def verify_pruned(original: nn.Module, pruned: nn.Module, removed: Sequence[Remo
             )
         pruned.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            out = _run(pruned, example_inputs, forward_fn)
-            loss = sum(t.float().pow(2).mean() for t in _flat(out) if t.is_floating_point())
+            out = run_model(pruned, example_inputs, forward_fn)
+            loss = sum(t.float().pow(2).mean() for t in flat_outputs(out) if t.is_floating_point())
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 loss.backward()
         pruned.zero_grad(set_to_none=True)
@@ -278,14 +274,14 @@ def first_divergence(pruned: nn.Module, reference: nn.Module, example_inputs: An
                 continue
 
             def hook(mod: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-                ts = [t for t in _flat(out) if t.is_floating_point()]
+                ts = [t for t in flat_outputs(out) if t.is_floating_point()]
                 if ts:
                     rows.append((name, type(mod).__name__, sum(float(t.double().sum()) for t in ts),
                                  sum(float(t.double().pow(2).sum()) for t in ts)))
             hooks.append(m.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                _run(model, example_inputs, forward_fn)
+                run_model(model, example_inputs, forward_fn)
         finally:
             for h in hooks:
                 h.remove()
@@ -315,7 +311,7 @@ def _failing_module(model: nn.Module, example_inputs: Any, forward_fn: Callable[
     hooks += [m.register_forward_hook(post) for m in model.modules()]
     try:
         with torch.no_grad():
-            _run(model, example_inputs, forward_fn)
+            run_model(model, example_inputs, forward_fn)
     except Exception:  # only the location matters here
         failed = list(stack)
     finally:

@@ -28,10 +28,12 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
               help="tp/nni channel pruning: how a dependency group's layer targets become one ratio.")
 @click.option("--round-to", type=click.IntRange(1), default=None, help="tp: keep channel counts at multiples of this.")
 @click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT/DeiT) instead of head dims.")
+@click.option("--macs", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="tp: keep this fraction of the MACs, allocated by measured loss curves (the strategy gives its signal).")
 @data_options
 def command(plan_path: str, strategy_name: str, backend: str, out: str, model_spec: str | None, model_kwargs: dict | None,
             checkpoint: str | None, input_shape: tuple[int, int, int] | None, nni_pruner: str, fold: str, round_to: int | None,
-            prune_heads: bool, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int) -> None:
+            prune_heads: bool, macs: float | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int) -> None:
     """Prune the plan's model by one strategy and write it (weights + how to rebuild it).
 
     \b
@@ -39,6 +41,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
       mixmatch plan --model timm:resnet18 --model-kwargs '{"in_chans": 1, "num_classes": 10}' \\
                     --input-shape 1,28,28 --calib digits --target 0.5 --extend-ranges --out plan.json
       mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --out pruned.pt
+      mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --macs 0.5 --out pruned.pt
     Load it again with:
       from mixmatch_plugin.adapters.artifact import load_pruned; model, meta = load_pruned("pruned.pt")
     """
@@ -60,6 +63,8 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     check_strategy(strategy, layers, p.layers)  # every backend: the plan must have been made for this model
     if backend != "torch":
         check_untied(layers, f"--backend {backend}")
+    if macs is not None and backend != "tp":
+        raise MixMatchError("--macs is a structured budget: use it with --backend tp")
 
     loader = None
     if calib != "none":
@@ -97,7 +102,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     else:
         from mixmatch_plugin.adapters import torch_pruning as tp_adapter
 
-        tres = tp_adapter.prune(model, strategy, example, calib=loader if needs_grad else None,
+        tres = tp_adapter.prune(model, strategy, example, calib=loader if needs_grad or macs else None, macs=macs,
                                 options=tp_adapter.TPOptions(fold=fold, round_to=round_to, prune_heads=prune_heads))
         path = save_pruned(out, tres.model, backend="tp", model_spec=model_meta, strategy=strategy.to_dict(),
                            report=tres.report.to_dict(), tp_history=tres.history, num_heads=tres.num_heads)

@@ -1,0 +1,131 @@
+"""A MACs or parameter budget: measured loss curves per dependency group, greedy allocation, the budget met exactly.
+
+Each group's curve is the KL divergence to the dense outputs (on the calibration inputs) with 10 %, 20 %, ...
+90 % of its channels zeroed alone, in Torch-Pruning's own importance order (zeroed equals removed: see
+:func:`.verify.zeroed_reference`). :func:`mixmatch_plugin.budget.removal_path` removes channels where loss per
+MAC saved is lowest; of that path, the prefix whose size by Torch-Pruning's counter is closest to the budget wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.utils.op_counter import is_supported_instance
+
+from mixmatch_plugin.batches import iterate
+from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path
+from mixmatch_plugin.errors import MixMatchError
+
+from .verify import flat_outputs, record_removed, run_model, zeroed_reference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChannelGroup:
+    """A group as ``MetaPruner`` ranks it: its ratio-dict key, channels per channel group (heads), its root, its
+    channels from least to most important, and its member modules."""
+
+    key: str
+    channels: int
+    channel_groups: int
+    root: Any
+    fn: Any
+    order: list[int]
+    members: set[nn.Module]
+
+
+def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module) -> list[ChannelGroup]:
+    """The groups ``pruner.step()`` would prune, ranked on the dense model (as ``MetaPruner._prune`` does)."""
+    names, DG = {m: n for n, m in model.named_modules()}, pruner.DG
+    out: list[ChannelGroup] = []
+    for group in DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        key = next((names[d.target.module] for d, _ in group if isinstance(d.target.module, (nn.modules.conv._ConvNd, nn.Linear))
+                    and d.target.module in names and DG.is_out_channel_pruning_fn(d.handler)), None)
+        if key is None or not pruner._check_pruning_ratio(group):
+            continue
+        if pruner._is_atten_group(group)[0]:
+            group = pruner._downstream_node_as_root_if_attention(group)
+        imp = None if group is None else pruner.estimate_importance(group)
+        if imp is not None:
+            chg = int(pruner._get_channel_groups(group))
+            imp = imp.view(chg, -1).mean(0) if chg > 1 else imp
+            out.append(ChannelGroup(key, len(imp), chg, group[0].dep.target.module, group[0].dep.handler,
+                                    torch.argsort(imp.cpu(), stable=True).tolist(),
+                                    {d.target.module for d, _ in group if isinstance(d.target.module, nn.Module)}))
+    return out
+
+
+@torch.no_grad()
+def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup], inputs: list[Any],
+                forward_fn: Callable[..., Any] | None) -> list[np.ndarray]:
+    """Per group: the convex loss-increase curve over 0..C removed channels (KL to the dense outputs)."""
+    def logp(m: nn.Module) -> list[torch.Tensor]:
+        return [torch.log_softmax(flat_outputs(run_model(m, x, forward_fn))[0].float().flatten(1), -1) for x in inputs]
+
+    names, pnames = {id(m): k for k, m in model.named_modules()}, {id(p): k for k, p in model.named_parameters()}
+    was = model.training
+    dense, curves = logp(model.eval()), []
+    for g in groups:
+        counts = sorted({round(r * g.channels / 10) for r in range(1, 10)} - {0, g.channels})
+        kl = []
+        for n in counts:
+            group = pruner.DG.get_pruning_group(g.root, g.fn, sorted(j + h * g.channels for h in range(g.channel_groups) for j in g.order[:n]))
+            z = zeroed_reference(model, record_removed(group, pruner.DG, names, pnames)).eval()
+            kl.append(sum(float(nn.functional.kl_div(a, b, log_target=True, reduction="batchmean"))
+                          for a, b in zip(logp(z), dense, strict=True)) / len(inputs))
+        curves.append(convex_curve(g.channels, counts, kl))
+    model.train(was)
+    return curves
+
+
+def layer_costs(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup], kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per module Torch-Pruning's counter counts (a layer, or a whole timm attention): its MACs or parameters, and
+    which groups' widths it scales with (those of it or its children)."""
+    with torch.no_grad():  # on a deep copy, in eval mode
+        _, _, flops, params = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    per, units, stack = flops if kind == "macs" else params, [], [model]
+    while stack:
+        m = stack.pop()
+        units += [m] if is_supported_instance(m) and per.get(m) else []
+        stack += [] if is_supported_instance(m) else list(m.children())
+    uses = np.array([[any(c in g.members for c in m.modules()) for g in groups] for m in units], float)
+    return np.array([float(per[m]) for m in units]), uses.reshape(len(units), len(groups))
+
+
+def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner, calib: Iterable[Any] | None,
+             budget: Mapping[str, float], real_size: Callable[[dict[str, int]], float], opts: Any) -> dict[str, int]:
+    """Channels to keep per group key so that ``real_size(keeps)`` (a fraction of the dense size) meets ``budget``
+    (``{"macs": f}`` or ``{"params": f}``); ``opts`` is a ``TPOptions`` (``max_ratio``, ``round_to``, ``max_batches``)."""
+    (kind, target), = budget.items()
+    if not 0.0 < target < 1.0:
+        raise MixMatchError(f"{kind}={target!r}: pass the fraction of {kind} to keep, in (0, 1)")
+    if calib is None:
+        logger.warning("no calibration data: the %s budget is allocated on example_inputs alone (pass calib=)", kind)
+    inputs = [example_inputs] if calib is None else [b[0] if isinstance(b, (tuple, list)) else b for b in iterate(calib, opts.max_batches)]
+    groups, step = channel_groups(pruner, model), opts.round_to or 1
+    lo = [step * max(1, math.ceil(math.ceil(g.channels * (1 - opts.max_ratio) - 1e-9) / step)) for g in groups]
+    path = removal_path(loss_curves(model, pruner, groups, inputs, opts.forward_fn),
+                        *layer_costs(model, example_inputs, groups, kind), lo, step)
+
+    def keeps(n: int) -> dict[str, int]:
+        k = {g.key: g.channels for g in groups}
+        for gi, s in path[:n]:
+            k[groups[gi].key] -= s
+        return k
+
+    n, got = closest_prefix(len(path), lambda n: real_size(keeps(n)), target)
+    if n == len(path) and got > 1.01 * target:
+        raise MixMatchError(f"the {kind} budget {target:.3f} cannot be met (the groups' bounds allow {got:.4f}): "
+                            "raise max_ratio, ignore fewer layers, or keep more")
+    if abs(got - target) > 0.01 * target:
+        logger.warning("the %s budget %.3f is met to %.4f only: one channel is a large step in this model", kind, target, got)
+    return keeps(n)

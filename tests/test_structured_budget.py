@@ -1,0 +1,175 @@
+"""Structured pruning at a MACs or parameter budget, the Torch-Pruning drop-in, and the fixes of issue 28.
+
+Every number is computed here, on small random models: budgets by Torch-Pruning's own counter, the
+pruned models against the channel-zeroed originals (``verify=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from mixmatch_plugin.adapters import torch_pruning as mtp
+from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path
+from mixmatch_plugin.errors import MixMatchError
+
+from .helpers import small_vit
+from .test_adapter_tp import _uniform
+
+timm = pytest.importorskip("timm")
+
+
+class WideCNN(nn.Module):
+    """Three conv groups and a residual-free head: each channel is a small step of the MACs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.Conv2d(128, 192, 3, padding=1), nn.BatchNorm2d(192), nn.ReLU(),
+            nn.Conv2d(192, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+CALIB = [(torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(i)), torch.randint(0, 10, (16,))) for i in range(2)]
+
+
+def test_allocation_core_is_greedy_on_convex_curves_and_prefix_bisection():
+    c = convex_curve(10, [2, 4, 6, 8], [0.1, 0.05, 0.5, 2.0])  # a noisy dip is clipped, then the hull is taken
+    assert c[0] == 0 and np.all(np.diff(c) >= 0) and np.all(np.diff(c, 2) >= -1e-12)
+    cheap, dear = convex_curve(8, [4], [0.01]), convex_curve(8, [4], [1.0])
+    path = removal_path([cheap, dear], np.array([10.0, 10.0]), np.array([[1, 0], [0, 1]]), [1, 1])
+    assert [g for g, _ in path[:7]] == [0] * 7 and len(path) == 14  # the cheap group first, both down to lo
+    assert closest_prefix(100, lambda n: 1.0 - n / 100, 0.303) == (70, pytest.approx(0.30))
+
+
+@pytest.mark.parametrize("kind", ["macs", "params"])
+def test_budget_is_met_within_one_percent_by_tps_counter(kind):
+    m = WideCNN().eval()
+    before = copy.deepcopy(m.state_dict())
+    dense = mtp.count_macs(m, X)
+    for target in (0.5, 0.3):
+        res = mtp.prune(m, None, X, calib=CALIB, **{kind: target})
+        got = mtp.count_macs(res.model, X)
+        ratio = got[0] / dense[0] if kind == "macs" else got[1] / dense[1]
+        assert abs(ratio - target) <= 0.01 * target, (kind, target, ratio)
+        assert res.report.consistency is not None and res.report.consistency < 1e-4
+        assert res.model.fc.out_features == 10
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+
+
+def test_budget_errors_name_the_fix():
+    m = WideCNN().eval()
+    with pytest.raises(MixMatchError, match="fraction"):
+        mtp.prune(m, None, X, macs=50)
+    with pytest.raises(MixMatchError, match="one budget"):
+        mtp.prune(m, None, X, macs=0.5, params=0.5)
+    with pytest.raises(MixMatchError, match="cannot be met"):
+        mtp.prune(m, None, X, calib=CALIB, macs=0.01, options=mtp.TPOptions(max_ratio=0.5))
+
+
+def test_budget_on_vit_keeps_attention_consistent():
+    vit = small_vit().eval()
+    x = torch.randn(2, 1, 16, 16)
+    res = mtp.prune(vit, None, x, calib=[(torch.randn(8, 1, 16, 16), torch.zeros(8, dtype=torch.long))], macs=0.5)
+    assert abs(res.report.macs_ratio - 0.5) <= 0.01 * 0.5
+    assert res.report.consistency < 1e-4
+
+
+def test_drop_in_from_metapruner_matches_tps_macs_with_round_to():
+    m = WideCNN().eval()
+    imp = tp.importance.GroupMagnitudeImportance(p=2)
+    raw = copy.deepcopy(m)
+    tp.pruner.MetaPruner(raw, X, importance=imp, pruning_ratio=0.4, ignored_layers=[raw.fc], round_to=8).step()
+    assert all(c.out_channels % 8 == 0 for c in raw.modules() if isinstance(c, nn.Conv2d))
+    before = copy.deepcopy(m.state_dict())
+    kw = mtp.from_metapruner(m, X, calib=CALIB, importance=imp, pruning_ratio=0.4, ignored_layers=[m.fc], round_to=8)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    tp.pruner.MetaPruner(m, X, **kw).step()
+    assert all(c.out_channels % 8 == 0 for c in m.modules() if isinstance(c, nn.Conv2d))
+    want, got = mtp.count_macs(raw, X)[0], mtp.count_macs(m, X)[0]
+    assert abs(got - want) <= 0.05 * want  # round_to=8 steps are ~4 % of this model's MACs
+    assert m.fc.out_features == 10 and m(X).shape == (2, 10)
+
+
+def test_drop_in_on_vit_with_num_heads():
+    vit = small_vit().eval()
+    x = torch.randn(2, 1, 16, 16)
+    heads = {a.qkv: a.num_heads for a in vit.modules() if hasattr(a, "qkv")}
+    kw = mtp.from_metapruner(vit, x, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.3,
+                             ignored_layers=[vit.head], num_heads=heads, macs=0.6)
+    dims = mtp.attention_head_dims(vit)
+    tp.pruner.MetaPruner(vit, x, **kw).step()
+    mtp.fix_attention(vit, dims)
+    assert vit(x).shape == (2, 10)
+    assert abs(mtp.count_macs(vit, x)[0] / mtp.count_macs(small_vit(), x)[0] - 0.6) <= 0.02 * 0.6
+
+
+def test_tp_layernorm_pruning_keeps_weights_in_order():
+    # Torch-Pruning 1.6.1 sorted with a no-op (tensor.sort()); the kept weights came out in set order
+    ln = nn.LayerNorm(128)
+    with torch.no_grad():
+        ln.weight.copy_(torch.arange(128.0))
+    keep = [3, 50, 77, 100, 127, 9, 64]
+    tp.prune_layernorm_out_channels(ln, [i for i in range(128) if i not in keep])
+    assert ln.weight.tolist() == sorted(float(k) for k in keep) and ln.normalized_shape == (7,)
+
+
+def test_prune_after_an_eval_forward_with_gradients_on_levit():
+    # timm caches attention_biases[:, idxs] in eval mode: a non-leaf tensor that copy.deepcopy refused
+    torch.manual_seed(0)
+    m = timm.create_model("levit_128s", pretrained=False, num_classes=10, img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    m.eval()
+    m(x)  # gradients on, as in an evaluation without no_grad
+    attn = [a for a in m.modules() if hasattr(a, "attention_bias_cache")]
+    res = mtp.prune(m, _uniform(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
+    assert res.report.consistency < 1e-4 and res.report.macs_ratio < 0.95
+    assert any(not t.is_leaf for a in attn for t in a.attention_bias_cache.values())  # the user's model as it was
+
+
+def _variant(name):
+    from timm.models.efficientformer import EfficientFormer
+    from timm.models.tiny_vit import TinyVit
+
+    small = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
+    torch.manual_seed(0)
+    return {
+        "tiny_vit": lambda: (TinyVit(num_classes=10, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                                     window_sizes=(7, 7, 14, 7)), 224),
+        "efficientformer": lambda: (EfficientFormer(num_classes=10, depths=(1, 1, 1, 2), embed_dims=(16, 32, 48, 64), num_vit=1), 224),
+        "beit": lambda: (timm.create_model("beit_base_patch16_224", pretrained=False, **small), 32),
+        "cait": lambda: (timm.create_model("cait_xxs24_224", pretrained=False, **small), 32),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "efficientformer", "beit", "cait"])
+def test_attention_variants_prune_with_their_attention_kept(name):
+    m, px = _variant(name)
+    x = torch.randn(2, 3, px, px)
+    m.eval()
+    m(x)
+    attn = [a for a in m.modules() if isinstance(getattr(a, "num_heads", None), int)]
+    with pytest.raises(MixMatchError, match="unsupported layer"):  # refused by name, with the fix
+        mtp.prune(m, _uniform(m, 0.3), x)
+    res = mtp.prune(m, _uniform(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
+    assert res.report.consistency < 1e-4 and res.report.macs_ratio < 0.9
+    if name == "efficientformer":  # and at a MACs budget
+        res = mtp.prune(m, None, x, macs=0.7, options=mtp.TPOptions(ignored_layers=attn))
+        assert abs(res.report.macs_ratio - 0.7) <= 0.01 * 0.7 and res.report.consistency < 1e-4
+
+
+def test_drop_in_refuses_a_call_that_fails_in_torch_pruning():
+    m = WideCNN().eval()
+    with pytest.raises(MixMatchError, match="MetaPruner call fails"):
+        mtp.from_metapruner(m, X, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5, no_such_keyword=1)
