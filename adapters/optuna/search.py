@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -53,12 +54,8 @@ _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mixmatch-plugin:storage").digest(
 # ============================================================================ the space
 def search_space(space: StrategySpace, signals: Sequence[str]) -> dict[str, optuna.distributions.BaseDistribution]:
     """Optuna distributions of a strategy space: ``signal`` (categorical) and one ``alpha:<group>`` in [0, 1] per group."""
-    dists: dict[str, optuna.distributions.BaseDistribution] = {
-        SIGNAL_PARAM: optuna.distributions.CategoricalDistribution(list(signals))
-    }
-    for g in space.groups:
-        dists[ALPHA_PREFIX + g] = optuna.distributions.FloatDistribution(0.0, 1.0)
-    return dists
+    return {SIGNAL_PARAM: optuna.distributions.CategoricalDistribution(list(signals)),
+            **{ALPHA_PREFIX + g: optuna.distributions.FloatDistribution(0.0, 1.0) for g in space.groups}}
 
 
 def params_of(strategy: Strategy) -> dict[str, Any]:
@@ -227,8 +224,7 @@ def storage_lock(storage: Any) -> Iterator[None]:
     try:
         conn = engine.connect()
     except SQLAlchemyError as exc:
-        first = first_line(exc)
-        raise MixMatchError(f"cannot open storage {_display(where)} ({first}); check the URL and that the server is running") from None
+        raise MixMatchError(f"cannot open storage {_display(where)} ({first_line(exc)}); check the URL and that the server is running") from None
     try:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
         conn.commit()
@@ -361,10 +357,7 @@ class SearchResult:
 
     def states(self) -> dict[str, int]:
         """Number of trials per state (COMPLETE, FAIL, RUNNING, WAITING ...)."""
-        out: dict[str, int] = {}
-        for t in self.study.get_trials(deepcopy=False):
-            out[t.state.name] = out.get(t.state.name, 0) + 1
-        return out
+        return dict(collections.Counter(t.state.name for t in self.study.get_trials(deepcopy=False)))
 
 
 def _better(score: str) -> Callable[[TrialRecord], tuple[float, float]]:
@@ -574,8 +567,7 @@ def _open_study(store: optuna.storages.BaseStorage, study_name: str, sampler: op
     try:
         study = optuna.create_study(storage=store, sampler=sampler, study_name=study_name, directions=directions, load_if_exists=True)
     except SQLAlchemyError as exc:
-        first = first_line(exc)
-        raise MixMatchError(f"cannot open study {study_name!r} in {display} ({first})") from None
+        raise MixMatchError(f"cannot open study {study_name!r} in {display} ({first_line(exc)})") from None
     if list(study.directions) != list(directions):
         raise MixMatchError(
             f"study {study_name!r} in {display} exists with {len(study.directions)} objective(s) "
@@ -599,8 +591,7 @@ def _objective(trial: optuna.Trial, *, space: StrategySpace, evaluator: Callable
     seed = trial.user_attrs.get(SEED_ATTR)
     strategy = space.strategy(seed if isinstance(seed, str) else f"{signal}:search-t{trial.number}", str(signal), alphas)
     t0 = time.perf_counter()
-    raw = evaluator(strategy)
-    seconds = time.perf_counter() - t0
+    raw, seconds = evaluator(strategy), time.perf_counter() - t0
     metrics = {str(k): float(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {"accuracy": float(raw)}
     if options.score not in metrics:
         raise MixMatchError(f"the evaluator returned {sorted(metrics)} but no {options.score!r}; return a mapping with {options.score!r}")
@@ -653,9 +644,7 @@ def export(
         if plan_fingerprint(base) != plan_fingerprint(result.plan):
             raise MixMatchError(f"{path} holds a plan for another model or ranges; export to a new file")
     out = dataclasses.replace(base, strategies=list(base.strategies), meta=copy.deepcopy(base.meta), signals=result.plan.signals)
-    for r in picked:
-        if r.seed is not None:
-            continue
+    for r in (r for r in picked if r.seed is None):
         s = copy.deepcopy(r.strategy)
         s.meta.update({"objective": result.objective, "metric": result.metric, "score": result.score,
                        "validation": {result.score: r.accuracy, **r.metrics}, "x": r.x, "evaluator": result.evaluator})
