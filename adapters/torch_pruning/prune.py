@@ -103,8 +103,7 @@ def prune(
     t1 = time.perf_counter()
     out_before = {p.key: out_width(work.get_submodule(p.key)) for p in plans}
     pruner, removed, new_heads = _prune_planned(work, example_inputs, imp, setup, plans, o, inplace)
-    for param in work.parameters():
-        param.grad = None
+    work.zero_grad(set_to_none=True)
     t_prune = time.perf_counter() - t1
     # 4. what was done, checked against the plan, and against the channel-zeroed original
     groups = _results(work, setup, plans, out_before)

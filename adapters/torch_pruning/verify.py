@@ -21,7 +21,6 @@ from .timm_layers import PatchMergingPruner, clear_caches, safe_deepcopy, timm_c
 logger = logging.getLogger(__name__)
 
 
-
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """``(MACs, params)`` of ``model`` on ``example_inputs`` by Torch-Pruning's counter (no gradients)."""
     clear_caches(model)  # Torch-Pruning counts on a deep copy, in eval mode
@@ -39,8 +38,7 @@ def record_removed(group: Any, DG: Any, names: Mapping[int, str], pnames: Mappin
         owner = getattr(fn, "__self__", None)
         kind = type(owner).__name__.replace("Pruner", "").lower() if owner is not None else getattr(fn, "__name__", "?")
         if isinstance(mod, nn.Parameter):
-            n = pnames.get(id(mod))
-            if n is None:
+            if (n := pnames.get(id(mod))) is None:
                 continue
             out.append(RemovedItem(n, side, "parameter", sorted(int(i) for i in idxs), True, int(dep.target.pruning_dim)))
         elif isinstance(mod, nn.Module) and id(mod) in names:
@@ -155,21 +153,18 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
     ln_removed: dict[str, set[int]] = {}
     with torch.no_grad():
         for item in removed:
+            idx = torch.tensor(item.idxs, dtype=torch.long)
             if item.is_param:
-                p = ref.get_parameter(item.target)
-                idx = torch.tensor(item.idxs, dtype=torch.long)
-                p.index_fill_(item.dim, idx, 0.0)
+                ref.get_parameter(item.target).index_fill_(item.dim, idx, 0.0)
                 continue
             m: Any = ref.get_submodule(item.target)
-            idx = torch.tensor(item.idxs, dtype=torch.long)
             if isinstance(m, nn.LayerNorm):
                 ln_removed.setdefault(item.target, set()).update(item.idxs)
             elif item.kind == "patchmerging":
                 if item.side == "out":
                     m.reduction.weight.index_fill_(0, idx, 0.0)
                 else:
-                    C = m.dim
-                    ln_removed.setdefault(f"{item.target}.norm", set()).update(k * C + i for k in range(4) for i in item.idxs)
+                    ln_removed.setdefault(f"{item.target}.norm", set()).update(k * m.dim + i for k in range(4) for i in item.idxs)
             elif item.side == "in":
                 continue  # inputs are zero already: removing them changes nothing
             elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU,
@@ -196,17 +191,14 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
 def _zero_out(m: nn.Module, idx: torch.Tensor) -> None:
     w = getattr(m, "weight", None)
     if isinstance(w, torch.Tensor):
-        dim = 1 if getattr(m, "transposed", False) else 0
-        w.index_fill_(dim, idx, 0.0)
+        w.index_fill_(1 if getattr(m, "transposed", False) else 0, idx, 0.0)
     b = getattr(m, "bias", None)
     if isinstance(b, torch.Tensor):
         b.index_fill_(0, idx, 0.0)
 
 
 def _hint(setup: ModelSetup) -> str:
-    if not setup.guessed:
-        return ""
-    return f" Torch-Pruning guessed the channel dimension of: {', '.join(setup.guessed[:4])}."
+    return f" Torch-Pruning guessed the channel dimension of: {', '.join(setup.guessed[:4])}." if setup.guessed else ""
 
 
 def check_runs(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None, setup: ModelSetup) -> None:
