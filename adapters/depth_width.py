@@ -519,15 +519,13 @@ def _iteration(
     # 1. depth candidate (also the MACs step of the width candidate)
     depth_model = None
     depth_info: dict[str, Any] | None = None
-    if has_blocks and scheduled is None:
-        candidates = removable_blocks(work, example_inputs, min_blocks=cfg.min_blocks)
-        if candidates:
-            scores = score_blocks(work, calib, candidates, method=cfg.block_score, max_batches=cfg.score_batches)
-            best = min(candidates, key=lambda b: scores[b.name])
-            depth_model = remove_blocks(work, [best.name]).eval()
-            dmacs, dparams = count_macs(depth_model, example_inputs)
-            depth_info = {"block": best.name, "score": scores[best.name], "scores": scores, "macs": dmacs,
-                          "params": dparams, "removed_macs": macs_now - dmacs}
+    if has_blocks and scheduled is None and (candidates := removable_blocks(work, example_inputs, min_blocks=cfg.min_blocks)):
+        scores = score_blocks(work, calib, candidates, method=cfg.block_score, max_batches=cfg.score_batches)
+        best = min(candidates, key=lambda b: scores[b.name])
+        depth_model = remove_blocks(work, [best.name]).eval()
+        dmacs, dparams = count_macs(depth_model, example_inputs)
+        depth_info = {"block": best.name, "score": scores[best.name], "scores": scores, "macs": dmacs,
+                      "params": dparams, "removed_macs": macs_now - dmacs}
     step = scheduled if scheduled is not None else depth_info["removed_macs"] if depth_info else fallback_step
     record["step_macs"] = int(step)
     if cfg.mode == "depth" and depth_model is None:
@@ -535,13 +533,11 @@ def _iteration(
     # 2. width candidate with the same removed MACs
     width: WidthCandidate | None = None
     width_info: dict[str, Any] | None = None
-    if cfg.mode != "depth" and step > 0:
-        width = _best_width(work, step, example_inputs, calib, val_loader, cfg)
-        if width is not None:
-            width_info = {"strategy": width.strategy.name, "sparsity": width.sparsity, "macs": width.macs,
-                          "params": width.params, "removed_macs": width.removed, "wanted_macs": width.wanted,
-                          "mismatch": width.mismatch, "bisect_trials": width.trials,
-                          "out_of_range": len(width.strategy.meta.get("out_of_range", []))}
+    if cfg.mode != "depth" and step > 0 and (width := _best_width(work, step, example_inputs, calib, val_loader, cfg)) is not None:
+        width_info = {"strategy": width.strategy.name, "sparsity": width.sparsity, "macs": width.macs,
+                      "params": width.params, "removed_macs": width.removed, "wanted_macs": width.wanted,
+                      "mismatch": width.mismatch, "bisect_trials": width.trials,
+                      "out_of_range": len(width.strategy.meta.get("out_of_range", []))}
     if cfg.mode == "width":
         depth_model = None  # its MACs only set the step
         if depth_info is not None:
@@ -630,8 +626,7 @@ def load_depth_width(
     else:
         model = copy.deepcopy(model)
     if example_inputs is None:
-        shape = state.get("input_shape")
-        if not shape:
+        if not (shape := state.get("input_shape")):
             raise MixMatchError(f"{path} has no input shape: pass example_inputs")
         example_inputs = torch.zeros(1, *[int(v) for v in shape])
     _load_weights(replay(model.eval(), state["ops"], example_inputs), state, path)

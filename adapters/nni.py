@@ -135,9 +135,7 @@ def config_list(
         level_layers = list(layers) if layers is not None else inventory(model)  # type: ignore[arg-type]
         check_untied(level_layers, "NNI")
         for layer in level_layers:
-            if layer.kind == "norm" or layer.type not in SELECTABLE:
-                continue
-            if roles is not None and layer.role not in roles:
+            if layer.kind == "norm" or layer.type not in SELECTABLE or (roles is not None and layer.role not in roles):
                 continue
             r = float(strategy.ratios.get(layer.name, 0.0))
             if not (math.isfinite(r) and 0.0 <= r < 1.0):
@@ -163,16 +161,12 @@ def config_list(
     gid = 0
     for g in groups:
         members = [p for p in g.producers if p in inv]
-        bad = [p for p in members if inv[p].type not in SELECTABLE]
-        if bad:
+        if bad := [p for p in members if inv[p].type not in SELECTABLE]:
             logger.warning("group %s left dense: NNI cannot select %s (%s)", g.key, bad[0], inv[bad[0]].type)
             continue
-        if roles is not None and not all(inv[p].role in roles for p in members):
-            continue
-        if g.heads:
+        if g.heads or (roles is not None and not all(inv[p].role in roles for p in members)):
             continue  # whole-head plans are a Torch-Pruning feature
-        ratio = _nni_ratio(g.channels, g.keep)
-        if ratio == 0.0 and not include_zero:
+        if (ratio := _nni_ratio(g.channels, g.keep)) == 0.0 and not include_zero:
             continue
         # NNI cannot fuse the metrics of weights of different rank (a Conv2d patch embedding and the
         # Linear layers of a ViT's residual stream): such members are ranked in sub-groups, same ratio.
@@ -285,8 +279,7 @@ def from_uniform(
     """
 
     mode = mode if mode in ("level", "channel") else nni_mode(mode)
-    covered = coverage(config, model)
-    if not covered:
+    if not (covered := coverage(config, model)):
         raise MixMatchError("the config_list selects no layer NNI can prune in this model; check op_types/op_names")
     layers = inventory(model)
     by_name = {layer.name: layer for layer in layers}
@@ -534,8 +527,7 @@ def speedup(
     ``mixmatch_plugin.adapters.torch_pruning.prune``), and when the sped-up model's output differs
     from the masked model's by more than ``tolerance`` (relative). Returns the model in eval mode.
     """
-    blockers = _speedup_blockers(model, masks)
-    if blockers:
+    if blockers := _speedup_blockers(model, masks):
         raise MixMatchError(
             f"NNI's speed-up cannot remove the pruned channels of {blockers[0]}"
             + (f" and {len(blockers) - 1} more" if len(blockers) > 1 else "")

@@ -163,8 +163,7 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.reshape(out.shape[0], -1)
-    head = _classifier(model)
-    if head is None:
+    if (head := _classifier(model)) is None:
         raise MixMatchError(
             f"cannot find the classifier of {type(model).__name__} to take penultimate features from; "
             "pass features=<fn(model, x) -> (batch, features)>"

@@ -163,10 +163,8 @@ def find_blocks(model: nn.Module, example_inputs: Any = None) -> list[BlockInfo]
     """
     found = [(name, mod, kind) for name, mod in model.named_modules() if (kind := block_kind(mod)) is not None]
     shapes: dict[str, tuple[Any, Any]] = {}
-    if example_inputs is not None:
-        live = {n: m for n, m, _ in found if not isinstance(m, IdentityBlock)}
-        if live:
-            shapes = _shapes(model, example_inputs, live)
+    if example_inputs is not None and (live := {n: m for n, m, _ in found if not isinstance(m, IdentityBlock)}):
+        shapes = _shapes(model, example_inputs, live)
     out = []
     for name, mod, kind in found:
         stage, _, idx = name.rpartition(".")
@@ -211,8 +209,7 @@ def removable_blocks(
         MixMatchError: the model has no block of a supported type at all.
     """
     _check_min(min_blocks)
-    blocks = find_blocks(model, example_inputs)
-    if not blocks:
+    if not (blocks := find_blocks(model, example_inputs)):
         raise MixMatchError(
             f"{type(model).__name__} has no block that depth pruning supports ({SUPPORTED_TEXT}); "
             "use width pruning only"
@@ -237,8 +234,7 @@ def remove_blocks(
             mod = model.get_submodule(name)
         except AttributeError:
             raise MixMatchError(f"{type(model).__name__} has no module {name!r}") from None
-        info = blocks.get(name)
-        if info is None:
+        if (info := blocks.get(name)) is None:
             raise MixMatchError(f"{name!r} is a {type(mod).__name__}, which depth pruning does not support ({SUPPORTED_TEXT})")
         if info.removed:
             raise MixMatchError(f"block {name!r} has already been removed")
@@ -282,8 +278,7 @@ def score_blocks(
 
     if method not in SCORES:
         raise MixMatchError(f"block score must be one of {', '.join(SCORES)}, got {method!r}")
-    names = [b.name if isinstance(b, BlockInfo) else b for b in blocks]
-    if not names:
+    if not (names := [b.name if isinstance(b, BlockInfo) else b for b in blocks]):
         return {}
     work = copy.deepcopy(model).eval()
     device = model_device(work)
@@ -294,8 +289,7 @@ def score_blocks(
         stage, _, attr = name.rpartition(".")
         parent = work.get_submodule(stage) if stage else work
         original = getattr(parent, attr)
-        kind = block_kind(original)
-        if kind is None or isinstance(original, IdentityBlock):
+        if (kind := block_kind(original)) is None or isinstance(original, IdentityBlock):
             raise MixMatchError(f"{name!r} is not a live block of a supported type ({type(original).__name__})")
         setattr(parent, attr, IdentityBlock(kind, type(original).__name__))
         try:

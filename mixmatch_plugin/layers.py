@@ -145,8 +145,7 @@ def inventory(
                 if p.dim() >= 2:
                     skipped.append(f"{name}.{pname}" if name else pname)
             continue
-        kind = _kind(module)
-        if kind == "other" and w.dim() < 2:
+        if (kind := _kind(module)) == "other" and w.dim() < 2:
             continue
         if id(w) in seen:
             rows[seen[id(w)]]["aliases"].append(name)
@@ -206,8 +205,7 @@ def check_untied(layers: Sequence[Layer], what: str) -> None:
     Plain masks (:func:`mixmatch_plugin.apply`) prune a shared weight once, for all its modules; pruners
     that wrap or resize modules one by one silently untie it or prune it inconsistently.
     """
-    tied = next((layer for layer in layers if layer.aliases), None)
-    if tied is not None:
+    if (tied := next((layer for layer in layers if layer.aliases), None)) is not None:
         raise MixMatchError(
             f"layer {tied.name!r} shares its weight with {', '.join(repr(a) for a in tied.aliases)} (tied weights), "
             f"which {what} cannot prune without untying them; prune with plain masks (mm.apply, "

@@ -74,8 +74,7 @@ def check_strategy(
             f"strategy {strategy.name!r} names {len(unknown)} layer(s) the model does not have "
             f"(first: {unknown[0]!r}); was the plan made for another model? Regenerate it with `mixmatch plan`"
         )
-    missing = sorted(n for n in names - have)
-    if missing and complete:
+    if (missing := sorted(n for n in names - have)) and complete:
         raise PlanMismatchError(
             f"the model has {len(missing)} prunable layer(s) the strategy does not cover (first: {missing[0]!r}); "
             "regenerate the plan for this model"
@@ -86,8 +85,7 @@ def check_strategy(
     if plan_layers is not None:
         by_name = {layer.name: layer for layer in layers}
         for pl in plan_layers:
-            cur = by_name.get(pl.name)
-            if cur is not None and tuple(cur.shape) != tuple(pl.shape):
+            if (cur := by_name.get(pl.name)) is not None and tuple(cur.shape) != tuple(pl.shape):
                 raise PlanMismatchError(
                     f"layer {pl.name!r} has shape {tuple(cur.shape)} in the model but {tuple(pl.shape)} in the plan; "
                     "regenerate the plan for this model"

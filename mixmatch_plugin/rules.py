@@ -13,7 +13,6 @@ may ``extends: <preset or path>``; its rules are tried first and its constraints
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import tomllib
@@ -25,8 +24,6 @@ from typing import Any
 import yaml
 
 from .errors import RulesError
-
-logger = logging.getLogger(__name__)
 
 RULES_SCHEMA = "mixmatch.rules/1"
 ROLES_SCHEMA = "mixmatch.roles/1"

@@ -207,8 +207,7 @@ class MacsProfile:
             for h in hooks:
                 h.remove()
             model.train(was)
-        unused = [layer.name for layer in layers if macs[layer.name] == 0 and layer.kind in ("conv", "linear")]
-        if unused:
+        if unused := [layer.name for layer in layers if macs[layer.name] == 0 and layer.kind in ("conv", "linear")]:
             logger.info("%d weight layer(s) did not run in the MACs pass (%s): counted as 0 MACs", len(unused), ", ".join(unused[:4]))
         return cls(macs)
 

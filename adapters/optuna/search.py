@@ -110,8 +110,7 @@ def _locate(storage: str | os.PathLike[str]) -> tuple[str | Path, Path | None]:
     """An RDB URL or a journal file, and the lock file of a file database (None for a server)."""
     text = os.fspath(storage).strip()
     if text.startswith("journal:") or Path(text).suffix in _JOURNAL_SUFFIXES:
-        rest = text.removeprefix("journal:").removeprefix("//")
-        if not rest:
+        if not (rest := text.removeprefix("journal:").removeprefix("//")):
             raise MixMatchError(f"storage {text!r}: journal storage needs a file, e.g. journal:out/search.log")
         path = Path(rest).expanduser().absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -528,8 +527,7 @@ def search(
     if not choices or any(s not in SIGNALS for s in choices):
         raise MixMatchError(f"signals {list(choices)!r}: choose from {', '.join(SIGNALS)}")
     have = getattr(evaluator, "signals", None)
-    missing = [s for s in choices if isinstance(have, Signals) and s not in have.available]
-    if missing:
+    if missing := [s for s in choices if isinstance(have, Signals) and s not in have.available]:
         raise MixMatchError(f"the evaluator has no {missing[0]!r} scores: build it with signals=compute_signals(model, calib), "
                             f"or search only {', '.join(have.available)} (signals=...)")  # type: ignore[union-attr]
     seeds = rule_seeds(p, choices) if o.seed_rules else []
@@ -573,8 +571,7 @@ def _open_study(store: optuna.storages.BaseStorage, study_name: str, sampler: op
             f"study {study_name!r} in {display} exists with {len(study.directions)} objective(s) "
             f"({', '.join(d.name.lower() for d in study.directions)}); use another --study name for this objective"
         )
-    old = study.user_attrs.get(STUDY_ATTR)
-    if old is None:
+    if (old := study.user_attrs.get(STUDY_ATTR)) is None:
         study.set_user_attr(STUDY_ATTR, dict(info))
         return study
     for key in ("plan", "objective", "metric", "target", "score", "signals"):

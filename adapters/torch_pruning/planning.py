@@ -93,10 +93,9 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
             if isinstance(m, known["window_attention"]):
                 swin = True
                 ignored_params.append(m.relative_position_bias_table)
-        elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids:
-            lin = [c for c in m.modules() if isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids]
-            if lin:
-                unsupported.append(f"{name} ({type(m).__name__})")
+        elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids and any(
+                isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids for c in m.modules()):
+            unsupported.append(f"{name} ({type(m).__name__})")
     if unsupported:
         raise MixMatchError(
             f"unsupported layer {unsupported[0]}"
@@ -132,8 +131,7 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
             elif p.dim() == 1:
                 unwrapped.append((p, 0))  # layer-scale gamma and other per-channel vectors
             else:
-                dims = [i for i, s in enumerate(p.shape) if s > 1]
-                if dims:
+                if dims := [i for i, s in enumerate(p.shape) if s > 1]:
                     unwrapped.append((p, dims[-1]))
                     guessed.append(f"{f'{mname}.{pname}' if mname else pname} ({type(m).__name__}, shape {tuple(p.shape)})")
     if guessed:
@@ -247,8 +245,7 @@ def analyse_groups(
             mod = dep.target.module
             if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
                 continue
-            n = names.get(mod)
-            if n is None:
+            if (n := names.get(mod)) is None:
                 continue
             if DG.is_out_channel_pruning_fn(dep.handler):
                 if n not in producers:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -17,8 +16,6 @@ from mixmatch_plugin.errors import MixMatchError, first_line
 from .planning import ModelSetup, model_setup
 from .report import RemovedItem
 from .timm_layers import PatchMergingPruner, clear_caches, safe_deepcopy, timm_classes
-
-logger = logging.getLogger(__name__)
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -109,12 +106,8 @@ def relative_difference(a: Any, b: Any) -> float:
     ta, tb = flat_outputs(a), flat_outputs(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
         return math.inf
-    worst = 0.0
-    for x, y in zip(ta, tb, strict=True):
-        scale = float(y.detach().abs().max()) if y.numel() else 0.0
-        diff = float((x.detach().float() - y.detach().float()).abs().max()) if y.numel() else 0.0
-        worst = max(worst, diff / max(scale, 1e-12))
-    return worst
+    return max([0.0, *(float((x.detach().float() - y.detach().float()).abs().max()) / max(float(y.detach().abs().max()), 1e-12)
+                       for x, y in zip(ta, tb, strict=True) if y.numel())])
 
 
 class _MaskedLayerNorm(nn.Module):
@@ -266,8 +259,7 @@ def first_divergence(pruned: nn.Module, reference: nn.Module, example_inputs: An
                 continue
 
             def hook(mod: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-                ts = [t for t in flat_outputs(out) if t.is_floating_point()]
-                if ts:
+                if ts := [t for t in flat_outputs(out) if t.is_floating_point()]:
                     rows.append((name, type(mod).__name__, sum(float(t.double().sum()) for t in ts),
                                  sum(float(t.double().pow(2).sum()) for t in ts)))
             hooks.append(m.register_forward_hook(hook))
@@ -309,6 +301,4 @@ def _failing_module(model: nn.Module, example_inputs: Any, forward_fn: Callable[
     finally:
         for h in hooks:
             h.remove()
-    if not failed or not failed[-1]:
-        return "(the model's own forward)"
-    return f"{failed[-1]} ({type(model.get_submodule(failed[-1])).__name__})"
+    return f"{failed[-1]} ({type(model.get_submodule(failed[-1])).__name__})" if failed and failed[-1] else "(the model's own forward)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import logging
 import os
 import struct
 from collections.abc import Sequence
@@ -25,8 +24,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from mixmatch_plugin.errors import MixMatchError
-
-logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "~/.cache/mixmatch/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -141,8 +138,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path:
     """The folder holding the four Fashion-MNIST IDX files (``.gz`` or raw)."""
     candidates = [Path(root).expanduser()] if root else [Path(d).expanduser() for d in FASHION_MNIST_DIRS]
-    env = os.environ.get("MIXMATCH_FASHION_MNIST")
-    if env and not root:
+    if (env := os.environ.get("MIXMATCH_FASHION_MNIST")) and not root:
         candidates.insert(0, Path(env))
     for c in candidates:
         if all((c / f).exists() or (c / f"{f}.gz").exists() for f in FASHION_MNIST_FILES.values()):

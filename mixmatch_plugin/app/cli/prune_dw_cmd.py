@@ -69,8 +69,7 @@ def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_s
     from mixmatch_plugin.app.data import loader, subset
     from mixmatch_plugin.models import build_model
 
-    names = tuple(s.strip() for s in strategies.split(",") if s.strip())
-    if not names:
+    if not (names := tuple(s.strip() for s in strategies.split(",") if s.strip())):
         raise MixMatchError("--strategy needs at least one signal:shape, e.g. magnitude:midpoint")
     for s in names:
         parse_strategy(s)
