@@ -20,7 +20,6 @@ not choose which code runs.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from torch import nn
 
 from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.io import atomic_torch_save, safe_torch_load
-
-logger = logging.getLogger(__name__)
 
 FORMAT = "mixmatch.pruned/1"
 BACKENDS = ("torch", "nni", "tp")
@@ -53,14 +50,9 @@ def save_pruned(
         raise MixMatchError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "tp" and tp_history is None:
         raise MixMatchError("a tp artifact needs the pruning history (TPResult.history)")
-    obj: dict[str, Any] = {
-        "format": FORMAT,
-        "backend": backend,
-        "model": dict(model_spec),
-        "strategy": dict(strategy),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "report": _plain(report or {}),
-    }
+    obj: dict[str, Any] = {"format": FORMAT, "backend": backend, "model": dict(model_spec), "strategy": dict(strategy),
+                           "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                           "report": _plain(report or {})}
     if backend == "tp":
         obj["tp"] = {"history": tp_history, "num_heads": dict(num_heads or {})}
     return atomic_torch_save(path, obj)
@@ -96,9 +88,7 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
         raise MixMatchError(f"{path} is not a pruned-model file written by `mixmatch prune` (format {FORMAT})")
     try:
-        spec = obj["model"]
-        backend = obj["backend"]
-        state = obj["state_dict"]
+        spec, backend, state = obj["model"], obj["backend"], obj["state_dict"]
         if backend not in BACKENDS or not isinstance(spec, Mapping) or not isinstance(state, Mapping):
             raise TypeError("backend, model or state_dict")
         kwargs = spec.get("model_kwargs") or {}
@@ -119,16 +109,12 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
     if backend == "tp":
         from .torch_pruning import rebuild
 
-        shape = spec.get("input_shape")
-        if not shape:
+        if not (shape := spec.get("input_shape")):
             raise MixMatchError(f"{path} has no input_shape; it is needed to trace the model for rebuilding")
         model.eval()
         rebuild(model, history, torch.zeros(1, *[int(v) for v in shape]), num_heads)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = first_line(exc)
-        raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({first})") from None
-    model.eval()
-    meta = {k: v for k, v in obj.items() if k != "state_dict"}
-    return model, meta
+        raise MixMatchError(f"the weights in {path} do not fit the rebuilt model ({first_line(exc)})") from None
+    return model.eval(), {k: v for k, v in obj.items() if k != "state_dict"}

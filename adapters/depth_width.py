@@ -128,20 +128,20 @@ class DepthWidthConfig:
         if self.min_blocks is not None and (isinstance(self.min_blocks, bool) or not isinstance(self.min_blocks, int)
                                             or self.min_blocks < 0):
             raise MixMatchError(f"min_blocks must be a non-negative integer, got {self.min_blocks!r}")
-        if self.finetune_steps < 0:
-            raise MixMatchError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
-        if not 0.0 < self.width_step < 1.0:
-            raise MixMatchError(f"width_step must lie in (0, 1), got {self.width_step}")
-        if not 0.0 < self.macs_tolerance < 1.0:
-            raise MixMatchError(f"macs_tolerance must lie in (0, 1), got {self.macs_tolerance}")
-        if self.bisect_steps < 1:
-            raise MixMatchError(f"bisect_steps must be >= 1, got {self.bisect_steps}")
-        if any(not 0.0 < v < 1.0 for v in self.schedule) or list(self.schedule) != sorted(self.schedule):
-            raise MixMatchError(f"schedule must be increasing MACs reductions in (0, 1), got {list(self.schedule)}")
-        if self.schedule and self.mode != "width":
-            raise MixMatchError("a MACs schedule only applies to mode='width' (depth and CKA modes follow the blocks)")
-        if self.max_iterations is not None and self.max_iterations < 0:
-            raise MixMatchError(f"max_iterations must be >= 0, got {self.max_iterations}")
+        checks = (
+            (self.finetune_steps < 0, f"finetune_steps must be >= 0, got {self.finetune_steps}"),
+            (not 0.0 < self.width_step < 1.0, f"width_step must lie in (0, 1), got {self.width_step}"),
+            (not 0.0 < self.macs_tolerance < 1.0, f"macs_tolerance must lie in (0, 1), got {self.macs_tolerance}"),
+            (self.bisect_steps < 1, f"bisect_steps must be >= 1, got {self.bisect_steps}"),
+            (any(not 0.0 < v < 1.0 for v in self.schedule) or list(self.schedule) != sorted(self.schedule),
+             f"schedule must be increasing MACs reductions in (0, 1), got {list(self.schedule)}"),
+            (bool(self.schedule) and self.mode != "width",
+             "a MACs schedule only applies to mode='width' (depth and CKA modes follow the blocks)"),
+            (self.max_iterations is not None and self.max_iterations < 0, f"max_iterations must be >= 0, got {self.max_iterations}"),
+        )
+        for bad, msg in checks:
+            if bad:
+                raise MixMatchError(msg)
 
     def keyed(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to be resumed (plain JSON data)."""
@@ -292,8 +292,7 @@ def width_candidate(
 
 
 def _per_input(macs_after: int, macs_before: int, macs0: int) -> int:
-    """The adapter's MACs after pruning, on the scale of :func:`count_macs` (its counts on the example
-    batch and ours on one input agree up to rounding; the ratio keeps the two consistent)."""
+    """The adapter's MACs after pruning, rescaled to :func:`count_macs`'s per-input scale."""
     return round(macs_after * macs0 / max(macs_before, 1))
 
 
@@ -520,15 +519,13 @@ def _iteration(
     # 1. depth candidate (also the MACs step of the width candidate)
     depth_model = None
     depth_info: dict[str, Any] | None = None
-    if has_blocks and scheduled is None:
-        candidates = removable_blocks(work, example_inputs, min_blocks=cfg.min_blocks)
-        if candidates:
-            scores = score_blocks(work, calib, candidates, method=cfg.block_score, max_batches=cfg.score_batches)
-            best = min(candidates, key=lambda b: scores[b.name])
-            depth_model = remove_blocks(work, [best.name]).eval()
-            dmacs, dparams = count_macs(depth_model, example_inputs)
-            depth_info = {"block": best.name, "score": scores[best.name], "scores": scores, "macs": dmacs,
-                          "params": dparams, "removed_macs": macs_now - dmacs}
+    if has_blocks and scheduled is None and (candidates := removable_blocks(work, example_inputs, min_blocks=cfg.min_blocks)):
+        scores = score_blocks(work, calib, candidates, method=cfg.block_score, max_batches=cfg.score_batches)
+        best = min(candidates, key=lambda b: scores[b.name])
+        depth_model = remove_blocks(work, [best.name]).eval()
+        dmacs, dparams = count_macs(depth_model, example_inputs)
+        depth_info = {"block": best.name, "score": scores[best.name], "scores": scores, "macs": dmacs,
+                      "params": dparams, "removed_macs": macs_now - dmacs}
     step = scheduled if scheduled is not None else depth_info["removed_macs"] if depth_info else fallback_step
     record["step_macs"] = int(step)
     if cfg.mode == "depth" and depth_model is None:
@@ -536,13 +533,11 @@ def _iteration(
     # 2. width candidate with the same removed MACs
     width: WidthCandidate | None = None
     width_info: dict[str, Any] | None = None
-    if cfg.mode != "depth" and step > 0:
-        width = _best_width(work, step, example_inputs, calib, val_loader, cfg)
-        if width is not None:
-            width_info = {"strategy": width.strategy.name, "sparsity": width.sparsity, "macs": width.macs,
-                          "params": width.params, "removed_macs": width.removed, "wanted_macs": width.wanted,
-                          "mismatch": width.mismatch, "bisect_trials": width.trials,
-                          "out_of_range": len(width.strategy.meta.get("out_of_range", []))}
+    if cfg.mode != "depth" and step > 0 and (width := _best_width(work, step, example_inputs, calib, val_loader, cfg)) is not None:
+        width_info = {"strategy": width.strategy.name, "sparsity": width.sparsity, "macs": width.macs,
+                      "params": width.params, "removed_macs": width.removed, "wanted_macs": width.wanted,
+                      "mismatch": width.mismatch, "bisect_trials": width.trials,
+                      "out_of_range": len(width.strategy.meta.get("out_of_range", []))}
     if cfg.mode == "width":
         depth_model = None  # its MACs only set the step
         if depth_info is not None:
@@ -551,12 +546,11 @@ def _iteration(
         return None
     # 3. brief fine-tuning, same data order for both
     seed = cfg.seed * 1_000_003 + it
-    if cfg.finetune_steps:
-        assert train_loader is not None
-        for cand in (depth_model, width.model if width else None):
-            if cand is not None:
-                finetune_steps(cand, {}, train_loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed)
-                cand.eval()
+    for cand in (depth_model, width.model if width else None):
+        if cfg.finetune_steps and cand is not None:
+            assert train_loader is not None
+            finetune_steps(cand, {}, train_loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed)
+            cand.eval()
     # 4. CKA to the parent on validation, and the choice
     both = depth_model is not None and width is not None
     ref = collect_features(work, val_loader, max_batches=cfg.cka_batches) if both or cfg.mode == "cka" else None
@@ -600,14 +594,10 @@ def _best_width(work: nn.Module, step: int, example_inputs: Any, calib: Iterable
     strategies = cfg.strategies if cfg.allocation == "mm" else cfg.strategies[:1]
     signal_names = tuple(dict.fromkeys(parse_strategy(s)[0] for s in strategies))
     needs_calib = any(s != "magnitude" for s in signal_names)
-    signals = None
-    if cfg.allocation == "mm":
-        signals = compute_signals(work, calib if needs_calib else None, signals=signal_names, max_batches=cfg.score_batches)
-    found = []
-    for s in strategies:
-        cand = width_candidate(work, step, example_inputs, calib=calib, strategy=s, signals=signals, config=cfg)
-        if cand is not None:
-            found.append(cand)
+    signals = (compute_signals(work, calib if needs_calib else None, signals=signal_names, max_batches=cfg.score_batches)
+               if cfg.allocation == "mm" else None)
+    found = [c for s in strategies
+             if (c := width_candidate(work, step, example_inputs, calib=calib, strategy=s, signals=signals, config=cfg)) is not None]
     if len(found) <= 1:
         return found[0] if found else None
     ref = collect_features(work, val_loader, max_batches=cfg.cka_batches)
@@ -636,8 +626,7 @@ def load_depth_width(
     else:
         model = copy.deepcopy(model)
     if example_inputs is None:
-        shape = state.get("input_shape")
-        if not shape:
+        if not (shape := state.get("input_shape")):
             raise MixMatchError(f"{path} has no input shape: pass example_inputs")
         example_inputs = torch.zeros(1, *[int(v) for v in shape])
     _load_weights(replay(model.eval(), state["ops"], example_inputs), state, path)

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import itertools
 import logging
 import math
 import re
@@ -134,9 +135,7 @@ def config_list(
         level_layers = list(layers) if layers is not None else inventory(model)  # type: ignore[arg-type]
         check_untied(level_layers, "NNI")
         for layer in level_layers:
-            if layer.kind == "norm" or layer.type not in SELECTABLE:
-                continue
-            if roles is not None and layer.role not in roles:
+            if layer.kind == "norm" or layer.type not in SELECTABLE or (roles is not None and layer.role not in roles):
                 continue
             r = float(strategy.ratios.get(layer.name, 0.0))
             if not (math.isfinite(r) and 0.0 <= r < 1.0):
@@ -162,16 +161,12 @@ def config_list(
     gid = 0
     for g in groups:
         members = [p for p in g.producers if p in inv]
-        bad = [p for p in members if inv[p].type not in SELECTABLE]
-        if bad:
+        if bad := [p for p in members if inv[p].type not in SELECTABLE]:
             logger.warning("group %s left dense: NNI cannot select %s (%s)", g.key, bad[0], inv[bad[0]].type)
             continue
-        if roles is not None and not all(inv[p].role in roles for p in members):
-            continue
-        if g.heads:
+        if g.heads or (roles is not None and not all(inv[p].role in roles for p in members)):
             continue  # whole-head plans are a Torch-Pruning feature
-        ratio = _nni_ratio(g.channels, g.keep)
-        if ratio == 0.0 and not include_zero:
+        if (ratio := _nni_ratio(g.channels, g.keep)) == 0.0 and not include_zero:
             continue
         # NNI cannot fuse the metrics of weights of different rank (a Conv2d patch embedding and the
         # Linear layers of a ViT's residual stream): such members are ranked in sub-groups, same ratio.
@@ -284,8 +279,7 @@ def from_uniform(
     """
 
     mode = mode if mode in ("level", "channel") else nni_mode(mode)
-    covered = coverage(config, model)
-    if not covered:
+    if not (covered := coverage(config, model)):
         raise MixMatchError("the config_list selects no layer NNI can prune in this model; check op_types/op_names")
     layers = inventory(model)
     by_name = {layer.name: layer for layer in layers}
@@ -295,8 +289,7 @@ def from_uniform(
         raise MixMatchError("the config_list covers only normalization layers; Mix-and-Match prunes Conv/Linear weights")
     pruned = sum(by_name[n].params * r for n, r in cov.items())
     overall = pruned / n_cov
-    total = sum(layer.params for layer in layers)
-    target = pruned / total
+    target = pruned / sum(layer.params for layer in layers)
     protect = [_anchored(layer.name) for layer in layers if layer.name not in cov and layer.kind != "norm"]
     if options is None:  # the user's config already decides which layers are pruned: only "norms stay dense" remains
         rules = load_rules(preset_for(model) if preset == "auto" else preset)
@@ -333,9 +326,7 @@ def nni_mode(pruner: Any) -> Mode:
 
 
 def _names(entry: Mapping[str, Any]) -> list[str]:
-    if "op_names" in entry:
-        return list(entry["op_names"])
-    return [re.sub(r"\\(.)", r"\1", p[1:-1]) for p in entry.get("op_names_re", [])]
+    return list(entry["op_names"]) if "op_names" in entry else [re.sub(r"\\(.)", r"\1", p[1:-1]) for p in entry.get("op_names_re", [])]
 
 
 # ------------------------------------------------------------------------------------------- pruning
@@ -372,20 +363,13 @@ def _taylor_evaluator(calib: Iterable[Any], loss_fn: LossFn | None, max_batches:
                       max_steps: int | None = None, max_epochs: int | None = None, *args: Any, **kwargs: Any) -> None:
         opt = optimizers[0] if isinstance(optimizers, (list, tuple)) else optimizers
         model.eval()
-        limit = max_steps if max_steps is not None else len(batches)
-        done = 0
-        while done < limit:
-            for b in batches:
-                opt.zero_grad()
-                step(b, model).backward()
-                opt.step()
-                done += 1
-                if done >= limit:
-                    break
+        for b in itertools.islice(itertools.cycle(batches), max_steps if max_steps is not None else len(batches)):
+            opt.zero_grad()
+            step(b, model).backward()
+            opt.step()
 
     # NNI re-creates the optimizer for the wrapped model, so it must be traced (nni.trace).
-    placeholder = [nn.Parameter(torch.zeros(1))]
-    optimizer = nni.trace(torch.optim.SGD)(placeholder, lr=0.0)
+    optimizer = nni.trace(torch.optim.SGD)([nn.Parameter(torch.zeros(1))], lr=0.0)
     return TorchEvaluator(training_func, optimizer, training_step), len(batches)
 
 
@@ -457,11 +441,8 @@ def prune(
     if pruner != "level" and example_inputs is not None:
         _add_coupled_masks(target, masks, example_inputs)
     _apply_masks(target, masks)
-    sparsity: dict[str, float] = {}
-    for name in masks:
-        w = getattr(target.get_submodule(name), "weight", None)
-        if isinstance(w, torch.Tensor):
-            sparsity[name] = float((w == 0).float().mean())
+    sparsity = {name: float((w == 0).float().mean()) for name in masks
+                if isinstance(w := getattr(target.get_submodule(name), "weight", None), torch.Tensor)}
     return NNIResult(target, dict(masks), cfg, pruner, sparsity)
 
 
@@ -486,12 +467,9 @@ def _add_coupled_masks(model: nn.Module, masks: dict[str, dict[str, Any]], examp
     for name, m in masks.items():
         w = m.get("weight")
         module = model.get_submodule(name)
-        if w is None or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        if w is None or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(module, "transposed", False):
             continue
-        dead = torch.nonzero(w.reshape(w.shape[0], -1).abs().sum(1) == 0).flatten().tolist()
-        if getattr(module, "transposed", False):
-            continue
-        if dead:
+        if dead := torch.nonzero(w.reshape(w.shape[0], -1).abs().sum(1) == 0).flatten().tolist():
             removed[name] = dead
     if not removed:
         return
@@ -526,18 +504,11 @@ def _speedup_blockers(model: nn.Module, masks: Mapping[str, Mapping[str, Any]]) 
         attn_types = known["attention"] + known["window_attention"]
     except ImportError:  # pragma: no cover - torch-pruning missing
         attn_types = ()
-    transformer = any(isinstance(m, attn_types) for m in model.modules()) if attn_types else False
-    if not transformer:
+    if not attn_types or not any(isinstance(m, attn_types) for m in model.modules()):
         return []
     roles = {layer.name: layer.role for layer in inventory(model)}
-    out = []
-    for name, m in masks.items():
-        w = m.get("weight")
-        if w is None or bool(w.all()):
-            continue
-        if roles.get(name) in _ROLES_NO_SPEEDUP or roles.get(name) == "stem":
-            out.append(name)
-    return out
+    return [name for name, m in masks.items() if (w := m.get("weight")) is not None and not bool(w.all())
+            and roles.get(name) in (*_ROLES_NO_SPEEDUP, "stem")]
 
 
 def speedup(
@@ -556,8 +527,7 @@ def speedup(
     ``mixmatch_plugin.adapters.torch_pruning.prune``), and when the sped-up model's output differs
     from the masked model's by more than ``tolerance`` (relative). Returns the model in eval mode.
     """
-    blockers = _speedup_blockers(model, masks)
-    if blockers:
+    if blockers := _speedup_blockers(model, masks):
         raise MixMatchError(
             f"NNI's speed-up cannot remove the pruned channels of {blockers[0]}"
             + (f" and {len(blockers) - 1} more" if len(blockers) > 1 else "")
@@ -565,8 +535,7 @@ def speedup(
             "(config_list(..., only=['mlp_fc1'])), or use mixmatch_plugin.adapters.torch_pruning.prune, which "
             "removes them consistently"
         )
-    target = model if inplace else copy.deepcopy(model)
-    target.eval()
+    target = (model if inplace else copy.deepcopy(model)).eval()
     x = dummy_input
     _apply_masks(target, masks)  # the reference is the masked model
     with torch.no_grad():

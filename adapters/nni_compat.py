@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dis
 import inspect
-import logging
 import sys
 import textwrap
 import types
@@ -22,8 +21,6 @@ from typing import Any
 import torch
 
 from mixmatch_plugin.errors import MixMatchError
-
-logger = logging.getLogger(__name__)
 
 _JUMPS_311 = (
     "POP_JUMP_FORWARD_IF_FALSE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE",
@@ -68,11 +65,8 @@ def _instructions_by_code_unit(code: types.CodeType, *args: Any, **kwargs: Any) 
     for inst in insts:
         if 0 <= inst.offset // 2 < n:
             out[inst.offset // 2] = inst
-    prev = None
-    for i in range(n):
-        if out[i] is None:
-            out[i] = prev
-        prev = out[i]
+    for i in range(1, n):  # a cache slot points at its instruction
+        out[i] = out[i] if out[i] is not None else out[i - 1]
     return out
 
 
@@ -97,8 +91,7 @@ def speedup_compat(fixes: Collection[str] = FIXES) -> Iterator[None]:
             ModelSpeedup(model, dummy_input, masks, customized_mask_updaters=mask_updaters()).speedup_model()
         model.eval()
     """
-    unknown = set(fixes) - set(FIXES)
-    if unknown:
+    if unknown := set(fixes) - set(FIXES):
         raise MixMatchError(f"unknown fix {sorted(unknown)[0]!r}; fixes are {', '.join(FIXES)}")
     ct, cp = _modules()
     saved: list[tuple[Any, str, Any]] = []

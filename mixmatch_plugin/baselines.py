@@ -18,7 +18,6 @@ Use :data:`REGISTRY` / :func:`make` to build one by name.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,8 +30,6 @@ from .ranges import validate_ratio
 from .signals import Signals
 from .strategies import Strategy
 
-logger = logging.getLogger(__name__)
-
 Baseline = Callable[[Sequence[Layer], Signals, float], Strategy]
 
 
@@ -44,8 +41,7 @@ def _budget(layers: Sequence[Layer], target: float) -> int:
     target = validate_ratio(target, "target sparsity")
     total = sum(layer.params for layer in layers)
     k = round(target * total)
-    elig = _eligible(layers)
-    cap = sum(layer.params - 1 for layer in elig)  # every layer keeps at least one weight
+    cap = sum(layer.params - 1 for layer in _eligible(layers))  # every layer keeps at least one weight
     if k > cap:
         raise MixMatchError(
             f"target {target} needs {k} pruned weights but only {cap} can go (outside normalization layers, "
@@ -57,13 +53,8 @@ def _budget(layers: Sequence[Layer], target: float) -> int:
 def _strategy(name: str, signal: str, layers: Sequence[Layer], counts: dict[str, int], target: float) -> Strategy:
     ratios = {layer.name: counts.get(layer.name, 0) / layer.params for layer in layers}
     total = sum(layer.params for layer in layers)
-    return Strategy(
-        name=name,
-        signal=signal,
-        ratios=ratios,
-        global_sparsity=sum(counts.values()) / total,
-        meta={"method": name, "target": target, "mode": "budget"},
-    )
+    return Strategy(name=name, signal=signal, ratios=ratios, global_sparsity=sum(counts.values()) / total,
+                    meta={"method": name, "target": target, "mode": "budget"})
 
 
 def _threshold_counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]:
@@ -97,8 +88,7 @@ def _exempt_top(s: torch.Tensor) -> torch.Tensor:
 
 def _global(name: str, signal: str, layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
     k = _budget(layers, target)
-    elig = _eligible(layers)
-    counts = _threshold_counts({layer.name: signals.score(layer.name, signal) for layer in elig}, k)
+    counts = _threshold_counts({layer.name: signals.score(layer.name, signal) for layer in _eligible(layers)}, k)
     return _strategy(name, signal, layers, counts, target)
 
 
@@ -169,20 +159,12 @@ def erk(layers: Sequence[Layer], signals: Signals | None, target: float) -> Stra
     return _strategy("erk", "magnitude", layers, {layer.name: int(c) for layer, c in zip(elig, counts, strict=True)}, target)
 
 
-REGISTRY: dict[str, Baseline] = {
-    "uniform": uniform,
-    "global_magnitude": global_magnitude,
-    "snip": snip,
-    "grasp": grasp,
-    "lamp": lamp,
-    "erk": erk,
-}
+REGISTRY: dict[str, Baseline] = {fn.__name__: fn for fn in (uniform, global_magnitude, snip, grasp, lamp, erk)}
 
 
 def make(name: str, layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
     """Build the baseline ``name`` (a key of :data:`REGISTRY`) at ``target`` global sparsity."""
-    fn = REGISTRY.get(name)
-    if fn is None:
+    if (fn := REGISTRY.get(name)) is None:
         raise MixMatchError(f"unknown baseline {name!r}; baselines are {', '.join(REGISTRY)}")
     return fn(layers, signals, target)
 

@@ -92,8 +92,7 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if is_oom(exc):
             raise
         first = first_line(exc)
-        p = next(model.parameters(), None)
-        if p is not None and p.dtype.is_floating_point and x.dtype != p.dtype:
+        if (p := next(model.parameters(), None)) is not None and p.dtype.is_floating_point and x.dtype != p.dtype:
             raise MixMatchError(
                 f"the model could not run a batch of dtype {x.dtype} ({first}); its weights are {p.dtype}: "
                 f"convert the inputs with .to({p.dtype})"
@@ -159,13 +158,11 @@ def iterate(loader: Iterable[Any], max_batches: int | None = None, what: str = "
         raise MixMatchError(
             f"the {what} data must be an iterable of batches such as a DataLoader, got {type(loader).__name__}"
         )
-    count = 0
-    for batch in loader:
+    empty = True
+    for batch in itertools.islice(loader, max_batches):
+        empty = False
         yield batch
-        count += 1
-        if max_batches is not None and count >= max_batches:
-            break
-    if count == 0:
+    if empty:
         raise MixMatchError(f"the {what} loader yielded no batches; pass a non-empty DataLoader")
 
 
@@ -177,7 +174,4 @@ _OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "bad
 def is_oom(exc: BaseException) -> bool:
     """True for an allocation failure: ``torch.OutOfMemoryError``, ``MemoryError``, or a ``RuntimeError``
     whose message is one of :data:`_OOM_TEXT` (found by running signals under an address-space limit)."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return any(s in text for s in _OOM_TEXT)
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or any(s in str(exc).lower() for s in _OOM_TEXT)

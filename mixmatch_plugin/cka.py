@@ -57,8 +57,7 @@ def hsic_debiased(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741
     n = k.shape[0]
     if n < 4:
         raise MixMatchError(f"debiased HSIC needs at least 4 samples, got {n}")
-    k = k.clone()
-    l = l.clone()  # noqa: E741
+    k, l = k.clone(), l.clone()  # noqa: E741
     k.fill_diagonal_(0.0)
     l.fill_diagonal_(0.0)
     kl = k @ l
@@ -112,9 +111,7 @@ class MinibatchCKA:
     def __init__(self, *, debiased: bool = True) -> None:
         self.debiased = debiased
         self.xy = self.xx = self.yy = 0.0
-        self.batches = 0
-        self.samples = 0
-        self.skipped = 0
+        self.batches = self.samples = self.skipped = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add one minibatch: ``x`` and ``y`` are features of the same inputs (first dimension = batch)."""
@@ -152,11 +149,7 @@ def _classifier(model: nn.Module) -> nn.Module | None:
             c = c[0] if isinstance(c, (tuple, list)) else c
             if isinstance(c, nn.Module) and any(True for _ in c.parameters()):
                 return c
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return last
+    return next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -168,11 +161,9 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
         out = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+        out = out[0] if isinstance(out, (tuple, list)) else out
         return out.reshape(out.shape[0], -1)
-    head = _classifier(model)
-    if head is None:
+    if (head := _classifier(model)) is None:
         raise MixMatchError(
             f"cannot find the classifier of {type(model).__name__} to take penultimate features from; "
             "pass features=<fn(model, x) -> (batch, features)>"
@@ -237,14 +228,10 @@ def collect_features(
     was = model.training
     model.eval()
     device = model_device(model)
-    out = []
     try:
-        for batch in iterate(loader, max_batches, what="CKA"):
-            x, _ = split_batch(to_device(batch, device))
-            out.append(feat(model, x).detach().cpu())
+        return [feat(model, split_batch(to_device(b, device))[0]).detach().cpu() for b in iterate(loader, max_batches, what="CKA")]
     finally:
         model.train(was)
-    return out
 
 
 # --------------------------------------------------------------------------------------- ranking proxy

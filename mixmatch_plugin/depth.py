@@ -7,7 +7,9 @@ Blocks (timm ResNet, ConvNeXt, ViT and Swin blocks whose output has the shape of
 
 from __future__ import annotations
 
+import collections
 import copy
+import importlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,12 @@ KINDS = ("resnet", "convnext", "vit", "swin")
 DEFAULT_MIN_BLOCKS = {"resnet": 2, "convnext": 1, "vit": 1, "swin": 1}
 BlockScore = Literal["kl", "cka"]
 SCORES: tuple[BlockScore, ...] = get_args(BlockScore)
+_BLOCK_CLASS_NAMES = {
+    "resnet": ("timm.models.resnet", ("BasicBlock", "Bottleneck")),
+    "convnext": ("timm.models.convnext", ("ConvNeXtBlock",)),
+    "vit": ("timm.models.vision_transformer", ("Block", "ResPostBlock")),
+    "swin": ("timm.models.swin_transformer", ("SwinTransformerBlock",)),
+}
 SUPPORTED_TEXT = (
     "timm ResNet BasicBlock/Bottleneck without downsample, ConvNeXtBlock, ViT Block/ResPostBlock, "
     "SwinTransformerBlock"
@@ -80,31 +88,13 @@ class BlockInfo:
 
 
 def _block_classes() -> dict[str, tuple[type, ...]]:
-    out: dict[str, tuple[type, ...]] = {k: () for k in KINDS}
-    try:
-        from timm.models.resnet import BasicBlock, Bottleneck
-
-        out["resnet"] = (BasicBlock, Bottleneck)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    try:
-        from timm.models.convnext import ConvNeXtBlock
-
-        out["convnext"] = (ConvNeXtBlock,)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from timm.models.vision_transformer import Block, ResPostBlock
-
-        out["vit"] = (Block, ResPostBlock)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from timm.models.swin_transformer import SwinTransformerBlock
-
-        out["swin"] = (SwinTransformerBlock,)
-    except ImportError:  # pragma: no cover
-        pass
+    out: dict[str, tuple[type, ...]] = {}
+    for kind, (module, names) in _BLOCK_CLASS_NAMES.items():
+        try:
+            mod = importlib.import_module(module)
+            out[kind] = tuple(getattr(mod, n) for n in names)
+        except (ImportError, AttributeError):  # pragma: no cover - timm is a dependency
+            out[kind] = ()
     return out
 
 
@@ -171,16 +161,10 @@ def find_blocks(model: nn.Module, example_inputs: Any = None) -> list[BlockInfo]
     With ``example_inputs`` the shapes are checked on a real forward pass as well (a block that ran
     with different input and output shapes is marked not shape-safe).
     """
-    found: list[tuple[str, nn.Module, str]] = []
-    for name, mod in model.named_modules():
-        kind = block_kind(mod)
-        if kind is not None:
-            found.append((name, mod, kind))
+    found = [(name, mod, kind) for name, mod in model.named_modules() if (kind := block_kind(mod)) is not None]
     shapes: dict[str, tuple[Any, Any]] = {}
-    if example_inputs is not None:
-        live = {n: m for n, m, _ in found if not isinstance(m, IdentityBlock)}
-        if live:
-            shapes = _shapes(model, example_inputs, live)
+    if example_inputs is not None and (live := {n: m for n, m, _ in found if not isinstance(m, IdentityBlock)}):
+        shapes = _shapes(model, example_inputs, live)
     out = []
     for name, mod, kind in found:
         stage, _, idx = name.rpartition(".")
@@ -225,16 +209,12 @@ def removable_blocks(
         MixMatchError: the model has no block of a supported type at all.
     """
     _check_min(min_blocks)
-    blocks = find_blocks(model, example_inputs)
-    if not blocks:
+    if not (blocks := find_blocks(model, example_inputs)):
         raise MixMatchError(
             f"{type(model).__name__} has no block that depth pruning supports ({SUPPORTED_TEXT}); "
             "use width pruning only"
         )
-    kept: dict[str, int] = {}
-    for b in blocks:
-        if not b.removed:
-            kept[b.stage] = kept.get(b.stage, 0) + 1
+    kept = collections.Counter(b.stage for b in blocks if not b.removed)
     return [b for b in blocks if not b.removed and b.shape_safe and kept[b.stage] - 1 >= _min_for(b.kind, min_blocks)]
 
 
@@ -254,11 +234,8 @@ def remove_blocks(
             mod = model.get_submodule(name)
         except AttributeError:
             raise MixMatchError(f"{type(model).__name__} has no module {name!r}") from None
-        info = blocks.get(name)
-        if info is None:
-            raise MixMatchError(
-                f"{name!r} is a {type(mod).__name__}, which depth pruning does not support ({SUPPORTED_TEXT})"
-            )
+        if (info := blocks.get(name)) is None:
+            raise MixMatchError(f"{name!r} is a {type(mod).__name__}, which depth pruning does not support ({SUPPORTED_TEXT})")
         if info.removed:
             raise MixMatchError(f"block {name!r} has already been removed")
         if not info.shape_safe:
@@ -301,23 +278,18 @@ def score_blocks(
 
     if method not in SCORES:
         raise MixMatchError(f"block score must be one of {', '.join(SCORES)}, got {method!r}")
-    names = [b.name if isinstance(b, BlockInfo) else b for b in blocks]
-    if not names:
+    if not (names := [b.name if isinstance(b, BlockInfo) else b for b in blocks]):
         return {}
     work = copy.deepcopy(model).eval()
     device = model_device(work)
     inputs = [split_batch(to_device(b, device))[0] for b in iterate(calib, max_batches, what="block scoring")]
-    if method == "kl":
-        ref = [torch.log_softmax(forward(work, x).double(), dim=1) for x in inputs]
-    else:
-        ref = [penultimate(work, x) for x in inputs]
+    ref = [torch.log_softmax(forward(work, x).double(), dim=1) if method == "kl" else penultimate(work, x) for x in inputs]
     scores: dict[str, float] = {}
     for name in progress_bar(names, "score blocks", enable=progress):
         stage, _, attr = name.rpartition(".")
         parent = work.get_submodule(stage) if stage else work
         original = getattr(parent, attr)
-        kind = block_kind(original)
-        if kind is None or isinstance(original, IdentityBlock):
+        if (kind := block_kind(original)) is None or isinstance(original, IdentityBlock):
             raise MixMatchError(f"{name!r} is not a live block of a supported type ({type(original).__name__})")
         setattr(parent, attr, IdentityBlock(kind, type(original).__name__))
         try:

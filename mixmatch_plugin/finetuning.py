@@ -71,10 +71,8 @@ class FinetuneOptions:
         kind, wd = self.optimizer, self.weight_decay
         if callable(kind):
             return kind(params)
-        if kind == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-        if kind == "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        if kind in ("adam", "adamw"):
+            return (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)(params, lr=lr, weight_decay=wd)
         if kind == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
         raise MixMatchError(f"unknown optimizer {kind!r}; choose adam, adamw or sgd, or pass a factory")
@@ -179,10 +177,8 @@ def finetune(
         model.train(was)
     if best_state is not None:
         model.load_state_dict(best_state)
-    per, glob = sparsity_of(model, inventory(model), masks)
-    result = FinetuneResult(steps, best, history, per, glob)
     logger.info("fine-tuned %d steps; best validation accuracy %s", steps, f"{best.accuracy:.4f}" if best else "n/a")
-    return result
+    return FinetuneResult(steps, best, history, *sparsity_of(model, inventory(model), masks))
 
 
 def finetune_steps(

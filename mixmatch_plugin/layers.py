@@ -26,13 +26,8 @@ from .rules import RoleRules, load_role_rules
 logger = logging.getLogger(__name__)
 _REPORTED: set[str] = set()
 
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+                                             *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 
 
@@ -66,17 +61,12 @@ class Layer:
     aliases: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        d["aliases"] = list(self.aliases)
-        return d
+        return {**asdict(self), "shape": list(self.shape), "aliases": list(self.aliases)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Layer:
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        fields["shape"] = tuple(fields.get("shape", ()))
-        fields["aliases"] = tuple(fields.get("aliases", ()))
-        return cls(**fields)
+        return cls(**{**fields, "shape": tuple(fields.get("shape", ())), "aliases": tuple(fields.get("aliases", ()))})
 
 
 def _kind(module: nn.Module) -> str:
@@ -92,32 +82,14 @@ def _kind(module: nn.Module) -> str:
 
 
 def _role(name: str, kind: str, module: nn.Module, rules: RoleRules) -> str:
-    depthwise = (
-        kind == "conv"
-        and getattr(module, "groups", 1) > 1
-        and getattr(module, "groups", 1) == getattr(module, "in_channels", -1)
-    )
-    for r in rules.rules:
-        if r.kind is not None and kind not in r.kind:
-            continue
-        if r.name is not None and r.name.search(name) is None:
-            continue
-        if r.depthwise is not None and r.depthwise != depthwise:
-            continue
-        return r.role
-    return "other"
+    groups = getattr(module, "groups", 1)
+    depthwise = kind == "conv" and groups > 1 and groups == getattr(module, "in_channels", -1)
+    return next((r.role for r in rules.rules if (r.kind is None or kind in r.kind) and (r.depthwise is None or r.depthwise == depthwise)
+                 and (r.name is None or r.name.search(name) is not None)), "other")
 
 
 def _stages(names: list[str], roles: list[str], rules: RoleRules) -> list[int]:
-    raw: list[int | None] = []
-    for n in names:
-        st = None
-        for sp in rules.stages:
-            m = sp.pattern.search(n)
-            if m:
-                st = int(m.group(1)) + sp.offset
-                break
-        raw.append(st)
+    raw = [next((int(m.group(1)) + sp.offset for sp in rules.stages if (m := sp.pattern.search(n))), None) for n in names]
     if all(s is None for s in raw):
         # No staged structure known: the index of the top-level child is the depth position.
         tops: dict[str, int] = {}
@@ -173,8 +145,7 @@ def inventory(
                 if p.dim() >= 2:
                     skipped.append(f"{name}.{pname}" if name else pname)
             continue
-        kind = _kind(module)
-        if kind == "other" and w.dim() < 2:
+        if (kind := _kind(module)) == "other" and w.dim() < 2:
             continue
         if id(w) in seen:
             rows[seen[id(w)]]["aliases"].append(name)
@@ -182,10 +153,8 @@ def inventory(
             continue
         seen[id(w)] = len(rows)
         role = next((r for pat, r, _ in overrides if pat.search(name)), None) or _role(name, kind, module, rr)
-        rows.append(
-            dict(name=name, type=type(module).__name__, kind=kind, role=role, params=w.numel(),
-                 shape=tuple(w.shape), groups=int(getattr(module, "groups", 1)), aliases=[])
-        )
+        rows.append(dict(name=name, type=type(module).__name__, kind=kind, role=role, params=w.numel(),
+                         shape=tuple(w.shape), groups=int(getattr(module, "groups", 1)), aliases=[]))
     if skipped:
         text = ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else "")
         # INFO once per distinct list (inventory runs for every plan, rank and prune of a model), DEBUG after
@@ -226,10 +195,8 @@ def prunable(layers: list[Layer]) -> list[Layer]:
 def check_prunable(layers: list[Layer]) -> None:
     """Raise if the model has nothing to prune."""
     if not prunable(layers):
-        raise MixMatchError(
-            "the model has no prunable layer (no Conv, Linear or Embedding weight); "
-            "Mix-and-Match prunes weights of those modules"
-        )
+        raise MixMatchError("the model has no prunable layer (no Conv, Linear or Embedding weight); "
+                            "Mix-and-Match prunes weights of those modules")
 
 
 def check_untied(layers: Sequence[Layer], what: str) -> None:
@@ -238,8 +205,7 @@ def check_untied(layers: Sequence[Layer], what: str) -> None:
     Plain masks (:func:`mixmatch_plugin.apply`) prune a shared weight once, for all its modules; pruners
     that wrap or resize modules one by one silently untie it or prune it inconsistently.
     """
-    tied = next((layer for layer in layers if layer.aliases), None)
-    if tied is not None:
+    if (tied := next((layer for layer in layers if layer.aliases), None)) is not None:
         raise MixMatchError(
             f"layer {tied.name!r} shares its weight with {', '.join(repr(a) for a in tied.aliases)} (tied weights), "
             f"which {what} cannot prune without untying them; prune with plain masks (mm.apply, "

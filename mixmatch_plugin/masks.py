@@ -37,8 +37,7 @@ def layer_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask that drops the ``k`` lowest-scoring entries of ``score`` (stable on ties)."""
     keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
-        order = torch.argsort(score.flatten(), stable=True)
-        keep[order[:k]] = False
+        keep[torch.argsort(score.flatten(), stable=True)[:k]] = False
     return keep.view_as(score)
 
 
@@ -70,14 +69,12 @@ def check_strategy(
     """
     names = {layer.name for layer in layers}
     have = set(strategy.ratios)
-    unknown = sorted(have - names)
-    if unknown:
+    if unknown := sorted(have - names):
         raise PlanMismatchError(
             f"strategy {strategy.name!r} names {len(unknown)} layer(s) the model does not have "
             f"(first: {unknown[0]!r}); was the plan made for another model? Regenerate it with `mixmatch plan`"
         )
-    missing = sorted(n for n in names - have)
-    if missing and complete:
+    if (missing := sorted(n for n in names - have)) and complete:
         raise PlanMismatchError(
             f"the model has {len(missing)} prunable layer(s) the strategy does not cover (first: {missing[0]!r}); "
             "regenerate the plan for this model"
@@ -88,8 +85,7 @@ def check_strategy(
     if plan_layers is not None:
         by_name = {layer.name: layer for layer in layers}
         for pl in plan_layers:
-            cur = by_name.get(pl.name)
-            if cur is not None and tuple(cur.shape) != tuple(pl.shape):
+            if (cur := by_name.get(pl.name)) is not None and tuple(cur.shape) != tuple(pl.shape):
                 raise PlanMismatchError(
                     f"layer {pl.name!r} has shape {tuple(cur.shape)} in the model but {tuple(pl.shape)} in the plan; "
                     "regenerate the plan for this model"
@@ -113,8 +109,7 @@ class Masker:
 
     def __call__(self, strategy: Strategy) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         check_strategy(strategy, self.layers)
-        missing = {strategy.signal, *strategy.layer_signals.values()} - set(self.signals.available)
-        if missing:
+        if missing := {strategy.signal, *strategy.layer_signals.values()} - set(self.signals.available):
             raise MixMatchError(
                 f"strategy {strategy.name!r} ranks weights by {', '.join(sorted(missing))}, but the scores only hold "
                 f"{', '.join(self.signals.available)}: pass signals=compute_signals(model, calib) (or plan.signals)"
@@ -136,8 +131,7 @@ def compute_masks(
     """Keep-masks for every layer the strategy prunes (layers at ratio 0 are omitted)."""
     layers = list(layers) if layers is not None else inventory(model)
     if signals is None:
-        needed = {strategy.signal, *strategy.layer_signals.values()} - {"magnitude"}
-        if needed:
+        if needed := {strategy.signal, *strategy.layer_signals.values()} - {"magnitude"}:
             raise MixMatchError(
                 f"strategy {strategy.name!r} ranks weights by {', '.join(sorted(needed))}, which needs calibration "
                 "scores: pass signals=compute_signals(model, calib) (or calib=...)"
@@ -149,10 +143,7 @@ def compute_masks(
         if k == 0:
             continue
         signal = strategy.signal_of(layer.name)
-        if cache is not None:
-            masks[layer.name] = cache.mask(layer.name, signal, k)
-        else:
-            masks[layer.name] = layer_mask(signals.score(layer.name, signal), k)
+        masks[layer.name] = cache.mask(layer.name, signal, k) if cache is not None else layer_mask(signals.score(layer.name, signal), k)
         if masks[layer.name].shape != tuple(layer.shape):
             raise PlanMismatchError(f"the scores of layer {layer.name!r} do not have its shape; recompute the signals on this model")
     return masks

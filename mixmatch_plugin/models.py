@@ -172,12 +172,8 @@ def _build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a state dict (or ``{"state_dict": ...}``/``{"model": ...}``) into ``model``, strictly and safely."""
     obj = safe_torch_load(path)
-    state = obj
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state"):
-            if key in obj and isinstance(obj[key], Mapping):
-                state = obj[key]
-                break
+    wrapped = (obj[k] for k in ("state_dict", "model", "model_state") if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping))
+    state = next(wrapped, obj)
     if not isinstance(state, Mapping):
         raise MixMatchError(f"checkpoint {path} holds {type(state).__name__}, not a state dict")
     try:

@@ -14,15 +14,12 @@ Three sources, combinable:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Literal, get_args
 
 from .errors import MixMatchError, RulesError
 from .layers import Layer
 from .rules import RuleSet
-
-logger = logging.getLogger(__name__)
 
 Range = tuple[float, float]
 RangeSource = Literal["rules", "empirical", "union", "intersection"]
@@ -51,8 +48,7 @@ def rule_ranges(layers: Sequence[Layer], rules: RuleSet) -> dict[str, Range]:
     last_stage = max((layer.stage for layer in layers), default=0)
     out = {}
     for layer in layers:
-        rule = next((r for r in rules.rules if r.match.matches(layer)), None)
-        if rule is None:
+        if (rule := next((r for r in rules.rules if r.match.matches(layer)), None)) is None:
             raise RulesError(
                 f"no rule of preset {rules.name!r} gives a range for layer {layer.name!r} "
                 f"(role {layer.role}, stage {layer.stage}); add a catch-all rule {{range: [lo, hi]}} or 'extends: generic'"

@@ -13,12 +13,11 @@ may ``extends: <preset or path>``; its rules are tried first and its constraints
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,14 @@ import yaml
 
 from .errors import RulesError
 
-logger = logging.getLogger(__name__)
-
 RULES_SCHEMA = "mixmatch.rules/1"
 ROLES_SCHEMA = "mixmatch.roles/1"
 KINDS = ("conv", "linear", "norm", "embedding", "other")
 _MATCH_KEYS = {"role", "name", "stage", "type", "kind", "min_params", "max_params"}
 _RULE_KEYS = _MATCH_KEYS | {"range", "per_stage", "per_depth"}
 _CONSTRAINT_KEYS = _MATCH_KEYS | {"clamp"}
-_RULESET_KEYS = {
-    "schema", "name", "description", "match", "extends", "source", "empirical",
-    "constraints", "max_layer_sparsity", "rules",
-}
+_RULESET_KEYS = {"schema", "name", "description", "match", "extends", "source", "empirical", "constraints",
+                 "max_layer_sparsity", "rules"}
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -59,9 +54,7 @@ def _load_mapping(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except yaml.constructor.ConstructorError as exc:
-        raise RulesError(
-            f"rules file {path}: YAML tags that construct objects are not allowed ({exc.problem}); use plain YAML"
-        ) from None
+        raise RulesError(f"rules file {path}: YAML tags that construct objects are not allowed ({exc.problem}); use plain YAML") from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise RulesError(f"rules file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
@@ -117,8 +110,7 @@ def _matcher(d: Mapping[str, Any], where: str, roles: Mapping[str, str]) -> Matc
     kw: dict[str, Any] = {}
     if "role" in d:
         kw["role"] = _as_tuple(d["role"], where, "role")
-        unknown = [r for r in kw["role"] if r not in roles]
-        if unknown:
+        if unknown := [r for r in kw["role"] if r not in roles]:
             raise RulesError(f"{where}: unknown role {unknown[0]!r}; roles are {', '.join(roles)}")
     if "name" in d:
         try:
@@ -137,8 +129,7 @@ def _matcher(d: Mapping[str, Any], where: str, roles: Mapping[str, str]) -> Matc
         kw["type"] = _as_tuple(d["type"], where, "type")
     if "kind" in d:
         kw["kind"] = _as_tuple(d["kind"], where, "kind")
-        bad = [k for k in kw["kind"] if k not in KINDS]
-        if bad:
+        if bad := [k for k in kw["kind"] if k not in KINDS]:
             raise RulesError(f"{where}: unknown kind {bad[0]!r}; kinds are {', '.join(KINDS)}")
     for key in ("min_params", "max_params"):
         if key in d:
@@ -156,11 +147,8 @@ def _number(value: Any, where: str, key: str) -> float:
 
 
 def _interval(value: Any, where: str, key: str) -> tuple[float, float]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    ):
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    if not pair or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise RulesError(f"{where}: '{key}' must be [low, high] with two numbers, got {value!r}")
     lo, hi = float(value[0]), float(value[1])
     if not (0.0 <= lo <= hi < 1.0):
@@ -211,8 +199,7 @@ def load_role_rules(spec: str | Path | None = None) -> RoleRules:
         w = f"{where} rule {i + 1}"
         if not isinstance(r, dict) or "role" not in r:
             raise RulesError(f"{w}: each rule needs a 'role'")
-        extra = set(r) - {"role", "kind", "name", "depthwise"}
-        if extra:
+        if extra := set(r) - {"role", "kind", "name", "depthwise"}:
             raise RulesError(f"{w}: unknown key {sorted(extra)[0]!r}; allowed: role, kind, name, depthwise")
         m = _matcher({k: v for k, v in r.items() if k in ("role", "name", "kind")}, w, roles)
         assert m.role is not None  # checked above: 'role' is present
@@ -276,11 +263,8 @@ class RuleSet:
     def without(self, *constraint_ids: str) -> RuleSet:
         """A copy with the named constraints switched off (unknown ids raise)."""
         known = {c.id for c in self.constraints}
-        unknown = [c for c in constraint_ids if c not in known]
-        if unknown:
+        if unknown := [c for c in constraint_ids if c not in known]:
             raise RulesError(f"unknown constraint {unknown[0]!r} in preset {self.name!r}; constraints are {', '.join(sorted(known)) or 'none'}")
-        from dataclasses import replace
-
         return replace(self, constraints=tuple(c for c in self.constraints if c.id not in constraint_ids))
 
 
@@ -305,8 +289,7 @@ def _load_ruleset(spec: str | Path | Mapping[str, Any], roles: Mapping[str, str]
         raise RulesError(
             f"{where}: 'schema' is {data.get('schema')!r}; this version reads {RULES_SCHEMA!r}: upgrade mixmatch-plugin or fix the file"
         )
-    unknown = set(data) - _RULESET_KEYS
-    if unknown:
+    if unknown := set(data) - _RULESET_KEYS:
         raise RulesError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed keys: {', '.join(sorted(_RULESET_KEYS))}")
     base = _load_ruleset(data["extends"], roles, (*seen, where)) if data.get("extends") else None
 
@@ -318,8 +301,7 @@ def _load_ruleset(spec: str | Path | Mapping[str, Any], roles: Mapping[str, str]
         w = f"{where} rule {i + 1}"
         if not isinstance(r, dict):
             raise RulesError(f"{w}: each rule must be a mapping like {{role: conv, range: [0.3, 0.6]}}")
-        bad = set(r) - _RULE_KEYS
-        if bad:
+        if bad := set(r) - _RULE_KEYS:
             raise RulesError(f"{w}: unknown key {sorted(bad)[0]!r}; allowed: {', '.join(sorted(_RULE_KEYS))}")
         if "range" not in r:
             raise RulesError(f"{w}: missing 'range: [low, high]'")
@@ -337,8 +319,7 @@ def _load_ruleset(spec: str | Path | Mapping[str, Any], roles: Mapping[str, str]
             continue
         if not isinstance(c, dict) or "clamp" not in c:
             raise RulesError(f"{w}: needs 'clamp: [low, high]' and match keys, or null to switch it off")
-        bad = set(c) - _CONSTRAINT_KEYS
-        if bad:
+        if bad := set(c) - _CONSTRAINT_KEYS:
             raise RulesError(f"{w}: unknown key {sorted(bad)[0]!r}; allowed: {', '.join(sorted(_CONSTRAINT_KEYS))}")
         constraints[cid] = Constraint(cid, _matcher(c, w, roles), _interval(c["clamp"], w, "clamp"))
 
@@ -367,16 +348,10 @@ def _load_ruleset(spec: str | Path | Mapping[str, Any], roles: Mapping[str, str]
     if source == "rules" and not all_rules:
         raise RulesError(f"{where}: no range rules; add 'rules:' or 'extends: generic'")
     return RuleSet(
-        name=str(data.get("name", Path(where).stem)),
-        description=str(data.get("description", "")),
-        class_names=_as_tuple(match.get("class_names", []), where, "class_names"),
-        source=source,
-        empirical_methods=tuple(methods),
-        empirical_sparsities=tuple(float(s) for s in sparsities),
-        rules=all_rules,
-        constraints=tuple(c for c in constraints.values() if c is not None),
-        max_layer_sparsity=mls,
-        origin=where,
+        name=str(data.get("name", Path(where).stem)), description=str(data.get("description", "")),
+        class_names=_as_tuple(match.get("class_names", []), where, "class_names"), source=source,
+        empirical_methods=tuple(methods), empirical_sparsities=tuple(float(s) for s in sparsities), rules=all_rules,
+        constraints=tuple(c for c in constraints.values() if c is not None), max_layer_sparsity=mls, origin=where,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,12 +81,9 @@ class ProxyEvaluator(_MaskingEvaluator):
         if bn_batches and bn_loader is None:
             raise MixMatchError("BatchNorm re-estimation needs bn_loader=<training loader> (never validation or test)")
         super().__init__(model, signals)
-        self.val_loader = val_loader
-        self.bn_loader = bn_loader
-        self.bn_batches = bn_batches
+        self.val_loader, self.bn_loader, self.bn_batches = val_loader, bn_loader, bn_batches
         self._bn_held: list[Any] | None = None
-        self.loss_fn = loss_fn
-        self.max_batches = max_batches
+        self.loss_fn, self.max_batches = loss_fn, max_batches
 
     def __call__(self, strategy: Strategy) -> dict[str, float]:
         self._masked(strategy)
@@ -133,14 +131,8 @@ class FinetuneEvaluator(_MaskingEvaluator):
         if steps < 1:
             raise MixMatchError(f"fine-tune steps must be at least 1, got {steps}")
         super().__init__(model, signals)
-        self.train_loader = train_loader
-        self.val_loader = val_loader
-        self.steps = steps
-        self.lr = lr
-        self.optimizer = optimizer
-        self.loss_fn = loss_fn
-        self.max_batches = max_batches
-        self.seed = seed
+        self.train_loader, self.val_loader, self.steps, self.lr = train_loader, val_loader, steps, lr
+        self.optimizer, self.loss_fn, self.max_batches, self.seed = optimizer, loss_fn, max_batches, seed
 
     def __call__(self, strategy: Strategy) -> dict[str, float]:
         masks = self._masked(strategy)
@@ -158,14 +150,11 @@ class CallbackEvaluator:
     def __init__(self, fn: Callable[[Strategy], float | Mapping[str, float]], *, deterministic: bool = False) -> None:
         if not callable(fn):
             raise MixMatchError(f"the evaluation callback must be callable, got {type(fn).__name__}")
-        self.fn = fn
-        self.deterministic = deterministic
+        self.fn, self.deterministic = fn, deterministic
 
     def __call__(self, strategy: Strategy) -> dict[str, float]:
         out = self.fn(strategy)
-        if isinstance(out, Mapping):
-            return {str(k): float(v) for k, v in out.items()}
-        return {"accuracy": float(out)}
+        return {str(k): float(v) for k, v in out.items()} if isinstance(out, Mapping) else {"accuracy": float(out)}
 
 
 # ================================================================================== MACs
@@ -193,24 +182,16 @@ class MacsProfile:
             example = torch.zeros(1, *(int(v) for v in input_shape))
         layers = list(layers) if layers is not None else inventory(model)
         macs: dict[str, float] = {layer.name: 0.0 for layer in layers}
-        hooks = []
 
-        def hook_for(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, _inp: Any, out: Any) -> None:
-                w = getattr(module, "weight", None)
-                out_t = out[0] if isinstance(out, (tuple, list)) else out
-                if not isinstance(w, torch.Tensor) or w.dim() < 2 or not isinstance(out_t, torch.Tensor):
-                    return
-                if isinstance(module, nn.Embedding):
-                    return
-                positions = out_t.numel() / max(int(example.shape[0]), 1) / int(w.shape[0])
-                macs[name] += positions * w.numel()
+        def hook(name: str, module: nn.Module, _inp: Any, out: Any) -> None:
+            w = getattr(module, "weight", None)
+            out_t = out[0] if isinstance(out, (tuple, list)) else out
+            if not isinstance(w, torch.Tensor) or w.dim() < 2 or not isinstance(out_t, torch.Tensor) or isinstance(module, nn.Embedding):
+                return
+            macs[name] += out_t.numel() / max(int(example.shape[0]), 1) / int(w.shape[0]) * w.numel()
 
-            return hook
-
-        for layer in layers:
-            for mod_name in (layer.name, *layer.aliases):
-                hooks.append(model.get_submodule(mod_name).register_forward_hook(hook_for(layer.name)))
+        hooks = [model.get_submodule(mod_name).register_forward_hook(functools.partial(hook, layer.name))
+                 for layer in layers for mod_name in (layer.name, *layer.aliases)]
         was = model.training
         model.eval()
         try:
@@ -226,8 +207,7 @@ class MacsProfile:
             for h in hooks:
                 h.remove()
             model.train(was)
-        unused = [layer.name for layer in layers if macs[layer.name] == 0 and layer.kind in ("conv", "linear")]
-        if unused:
+        if unused := [layer.name for layer in layers if macs[layer.name] == 0 and layer.kind in ("conv", "linear")]:
             logger.info("%d weight layer(s) did not run in the MACs pass (%s): counted as 0 MACs", len(unused), ", ".join(unused[:4]))
         return cls(macs)
 

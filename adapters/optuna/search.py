@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -53,12 +54,8 @@ _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mixmatch-plugin:storage").digest(
 # ============================================================================ the space
 def search_space(space: StrategySpace, signals: Sequence[str]) -> dict[str, optuna.distributions.BaseDistribution]:
     """Optuna distributions of a strategy space: ``signal`` (categorical) and one ``alpha:<group>`` in [0, 1] per group."""
-    dists: dict[str, optuna.distributions.BaseDistribution] = {
-        SIGNAL_PARAM: optuna.distributions.CategoricalDistribution(list(signals))
-    }
-    for g in space.groups:
-        dists[ALPHA_PREFIX + g] = optuna.distributions.FloatDistribution(0.0, 1.0)
-    return dists
+    return {SIGNAL_PARAM: optuna.distributions.CategoricalDistribution(list(signals)),
+            **{ALPHA_PREFIX + g: optuna.distributions.FloatDistribution(0.0, 1.0) for g in space.groups}}
 
 
 def params_of(strategy: Strategy) -> dict[str, Any]:
@@ -113,8 +110,7 @@ def _locate(storage: str | os.PathLike[str]) -> tuple[str | Path, Path | None]:
     """An RDB URL or a journal file, and the lock file of a file database (None for a server)."""
     text = os.fspath(storage).strip()
     if text.startswith("journal:") or Path(text).suffix in _JOURNAL_SUFFIXES:
-        rest = text.removeprefix("journal:").removeprefix("//")
-        if not rest:
+        if not (rest := text.removeprefix("journal:").removeprefix("//")):
             raise MixMatchError(f"storage {text!r}: journal storage needs a file, e.g. journal:out/search.log")
         path = Path(rest).expanduser().absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +223,7 @@ def storage_lock(storage: Any) -> Iterator[None]:
     try:
         conn = engine.connect()
     except SQLAlchemyError as exc:
-        first = first_line(exc)
-        raise MixMatchError(f"cannot open storage {_display(where)} ({first}); check the URL and that the server is running") from None
+        raise MixMatchError(f"cannot open storage {_display(where)} ({first_line(exc)}); check the URL and that the server is running") from None
     try:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
         conn.commit()
@@ -361,10 +356,7 @@ class SearchResult:
 
     def states(self) -> dict[str, int]:
         """Number of trials per state (COMPLETE, FAIL, RUNNING, WAITING ...)."""
-        out: dict[str, int] = {}
-        for t in self.study.get_trials(deepcopy=False):
-            out[t.state.name] = out.get(t.state.name, 0) + 1
-        return out
+        return dict(collections.Counter(t.state.name for t in self.study.get_trials(deepcopy=False)))
 
 
 def _better(score: str) -> Callable[[TrialRecord], tuple[float, float]]:
@@ -535,8 +527,7 @@ def search(
     if not choices or any(s not in SIGNALS for s in choices):
         raise MixMatchError(f"signals {list(choices)!r}: choose from {', '.join(SIGNALS)}")
     have = getattr(evaluator, "signals", None)
-    missing = [s for s in choices if isinstance(have, Signals) and s not in have.available]
-    if missing:
+    if missing := [s for s in choices if isinstance(have, Signals) and s not in have.available]:
         raise MixMatchError(f"the evaluator has no {missing[0]!r} scores: build it with signals=compute_signals(model, calib), "
                             f"or search only {', '.join(have.available)} (signals=...)")  # type: ignore[union-attr]
     seeds = rule_seeds(p, choices) if o.seed_rules else []
@@ -574,15 +565,13 @@ def _open_study(store: optuna.storages.BaseStorage, study_name: str, sampler: op
     try:
         study = optuna.create_study(storage=store, sampler=sampler, study_name=study_name, directions=directions, load_if_exists=True)
     except SQLAlchemyError as exc:
-        first = first_line(exc)
-        raise MixMatchError(f"cannot open study {study_name!r} in {display} ({first})") from None
+        raise MixMatchError(f"cannot open study {study_name!r} in {display} ({first_line(exc)})") from None
     if list(study.directions) != list(directions):
         raise MixMatchError(
             f"study {study_name!r} in {display} exists with {len(study.directions)} objective(s) "
             f"({', '.join(d.name.lower() for d in study.directions)}); use another --study name for this objective"
         )
-    old = study.user_attrs.get(STUDY_ATTR)
-    if old is None:
+    if (old := study.user_attrs.get(STUDY_ATTR)) is None:
         study.set_user_attr(STUDY_ATTR, dict(info))
         return study
     for key in ("plan", "objective", "metric", "target", "score", "signals"):
@@ -599,8 +588,7 @@ def _objective(trial: optuna.Trial, *, space: StrategySpace, evaluator: Callable
     seed = trial.user_attrs.get(SEED_ATTR)
     strategy = space.strategy(seed if isinstance(seed, str) else f"{signal}:search-t{trial.number}", str(signal), alphas)
     t0 = time.perf_counter()
-    raw = evaluator(strategy)
-    seconds = time.perf_counter() - t0
+    raw, seconds = evaluator(strategy), time.perf_counter() - t0
     metrics = {str(k): float(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {"accuracy": float(raw)}
     if options.score not in metrics:
         raise MixMatchError(f"the evaluator returned {sorted(metrics)} but no {options.score!r}; return a mapping with {options.score!r}")
@@ -653,9 +641,7 @@ def export(
         if plan_fingerprint(base) != plan_fingerprint(result.plan):
             raise MixMatchError(f"{path} holds a plan for another model or ranges; export to a new file")
     out = dataclasses.replace(base, strategies=list(base.strategies), meta=copy.deepcopy(base.meta), signals=result.plan.signals)
-    for r in picked:
-        if r.seed is not None:
-            continue
+    for r in (r for r in picked if r.seed is None):
         s = copy.deepcopy(r.strategy)
         s.meta.update({"objective": result.objective, "metric": result.metric, "score": result.score,
                        "validation": {result.score: r.accuracy, **r.metrics}, "x": r.x, "evaluator": result.evaluator})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,8 +13,6 @@ from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device,
 from mixmatch_plugin.errors import MixMatchError
 
 from .options import IMPORTANCES
-
-logger = logging.getLogger(__name__)
 
 
 class GroupGradientImportance(tp.importance.GroupMagnitudeImportance):
@@ -43,8 +40,7 @@ class GroupGradientImportance(tp.importance.GroupMagnitudeImportance):
             fn, root_idxs = dep.handler, group[i].root_idxs
             if not isinstance(layer, tuple(self.target_types)):
                 continue
-            s = self._score(getattr(layer, "weight", None))
-            if s is None:
+            if (s := self._score(getattr(layer, "weight", None))) is None:
                 continue
             if fn in (F.prune_conv_out_channels, F.prune_linear_out_channels):
                 t = s.transpose(0, 1) if getattr(layer, "transposed", False) else s

@@ -41,20 +41,12 @@ class ModelSetup:
 
 def _classifiers(model: nn.Module) -> list[nn.Module]:
     get = getattr(model, "get_classifier", None)
-    heads: list[nn.Module] = []
-    if callable(get):
-        try:
-            c = get()
-        except Exception:  # a model's own helper may fail; fall back to the inventory
-            c = None
-        for m in c if isinstance(c, (tuple, list)) else [c]:
-            if isinstance(m, nn.Module) and any(True for _ in m.parameters()):
-                heads.append(m)
-    if not heads:
-        for layer in inventory(model):
-            if layer.role == "head":
-                heads.append(model.get_submodule(layer.name))
-    return heads
+    try:
+        c = get() if callable(get) else None
+    except Exception:  # a model's own helper may fail; fall back to the inventory
+        c = None
+    heads = [m for m in (c if isinstance(c, (tuple, list)) else [c]) if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+    return heads or [model.get_submodule(layer.name) for layer in inventory(model) if layer.role == "head"]
 
 
 def _check_ignored(items: Iterable[Any] | None) -> tuple[list[nn.Module], list[nn.Parameter]]:
@@ -71,9 +63,7 @@ def _check_ignored(items: Iterable[Any] | None) -> tuple[list[nn.Module], list[n
                 "pass module instances (e.g. [m for m in model.modules() if isinstance(m, T)]) or Parameters"
             )
         else:
-            raise MixMatchError(
-                f"ignored_layers contains {type(it).__name__}; pass nn.Module instances or nn.Parameters"
-            )
+            raise MixMatchError(f"ignored_layers contains {type(it).__name__}; pass nn.Module instances or nn.Parameters")
     return mods, params
 
 
@@ -103,10 +93,9 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
             if isinstance(m, known["window_attention"]):
                 swin = True
                 ignored_params.append(m.relative_position_bias_table)
-        elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids:
-            lin = [c for c in m.modules() if isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids]
-            if lin:
-                unsupported.append(f"{name} ({type(m).__name__})")
+        elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids and any(
+                isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids for c in m.modules()):
+            unsupported.append(f"{name} ({type(m).__name__})")
     if unsupported:
         raise MixMatchError(
             f"unsupported layer {unsupported[0]}"
@@ -125,22 +114,16 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
         customized[known["patch_merging"][0]] = PatchMergingPruner()
 
     # Free parameters: every parameter not owned by a module type Torch-Pruning prunes itself.
-    registered = tuple(
-        tp.ops.type2class(t) for t in tp.pruner.function.PrunerBox if tp.ops.type2class(t) is not None
-    )
+    registered = tuple(tp.ops.type2class(t) for t in tp.pruner.function.PrunerBox if tp.ops.type2class(t) is not None)
     cust_types = tuple(t for t in customized if isinstance(t, type))
     ignored_param_ids = {id(p) for p in ignored_params}
     unwrapped: list[tuple[nn.Parameter, int]] = []
     guessed: list[str] = []
     for mname, m in model.named_modules():
-        if isinstance(m, registered) and tp.ops.module2type(m) != tp.ops.OPTYPE.ELEMENTWISE:
-            continue
-        if isinstance(m, cust_types):
-            continue
-        if any(isinstance(a, cust_types) for a in _ancestors(model, mname)):
+        if ((isinstance(m, registered) and tp.ops.module2type(m) != tp.ops.OPTYPE.ELEMENTWISE) or isinstance(m, cust_types)
+                or any(isinstance(a, cust_types) for a in _ancestors(model, mname))):
             continue
         for pname, p in m.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
             if id(p) in ignored_param_ids:
                 continue
             if pname in TOKEN_PARAMS and p.dim() >= 2:
@@ -148,21 +131,17 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
             elif p.dim() == 1:
                 unwrapped.append((p, 0))  # layer-scale gamma and other per-channel vectors
             else:
-                dims = [i for i, s in enumerate(p.shape) if s > 1]
-                if dims:
+                if dims := [i for i, s in enumerate(p.shape) if s > 1]:
                     unwrapped.append((p, dims[-1]))
-                    guessed.append(f"{full} ({type(m).__name__}, shape {tuple(p.shape)})")
+                    guessed.append(f"{f'{mname}.{pname}' if mname else pname} ({type(m).__name__}, shape {tuple(p.shape)})")
     if guessed:
         logger.info("free parameters whose channel dimension is guessed (last non-singleton): %s", ", ".join(guessed))
     return ModelSetup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed, swin)
 
 
 def setup_head_dims(setup: ModelSetup) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n, a in setup.attentions.items():
-        attn: Any = a
-        out[n] = int(attn.qkv.out_features) // (3 * int(attn.num_heads))
-    return out
+    attentions: dict[str, Any] = setup.attentions
+    return {n: int(a.qkv.out_features) // (3 * int(a.num_heads)) for n, a in attentions.items()}
 
 
 def out_width(module: nn.Module) -> int:
@@ -217,9 +196,7 @@ def fold_ratio(targets: Mapping[str, float], weights: Mapping[str, int], fold: F
     if fold == "max":
         return max(targets.values())
     total = sum(weights[n] for n in targets)
-    if total <= 0:
-        return 0.0
-    return sum(targets[n] * weights[n] for n in targets) / total
+    return sum(targets[n] * weights[n] for n in targets) / total if total > 0 else 0.0
 
 
 def _tp_ratio(channels: int, keep: int) -> float:
@@ -268,8 +245,7 @@ def analyse_groups(
             mod = dep.target.module
             if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
                 continue
-            n = names.get(mod)
-            if n is None:
+            if (n := names.get(mod)) is None:
                 continue
             if DG.is_out_channel_pruning_fn(dep.handler):
                 if n not in producers:

@@ -103,14 +103,12 @@ def prune(
     t1 = time.perf_counter()
     out_before = {p.key: out_width(work.get_submodule(p.key)) for p in plans}
     pruner, removed, new_heads = _prune_planned(work, example_inputs, imp, setup, plans, o, inplace)
-    for param in work.parameters():
-        param.grad = None
+    work.zero_grad(set_to_none=True)
     t_prune = time.perf_counter() - t1
     # 4. what was done, checked against the plan, and against the channel-zeroed original
     groups = _results(work, setup, plans, out_before)
     check_runs(work, example_inputs, o.forward_fn, setup)
-    mismatched = [g.key for g, p in zip(groups, plans, strict=True) if g.kept != p.keep]
-    if mismatched:
+    if mismatched := [g.key for g, p in zip(groups, plans, strict=True) if g.kept != p.keep]:
         raise MixMatchError(
             f"Torch-Pruning did not prune group {mismatched[0]} as planned (and {len(mismatched) - 1} more); "
             "this model is not supported by the adapter: use mm.apply (unstructured) instead"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -17,7 +16,6 @@ from torch import nn
 
 from mixmatch_plugin.errors import MixMatchError
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -65,13 +63,9 @@ class PatchMergingPruner(tp.pruner.BasePruningFunc):
 
 def attention_head_dims(model: nn.Module) -> dict[str, int]:
     """``{name: head_dim}`` of every timm ``Attention``/``WindowAttention`` (call it before pruning)."""
-    known = timm_classes()
-    out: dict[str, int] = {}
-    m: Any
-    for name, m in model.named_modules():
-        if isinstance(m, known["attention"] + known["window_attention"]):
-            out[name] = int(m.qkv.out_features) // (3 * int(m.num_heads))
-    return out
+    known, modules = timm_classes(), dict[str, Any](model.named_modules())
+    return {name: int(m.qkv.out_features) // (3 * int(m.num_heads)) for name, m in modules.items()
+            if isinstance(m, known["attention"] + known["window_attention"])}
 
 
 def fix_attention(model: nn.Module, head_dims: Mapping[str, int], num_heads: Mapping[str, int] | None = None) -> None:
@@ -94,12 +88,9 @@ def fix_attention(model: nn.Module, head_dims: Mapping[str, int], num_heads: Map
             raise MixMatchError(f"{name}: qkv has {out} outputs, not a multiple of 3 x {heads} heads; the pruning is inconsistent")
         d = out // (3 * heads)
         attn.num_heads = heads
-        if hasattr(attn, "head_dim"):
-            attn.head_dim = d
-        if hasattr(attn, "attn_dim"):
-            attn.attn_dim = heads * d
-        if hasattr(attn, "dim"):
-            attn.dim = attn.qkv.in_features
+        for attr, value in (("head_dim", d), ("attn_dim", heads * d), ("dim", attn.qkv.in_features)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
         if d != d0:
             factor = math.sqrt(d / d0)
             with torch.no_grad():

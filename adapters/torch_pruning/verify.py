@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -17,9 +16,6 @@ from mixmatch_plugin.errors import MixMatchError, first_line
 from .planning import ModelSetup, model_setup
 from .report import RemovedItem
 from .timm_layers import PatchMergingPruner, clear_caches, safe_deepcopy, timm_classes
-
-logger = logging.getLogger(__name__)
-
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -39,8 +35,7 @@ def record_removed(group: Any, DG: Any, names: Mapping[int, str], pnames: Mappin
         owner = getattr(fn, "__self__", None)
         kind = type(owner).__name__.replace("Pruner", "").lower() if owner is not None else getattr(fn, "__name__", "?")
         if isinstance(mod, nn.Parameter):
-            n = pnames.get(id(mod))
-            if n is None:
+            if (n := pnames.get(id(mod))) is None:
                 continue
             out.append(RemovedItem(n, side, "parameter", sorted(int(i) for i in idxs), True, int(dep.target.pruning_dim)))
         elif isinstance(mod, nn.Module) and id(mod) in names:
@@ -111,12 +106,8 @@ def relative_difference(a: Any, b: Any) -> float:
     ta, tb = flat_outputs(a), flat_outputs(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
         return math.inf
-    worst = 0.0
-    for x, y in zip(ta, tb, strict=True):
-        scale = float(y.detach().abs().max()) if y.numel() else 0.0
-        diff = float((x.detach().float() - y.detach().float()).abs().max()) if y.numel() else 0.0
-        worst = max(worst, diff / max(scale, 1e-12))
-    return worst
+    return max([0.0, *(float((x.detach().float() - y.detach().float()).abs().max()) / max(float(y.detach().abs().max()), 1e-12)
+                       for x, y in zip(ta, tb, strict=True) if y.numel())])
 
 
 class _MaskedLayerNorm(nn.Module):
@@ -155,21 +146,18 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
     ln_removed: dict[str, set[int]] = {}
     with torch.no_grad():
         for item in removed:
+            idx = torch.tensor(item.idxs, dtype=torch.long)
             if item.is_param:
-                p = ref.get_parameter(item.target)
-                idx = torch.tensor(item.idxs, dtype=torch.long)
-                p.index_fill_(item.dim, idx, 0.0)
+                ref.get_parameter(item.target).index_fill_(item.dim, idx, 0.0)
                 continue
             m: Any = ref.get_submodule(item.target)
-            idx = torch.tensor(item.idxs, dtype=torch.long)
             if isinstance(m, nn.LayerNorm):
                 ln_removed.setdefault(item.target, set()).update(item.idxs)
             elif item.kind == "patchmerging":
                 if item.side == "out":
                     m.reduction.weight.index_fill_(0, idx, 0.0)
                 else:
-                    C = m.dim
-                    ln_removed.setdefault(f"{item.target}.norm", set()).update(k * C + i for k in range(4) for i in item.idxs)
+                    ln_removed.setdefault(f"{item.target}.norm", set()).update(k * m.dim + i for k in range(4) for i in item.idxs)
             elif item.side == "in":
                 continue  # inputs are zero already: removing them changes nothing
             elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU,
@@ -196,17 +184,14 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
 def _zero_out(m: nn.Module, idx: torch.Tensor) -> None:
     w = getattr(m, "weight", None)
     if isinstance(w, torch.Tensor):
-        dim = 1 if getattr(m, "transposed", False) else 0
-        w.index_fill_(dim, idx, 0.0)
+        w.index_fill_(1 if getattr(m, "transposed", False) else 0, idx, 0.0)
     b = getattr(m, "bias", None)
     if isinstance(b, torch.Tensor):
         b.index_fill_(0, idx, 0.0)
 
 
 def _hint(setup: ModelSetup) -> str:
-    if not setup.guessed:
-        return ""
-    return f" Torch-Pruning guessed the channel dimension of: {', '.join(setup.guessed[:4])}."
+    return f" Torch-Pruning guessed the channel dimension of: {', '.join(setup.guessed[:4])}." if setup.guessed else ""
 
 
 def check_runs(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None, setup: ModelSetup) -> None:
@@ -274,8 +259,7 @@ def first_divergence(pruned: nn.Module, reference: nn.Module, example_inputs: An
                 continue
 
             def hook(mod: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-                ts = [t for t in flat_outputs(out) if t.is_floating_point()]
-                if ts:
+                if ts := [t for t in flat_outputs(out) if t.is_floating_point()]:
                     rows.append((name, type(mod).__name__, sum(float(t.double().sum()) for t in ts),
                                  sum(float(t.double().pow(2).sum()) for t in ts)))
             hooks.append(m.register_forward_hook(hook))
@@ -317,6 +301,4 @@ def _failing_module(model: nn.Module, example_inputs: Any, forward_fn: Callable[
     finally:
         for h in hooks:
             h.remove()
-    if not failed or not failed[-1]:
-        return "(the model's own forward)"
-    return f"{failed[-1]} ({type(model.get_submodule(failed[-1])).__name__})"
+    return f"{failed[-1]} ({type(model.get_submodule(failed[-1])).__name__})" if failed and failed[-1] else "(the model's own forward)"

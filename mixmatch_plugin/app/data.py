@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
-import logging
 import os
 import struct
 from collections.abc import Sequence
@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from mixmatch_plugin.errors import MixMatchError
-
-logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "~/.cache/mixmatch/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -50,11 +48,7 @@ class Splits:
 
     def loaders(self, batch_size: int = 128, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
         """Shuffled (seeded) train loader, and ordered validation and test loaders."""
-        return (
-            loader(self.train, batch_size, shuffle=True, seed=seed),
-            loader(self.val, batch_size),
-            loader(self.test, batch_size),
-        )
+        return loader(self.train, batch_size, shuffle=True, seed=seed), loader(self.val, batch_size), loader(self.test, batch_size)
 
     def held_batches(self, batches: int, batch_size: int = 128, seed: int = 0) -> list[Any]:
         """``batches`` seeded random *training* batches, drawn once and kept: re-estimate BatchNorm of
@@ -115,12 +109,8 @@ def digits(seed: int = 0, size: int = 16) -> Splits:
     x = (x - 0.3) / 0.35
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n = len(x)
-    a, b = int(0.6 * n), int(0.8 * n)
-    tr, va, te = perm[:a], perm[a:b], perm[b:]
-    return Splits(
-        "digits", TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), TensorDataset(x[te], y[te]), 10, (1, size, size)
-    )
+    tr, va, te = (TensorDataset(x[i], y[i]) for i in perm.tensor_split([int(0.6 * len(x)), int(0.8 * len(x))]))
+    return Splits("digits", tr, va, te, 10, (1, size, size))
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -148,8 +138,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path:
     """The folder holding the four Fashion-MNIST IDX files (``.gz`` or raw)."""
     candidates = [Path(root).expanduser()] if root else [Path(d).expanduser() for d in FASHION_MNIST_DIRS]
-    env = os.environ.get("MIXMATCH_FASHION_MNIST")
-    if env and not root:
+    if (env := os.environ.get("MIXMATCH_FASHION_MNIST")) and not root:
         candidates.insert(0, Path(env))
     for c in candidates:
         if all((c / f).exists() or (c / f"{f}.gz").exists() for f in FASHION_MNIST_FILES.values()):
@@ -162,11 +151,9 @@ def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path:
 
 
 def has_fashion_mnist(root: str | os.PathLike[str] | None = None) -> bool:
-    try:
-        find_fashion_mnist(root)
-        return True
-    except MixMatchError:
-        return False
+    with contextlib.suppress(MixMatchError):
+        return bool(find_fashion_mnist(root))
+    return False
 
 
 def fashion_mnist(root: str | os.PathLike[str] | None = None, seed: int = 0, n_val: int = 5000) -> Splits:
@@ -178,10 +165,8 @@ def fashion_mnist(root: str | os.PathLike[str] | None = None, seed: int = 0, n_v
         return read_idx(f if f.exists() else f.with_name(f.name + ".gz"))
 
     mean, std = 0.2860, 0.3530
-    xtr = (torch.from_numpy(load("train_images").astype(np.float32)) / 255.0 - mean) / std
-    xte = (torch.from_numpy(load("test_images").astype(np.float32)) / 255.0 - mean) / std
-    ytr = torch.from_numpy(load("train_labels").astype(np.int64))
-    yte = torch.from_numpy(load("test_labels").astype(np.int64))
+    xtr, xte = ((torch.from_numpy(load(k).astype(np.float32)) / 255.0 - mean) / std for k in ("train_images", "test_images"))
+    ytr, yte = (torch.from_numpy(load(k).astype(np.int64)) for k in ("train_labels", "test_labels"))
     train, val = _split(xtr.unsqueeze(1), ytr, n_val, seed)
     return Splits("fashion-mnist", train, val, TensorDataset(xte.unsqueeze(1), yte), 10, (1, 28, 28))
 
@@ -214,11 +199,8 @@ def _resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def fit_input(ds: TensorDataset, input_shape: Sequence[int]) -> TensorDataset:
     """Images resized to ``(C, H, W)`` (bilinear, channels repeated or averaged) when read: a :class:`Resized` view."""
-    x, *rest = ds.tensors
     shape = tuple(int(s) for s in input_shape)
-    if tuple(x.shape[1:]) == shape:
-        return ds
-    return Resized(x, *rest, shape=shape)
+    return ds if tuple(ds.tensors[0].shape[1:]) == shape else Resized(*ds.tensors, shape=shape)
 
 
 def load(name: str, *, root: str | os.PathLike[str] | None = None, seed: int = 0,

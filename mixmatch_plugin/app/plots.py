@@ -41,9 +41,8 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 def _layer_labels(ax: Any, layers: Sequence[Any], width: int = 34) -> None:
     """At most 60 layer names (shortened from the left) with their roles on the y axis."""
     step = max(1, int(np.ceil(len(layers) / 60)))
-    ax.set_yticks(range(0, len(layers), step))
-    ax.set_yticklabels([f"{n if len(n) <= width else '…' + n[-(width - 1):]} ({layer.role})"
-                        for layer in layers[::step] for n in [layer.name]], fontsize=7)
+    ax.set_yticks(range(0, len(layers), step), [f"{n if len(n) <= width else '…' + n[-(width - 1):]} ({layer.role})"
+                                                for layer in layers[::step] for n in [layer.name]], fontsize=7)
 
 
 def strategy_heatmap(plan: Any, path: str | Path, *, strategies: Sequence[str] | None = None, title: str | None = None) -> Path:
@@ -56,13 +55,10 @@ def strategy_heatmap(plan: Any, path: str | Path, *, strategies: Sequence[str] |
     w = min(max(6.0, 0.32 * len(strats) + 4.0), 22.0)
     fig, ax = plt.subplots(figsize=(w, h))
     im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(0.05, float(mat.max())))
-    ax.set_xticks(range(len(strats)))
-    ax.set_xticklabels([s.name for s in strats], rotation=70, ha="right", fontsize=7)
+    ax.set_xticks(range(len(strats)), [s.name for s in strats], rotation=70, ha="right", fontsize=7)
     _layer_labels(ax, layers)
-    ax.set_xlabel("strategy (signal:shape)")
-    ax.set_ylabel("layer (role), input to output")
-    cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
-    cb.set_label("layer sparsity")
+    ax.set(xlabel="strategy (signal:shape)", ylabel="layer (role), input to output")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01).set_label("layer sparsity")
     t = plan.meta.get("target")
     ax.set_title(title or f"{plan.meta.get('model', 'model')}: per-layer sparsity of {len(strats)} strategies"
                  + (f" (budget-matched at {t:.0%})" if t is not None else " (native)"))
@@ -92,8 +88,7 @@ def ranges_plot(plan: Any, path: str | Path, *, highlight: Sequence[str] = (), t
                    label=f"{name} ({s.global_sparsity:.1%})", zorder=3)
     _layer_labels(ax, layers)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("layer sparsity")
+    ax.set(xlim=(0, 1), xlabel="layer sparsity")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the axes: never on a label
     ax.set_title(title or f"{plan.meta.get('model', 'model')}: ranges (preset {plan.meta.get('preset')}) and strategies")
@@ -138,11 +133,9 @@ def accuracy_vs_sparsity(
         sc = ax.scatter(xs, ys, s=40 if base else 22, marker="XPD"[i % 3] if base else "o",
                         color=_SIGNAL_COLORS.get(g, ("#444444", "#8c564b", "#e377c2")[i % 3]),
                         alpha=0.85, label=g, zorder=3)
-        low = [(x, r) for x, r in zip(xs, rs, strict=True) if float(r["accuracy"]) < floor]
-        if low:
+        if low := [(x, r) for x, r in zip(xs, rs, strict=True) if float(r["accuracy"]) < floor]:
             ax.scatter([x for x, _ in low], [floor] * len(low), s=60, marker="v", color=sc.get_facecolor()[0], zorder=4)
-    front = pareto_front(pts)
-    if front:
+    if front := pareto_front(pts):
         ax.plot([pts[i][0] for i in front], [max(pts[i][1], floor) for i in front], color="black", lw=1.2, label="Pareto front", zorder=2)
     if marked is not None:
         ax.scatter([marked["sparsity"]], [marked["accuracy"]], s=220, marker="*", color="gold", edgecolor="black", zorder=5,
@@ -150,14 +143,12 @@ def accuracy_vs_sparsity(
     if reference is not None:
         ax.axhline(reference, color="grey", ls="--", lw=1, label=f"dense ({reference:.3f})")
     pad = 0.04 * (top - floor)
-    ax.set_ylim(floor - pad, top + pad)
     if floor > accs.min():
         ax.text(0.01, 0.01, "v: below the axis (collapsed)", transform=ax.transAxes, fontsize=7, color="grey")
-    ax.set_xlabel("global sparsity (fraction of weights pruned)")
-    ax.set_ylabel("validation accuracy")
+    ax.set(ylim=(floor - pad, top + pad), xlabel="global sparsity (fraction of weights pruned)", ylabel="validation accuracy",
+           title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(title)
     return save_figure(fig, path)
 
 

@@ -55,8 +55,7 @@ class TrainConfig:
     max_train: int | None = None  # subsample the training split (quick runs)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -190,17 +189,13 @@ def train_cached(
             model = build_model(cfg.model, model_kwargs=cfg.model_kwargs).to(device or "cpu")
         else:
             logger.info("loaded cached checkpoint %s", path)
-            model.eval()
-            return model, info
+            return model.eval(), info
     resume = resume_path(cfg, cache_dir)  # an interrupted training continues from its last finished epoch
     info = train(model, splits, cfg, progress=progress, resume=resume)
-    info["test_accuracy"] = evaluate(model, loader(splits.test, 512)).accuracy
-    info["config"] = asdict(cfg)
-    info["checkpoint"] = str(path)
+    info.update(test_accuracy=evaluate(model, loader(splits.test, 512)).accuracy, config=asdict(cfg), checkpoint=str(path))
     atomic_torch_save(path, {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "info": info})
     resume.unlink(missing_ok=True)
-    model.eval()
-    return model, info
+    return model.eval(), info
 
 
 _RESUME_KEYS = frozenset({"config", "epoch", "seconds", "history", "best", "model", "optimizer", "scheduler", "augment_rng",

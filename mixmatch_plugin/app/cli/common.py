@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -82,9 +83,7 @@ def model_options(fn: Callable[..., Any] | None = None, *, required: bool = True
         click.option("--input-shape", type=Shape(), default=None,
                      help="Input shape of one sample; data is resized to it. Default: the dataset's own."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return functools.reduce(lambda f, opt: opt(f), reversed(opts), fn)
 
 
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -99,9 +98,7 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits and calibration draw."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return functools.reduce(lambda f, opt: opt(f), reversed(opts), fn)
 
 
 def from_plan(meta: Mapping[str, Any], source: str, model_spec: str | None, model_kwargs: dict | None, **given: Any) -> tuple[Any, ...]:

@@ -57,8 +57,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
         p.meta, plan_path, model_spec, model_kwargs, calib=calib, data_dir=data_dir, calib_samples=calib_samples,
         batch_size=batch_size, seed=seed, input_shape=input_shape)
     strategy = p.strategy(strategy_name)
-    model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint)
-    model.eval()
+    model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint).eval()
     layers = inventory(model)
     check_strategy(strategy, layers, p.layers)  # every backend: the plan must have been made for this model
     if backend != "torch":
@@ -118,6 +117,5 @@ def _prunable(m: Any) -> bool:
 
 def _print_layers(sparsity: dict[str, float], p: Any) -> None:
     roles = {layer.name: layer.role for layer in p.layers}
-    rows = [(n, roles.get(n, "?"), f"{s:.4f}") for n, s in sparsity.items() if s > 0]
-    if rows:
+    if rows := [(n, roles.get(n, "?"), f"{s:.4f}") for n, s in sparsity.items() if s > 0]:
         click.echo(table(rows, ("layer", "role", "sparsity")))

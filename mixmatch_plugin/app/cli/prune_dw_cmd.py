@@ -69,8 +69,7 @@ def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_s
     from mixmatch_plugin.app.data import loader, subset
     from mixmatch_plugin.models import build_model
 
-    names = tuple(s.strip() for s in strategies.split(",") if s.strip())
-    if not names:
+    if not (names := tuple(s.strip() for s in strategies.split(",") if s.strip())):
         raise MixMatchError("--strategy needs at least one signal:shape, e.g. magnitude:midpoint")
     for s in names:
         parse_strategy(s)
@@ -80,19 +79,16 @@ def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_s
         bisect_steps=bisect_steps, max_iterations=max_iterations, seed=seed,
     )
     config.validate()
-    kwargs, shape = model_kwargs, input_shape
+    kwargs = model_kwargs
     torch.manual_seed(seed)  # random init (no --checkpoint) must be the same on every rerun, or it cannot resume
     model = build_model(model_spec, model_kwargs=kwargs, checkpoint=checkpoint).eval()
-    splits = load_data(dataset, data_dir, shape, seed, num_classes=int(kwargs.get("num_classes", 10)))
+    splits = load_data(dataset, data_dir, input_shape, seed, num_classes=int(kwargs.get("num_classes", 10)))
     calib = splits.calibration(calib_samples, batch_size, seed)
     val = splits.val if val_samples is None else subset(splits.val, val_samples, seed)
     val_loader = loader(val, cka_batch_size)
     train_loader = loader(splits.train, batch_size, shuffle=True, seed=seed)
     example = next(iter(calib))[0][:2]
-    ckpt = None
-    if checkpoint is not None:
-        p = Path(checkpoint)
-        ckpt = {"path": str(p.resolve()), "bytes": p.stat().st_size}
+    ckpt = None if checkpoint is None else {"path": str(Path(checkpoint).resolve()), "bytes": Path(checkpoint).stat().st_size}
     meta = {
         "model": {"model": model_spec, "model_kwargs": kwargs, "checkpoint": ckpt},
         "data": {"dataset": dataset, "input_shape": list(splits.input_shape), "seed": seed, "calib_samples": calib_samples,

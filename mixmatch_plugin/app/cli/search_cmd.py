@@ -122,8 +122,7 @@ def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kw
     spec, kwargs, calib, data_dir, calib_samples, batch_size, seed, shape = from_plan(
         plan.meta, plan_path, model_spec, model_kwargs, calib=calib, data_dir=data_dir, calib_samples=calib_samples,
         batch_size=batch_size, seed=seed, input_shape=input_shape)
-    model = load_model(spec, kwargs, checkpoint)
-    model.eval()
+    model = load_model(spec, kwargs, checkpoint).eval()
     layers = inventory(model)
     if plan.strategies:
         check_strategy(plan.strategies[0], layers, plan.layers)
@@ -153,12 +152,10 @@ def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kw
                                               lr=finetune_lr, seed=seed)
     else:
         evaluator = mmo.CallbackEvaluator(_callback(evaluator_kind))
-    macs = None
     macs_shape = shape or (splits.input_shape if splits is not None else None)
-    if macs_shape is not None:
-        macs = mmo.MacsProfile.measure(model, macs_shape, layers=layers)
-    elif metric == "macs":
+    if macs_shape is None and metric == "macs":
         raise MixMatchError("--metric macs needs --input-shape C,H,W (or --calib data) to measure the MACs")
+    macs = mmo.MacsProfile.measure(model, macs_shape, layers=layers) if macs_shape is not None else None
     store = storage or f"sqlite:///{(out / 'search.db').absolute()}"
 
     options = mmo.SearchOptions(
@@ -174,24 +171,18 @@ def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kw
         "study": res.study.study_name, "storage": res.storage, "objective": res.objective, "metric": res.metric,
         "score": res.score, "target": res.target, "evaluator": res.evaluator, "states": res.states(),
         "seconds_per_trial": res.seconds_per_trial, "wall_per_trial": res.wall_per_trial,
-        "best": [r.to_dict() for r in res.best],
-        "best_rule": res.best_rule.to_dict() if res.best_rule else None,
+        "best": [r.to_dict() for r in res.best], "best_rule": res.best_rule.to_dict() if res.best_rule else None,
         "trials": [r.to_dict() for r in res.trials],
     }
     written.append(atomic_write_json(out / "search.json", _jsonable(summary)))
     if not no_plots and res.trials:
-        written.append(mmo.plot_pareto(res, out / "pareto.png"))
-        written.append(mmo.plot_history(res, out / "history.png"))
-        imp = mmo.plot_importances(res, out / "importances.png")
-        if imp is not None:
+        written += [mmo.plot_pareto(res, out / "pareto.png"), mmo.plot_history(res, out / "history.png")]
+        if (imp := mmo.plot_importances(res, out / "importances.png")) is not None:
             written.append(imp)
 
     xname = "sparsity" if metric == "sparsity" else "MACs removed"
     rows = [(r.strategy.name, r.number, f"{r.x:.4f}", f"{r.accuracy:.4f}", "rule" if r.seed else "searched") for r in res.best]
-    if rows:
-        click.echo(table(rows, ("best strategy", "trial", xname, f"val {score}", "from")))
-    else:
-        click.echo("no feasible completed trial yet")
+    click.echo(table(rows, ("best strategy", "trial", xname, f"val {score}", "from")) if rows else "no feasible completed trial yet")
     if res.best_rule is not None:
         r = res.best_rule
         click.echo(f"best rule strategy: {r.strategy.name} ({xname} {r.x:.4f}, val {score} {r.accuracy:.4f})")
