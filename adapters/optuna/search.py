@@ -223,7 +223,8 @@ def storage_lock(storage: Any) -> Iterator[None]:
     try:
         conn = engine.connect()
     except SQLAlchemyError as exc:
-        raise MixMatchError(f"cannot open storage {_display(where)} ({first_line(exc)}); check the URL and that the server is running") from None
+        raise MixMatchError(f"cannot open storage {_display(where)} ({first_line(exc)}); "
+                            "check the URL and that the server is running") from None
     try:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
         conn.commit()
