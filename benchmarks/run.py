@@ -265,9 +265,9 @@ def run_model(
         curves = None
         if cfg.measure:  # once per seed, for every sparsity: up to every layer's limit (normalization stays dense)
             with clock("measured curves"):
-                inv = inventory(model)
+                inv, ceiling = inventory(model), load_rules(preset_for(model)).max_layer_sparsity
                 curves = measure_curves(model, inv, scores, calib, signal=cfg.measure,
-                                        hi={x.name: 0.0 if x.kind == "norm" else load_rules(preset_for(model)).max_layer_sparsity for x in inv})
+                                        hi={x.name: 0.0 if x.kind == "norm" else ceiling for x in inv})
         layers = None
         rows: list[dict[str, Any]] = []
         for target in progress_bar(sorted(todo + refit), f"{name} seed {seed}", enable=progress):
