@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .budget import reachable
 from .errors import BudgetError
 
 Norm = Literal["raw", "lamp"]
@@ -51,12 +52,10 @@ def sorted_scores(score: torch.Tensor, norm: Norm) -> np.ndarray:
     return lamp(flat) if norm == "lamp" else flat.double().abs().sort().values.numpy()
 
 
-def _fill(fractions: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float,
-          what: str) -> tuple[np.ndarray, float]:
-    a, b = float((n * lo).sum() / n.sum()), float((n * hi).sum() / n.sum())
+def _check_reach(n: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float) -> None:
+    a, b = reachable(n, lo, hi)
     if not (a - 1e-12 <= target <= b + 1e-12):
-        raise BudgetError(f"target sparsity {target:.4f} is outside what the {what} reach [{a:.4f}, {b:.4f}]")
-    return np.clip(fractions, lo, hi), a
+        raise BudgetError(f"target sparsity {target:.4f} is outside what the limits reach [{a:.4f}, {b:.4f}]")
 
 
 def score_ratios(scores: Sequence[np.ndarray | None], n: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -73,7 +72,7 @@ def score_ratios(scores: Sequence[np.ndarray | None], n: np.ndarray, lo: np.ndar
         BudgetError: ``target`` lies outside what ``[lo, hi]`` can reach.
     """
     total = float(n.sum())
-    _fill(lo, n, lo, hi, target, "limits")
+    _check_reach(n, lo, hi, target)
     have = [s for s in scores if s is not None and len(s) and s[-1] > 0]
     if not have:
         raise BudgetError("every score is zero: the signal carries no information for this model")
@@ -122,7 +121,7 @@ def curve_ratios(grid: Sequence[np.ndarray | None], cost: Sequence[np.ndarray | 
         BudgetError: ``target`` lies outside what ``[lo, hi]`` can reach.
     """
     total = float(n.sum())
-    _fill(lo, n, lo, hi, target, "limits")
+    _check_reach(n, lo, hi, target)
     rho = lo.astype(np.float64).copy()
     need = target * total - float((n * rho).sum())
     segments: list[tuple[float, int, float, float]] = []  # (slope, layer, start, end)
