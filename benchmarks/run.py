@@ -50,7 +50,7 @@ from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import TrainConfig, train_cached
 from mixmatch_plugin.batches import resolve_device
 from mixmatch_plugin.errors import BudgetError, MixMatchError
-from mixmatch_plugin.evaluation import Choice, choose, evaluate, reestimate_bn
+from mixmatch_plugin.evaluation import Choice, choose, evaluate, rank, reestimate_bn
 from mixmatch_plugin.finetuning import finetune
 from mixmatch_plugin.io import atomic_write_json, read_json
 from mixmatch_plugin.layers import inventory
@@ -90,7 +90,8 @@ class BenchConfig:
     bn_batches: int = 4
     finetune_steps: int = 100
     finetune_lr: float = 3e-4
-    finetune_methods: tuple[str, ...] = (*BASELINES, "mm")
+    finetune_methods: tuple[str, ...] = (*BASELINES, "mm", "mm+search")
+    search_trials: int = 40  # mm+search: this many Optuna trials after the whole pool (0: no mm+search rows)
     variants: tuple[str, ...] = ("rules", "empirical")
     measure: str | None = "wanda"  # the signal whose per-layer damage curves give the measured allocations (None: none)
     masks: tuple[str, ...] = ("magnitude", "product", "wanda")  # the winner's allocation is also tried with these masks
@@ -108,13 +109,13 @@ class BenchConfig:
     def tiny(cls) -> BenchConfig:
         """Smoke-sized (seconds per seed), for the tests that kill and resume a run; not a benchmark."""
         return cls(models=dict(TINY), sparsities={"resnet": (0.5,)}, seeds=(0, 1, 2), calib_samples=64, screen_samples=64,
-                   top_k=1, bn_batches=0, finetune_steps=2, finetune_methods=("uniform", "mm"), variants=("rules",),
+                   top_k=1, bn_batches=0, finetune_steps=2, finetune_methods=("uniform", "mm", "mm+search"), search_trials=2, variants=("rules",),
                    measure=None, masks=(), test_samples=128, val_samples=128, structured=False)
 
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(models=dict(QUICK), sparsities={"resnet": (0.7, 0.9), "swin": (0.5, 0.7)}, seeds=(0, 1), calib_samples=128,
-                   screen_samples=64, top_k=1, bn_batches=1, finetune_steps=6, test_samples=400, val_samples=300,
+                   screen_samples=64, top_k=1, bn_batches=1, finetune_steps=6, search_trials=8, test_samples=400, val_samples=300,
                    structured_macs=(0.5,))
 
 
@@ -237,9 +238,8 @@ def run_model(
     for seed in cfg.seeds:
         done_here = {r["sparsity"] for r in out["runs"] if r["seed"] == seed}
         todo = [t for t in cfg.sparsities[name] if t not in done_here]
-        # one-shot rows kept without their fine-tuned rows (see _reusable): only the fine-tune is redone there
-        refit = [t for t in cfg.sparsities[name] if t in done_here and cfg.finetune_methods and not any(
-            r["seed"] == seed and r["sparsity"] == t and r["regime"] == "fine-tuned" for r in out["runs"])]
+        # kept one-shot rows without some fine-tuned rows (see _reusable) or without mm+search: only those are added
+        refit = [t for t in cfg.sparsities[name] if t in done_here and _missing(out["runs"], seed, t, cfg)]
         top = cfg.sparsities[name][-1]
         needs_floor = bool(cfg.finetune_methods) and not any(
             r["seed"] == seed and r["sparsity"] == top and r["method"].endswith("_reseeded") for r in out["runs"])
@@ -297,16 +297,33 @@ def run_model(
             if target in refit:
                 with clock("one-shot check"):
                     methods = {**base, **_recorded(out["runs"], name, seed, target, cfg.finetune_methods, base, cands, ev, test)}
+                rec = next(c for c in out["choices"] if (c["seed"], c["sparsity"]) == (seed, target))
+                if cfg.search_trials and "search" in rec:
+                    methods["mm+search"] = _rebuilt(rec["search"], plans[variants[0]], cands)
+                elif cfg.search_trials:
+                    with clock("validation choice"):  # the pool's screen again, to seed the search
+                        screened = rank(model, list(cands.values()), screen, signals=scores, bn_loader=bn, bn_batches=ev.bn_batches)
+                    with clock("search"):
+                        methods["mm+search"], rec["search"] = _search(ev, plans[variants[0]], cands, screened, rec["finals"],
+                                                                      (screen, val), cfg, seed)
+                    with clock("one-shot evaluation"):
+                        m = ev.masked(methods["mm+search"])
+                        rows.append(_row(name, target, seed, "mm+search", "one-shot", methods["mm+search"], evaluate(m, val).accuracy,
+                                         evaluate(m, test).accuracy))
             else:
                 with clock("validation choice"):
                     choice = choose(model, list(cands.values()), screen, val, signals=scores, bn_loader=bn,
                                     bn_batches=ev.bn_batches, top_k=cfg.top_k, masks=cfg.masks)
                     steps = _ablation(ev, cands, choice, val, cfg.top_k)
-                out["choices"].append({"seed": seed, "sparsity": target, "pool": len(cands), "winner": choice.strategy.name,
-                                       "evaluations": choice.evaluations, "seconds": round(choice.seconds, 1),
-                                       "finals": [asdict(r) for r in choice.finals],
-                                       "ablation": {k: v.name for k, v in steps.items()}})
+                rec = {"seed": seed, "sparsity": target, "pool": len(cands), "winner": choice.strategy.name,
+                       "evaluations": choice.evaluations, "seconds": round(choice.seconds, 1),
+                       "finals": [asdict(r) for r in choice.finals], "ablation": {k: v.name for k, v in steps.items()}}
+                out["choices"].append(rec)
                 methods = {**base, "mm": choice.strategy, **{f"mm[{k}]": v for k, v in steps.items()}}
+                if cfg.search_trials:
+                    with clock("search"):
+                        methods["mm+search"], rec["search"] = _search(ev, plans[variants[0]], cands, choice.screen, rec["finals"],
+                                                                      (screen, val), cfg, seed)
                 measured: dict[str, tuple[float, float]] = {}  # a strategy named by several methods is measured once
                 for method, s in methods.items():
                     if s.name not in measured:
@@ -314,7 +331,7 @@ def run_model(
                             m = ev.masked(s)
                             measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
                     rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
-            for method in cfg.finetune_methods:
+            for method in _missing(out["runs"] + rows, seed, target, cfg):
                 s = methods[method]
                 with clock("fine-tuning"):
                     work, realized = ev.fine_tuned(s, fine_tune_order(), cfg.finetune_steps, cfg.finetune_lr)
@@ -352,7 +369,7 @@ def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: floa
     """
     found: dict[str, Strategy] = {}
     for method in wanted:
-        if method in base:
+        if method in base or method == "mm+search":  # rebuilt from its choice record (_rebuilt)
             continue
         row = next((r for r in runs if (r["seed"], r["sparsity"], r["method"], r["regime"]) == (seed, target, method, "one-shot")), None)
         strategy = row["strategy"] if row else None
@@ -370,6 +387,62 @@ def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: floa
                                 "or code; rerun with --fresh")
         found[method] = s
     return found
+
+
+def _missing(runs: Sequence[dict[str, Any]], seed: int, target: float, cfg: BenchConfig) -> list[str]:
+    """The fine-tuned methods without a fine-tuned row at (seed, target) (all, mm+search also without its one-shot row)."""
+    have = {(r["method"], r["regime"]) for r in runs if r["seed"] == seed and r["sparsity"] == target}
+    out = [m for m in cfg.finetune_methods if (m, "fine-tuned") not in have]
+    if cfg.search_trials and ("mm+search", "one-shot") not in have and "mm+search" not in out:
+        out.append("mm+search")
+    return [m for m in out if m != "mm+search" or cfg.search_trials]
+
+
+def _search(ev: _Evaluator, plan_: Plan, cands: dict[str, Strategy], screened: Sequence[Any], finals: Sequence[dict[str, Any]],
+            loaders: tuple[Any, Any], cfg: BenchConfig, seed: int) -> tuple[Strategy, dict[str, Any]]:
+    """``mm+search``: an Optuna study in the pool space (every candidate a base, per-group log-odds shifts; TPE,
+    seeded by the whole pool at its screen scores), ``cfg.search_trials`` trials on the screen's loss; the
+    ``top_k`` searched points on all validation against the choice's finals. Returns the winner and its record.
+    """
+    from mixmatch_plugin.adapters import optuna as mmo
+    from mixmatch_plugin.adapters.optuna.search import quiet
+
+    quiet()
+    screen, val = loaders
+    t0 = time.perf_counter()
+    known = {r.strategy: {"accuracy": r.accuracy, "loss": r.loss} for r in screened}
+
+    def on_screen(s: Strategy) -> dict[str, float]:
+        if s.name not in known:
+            m = evaluate(ev.masked(s), screen)
+            known[s.name] = {"accuracy": m.accuracy, "loss": m.loss}
+        return known[s.name]
+
+    pool = dataclasses.replace(plan_, strategies=list(cands.values()))
+    res = mmo.search(pool, on_screen, mmo.SearchOptions(objective="single", space="pool", score="loss", sampler="tpe",
+                                                        sampler_seed=seed, n_trials=len(cands) + cfg.search_trials))
+    top = sorted((r for r in res.trials if r.seed is None), key=lambda r: r.accuracy)[: cfg.top_k]  # accuracy: the score (loss)
+    full = {r["strategy"]: (r["accuracy"], r["loss"]) for r in finals}
+    for r in top:
+        m = evaluate(ev.masked(r.strategy), val)
+        full[r.strategy.name] = (m.accuracy, m.loss)
+    best = min(full, key=lambda k: (-full[k][0], full[k][1]))
+    found = next((r.strategy for r in top if r.strategy.name == best), None)
+    if found is None:  # the choice stands: rebuilt as _recorded does
+        base_name, _, signal = best.partition("@")
+        found = dataclasses.replace(cands[base_name], name=best, signal=signal or cands[base_name].signal)
+    info = {"winner": best, "searched": best not in {r["strategy"] for r in finals}, "trials": cfg.search_trials,
+            "evaluations": cfg.search_trials + len(top), "seconds": round(time.perf_counter() - t0, 1),
+            "base": found.meta.get("base", best), "signal": found.signal, "shifts": found.meta.get("shifts", {})}
+    return found, info
+
+
+def _rebuilt(info: dict[str, Any], plan_: Plan, cands: dict[str, Strategy]) -> Strategy:
+    """The ``mm+search`` winner again from its record (see :func:`_search`)."""
+    base_name = info["base"].partition("@")[0]
+    if base_name not in cands:
+        raise MixMatchError(f"the recorded mm+search winner's base {info['base']!r} is not in the pool; rerun with --fresh")
+    return plan_.space().shifted(cands[base_name], info["shifts"], info["winner"], info["signal"])
 
 
 #: The ablation's nested pools, in order: each adds one kind of pool member to the one before.

@@ -13,10 +13,12 @@ import numpy as np
 
 from mixmatch_plugin.io import atomic_write_text
 
-ORDER = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm")
+ORDER = ("uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm+search")
+#: Mix-and-Match's rows: the pool's validation choice, and the search around the pool (judged separately).
+OURS = ("mm", "mm+search")
 LABEL = {
     "uniform": "uniform", "global_magnitude": "global mag.", "snip": "SNIP", "grasp": "GraSP", "lamp": "LAMP",
-    "erk": "ERK", "mm": "**M&M**", "best": "best rival",
+    "erk": "ERK", "mm": "**M&M**", "mm+search": "**M&M+search**", "best": "best rival",
 }
 FIGHT = ("uniform", "global_magnitude", "lamp", "snip", "grasp", "erk")
 #: The allocators users get for free: M&M's "best rival" is the best of these, per model, sparsity and regime.
@@ -135,7 +137,7 @@ def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:
     d = drops(model_doc)
     rows = []
     for (regime, s, m), v in sorted(d.items()):
-        if m != "mm":
+        if m not in OURS:
             continue
         mm_mu = _stats(v)[0]
         cells = []
@@ -149,13 +151,13 @@ def reduction_table(name: str, model_doc: Mapping[str, Any]) -> str:
             b_mu = _stats(bv)[0]
             if min(len(v), len(bv)) < 2:  # one seed measures no noise floor: nothing can be called a win or a loss
                 cells.append(f"not judged, 1 seed ({_red(b_mu, mm_mu)})")
-            elif abs(b_mu - mm_mu) <= noise_floor(d, regime, s, ("mm", b)):
+            elif abs(b_mu - mm_mu) <= noise_floor(d, regime, s, (m, b)):
                 cells.append(f"tie ({_red(b_mu, mm_mu)})")
             else:
                 cells.append(("**win** " if mm_mu < b_mu else "loss ") + _red(b_mu, mm_mu))
         cells[-1] += f" vs {LABEL[best]}" if best else ""
-        rows.append(f"| {regime} | {s:.0%} | " + " | ".join(cells) + " |")
-    head = "| regime | sparsity | " + " | ".join(LABEL[b] for b in (*FIGHT, "best")) + " |\n" + "|---" * (len(FIGHT) + 3) + "|"
+        rows.append(f"| {LABEL[m]} | {regime} | {s:.0%} | " + " | ".join(cells) + " |")
+    head = "| method | regime | sparsity | " + " | ".join(LABEL[b] for b in (*FIGHT, "best")) + " |\n" + "|---" * (len(FIGHT) + 4) + "|"
     return f"**{name}**: reduction of the drop by Mix-and-Match, (drop_baseline − drop_mm) / drop_baseline\n\n{head}\n" + "\n".join(rows)
 
 
@@ -173,13 +175,15 @@ def ablation_table(name: str, model_doc: Mapping[str, Any]) -> str:
             picks[(c["sparsity"], step)].append(winner)
         if "winner" in c:
             picks[(c["sparsity"], "mm")].append(c["winner"])
+        if "search" in c:
+            picks[(c["sparsity"], "mm+search")].append(c["search"]["winner"] if c["search"]["searched"] else "(the choice)")
     lines = [f"**{name}**: what each kind of pool member adds (one-shot test drop of the validation choice, mean ± std "
              "over seeds; the member chosen most often)", "", "| sparsity | " + " | ".join(
-                 ("pool: " + p if p == "rules" else p) for p in (*POOLS, "remask (= M&M)")) + " |", "|---" * (len(POOLS) + 2) + "|"]
+                 ("pool: " + p if p == "rules" else p) for p in (*POOLS, "remask (= M&M)", "+search")) + " |", "|---" * (len(POOLS) + 3) + "|"]
     for s in sparsities:
         cells = []
-        for step in (*POOLS, "mm"):
-            v = d.get(("one-shot", s, "mm" if step == "mm" else f"mm[{step}]"))
+        for step in (*POOLS, *OURS):
+            v = d.get(("one-shot", s, step if step in OURS else f"mm[{step}]"))
             won = picks.get((s, step))
             top = max(set(won), key=won.count) if won else ""
             cells.append(f"{_stats(v)[0]:.2f} ± {_stats(v)[1]:.2f} `{top}`" if v else "–")
@@ -189,6 +193,11 @@ def ablation_table(name: str, model_doc: Mapping[str, Any]) -> str:
         lines += ["", f"Choosing M&M cost {statistics.fmean(c['evaluations'] for c in cost):.0f} masked evaluations "
                   f"({statistics.fmean(c['seconds'] for c in cost):.0f} s) per cell, over a pool of "
                   f"{statistics.fmean(c['pool'] for c in cost):.0f} strategies."]
+    searched = [c["search"] for c in cost if "search" in c]
+    if searched:
+        lines[-1] += (f" The search added {statistics.fmean(c['evaluations'] for c in searched):.0f} "
+                      f"({statistics.fmean(c['seconds'] for c in searched):.0f} s) and beat the choice on validation in "
+                      f"{sum(c['searched'] for c in searched)} of {len(searched)} cells.")
     return "\n".join(lines)
 
 
@@ -298,10 +307,10 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
     lines = ["| model (dense test) | sparsity | " + " | ".join(regimes) + " |", "|---|---|---|---|"]
     for name, md in doc["models"].items():
         d = drops(md)
-        for s in sorted({k[1] for k in d if k[2] == "mm"}):
+        for s, ours in sorted({(k[1], k[2]) for k in d if k[2] in OURS}):
             cells = []
             for regime in regimes:
-                mm = d.get((regime, s, "mm"))
+                mm = d.get((regime, s, ours))
                 rivals = {b: _stats(d[(regime, s, b)])[0] for b in FIGHT if d.get((regime, s, b))}
                 if not mm or not rivals:
                     cells.append("–")
@@ -309,14 +318,17 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
                 best = min(rivals, key=lambda b: rivals[b])
                 m_mu, b_mu = _stats(mm)[0], rivals[best]
                 verdict = ("not judged (1 seed)" if min(len(mm), len(d[(regime, s, best)])) < 2
-                           else "tie" if abs(b_mu - m_mu) <= noise_floor(d, regime, s, ("mm", best))
+                           else "tie" if abs(b_mu - m_mu) <= noise_floor(d, regime, s, (ours, best))
                            else "**win**" if m_mu < b_mu else "loss")
                 cells.append(f"{verdict} vs {LABEL[best]}: {m_mu:.2f} vs {b_mu:.2f}")
-            lines.append(f"| {name} ({100 * md['dense']['test_accuracy_eval']:.2f} %) | {s:.0%} | " + " | ".join(cells) + " |")
-    tally = "; ".join(f"{regime} {sum(c.split('|')[3 + i].startswith(' **win**') for c in lines[2:])} win(s), "
-                      f"{sum(c.split('|')[3 + i].startswith(' tie') for c in lines[2:])} tie(s), "
-                      f"{sum(c.split('|')[3 + i].startswith(' loss') for c in lines[2:])} loss(es)" for i, regime in enumerate(regimes))
-    lines.append(f"\nAgainst the best rival of each cell: {tally}.")
+            label = f"{name} ({100 * md['dense']['test_accuracy_eval']:.2f} %)" if ours == "mm" else f"{name} + search"
+            lines.append(f"| {label} | {s:.0%} | " + " | ".join(cells) + " |")
+    for who, rows in (("", [c for c in lines[2:] if " + search |" not in c]), (" With the search", [c for c in lines[2:] if " + search |" in c])):
+        if rows:
+            tally = "; ".join(f"{regime} {sum(c.split('|')[3 + i].startswith(' **win**') for c in rows)} win(s), "
+                              f"{sum(c.split('|')[3 + i].startswith(' tie') for c in rows)} tie(s), "
+                              f"{sum(c.split('|')[3 + i].startswith(' loss') for c in rows)} loss(es)" for i, regime in enumerate(regimes))
+            lines.append(f"\nAgainst the best rival of each cell: {tally}." if not who else f"{who}: {tally}.")
     return ("Cells: test-accuracy drop in points (lower is better; negative: above dense), Mix-and-Match's validation-chosen strategy vs the best "
             "of uniform, global magnitude, LAMP, SNIP, GraSP and ERK at that cell, mean over seeds; a tie is a difference "
             "within the larger seed std of the two, the reseed spread or 0.1 point.\n\n" + "\n".join(lines))

@@ -53,9 +53,11 @@ def _solve(fn: Callable[[float], float], target: float, lo_t: float = -40.0, hi_
 
 
 def move_to_budget(
-    rho: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float
+    rho: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float, offset: np.ndarray | float = 0.0
 ) -> np.ndarray:
     """Shift ``rho`` in log-odds so that ``sum(n * rho) / sum(n) == target``, staying inside ``[lo, hi]``.
+
+    ``offset`` (per layer, in log-odds) is added before the common shift: it moves budget between layers.
 
     Raises:
         BudgetError: ``target`` lies outside :func:`reachable` ``(n, lo, hi)``.
@@ -66,7 +68,7 @@ def move_to_budget(
             f"target sparsity {target:.4f} is outside the reachable interval [{a:.4f}, {b:.4f}] of these ranges; "
             "choose a target inside it, or let the ranges move (on_unreachable='extend', CLI --extend-ranges)"
         )
-    z = _logit(rho)
+    z = _logit(rho) + offset
     total = float(n.sum())
 
     def glob(t: float) -> float:

@@ -34,6 +34,7 @@ Two modes. **native** (``target=None``): the global sparsity is whatever the ran
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -285,6 +286,34 @@ class StrategySpace:
                     if not any(_same(t, s) for t in out if t.signal == signal):
                         out.append(s)
         return out
+
+
+    @functools.cached_property
+    def shift_groups(self) -> dict[str, list[int]]:
+        """The groups of :meth:`shifted`: every layer the hard bounds let be pruned, by role and stage."""
+        out: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            if self.ceil[i] > 0:
+                out.setdefault(group_key(layer), []).append(i)
+        return out
+
+    def shifted(self, base: Strategy, shifts: Mapping[str, float], name: str, signal: str | None = None) -> Strategy:
+        """``base`` with budget moved between groups: the pool search's point (budget mode only).
+
+        Layer ``l`` of group ``g`` gets ``sigmoid(logit(rho_l) + shifts[g] + t)``, with the one common
+        ``t`` that meets the target, inside the hard bounds widened to hold ``base`` (a ``free``
+        strategy may lie outside them). All shifts 0 give ``base``'s allocation itself.
+        """
+        if self.target is None:
+            raise MixMatchError("shifting a strategy keeps a budget: give the space a target sparsity")
+        rho = np.array([base.ratios[m] for m in self.names])
+        offset = np.zeros(len(self.names))
+        for g, idx in self.shift_groups.items():
+            offset[idx] = float(shifts.get(g, 0.0))
+        if offset.any():
+            rho = move_to_budget(rho, self.n, np.minimum(self.floor, rho), np.maximum(self.ceil, rho), self.target, offset)
+        moved = {g: float(v) for g, v in shifts.items() if v}
+        return self.build(name, signal or base.signal, rho, {"base": base.name, "shifts": moved})
 
 
 def _same(a: Strategy, b: Strategy, tol: float = 1e-9) -> bool:

@@ -24,8 +24,8 @@ def tiny_config() -> BenchConfig:
     model = TrainConfig(model="mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 24}, epochs=1, lr=3e-3,
                         max_train=2000, warmup_steps=10)
     return BenchConfig(models={"resnet": model}, sparsities={"resnet": (0.8,)}, seeds=(0,), calib_samples=128,
-                       screen_samples=64, top_k=1, bn_batches=1, finetune_steps=3, test_samples=256, val_samples=256,
-                       structured=False)
+                       screen_samples=64, top_k=1, bn_batches=1, finetune_steps=3, search_trials=4, test_samples=256,
+                       val_samples=256, structured=False)
 
 
 def test_bench_pipeline_end_to_end_and_resume(tmp_path):
@@ -36,11 +36,11 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     runs = doc["models"]["resnet"]["runs"]
     methods = {r["method"] for r in runs}
     assert {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm[rules]", "mm[+score]", "mm[+wanda]",
-            "mm[+free]", "mm[+measured]", "uniform_reseeded"} <= methods
+            "mm[+free]", "mm[+measured]", "mm+search", "uniform_reseeded"} <= methods
     one_shot = [r for r in runs if r["regime"] == "one-shot" and r["realized_sparsity"] is not None]
     assert all(abs(r["realized_sparsity"] - 0.8) < 1e-3 for r in one_shot)  # every method at the same sparsity
     ft = [r for r in runs if r["regime"] == "fine-tuned"]
-    assert {r["method"] for r in ft} >= {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm"}
+    assert {r["method"] for r in ft} >= {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm+search"}
     assert all(abs(r["realized_sparsity"] - 0.8) < 2e-3 for r in ft)  # fine-tuning kept the masks
     # every choice was made on validation: the chosen strategy is the validation-best finalist, and the pool held
     # every kind of member (rules of both range variants, the score family, measured allocations)
@@ -48,10 +48,16 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
         assert c["finals"][0]["strategy"] == c["winner"] and c["finals"][0]["accuracy"] == max(f["accuracy"] for f in c["finals"])
         assert c["evaluations"] >= c["pool"] > 60 and set(c["ablation"]) == {"rules", "+score", "+wanda", "+free", "+measured"}
     chosen = {r["method"]: r for r in runs if r["regime"] == "one-shot"}
-    assert chosen["mm"]["strategy"] == doc["models"]["resnet"]["choices"][0]["winner"]
+    choice = doc["models"]["resnet"]["choices"][0]
+    assert chosen["mm"]["strategy"] == choice["winner"]
+    # mm+search: the whole pool seeded the study, 4 trials more; its winner is the choice unless a searched point beat it
+    found = choice["search"]
+    assert found["trials"] == 4 and found["evaluations"] == 5 and chosen["mm+search"]["strategy"] == found["winner"]
+    assert found["searched"] == (found["winner"] != choice["winner"]) and found["searched"] == bool(found["shifts"])
+    assert chosen["mm+search"]["val_accuracy"] >= chosen["mm"]["val_accuracy"] - 1e-9
     # where the time went: every phase timed, and the phases account for (most of) the seed's wall time
     phases = doc["models"]["resnet"]["phase_seconds"]["0"]
-    assert {"signals", "measured curves", "strategies", "validation choice", "one-shot evaluation", "fine-tuning",
+    assert {"signals", "measured curves", "strategies", "validation choice", "search", "one-shot evaluation", "fine-tuning",
             "noise floor (reseeded fine-tune)"} <= set(phases)
     assert 0.5 * doc["models"]["resnet"]["seconds"]["0"] <= sum(phases.values()) <= doc["models"]["resnet"]["seconds"]["0"] + 0.5
     md = tables.markdown(doc, command="python -m benchmarks --quick")
@@ -82,6 +88,17 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     again = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False)
     assert len(again.doc["models"]["resnet"]["runs"]) == len(runs)
     assert again.doc["models"]["resnet"]["seconds"] == doc["models"]["resnet"]["seconds"]
+    # results kept from before mm+search existed get only its rows (the search again, seeded by the pool's screen)
+    original = res.path.read_text()
+    older = json.loads(original)
+    older["models"]["resnet"]["runs"] = [r for r in runs if r["method"] != "mm+search"]
+    del older["models"]["resnet"]["choices"][0]["search"]
+    res.path.write_text(json.dumps(older))
+    added = run(cfg, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", progress=False).doc["models"]["resnet"]
+    assert added["runs"][: len(runs) - 2] == older["models"]["resnet"]["runs"]
+    assert sorted((r["method"], r["regime"]) for r in added["runs"][len(runs) - 2:]) == [("mm+search", "fine-tuned"), ("mm+search", "one-shot")]
+    assert added["choices"][0]["search"]["winner"] == found["winner"]  # the same study again: the same winner
+    res.path.write_text(original)
     # a higher sparsity added later runs only that sparsity (and its noise floor); the rows measured before stay
     marked = json.loads(res.path.read_text())
     for r in marked["models"]["resnet"]["runs"]:

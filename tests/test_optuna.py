@@ -23,7 +23,7 @@ from mixmatch_plugin.errors import MixMatchError
 mmo = pytest.importorskip("mixmatch_plugin.adapters.optuna")
 optuna = pytest.importorskip("optuna")
 from mixmatch_plugin.adapters.optuna.plots import param_importances  # noqa: E402
-from mixmatch_plugin.adapters.optuna.search import SEED_ATTR, search_space, strategy_of  # noqa: E402
+from mixmatch_plugin.adapters.optuna.search import SEED_ATTR, pool_bases, search_space, strategy_of  # noqa: E402
 
 TrialState = optuna.trial.TrialState
 
@@ -142,6 +142,35 @@ def test_single_objective_at_a_budget_uses_set_constraint(trained_tiny_resnet, c
     assert res.best[0].accuracy == max(r.accuracy for r in res.trials)
     assert res.best[0].accuracy >= res.best_rule.accuracy
     assert res.study.best_trial.number == res.best[0].number
+
+
+def test_pool_space_seeds_every_plan_strategy_and_moves_budget_between_groups(trained_tiny_resnet, calib, digits_loaders):
+    _, val, _ = digits_loaders
+    p = mm.plan(trained_tiny_resnet, calib, target=0.6, signals=("magnitude", "product"))
+    families = {s.meta.get("family") for s in p.strategies}
+    assert "score" in families and None in families  # rules and the score family are both bases
+    ev = mmo.ProxyEvaluator(trained_tiny_resnet, val, signals=p.signals, max_batches=2)
+    n_seeds = len(p.strategies)
+    res = mmo.search(p, ev, mmo.SearchOptions(objective="single", space="pool", n_trials=n_seeds + 8, sampler="tpe", sampler_seed=0))
+    assert [r.seed for r in res.trials[:n_seeds]] == [s.name for s in p.strategies]
+    by_name = {s.name: s for s in p.strategies}
+    for r in res.trials[:n_seeds]:  # a seed is its base exactly
+        assert r.strategy.ratios == by_name[r.seed].ratios and r.strategy.signal == by_name[r.seed].signal
+    total = sum(layer.params for layer in p.layers)
+    searched = res.trials[n_seeds:]
+    assert len(searched) == 8
+    for r in searched:
+        assert round(r.x * total) == round(0.6 * total)  # the budget is kept exactly
+        base = by_name[r.strategy.meta["base"]]
+        assert r.strategy.meta["shifts"] and r.strategy.ratios != base.ratios  # budget moved between groups
+        for layer in p.layers:  # inside the hard bounds, widened only to hold the base
+            lo, hi = p.bounds[layer.name]
+            assert min(lo, base.ratios[layer.name]) - 1 / layer.params <= r.strategy.ratios[layer.name] <= max(hi, base.ratios[layer.name]) + 1 / layer.params
+    assert res.best[0].accuracy == max(r.accuracy for r in res.trials)
+    exported = mmo.export(res)  # a searched point is an ordinary strategy, and not a base of the next search
+    assert {s.name for s in pool_bases(exported).values()} == set(by_name)
+    with pytest.raises(MixMatchError, match="objective='single'"):
+        mmo.search(p, ev, mmo.SearchOptions(space="pool", n_trials=1))
 
 
 def test_native_plan_single_objective_marks_points_below_the_target_infeasible(plan, evaluator):

@@ -39,10 +39,16 @@ Objective = Literal["multi", "single"]
 Metric = Literal["sparsity", "macs"]
 Score = Literal["accuracy", "loss"]
 SamplerName = Literal["nsga2", "tpe", "gp"]
+SpaceName = Literal["rules", "pool"]
 OBJECTIVES, METRICS, SCORES, SAMPLERS = get_args(Objective), get_args(Metric), get_args(Score), get_args(SamplerName)
+SPACES = get_args(SpaceName)
 
 SIGNAL_PARAM = "signal"
 ALPHA_PREFIX = "alpha:"
+BASE_PARAM = "base"
+SHIFT_PREFIX = "shift:"
+#: The pool space's per-group log-odds shifts lie in [-SHIFT_SPAN, SHIFT_SPAN] (2: a layer at 0.5 can go to 0.12 or 0.88).
+SHIFT_SPAN = 2.0
 SEED_ATTR = "mixmatch_seed"
 RESULT_ATTR = "mixmatch_result"
 STUDY_ATTR = "mixmatch"
@@ -52,22 +58,47 @@ _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mixmatch-plugin:storage").digest(
 
 
 # ============================================================================ the space
-def search_space(space: StrategySpace, signals: Sequence[str]) -> dict[str, optuna.distributions.BaseDistribution]:
-    """Optuna distributions of a strategy space: ``signal`` (categorical) and one ``alpha:<group>`` in [0, 1] per group."""
-    return {SIGNAL_PARAM: optuna.distributions.CategoricalDistribution(list(signals)),
-            **{ALPHA_PREFIX + g: optuna.distributions.FloatDistribution(0.0, 1.0) for g in space.groups}}
+def search_space(
+    space: StrategySpace, signals: Sequence[str], bases: Sequence[str] | None = None
+) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Optuna distributions of a strategy space: ``signal`` (categorical), then
+
+    * the ``rules`` space (``bases`` None): one ``alpha:<group>`` in [0, 1] per group of the ranges;
+    * the ``pool`` space: ``base``, one of the strategies ``bases`` names, and one log-odds
+      ``shift:<group>`` in [-SHIFT_SPAN, SHIFT_SPAN] per group (:meth:`StrategySpace.shifted`).
+    """
+    dists: dict[str, optuna.distributions.BaseDistribution] = {SIGNAL_PARAM: optuna.distributions.CategoricalDistribution(list(signals))}
+    if bases is None:
+        return {**dists, **{ALPHA_PREFIX + g: optuna.distributions.FloatDistribution(0.0, 1.0) for g in space.groups}}
+    return {**dists, BASE_PARAM: optuna.distributions.CategoricalDistribution(list(bases)),
+            **{SHIFT_PREFIX + g: optuna.distributions.FloatDistribution(-SHIFT_SPAN, SHIFT_SPAN) for g in space.shift_groups}}
 
 
-def params_of(strategy: Strategy) -> dict[str, Any]:
-    """The search-space point of a strategy built from alphas (every rule strategy is one)."""
+def pool_bases(plan: Plan) -> dict[str, Strategy]:
+    """The strategies the ``pool`` space moves: every strategy of the plan but earlier searches' exports."""
+    return {s.name: s for s in plan.strategies if s.meta.get("source") != "optuna"}
+
+
+def params_of(strategy: Strategy, space: StrategySpace | None = None) -> dict[str, Any]:
+    """The search-space point of a strategy: of the ``pool`` space (``space`` given: the strategy
+    itself as base, no shift), else of the ``rules`` space (built from alphas, as every rule strategy is)."""
+    if space is not None:
+        return {SIGNAL_PARAM: strategy.signal, BASE_PARAM: strategy.name, **dict.fromkeys(
+            (SHIFT_PREFIX + g for g in space.shift_groups), 0.0)}
     alphas = strategy.meta.get("alphas")
     if not isinstance(alphas, Mapping):
         raise MixMatchError(f"strategy {strategy.name!r} has no per-group alphas (meta['alphas']): it is not a point of the space")
     return {SIGNAL_PARAM: strategy.signal, **{ALPHA_PREFIX + g: float(a) for g, a in alphas.items()}}
 
 
-def strategy_of(space: StrategySpace, params: Mapping[str, Any], name: str, meta: Mapping[str, Any] | None = None) -> Strategy:
-    """Rebuild the strategy of a search-space point (``params`` as Optuna stores them)."""
+def strategy_of(space: StrategySpace, params: Mapping[str, Any], name: str, meta: Mapping[str, Any] | None = None,
+                bases: Mapping[str, Strategy] | None = None) -> Strategy:
+    """Rebuild the strategy of a search-space point (``params`` as Optuna stores them; ``bases``: the pool space's)."""
+    if bases is not None:
+        shifts = {k[len(SHIFT_PREFIX):]: float(v) for k, v in params.items() if k.startswith(SHIFT_PREFIX)}
+        s = space.shifted(bases[str(params[BASE_PARAM])], shifts, name, str(params[SIGNAL_PARAM]))
+        s.meta.update(meta or {})
+        return s
     alphas = {k[len(ALPHA_PREFIX):]: float(v) for k, v in params.items() if k.startswith(ALPHA_PREFIX)}
     return space.strategy(name, str(params[SIGNAL_PARAM]), alphas, meta)
 
@@ -236,16 +267,17 @@ def storage_lock(storage: Any) -> Iterator[None]:
         engine.dispose()
 
 
-def seed_study(study: optuna.Study, seeds: Sequence[Strategy]) -> int:
+def seed_study(study: optuna.Study, seeds: Sequence[Strategy], space: StrategySpace | None = None) -> int:
     """Enqueue the seed strategies the study does not hold yet (by name, in ``user_attrs``); returns how many.
 
     A seed counts as present in any state but FAIL: one cut short by Ctrl-C is queued again (a killed
     worker's seed is re-queued by the heartbeat, and its copy counts). Call it under :func:`storage_lock`.
+    ``space``: seed the ``pool`` space (see :func:`params_of`).
     """
     have = {t.user_attrs.get(SEED_ATTR) for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
     todo = [s for s in seeds if s.name not in have]
     for s in todo:
-        study.enqueue_trial(params_of(s), user_attrs={SEED_ATTR: s.name})
+        study.enqueue_trial(params_of(s, space), user_attrs={SEED_ATTR: s.name})
     return len(todo)
 
 
@@ -365,12 +397,13 @@ def _better(score: str) -> Callable[[TrialRecord], tuple[float, float]]:
     return lambda r: (sign * r.accuracy, r.x)
 
 
-def _trial_record(t: FrozenTrial, space: StrategySpace, score: str, study_name: str) -> TrialRecord:
+def _trial_record(t: FrozenTrial, space: StrategySpace, score: str, study_name: str,
+                  bases: Mapping[str, Strategy] | None) -> TrialRecord:
     seed = t.user_attrs.get(SEED_ATTR)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name).strip("-") or "study"
     name = seed if isinstance(seed, str) else f"{t.params[SIGNAL_PARAM]}:search-{slug}-t{t.number}"
     meta: dict[str, Any] = {"source": "optuna", "study": study_name, "trial": t.number, **({"seed": seed} if seed else {})}
-    s = strategy_of(space, t.params, name, meta)
+    s = strategy_of(space, t.params, name, meta, bases)
     metrics = dict(t.user_attrs.get("metrics") or {})
     res = t.user_attrs.get(RESULT_ATTR) or {}
     return TrialRecord(
@@ -388,7 +421,8 @@ def result_of(study: optuna.Study, plan: Plan, *, evaluator_name: str = "evaluat
     if info.get("plan") != plan_fingerprint(plan):
         raise MixMatchError(f"study {study.study_name!r} was made for another plan; pass the plan it was searched on")
     space, score = plan.space(), str(info["score"])
-    records = [_trial_record(t, space, score, study.study_name) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    bases = pool_bases(plan) if info.get("space") == "pool" else None
+    records = [_trial_record(t, space, score, study.study_name, bases) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     by_number = {r.number: r for r in records}
     if info["objective"] == "multi":
         sign = 1.0 if score == "accuracy" else -1.0
@@ -424,9 +458,13 @@ class SearchOptions:
         sampler: ``"nsga2"``, ``"tpe"``, ``"gp"`` or a sampler object (default by objective).
         sampler_seed: the sampler's seed. Give each worker its own (or None), or they propose the same points.
         population_size: NSGA-II population (default: the number of seeds, at least 10).
-        signals: the signals the search may choose (default: the plan's).
+        signals: the signals the search may choose (default: the plan's, and in the pool space its strategies').
         macs: a :class:`MacsProfile` of the model (needed for ``metric="macs"``; recorded when given).
-        seed_rules: enqueue the plan's rule strategies first.
+        space: ``"rules"``: per-group alphas inside the ranges, seeded by the plan's rule strategies
+            (the paper's refinement). ``"pool"``: any of the plan's strategies (rules, score family,
+            measured: :func:`pool_bases`) as base, with per-group log-odds shifts of its allocation,
+            seeded by all of them; needs a budget-matched plan and ``objective="single"``.
+        seed_rules: enqueue the space's seeds first.
         heartbeat_interval, grace_period, max_retry: see :func:`open_storage`.
         catch: exception types that fail a trial without stopping the search.
         callbacks: Optuna callbacks run after every trial.
@@ -444,6 +482,7 @@ class SearchOptions:
     population_size: int | None = None
     signals: tuple[SignalName, ...] | None = None
     macs: MacsProfile | None = None
+    space: SpaceName = "rules"
     seed_rules: bool = True
     heartbeat_interval: int | None = 10
     grace_period: int | None = None
@@ -457,6 +496,11 @@ def _validate(p: Plan, o: SearchOptions, study_name: str) -> float | None:
     for value, allowed, what in ((o.objective, OBJECTIVES, "objective"), (o.metric, METRICS, "metric"), (o.score, SCORES, "score")):
         if value not in allowed:
             raise MixMatchError(f"unknown {what} {value!r}; choose {' or '.join(allowed)}")
+    if o.space not in SPACES:
+        raise MixMatchError(f"unknown space {o.space!r}; choose {' or '.join(SPACES)}")
+    if o.space == "pool" and (o.objective != "single" or p.meta.get("target") is None):
+        raise MixMatchError("the pool space moves budget between layers at the plan's budget: use objective='single' "
+                            "(CLI --objective single) on a plan made at a target (`mixmatch plan --target S`)")
     if isinstance(o.sampler, str) and o.sampler not in SAMPLERS:
         raise MixMatchError(f"unknown sampler {o.sampler!r}; choose {', '.join(SAMPLERS)}")
     target = o.target
@@ -521,9 +565,14 @@ def search(
     if not callable(evaluator):
         raise MixMatchError(f"the evaluator must be callable (strategy -> metrics), got {type(evaluator).__name__}")
     space = p.space()
-    if not space.groups:
+    pool = pool_bases(p) if o.space == "pool" else None
+    if pool is not None and not (pool and space.shift_groups):
+        raise MixMatchError("the pool space needs a plan with strategies and prunable layers; make it with `mixmatch plan --target S`")
+    if pool is None and not space.groups:
         raise MixMatchError("the plan's ranges leave nothing to search (every layer has low == high); widen the ranges")
     plan_signals = [s for s in (p.meta.get("signals") or []) if s in SIGNALS] or sorted({s.signal for s in p.strategies if s.signal in SIGNALS})
+    if pool is not None:  # every base with its own signal
+        plan_signals += sorted({s.signal for s in pool.values() if s.signal in SIGNALS} - set(plan_signals))
     choices = list(o.signals) if o.signals is not None else plan_signals
     if not choices or any(s not in SIGNALS for s in choices):
         raise MixMatchError(f"signals {list(choices)!r}: choose from {', '.join(SIGNALS)}")
@@ -531,9 +580,12 @@ def search(
     if missing := [s for s in choices if isinstance(have, Signals) and s not in have.available]:
         raise MixMatchError(f"the evaluator has no {missing[0]!r} scores: build it with signals=compute_signals(model, calib), "
                             f"or search only {', '.join(have.available)} (signals=...)")  # type: ignore[union-attr]
-    seeds = rule_seeds(p, choices) if o.seed_rules else []
+    if pool is None:
+        seeds = rule_seeds(p, choices) if o.seed_rules else []
+    else:
+        seeds = [s for s in pool.values() if s.signal in choices] if o.seed_rules else []
     info = {"plan": plan_fingerprint(p), "objective": o.objective, "metric": o.metric, "target": target, "score": o.score,
-            "signals": choices, "groups": list(space.groups)}
+            "signals": choices, "groups": list(space.groups if pool is None else space.shift_groups), "space": o.space}
     first = optuna.study.StudyDirection.MAXIMIZE if o.score == "accuracy" else optuna.study.StudyDirection.MINIMIZE
     directions = [first] + ([optuna.study.StudyDirection.MAXIMIZE] if o.objective == "multi" else [])
     sampler = make_sampler(o.sampler, o.objective, seed=o.sampler_seed, population_size=o.population_size,
@@ -542,12 +594,13 @@ def search(
     with storage_lock(storage):  # two workers creating the tables of a new database, or seeding, at once collide
         store = open_storage(storage, heartbeat_interval=o.heartbeat_interval, grace_period=o.grace_period, max_retry=o.max_retry)
         study = _open_study(store, study_name, sampler, directions, info, display)
-        added = seed_study(study, seeds)
+        added = seed_study(study, seeds, space if pool is not None else None)
     if added:
-        logger.info("enqueued %d rule strategies as seeds of study %r", added, study_name)
+        logger.info("enqueued %d strategies as seeds of study %r", added, study_name)
     # a budget-matched point prunes round(S * N) weights: allow half a weight of rounding below the target
     tol = 0.5 / max(float(space.n.sum()), 1.0) if o.metric == "sparsity" else 1e-9
-    objective = functools.partial(_objective, space=space, evaluator=evaluator, options=o, choices=choices, target=target, tol=tol)
+    objective = functools.partial(_objective, space=space, evaluator=evaluator, options=o, dists=search_space(space, choices, None if pool is None else list(pool)),
+                                  bases=pool, target=target, tol=tol)
     callbacks = list(o.callbacks)
     if o.total_trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(o.total_trials, states=(TrialState.COMPLETE,)))
@@ -575,19 +628,24 @@ def _open_study(store: optuna.storages.BaseStorage, study_name: str, sampler: op
     if (old := study.user_attrs.get(STUDY_ATTR)) is None:
         study.set_user_attr(STUDY_ATTR, dict(info))
         return study
-    for key in ("plan", "objective", "metric", "target", "score", "signals"):
-        if old.get(key) != info.get(key):
+    for key in ("plan", "objective", "metric", "target", "score", "signals", "space"):
+        if old.get(key, "rules" if key == "space" else None) != info.get(key):
             raise MixMatchError(f"study {study_name!r} in {display} was made with {key} {old.get(key)!r}, not {info.get(key)!r}; "
                                 "use the same settings to resume, or another --study name")
     return study
 
 
 def _objective(trial: optuna.Trial, *, space: StrategySpace, evaluator: Callable[[Strategy], Any], options: SearchOptions,
-               choices: Sequence[str], target: float | None, tol: float) -> float | tuple[float, float]:
-    signal = trial.suggest_categorical(SIGNAL_PARAM, list(choices))
-    alphas = {g: trial.suggest_float(ALPHA_PREFIX + g, 0.0, 1.0) for g in space.groups}
+               dists: Mapping[str, optuna.distributions.BaseDistribution], bases: Mapping[str, Strategy] | None,
+               target: float | None, tol: float) -> float | tuple[float, float]:
+    params: dict[str, Any] = {}
+    for k, d in dists.items():
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            params[k] = trial.suggest_categorical(k, d.choices)
+        elif isinstance(d, optuna.distributions.FloatDistribution):
+            params[k] = trial.suggest_float(k, d.low, d.high)
     seed = trial.user_attrs.get(SEED_ATTR)
-    strategy = space.strategy(seed if isinstance(seed, str) else f"{signal}:search-t{trial.number}", str(signal), alphas)
+    strategy = strategy_of(space, params, seed if isinstance(seed, str) else f"{params[SIGNAL_PARAM]}:search-t{trial.number}", bases=bases)
     t0 = time.perf_counter()
     raw, seconds = evaluator(strategy), time.perf_counter() - t0
     metrics = {str(k): float(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {"accuracy": float(raw)}
