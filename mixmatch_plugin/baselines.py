@@ -57,27 +57,31 @@ def _strategy(name: str, signal: str, layers: Sequence[Layer], counts: dict[str,
                     meta={"method": name, "target": target, "mode": "budget"})
 
 
-def _threshold_counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]:
-    """Per-layer counts of the ``k`` globally lowest scores (exactly ``k``; ties broken in layer order).
+def _threshold_counts(scores: dict[str, torch.Tensor], ks: Sequence[int]) -> list[dict[str, int]]:
+    """Per-layer counts of the ``k`` globally lowest scores for each ``k`` of ``ks`` (exactly ``k``; ties
+    broken in layer order); the scores are gathered once for all of them.
 
     Each layer's highest-scoring weight is exempt, so no layer is emptied (a ratio of 1 is not a
     strategy); the threshold is global over all the other weights.
     """
-    if k == 0:
-        return dict.fromkeys(scores, 0)
     # one dtype for the threshold and the comparisons (float64 LAMP scores rounded to float32 miscount)
-    scores = {n: _exempt_top(s.flatten().double()) for n, s in scores.items()}
-    flat = torch.cat(list(scores.values()))
-    thr = torch.kthvalue(flat, k).values
-    below = {n: int((s.double() < thr).sum()) for n, s in scores.items()}
-    left = k - sum(below.values())
-    counts = {}
-    for n, s in scores.items():
-        ties = int((s.double() == thr).sum())
-        take = min(ties, left)
-        counts[n] = below[n] + take
-        left -= take
-    return counts
+    scores = {n: _exempt_top(s.flatten().double()) for n, s in scores.items()} if any(ks) else scores
+    flat = torch.cat(list(scores.values())) if any(ks) else None
+    out = []
+    for k in ks:
+        if k == 0 or flat is None:
+            out.append(dict.fromkeys(scores, 0))
+            continue
+        thr = torch.kthvalue(flat, k).values
+        below = {n: int((s < thr).sum()) for n, s in scores.items()}
+        left = k - sum(below.values())
+        counts = {}
+        for n, s in scores.items():
+            take = min(int((s == thr).sum()), left)
+            counts[n] = below[n] + take
+            left -= take
+        out.append(counts)
+    return out
 
 
 def _exempt_top(s: torch.Tensor) -> torch.Tensor:
@@ -86,10 +90,17 @@ def _exempt_top(s: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _global(name: str, signal: str, layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
-    k = _budget(layers, target)
-    counts = _threshold_counts({layer.name: signals.score(layer.name, signal) for layer in _eligible(layers)}, k)
-    return _strategy(name, signal, layers, counts, target)
+#: The baselines that set one global threshold on a signal's raw scores, and that signal.
+GLOBAL = {"global_magnitude": "magnitude", "snip": "product", "grasp": "grasp"}
+
+
+def _global(name: str, layers: Sequence[Layer], signals: Signals, targets: Sequence[float]) -> list[Strategy]:
+    if name == "grasp" and signals.grasp is None:
+        raise MixMatchError("the GraSP baseline needs GraSP scores: signals.grasp = compute_grasp(model, calib)")
+    signal = GLOBAL[name]
+    ks = [_budget(layers, t) for t in targets]
+    counts = _threshold_counts({layer.name: signals.score(layer.name, signal) for layer in _eligible(layers)}, ks)
+    return [_strategy(name, signal, layers, c, t) for c, t in zip(counts, targets, strict=True)]
 
 
 def uniform(layers: Sequence[Layer], signals: Signals | None, target: float) -> Strategy:
@@ -104,19 +115,17 @@ def uniform(layers: Sequence[Layer], signals: Signals | None, target: float) -> 
 
 def global_magnitude(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
     """One ``|w|`` threshold over every non-normalization layer."""
-    return _global("global_magnitude", "magnitude", layers, signals, target)
+    return _global("global_magnitude", layers, signals, [target])[0]
 
 
 def snip(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
     """One threshold over ``|w| * |dL/dw|`` (connection sensitivity)."""
-    return _global("snip", "product", layers, signals, target)
+    return _global("snip", layers, signals, [target])[0]
 
 
 def grasp(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
     """One threshold over GraSP's keep-score ``w * Hg`` (lowest removed)."""
-    if signals.grasp is None:
-        raise MixMatchError("the GraSP baseline needs GraSP scores: signals.grasp = compute_grasp(model, calib)")
-    return _global("grasp", "grasp", layers, signals, target)
+    return _global("grasp", layers, signals, [target])[0]
 
 
 def lamp(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
@@ -128,7 +137,7 @@ def lamp(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
         v = signals.score(layer.name, "magnitude").flatten().double().pow(2).sort().values
         suffix = v.flip(0).cumsum(0).flip(0)
         sorted_scores[layer.name] = torch.where(suffix > 0, v / suffix.clamp_min(1e-300), torch.zeros_like(v))
-    counts = _threshold_counts(sorted_scores, k)
+    counts = _threshold_counts(sorted_scores, [k])[0]
     return _strategy("lamp", "magnitude", layers, counts, target)
 
 
@@ -167,6 +176,13 @@ def make(name: str, layers: Sequence[Layer], signals: Signals, target: float) ->
     if (fn := REGISTRY.get(name)) is None:
         raise MixMatchError(f"unknown baseline {name!r}; baselines are {', '.join(REGISTRY)}")
     return fn(layers, signals, target)
+
+
+def sweep(name: str, layers: Sequence[Layer], signals: Signals, targets: Sequence[float]) -> list[Strategy]:
+    """:func:`make` at each of ``targets``; the :data:`GLOBAL` baselines gather their scores once for all."""
+    if name in GLOBAL:
+        return _global(name, layers, signals, targets)
+    return [make(name, layers, signals, t) for t in targets]
 
 
 def available() -> list[str]:

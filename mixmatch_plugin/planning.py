@@ -275,7 +275,7 @@ def compute_empirical_ranges(
     unknown = [m for m in methods if m not in _baselines.REGISTRY]
     if unknown:
         raise RulesError(f"'empirical.methods' names {unknown[0]!r}, which is not a baseline; choose from {', '.join(_baselines.REGISTRY)}")
-    runs = [_baselines.make(m, layers, signals, s).ratios for m in methods for s in sparsities]
+    runs = [s.ratios for m in methods for s in _baselines.sweep(m, layers, signals, sparsities)]
     return empirical_ranges(runs)
 
 

@@ -368,6 +368,25 @@ def test_cli_search_writes_sqlite_study_plan_and_plots(cli_files, tmp_path):
     assert len(study.trials) == 36 and len(seeds_of(study)) == 30
 
 
+def test_cli_pool_search_seeds_the_whole_budget_matched_plan(trained_tiny_resnet, calib, cli_files, tmp_path):
+    from mixmatch_plugin.app.cli import main
+
+    p = mm.plan(trained_tiny_resnet, calib, target=0.6)
+    p.save(tmp_path / "plan.json")
+    (tmp_path / "model.pt").write_bytes((cli_files / "model.pt").read_bytes())
+    out, n = tmp_path / "out", len(p.strategies)
+    r = CliRunner().invoke(main, ["-q", *cli_args(tmp_path, "--space", "pool", "--out", str(out))])
+    assert r.exit_code == 2 and "--objective single" in r.output and r.output.count("\n") == 1
+    r = CliRunner().invoke(main, ["-q", *cli_args(tmp_path, "--space", "pool", "--objective", "single", "--n-trials", str(n + 3),
+                                                  "--sampler-seed", "0", "--export", "all", "--out", str(out), "--no-plots")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "search.json").read_text())
+    assert [t["seed"] for t in summary["trials"][:n]] == [s.name for s in p.strategies]  # wanda's score family included
+    exported = mm.load_plan(out / "plan.json")
+    searched = [s for s in exported.strategies if s.meta.get("source") == "optuna"]
+    assert len(searched) == 3 and all(s.meta["base"] in {t.name for t in p.strategies} for s in searched)
+
+
 def test_cli_errors_are_one_line(cli_files, tmp_path):
     from mixmatch_plugin.app.cli import main
 

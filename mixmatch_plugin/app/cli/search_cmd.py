@@ -56,6 +56,10 @@ def _callback(spec: str) -> Any:
               help="Second objective or budget: global sparsity, or the fraction of weight-layer MACs removed (sparse-MACs count).")
 @click.option("--target", type=float, default=None,
               help="Budget in [0, 1): a constraint metric >= target. Single-objective default: the plan's target.")
+@click.option("--space", type=click.Choice(["rules", "pool"]), default="rules", show_default=True,
+              help="rules: per-group alphas inside the ranges, seeded by the rule strategies. pool: every strategy of the "
+                   "plan (rules, score family, measured) is a base, moved by per-group log-odds shifts at the plan's budget; "
+                   "needs --objective single and a plan made with --target.")
 @click.option("--score", type=click.Choice(["accuracy", "loss"]), default="accuracy", show_default=True,
               help="What the evaluator's result is judged by (accuracy maximized, loss minimized).")
 @click.option("--sampler", type=click.Choice(["nsga2", "tpe", "gp"]), default=None,
@@ -87,7 +91,7 @@ def _callback(spec: str) -> Any:
 def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kwargs: dict | None, checkpoint: str | None,
             input_shape: tuple[int, int, int] | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int,
             out_dir: str, storage: str | None, study_name: str, n_trials: int, total_trials: int | None,
-            timeout: float | None, objective: str, metric: str, target: float | None, score: str, sampler: str | None,
+            timeout: float | None, objective: str, metric: str, target: float | None, space: str, score: str, sampler: str | None,
             sampler_seed: int | None, population_size: int | None, signal_list: tuple[str, ...] | None, evaluator_kind: str,
             val_samples: int | None, bn_batches: int, finetune_steps: int, finetune_lr: float, heartbeat_interval: int,
             grace_period: int | None, max_retry: int, export_which: str, top: int | None, no_plots: bool) -> None:
@@ -128,6 +132,8 @@ def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kw
         check_strategy(plan.strategies[0], layers, plan.layers)
     choices = signal_list
     wanted = choices or tuple(plan.meta.get("signals") or SIGNALS)
+    if space == "pool" and not choices:  # the pool's bases keep their own signals
+        wanted = tuple({*wanted, *(s.signal for s in plan.strategies if s.signal in SIGNALS)})
     builtin = evaluator_kind in ("proxy", "finetune")
     if not builtin and ":" not in evaluator_kind:
         raise MixMatchError(f"--evaluator {evaluator_kind!r}: choose proxy, finetune, or MODULE:FN")
@@ -138,8 +144,8 @@ def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kw
     signals = None
     if splits is not None:
         calib_loader = splits.calibration(calib_samples, batch_size, seed)
-        signals = compute_signals(model, calib_loader, layers=layers,
-                                  signals=("magnitude", "gradient") if needs_grad else ("magnitude",), progress=True)
+        signals = compute_signals(model, calib_loader, layers=layers, progress=True, signals=(
+            "magnitude", *(("gradient",) if needs_grad else ()), *(("wanda",) if "wanda" in wanted else ())))
     if builtin:
         assert splits is not None
         val = mmdata.subset(splits.val, val_samples, seed) if val_samples else splits.val
@@ -160,7 +166,7 @@ def command(ctx: click.Context, plan_path: str, model_spec: str | None, model_kw
 
     options = mmo.SearchOptions(
         n_trials=n_trials, total_trials=total_trials, timeout=timeout, objective=objective, metric=metric,
-        target=target, score=score, sampler=sampler, sampler_seed=sampler_seed,
+        target=target, space=space, score=score, sampler=sampler, sampler_seed=sampler_seed,
         population_size=population_size, signals=choices, macs=macs, heartbeat_interval=heartbeat_interval or None,
         grace_period=grace_period, max_retry=max_retry,
     )
