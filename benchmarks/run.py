@@ -247,8 +247,8 @@ def run_model(
             logger.info("%s seed %d already done: skipped", name, seed)
             continue
         if done_here:
-            logger.info("%s seed %d: sparsities %s kept, running %s%s", name, seed, sorted(done_here), todo or "the noise floor",
-                        f", fine-tuning again at {refit}" if refit else "")
+            logger.info("%s seed %d: sparsities %s kept, running %s%s", name, seed, sorted(done_here),
+                        todo or ("the noise floor" if needs_floor else "no new sparsity"), f", adding the rows they lack at {refit}" if refit else "")
         t0 = time.time()
         clock = _PhaseClock()
         torch.manual_seed(seed)

@@ -244,7 +244,10 @@ def markdown(doc: Mapping[str, Any], *, command: str) -> str:
         "(`mixmatch_plugin.choose`: every pool member screened on 500 images, the best 5 on all 5,000, the winner's "
         "allocation tried with each signal's masks) from one pool: the rule strategies of both range variants (the "
         "model's preset and the paper's empirical ranges), the score family and the measured allocations. "
-        "A difference within the noise floor of a comparison (the larger of the two methods' seed stds, the reseed "
+        + (f"**M&M+search** adds an Optuna study around that pool ({cfg['search_trials']} TPE trials after the whole pool, "
+           "each a pool member with per-group log-odds shifts at the same budget, on the screen's loss; its best 5 on all "
+           "validation against the choice's finalists). " if cfg.get("search_trials") else "")
+        + "A difference within the noise floor of a comparison (the larger of the two methods' seed stds, the reseed "
         "spread: one strategy fine-tuned with two data orders, and 0.1 point) is a tie; *best rival* is the best of "
         "global magnitude, LAMP, SNIP and ERK in that cell.",
     ]
@@ -331,4 +334,7 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
             lines.append(f"\nAgainst the best rival of each cell: {tally}." if not who else f"{who}: {tally}.")
     return ("Cells: test-accuracy drop in points (lower is better; negative: above dense), Mix-and-Match's validation-chosen strategy vs the best "
             "of uniform, global magnitude, LAMP, SNIP, GraSP and ERK at that cell, mean over seeds; a tie is a difference "
-            "within the larger seed std of the two, the reseed spread or 0.1 point.\n\n" + "\n".join(lines))
+            "within the larger seed std of the two, the reseed spread or 0.1 point" + (
+                f"; a *+ search* line is M&M with the Optuna search around its pool ({doc.get('config', {}).get('search_trials')} trials, "
+                "chosen on validation)" if any(
+                    " + search |" in line for line in lines) else "") + ".\n\n" + "\n".join(lines))
