@@ -585,7 +585,8 @@ def search(
     else:
         seeds = [s for s in pool.values() if s.signal in choices] if o.seed_rules else []
     info = {"plan": plan_fingerprint(p), "objective": o.objective, "metric": o.metric, "target": target, "score": o.score,
-            "signals": choices, "groups": list(space.groups if pool is None else space.shift_groups), "space": o.space}
+            "signals": choices, "groups": list(space.groups if pool is None else space.shift_groups), "space": o.space,
+            "bases": None if pool is None else hashlib.sha256(json.dumps(list(pool)).encode()).hexdigest()[:16]}
     first = optuna.study.StudyDirection.MAXIMIZE if o.score == "accuracy" else optuna.study.StudyDirection.MINIMIZE
     directions = [first] + ([optuna.study.StudyDirection.MAXIMIZE] if o.objective == "multi" else [])
     sampler = make_sampler(o.sampler, o.objective, seed=o.sampler_seed, population_size=o.population_size,
@@ -628,7 +629,7 @@ def _open_study(store: optuna.storages.BaseStorage, study_name: str, sampler: op
     if (old := study.user_attrs.get(STUDY_ATTR)) is None:
         study.set_user_attr(STUDY_ATTR, dict(info))
         return study
-    for key in ("plan", "objective", "metric", "target", "score", "signals", "space"):
+    for key in ("plan", "objective", "metric", "target", "score", "signals", "space", "bases"):
         if old.get(key, "rules" if key == "space" else None) != info.get(key):
             raise MixMatchError(f"study {study_name!r} in {display} was made with {key} {old.get(key)!r}, not {info.get(key)!r}; "
                                 "use the same settings to resume, or another --study name")
