@@ -41,6 +41,9 @@ class _Command(click.Command):
 @click.option("--fresh", is_flag=True, help="Ignore earlier partial results instead of resuming them.")
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
 @click.option("--one-shot", is_flag=True, help="No fine-tuning (one-shot rows only), into OUT/one-shot.json: a third of the time.")
+@click.option("--from-one-shot", is_flag=True,
+              help="Start OUT/full.json from OUT/one-shot.json's models (those it lacks): their kept rows are checked and only "
+                   "the fine-tuned rows and mm+search are added.")
 @click.option("--tables-only", is_flag=True,
               help="Run nothing: regenerate the tables, plots and --update-readme section from OUT's results.")
 @click.option("--device", default=None,
@@ -50,7 +53,7 @@ class _Command(click.Command):
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
 @click.pass_context
 def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: str | None, seeds: str | None, sparsities: str | None, out: str, data_dir: str | None, cache_dir: str | None,
-            update_readme: str | None, fresh: bool, no_structured: bool, one_shot: bool, tables_only: bool, device: str | None,
+            update_readme: str | None, fresh: bool, no_structured: bool, one_shot: bool, from_one_shot: bool, tables_only: bool, device: str | None,
             tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
@@ -110,6 +113,12 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
         files = tables.plots(doc, Path(out), prefix="one-shot-" if one_shot else "")
         md = tables.markdown(doc, command=cmd + " --tables-only")
     else:
+        if from_one_shot:
+            from benchmarks.run import adopt_one_shot
+
+            if one_shot or quick or tiny:
+                raise MixMatchError("--from-one-shot fills the full run's file: drop --one-shot/--quick")
+            click.echo(f"copied from one-shot.json: {', '.join(adopt_one_shot(cfg, out)) or 'nothing'}", err=True)
         res = run(cfg, out, quick=quick, data_dir=data_dir, cache_dir=cache_dir, fresh=fresh, name=name, device=device)
         files = tables.plots(res.doc, Path(out), prefix="one-shot-" if one_shot else "")
         md = tables.markdown(res.doc, command=cmd)

@@ -559,6 +559,23 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
     return BenchResult(path, doc)
 
 
+def adopt_one_shot(cfg: BenchConfig, out: str | Path) -> list[str]:
+    """Start ``out/full.json`` from ``out/one-shot.json``: the models of ``cfg`` it has and full.json lacks are copied over,
+    so that :func:`run` adds only what their kept seeds lack (fine-tuned rows, mm+search), each kept M&M strategy
+    rebuilt and checked against its recorded one-shot test accuracy. Returns the models copied."""
+    src, dst = results_path(out, name="one-shot"), results_path(out)
+    if not src.is_file():
+        raise MixMatchError(f"--from-one-shot: no {src}; run `python -m benchmarks --one-shot` first")
+    one = read_json(src, "benchmark results")
+    doc = read_json(dst, "benchmark results") if dst.is_file() else {"schema": SCHEMA, "environment": one.get("environment"), "models": {}}
+    copied = [m for m in cfg.models if m in one.get("models", {}) and m not in doc["models"]]
+    for m in copied:
+        doc["models"][m] = {**one["models"][m], "environment": one["models"][m].get("environment") or one.get("environment")}
+    doc["config"] = _cfg_dict(cfg)
+    atomic_write_json(dst, doc)
+    return copied
+
+
 def _reusable(
     name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any], info: dict[str, Any] | None = None, *,
     has_bn: bool = True,

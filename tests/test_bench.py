@@ -308,3 +308,18 @@ def test_older_protocol_keeps_one_shot_rows_of_a_model_without_batchnorm_and_fin
     # a model with BatchNorm has batch-dependent one-shot rows: protocol-1 results are redone whole
     done = {"config": {"train": {}, "ranges": "x", "dense": "w"}, "runs": one_shot + fine_tuned}
     assert _reusable("m", done, {"train": {}, "ranges": "x", "dense": "w", "protocol": PROTOCOL}, has_bn=True) is None
+
+
+def test_a_one_shot_run_is_completed_by_the_full_run_without_measuring_it_again(tmp_path):
+    from benchmarks.run import adopt_one_shot
+
+    cfg = replace(BenchConfig.tiny(), seeds=(0,))
+    one = run(replace(cfg, finetune_methods=()), tmp_path, cache_dir=tmp_path / "cache", progress=False, name="one-shot").doc
+    kept = one["models"]["resnet"]["runs"]
+    assert {r["regime"] for r in kept} == {"one-shot"} and "mm+search" in {r["method"] for r in kept}
+    assert adopt_one_shot(cfg, tmp_path) == ["resnet"] and adopt_one_shot(cfg, tmp_path) == []  # copied once
+    full = run(cfg, tmp_path, cache_dir=tmp_path / "cache", progress=False).doc["models"]["resnet"]
+    assert full["runs"][: len(kept)] == kept  # checked, not measured again
+    added = full["runs"][len(kept):]
+    assert sorted(r["method"] for r in added if r["regime"] == "fine-tuned") == sorted([*cfg.finetune_methods, "uniform_reseeded"])
+    assert all(r["regime"] == "fine-tuned" for r in added)
