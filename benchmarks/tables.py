@@ -326,7 +326,7 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
                 cells.append(f"{verdict} vs {LABEL[best]}: {m_mu:.2f} vs {b_mu:.2f}")
             label = f"{name} ({100 * md['dense']['test_accuracy_eval']:.2f} %)" if ours == "mm" else f"{name} + search"
             lines.append(f"| {label} | {s:.0%} | " + " | ".join(cells) + " |")
-    for who, rows in (("", [c for c in lines[2:] if " + search |" not in c]), (" With the search", [c for c in lines[2:] if " + search |" in c])):
+    for who, rows in (("", [c for c in lines[2:] if " + search |" not in c]), ("With the search", [c for c in lines[2:] if " + search |" in c])):
         if rows:
             tally = "; ".join(f"{regime} {sum(c.split('|')[3 + i].startswith(' **win**') for c in rows)} win(s), "
                               f"{sum(c.split('|')[3 + i].startswith(' tie') for c in rows)} tie(s), "
