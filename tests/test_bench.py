@@ -133,8 +133,8 @@ def test_a_collapsed_baselines_spread_does_not_make_other_comparisons_ties():
     doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90},
            "runs": runs("mm", [0.80, 0.81, 0.79]) + runs("global_magnitude", [0.70, 0.70, 0.70])
            + runs("snip", [0.795, 0.80, 0.805]) + runs("grasp", [0.10, 0.40, 0.20])}
-    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
-    cells = [c.strip() for c in row.strip("|").split("|")][2:]
+    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| **M&M** | one-shot"))
+    cells = [c.strip() for c in row.strip("|").split("|")][3:]
     by = dict(zip((*tables.FIGHT, "best"), cells, strict=True))
     # mm drops 10 points, global magnitude 20, both with stds far below the gap: a win of +50 %
     assert by["global_magnitude"] == "**win** +50 %"
@@ -151,8 +151,8 @@ def test_one_seed_is_not_judged_a_win_or_a_loss():
     doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90},
            "runs": [{"regime": "one-shot", "sparsity": 0.9, "method": m, "seed": 0, "test_accuracy": a}
                     for m, a in (("mm", 0.89), ("global_magnitude", 0.80), ("lamp", 0.895))]}
-    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| one-shot"))
-    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| **M&M** | one-shot"))
+    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][3:], strict=True))
     assert by["global_magnitude"] == "not judged, 1 seed (+90 %)"
     assert by["lamp"] == "not judged, 1 seed (-100 %)"
     assert "Preliminary: 1 seed(s) so far" in tables.model_table("m", doc)
@@ -172,8 +172,8 @@ def test_no_relative_reduction_is_claimed_against_a_baseline_that_lost_nothing()
             for m, accs in (("mm", [0.905, 0.906]), ("uniform", [0.91, 0.912]), ("lamp", [0.80, 0.81]))
             for i, a in enumerate(accs)]
     doc = {"dense": {"test_accuracy_eval": 0.90, "val_accuracy_eval": 0.90}, "runs": runs}
-    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| fine-tuned"))
-    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][2:], strict=True))
+    row = next(line for line in tables.reduction_table("m", doc).splitlines() if line.startswith("| **M&M** | fine-tuned"))
+    by = dict(zip((*tables.FIGHT, "best"), [c.strip() for c in row.strip("|").split("|")][3:], strict=True))
     assert "no baseline drop" in by["uniform"] and "%" not in by["uniform"]  # uniform gained accuracy: no ratio
     assert by["lamp"].startswith("**win** +")
 
