@@ -373,10 +373,7 @@ def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: floa
             continue
         row = next((r for r in runs if (r["seed"], r["sparsity"], r["method"], r["regime"]) == (seed, target, method, "one-shot")), None)
         strategy = row["strategy"] if row else None
-        s = cands.get(strategy) if strategy else None
-        if s is None and strategy and "@" in strategy and strategy.rsplit("@", 1)[0] in cands:
-            base_name, signal = strategy.rsplit("@", 1)
-            s = dataclasses.replace(cands[base_name], name=strategy, signal=signal)
+        s = _member(cands, strategy) if strategy else None
         if row is None or s is None or s.name != strategy:
             raise MixMatchError(f"{name} seed {seed} at sparsity {target}: the kept one-shot row of {method} names strategy "
                                 f"{strategy!r}, which cannot be rebuilt; rerun with --fresh")
@@ -387,6 +384,14 @@ def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: floa
                                 "or code; rerun with --fresh")
         found[method] = s
     return found
+
+
+def _member(cands: dict[str, Strategy], name: str) -> Strategy | None:
+    """The pool member ``name``, or ``<member>@<signal>``: that member remasked by another signal (see ``choose``)."""
+    if name in cands:
+        return cands[name]
+    base, _, signal = name.rpartition("@")
+    return dataclasses.replace(cands[base], name=name, signal=signal, layer_signals={}) if base in cands else None
 
 
 def _missing(runs: Sequence[dict[str, Any]], seed: int, target: float, cfg: BenchConfig) -> list[str]:
@@ -427,10 +432,8 @@ def _search(ev: _Evaluator, plan_: Plan, cands: dict[str, Strategy], screened: S
         m = evaluate(ev.masked(r.strategy), val)
         full[r.strategy.name] = (m.accuracy, m.loss)
     best = min(full, key=lambda k: (-full[k][0], full[k][1]))
-    found = next((r.strategy for r in top if r.strategy.name == best), None)
-    if found is None:  # the choice stands: rebuilt as _recorded does
-        base_name, _, signal = best.partition("@")
-        found = dataclasses.replace(cands[base_name], name=best, signal=signal or cands[base_name].signal)
+    found = next((r.strategy for r in top if r.strategy.name == best), None) or _member(cands, best)
+    assert found is not None  # the choice's finalists are pool members, or one remasked
     info = {"winner": best, "searched": best not in {r["strategy"] for r in finals}, "trials": cfg.search_trials,
             "evaluations": cfg.search_trials + len(top), "seconds": round(time.perf_counter() - t0, 1),
             "base": found.meta.get("base", best), "signal": found.signal, "shifts": found.meta.get("shifts", {})}
