@@ -298,18 +298,10 @@ def run_model(
                 with clock("one-shot check"):
                     methods = {**base, **_recorded(out["runs"], name, seed, target, cfg.finetune_methods, base, cands, ev, test)}
                 rec = next(c for c in out["choices"] if (c["seed"], c["sparsity"]) == (seed, target))
-                if cfg.search_trials and "search" in rec:
-                    methods["mm+search"] = _rebuilt(rec["search"], plans[variants[0]], cands)
-                elif cfg.search_trials:
+                screened: Sequence[Any] = []
+                if cfg.search_trials and "search" not in rec:
                     with clock("validation choice"):  # the pool's screen again, to seed the search
                         screened = rank(model, list(cands.values()), screen, signals=scores, bn_loader=bn, bn_batches=ev.bn_batches)
-                    with clock("search"):
-                        methods["mm+search"], rec["search"] = _search(ev, plans[variants[0]], cands, screened, rec["finals"],
-                                                                      (screen, val), cfg, seed)
-                    with clock("one-shot evaluation"):
-                        m = ev.masked(methods["mm+search"])
-                        rows.append(_row(name, target, seed, "mm+search", "one-shot", methods["mm+search"], evaluate(m, val).accuracy,
-                                         evaluate(m, test).accuracy))
             else:
                 with clock("validation choice"):
                     choice = choose(model, list(cands.values()), screen, val, signals=scores, bn_loader=bn,
@@ -320,17 +312,23 @@ def run_model(
                        "finals": [asdict(r) for r in choice.finals], "ablation": {k: v.name for k, v in steps.items()}}
                 out["choices"].append(rec)
                 methods = {**base, "mm": choice.strategy, **{f"mm[{k}]": v for k, v in steps.items()}}
-                if cfg.search_trials:
-                    with clock("search"):
-                        methods["mm+search"], rec["search"] = _search(ev, plans[variants[0]], cands, choice.screen, rec["finals"],
-                                                                      (screen, val), cfg, seed)
-                measured: dict[str, tuple[float, float]] = {}  # a strategy named by several methods is measured once
-                for method, s in methods.items():
-                    if s.name not in measured:
-                        with clock("one-shot evaluation"):
-                            m = ev.masked(s)
-                            measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
-                    rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
+                screened = choice.screen
+            if cfg.search_trials and "search" in rec:  # kept: rebuilt from its record
+                methods["mm+search"] = _rebuilt(rec["search"], plans[variants[0]], cands)
+            elif cfg.search_trials:
+                with clock("search"):
+                    methods["mm+search"], rec["search"] = _search(ev, plans[variants[0]], cands, screened, rec["finals"],
+                                                                  (screen, val), cfg, seed)
+            kept = {r["method"] for r in out["runs"] if (r["seed"], r["sparsity"], r["regime"]) == (seed, target, "one-shot")}
+            measured: dict[str, tuple[float, float]] = {}  # a strategy named by several methods is measured once
+            for method, s in methods.items():
+                if method in kept:
+                    continue
+                if s.name not in measured:
+                    with clock("one-shot evaluation"):
+                        m = ev.masked(s)
+                        measured[s.name] = (evaluate(m, val).accuracy, evaluate(m, test).accuracy)
+                rows.append(_row(name, target, seed, method, "one-shot", s, *measured[s.name]))
             for method in _missing(out["runs"] + rows, seed, target, cfg):
                 s = methods[method]
                 with clock("fine-tuning"):
