@@ -160,6 +160,24 @@ def test_ctrl_c_inside_exec_under_python_m_exits_130(tmp_path):
     assert r.returncode == 130
 
 
+LATE = '''
+import atexit, os, signal, time
+from mixmatch_plugin.app.cli import main, run
+
+@main.command("probe")
+def probe() -> None:
+    # the work is done; Ctrl-C lands while the interpreter shuts down (here: in an atexit callback)
+    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))
+
+run()
+'''
+
+
+def test_ctrl_c_after_the_work_is_done_keeps_status_0(tmp_path):
+    r = run_probe(tmp_path, LATE, "probe")
+    assert (r.returncode, r.stderr) == (0, "")
+
+
 # ------------------------------------------------------------------------------------------- bench
 @pytest.mark.skipif(not has_fashion_mnist(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 def test_bench_killed_mid_run_resumes_where_it_stopped(tmp_path):

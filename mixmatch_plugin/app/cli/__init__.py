@@ -140,4 +140,8 @@ def run(command: click.Command | None = None, prog_name: str = "mixmatch") -> No
     signal.signal(signal.SIGTERM, _on_signal)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT (nohup) stays ignored
         signal.signal(signal.SIGINT, _on_signal)
-    (command or main)(prog_name=prog_name)
+    try:
+        (command or main)(prog_name=prog_name)
+    finally:  # the work is done: a late signal must not turn its status into a kill (CPython resets our handlers
+        for signum in (signal.SIGINT, signal.SIGTERM):  # to SIG_DFL while it shuts down; an ignored one stays ignored)
+            signal.signal(signum, signal.SIG_IGN)
