@@ -42,8 +42,8 @@ class _Command(click.Command):
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
 @click.option("--one-shot", is_flag=True, help="No fine-tuning (one-shot rows only), into OUT/one-shot.json: a third of the time.")
 @click.option("--from-one-shot", is_flag=True,
-              help="Start OUT/full.json from OUT/one-shot.json's models (those it lacks): their kept rows are checked and only "
-                   "the fine-tuned rows and mm+search are added.")
+              help="Start or extend OUT/full.json with the cells (model, seed, sparsity) of OUT/one-shot.json that it lacks: "
+                   "their kept rows are checked and only the fine-tuned rows and mm+search are added.")
 @click.option("--tables-only", is_flag=True,
               help="Run nothing: regenerate the tables, plots and --update-readme section from OUT's results.")
 @click.option("--device", default=None,

@@ -561,17 +561,35 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
 
 
 def adopt_one_shot(cfg: BenchConfig, out: str | Path) -> list[str]:
-    """Start ``out/full.json`` from ``out/one-shot.json``: the models of ``cfg`` it has and full.json lacks are copied over,
-    so that :func:`run` adds only what their kept seeds lack (fine-tuned rows, mm+search), each kept M&M strategy
-    rebuilt and checked against its recorded one-shot test accuracy. Returns the models copied."""
+    """Start or extend ``out/full.json`` from ``out/one-shot.json``: the cells (seed, sparsity) of ``cfg``'s models that
+    full.json lacks are copied over, so that :func:`run` adds only what they lack (fine-tuned rows, mm+search), each kept
+    M&M strategy rebuilt and checked against its recorded one-shot test accuracy. Returns the models extended."""
     src, dst = results_path(out, name="one-shot"), results_path(out)
     if not src.is_file():
         raise MixMatchError(f"--from-one-shot: no {src}; run `python -m benchmarks --one-shot` first")
     one = read_json(src, "benchmark results")
     doc = read_json(dst, "benchmark results") if dst.is_file() else {"schema": SCHEMA, "environment": one.get("environment"), "models": {}}
-    copied = [m for m in cfg.models if m in one.get("models", {}) and m not in doc["models"]]
-    for m in copied:
-        doc["models"][m] = {**one["models"][m], "environment": one["models"][m].get("environment") or one.get("environment")}
+    copied = []
+    for m in (m for m in cfg.models if m in one.get("models", {})):
+        new = {**one["models"][m], "environment": one["models"][m].get("environment") or one.get("environment")}
+        have = doc["models"].setdefault(m, {**new, "runs": [], "choices": [], "seconds": {}, "phase_seconds": {}})
+        if any(have["config"].get(k) != new["config"].get(k) for k in ("train", "ranges", "dense", "protocol")):
+            raise MixMatchError(f"--from-one-shot: {m} in {src.name} was measured on other dense weights, ranges or protocol "
+                                f"than in {dst.name}; measure it again with --one-shot")
+        cells = {(r["seed"], r["sparsity"]) for r in have["runs"]}
+        rows = [r for r in new["runs"] if (r["seed"], r["sparsity"]) not in cells]
+        if not rows:
+            continue
+        have["runs"] += rows
+        have["choices"] += [c for c in new["choices"] if (c["seed"], c["sparsity"]) not in cells]
+        have["config"] = {**have["config"], "sparsities": sorted({*have["config"]["sparsities"], *new["config"]["sparsities"]})}
+        for seed in {r["seed"] for r in rows} - {s for s, t in {(r["seed"], r["sparsity"]) for r in new["runs"]} & cells}:
+            key = str(seed)  # a seed whose every one-shot cell is new adds its time
+            have["seconds"][key] = have["seconds"].get(key, 0.0) + new["seconds"].get(key, 0.0)
+            phases = have["phase_seconds"].setdefault(key, {})
+            for k, v in new.get("phase_seconds", {}).get(key, {}).items():
+                phases[k] = round(phases.get(k, 0.0) + v, 1)
+        copied.append(m)
     doc["config"] = _cfg_dict(cfg)
     atomic_write_json(dst, doc)
     return copied

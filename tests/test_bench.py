@@ -323,3 +323,12 @@ def test_a_one_shot_run_is_completed_by_the_full_run_without_measuring_it_again(
     added = full["runs"][len(kept):]
     assert sorted(r["method"] for r in added if r["regime"] == "fine-tuned") == sorted([*cfg.finetune_methods, "uniform_reseeded"])
     assert all(r["regime"] == "fine-tuned" for r in added)
+    # a later one-shot run at another sparsity extends the full run's model, cell by cell
+    lower = replace(cfg, sparsities={"resnet": (0.3,)})
+    run(replace(lower, finetune_methods=()), tmp_path, cache_dir=tmp_path / "cache", progress=False, name="one-shot")
+    assert adopt_one_shot(lower, tmp_path) == ["resnet"] and adopt_one_shot(lower, tmp_path) == []
+    both = replace(cfg, sparsities={"resnet": (0.3, 0.5)})
+    again = run(both, tmp_path, cache_dir=tmp_path / "cache", progress=False).doc["models"]["resnet"]
+    assert again["runs"][: len(full["runs"])] == full["runs"]  # the full run's cell is kept as it was
+    assert {(r["sparsity"], r["regime"]) for r in again["runs"]} == {(t, g) for t in (0.3, 0.5) for g in ("one-shot", "fine-tuned")}
+    assert {c["sparsity"] for c in again["choices"]} == {0.3, 0.5}
