@@ -583,8 +583,9 @@ def adopt_one_shot(cfg: BenchConfig, out: str | Path) -> list[str]:
         have["runs"] += rows
         have["choices"] += [c for c in new["choices"] if (c["seed"], c["sparsity"]) not in cells]
         have["config"] = {**have["config"], "sparsities": sorted({*have["config"]["sparsities"], *new["config"]["sparsities"]})}
-        for seed in {r["seed"] for r in rows} - {s for s, t in {(r["seed"], r["sparsity"]) for r in new["runs"]} & cells}:
-            key = str(seed)  # a seed whose every one-shot cell is new adds its time
+        overlapping = {r["seed"] for r in new["runs"] if (r["seed"], r["sparsity"]) in cells}
+        for seed in {r["seed"] for r in rows} - overlapping:  # a seed whose every one-shot cell is new adds its time
+            key = str(seed)
             have["seconds"][key] = have["seconds"].get(key, 0.0) + new["seconds"].get(key, 0.0)
             phases = have["phase_seconds"].setdefault(key, {})
             for k, v in new.get("phase_seconds", {}).get(key, {}).items():
