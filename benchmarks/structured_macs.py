@@ -10,7 +10,8 @@ Methods, each at the same fraction of MACs kept (Torch-Pruning's counter; TP rat
 TP methods get the adapter's model handling (``pruner_kwargs``: heads, PatchMerging, bias tables, free
 parameters; ``fix_attention`` after ``step``). Per seed (calibration draw, BatchNorm batches, fine-tuning order):
 one-shot test accuracy after BatchNorm re-estimation, then after the same Adam fine-tune. Latency: median
-seconds per forward at batch 1 and 64, one thread, seed 0. Rows are written after each one; a rerun skips them.
+seconds per forward at batch 1 and 64, one thread, seed 0, channels-last, timed alternately with the dense
+model. Rows are written after each one; a rerun skips them.
 
     OMP_NUM_THREADS=1 python -m benchmarks.structured_macs --models vit,swin,resnet18 --seeds 0,1,2 --targets 0.3,0.5
 """
@@ -34,6 +35,7 @@ from mixmatch_plugin.adapters.torch_pruning.timm_layers import safe_deepcopy
 from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import checkpoint_path, train_cached
 from mixmatch_plugin.evaluation import evaluate, reestimate_bn
+from mixmatch_plugin.evaluation import latencies as timed
 from mixmatch_plugin.finetuning import finetune
 from mixmatch_plugin.models import build_model
 from mixmatch_plugin.strategies import Strategy
@@ -93,18 +95,16 @@ def at_macs(model: torch.nn.Module, x: torch.Tensor, method: str, target: float,
     return best
 
 
-def latency(m: torch.nn.Module, batch: int, shape: tuple[int, ...], reps: int) -> float:
+def latencies(models: list[torch.nn.Module], batch: int, shape: tuple[int, ...], reps: int,
+              channels_last: bool = True) -> list[float]:
+    """Median seconds per forward of each model, timed in alternation (:func:`mixmatch_plugin.evaluation.latencies`).
+    Image inputs run channels-last unless told otherwise: the layout oneDNN's CPU convolutions and pooling are
+    fast in (PyTorch's advice for CPU inference). The models are not changed."""
     x = torch.randn(batch, *shape)
-    m.eval()
-    with torch.no_grad():
-        for _ in range(3):
-            m(x)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            m(x)
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    if x.dim() == 4 and channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        models = [safe_deepcopy(m).to(memory_format=torch.channels_last) for m in models]
+    return timed(models, lambda m: m(x), reps)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -116,7 +116,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "images): mean ± std over seeds (calibration draw, BatchNorm batches, fine-tuning order). One-shot after "
              "BatchNorm re-estimation on 4 training batches; fine-tuned: 100 Adam steps, lr 1e-4, batch 128, the same "
              "for every method. Latency: median seconds per forward, 1 thread, seed 0, on a shared 2-core machine "
-             "(load 4-6: batch-1 figures are noise). `python -m benchmarks.structured_macs --help`.", "",
+             "(load 4-6: batch-1 figures are noise; rows measured before 2026-12-06 ran NCHW, later ones channels-last). `python -m benchmarks.structured_macs --help`.", "",
              "| model | MACs kept (target) | method | seeds | MACs kept | test one-shot % | test fine-tuned % | "
              "speed-up b1 | speed-up b64 | b64 speed-up / MACs ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["model"], r["target"], r["method"]) for r in rows}, key=lambda k: (k[1], k[0], METHODS.index(k[2])))
@@ -193,8 +193,7 @@ def main() -> None:
                     if seed == 0:
                         shape = tuple(x.shape[1:])
                         for b, reps in ((1, 50), (64, 9)):
-                            row[f"latency_b{b}"] = latency(pm, b, shape, reps)
-                            row[f"dense_latency_b{b}"] = latency(model, b, shape, reps)
+                            row[f"latency_b{b}"], row[f"dense_latency_b{b}"] = latencies([pm, model], b, shape, reps)
                     doc["rows"].append(row)
                     out.write_text(json.dumps(doc, indent=1))
                     logger.info("%s", row)

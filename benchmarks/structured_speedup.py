@@ -1,8 +1,11 @@
 """Batch-64 CPU speed-up against the MACs ratio at 30 % of MACs kept (seed 0, one thread), for issue 28.
 
-Methods: Torch-Pruning global pruning, Mix-and-Match (``macs=0.3``), and Mix-and-Match with channel counts
-rounded to multiples of 8 (``TPOptions(round_to=8)``). One-shot accuracy on 2,000 test images after
-BatchNorm re-estimation. Prints one JSON line per model and method; run it on an idle machine.
+Methods: Torch-Pruning global pruning, Mix-and-Match (``macs=0.3``), Mix-and-Match with channel counts
+rounded to multiples of 8 (``TPOptions(round_to=8)``), and Mix-and-Match at a latency budget of 45 % timed on
+a batch of 64 (image models channels-last, as deployed). One-shot accuracy on 2,000 test images after
+BatchNorm re-estimation. Latency: every pruned model timed in alternation with the dense one (21 rounds,
+medians), in the default NCHW layout and channels-last. Prints one JSON line per model and method; run it on
+an idle machine.
 
     python -m benchmarks.structured_speedup vit,resnet18,swin
 """
@@ -15,10 +18,12 @@ import time
 
 import torch
 
-from benchmarks.structured_macs import at_macs, latency, load
+from benchmarks.structured_macs import at_macs, latencies, load
 from mixmatch_plugin.adapters import torch_pruning as tpa
 from mixmatch_plugin.app import data
 from mixmatch_plugin.evaluation import evaluate, reestimate_bn
+
+METHODS = ("tp_global", "mix-and-match", "mix-and-match r8", "mix-and-match latency=0.45")
 
 
 def main(models: list[str]) -> None:
@@ -31,19 +36,31 @@ def main(models: list[str]) -> None:
         model, _ = load(name, splits)
         calib = [tuple(b) for b in splits.calibration(512, 128, 0)]
         bn = splits.held_batches(4, seed=0)
-        dense64 = latency(model, 64, shape, 15)
-        for method in ("tp_global", "mix-and-match", "mix-and-match r8"):
+        rows = []
+        for method in METHODS:
             t0 = time.perf_counter()
-            if method.startswith("mix"):
+            if "latency" in method:
+                deployed = model.to(memory_format=torch.channels_last) if x.dim() == 4 else model
+                deploy = torch.randn(64, *shape).contiguous(memory_format=torch.channels_last)
+                res = tpa.prune(deployed, None, x, calib=calib, latency=0.45, options=tpa.TPOptions(latency_inputs=deploy))
+                pm, got = res.model, res.report.macs_ratio
+                model.to(memory_format=torch.contiguous_format)
+            elif method.startswith("mix"):
                 res = tpa.prune(model, None, x, calib=calib, macs=0.3, options=tpa.TPOptions(round_to=8) if "r8" in method else None)
                 pm, got = res.model, res.report.macs_ratio
             else:
                 pm, got = at_macs(model, x, method, 0.3, calib)
             reestimate_bn(pm, bn, 4)
-            speedup = dense64 / latency(pm, 64, shape, 15)
-            print(json.dumps({"model": name, "method": method, "macs_kept": round(got, 3), "one_shot_2000": evaluate(pm, test).accuracy,
-                              "speedup_b64": round(speedup, 2), "of_macs_ratio": round(speedup * got, 2),
-                              "dense_b64_ms": round(1000 * dense64, 1), "prune_s": round(time.perf_counter() - t0, 1)}), flush=True)
+            rows.append((method, pm, {"model": name, "method": method, "macs_kept": round(got, 3),
+                                      "one_shot_2000": evaluate(pm, test).accuracy, "prune_s": round(time.perf_counter() - t0, 1)}))
+        for layout, cl in (("nchw", False), ("channels_last", True)):
+            dense, *pruned = latencies([model, *(pm for _, pm, _ in rows)], 64, shape, 21, channels_last=cl)
+            for (_, _, row), t in zip(rows, pruned, strict=True):
+                row[f"speedup_b64_{layout}"] = round(dense / t, 2)
+                row[f"of_macs_ratio_{layout}"] = round(dense / t * row["macs_kept"], 2)
+                row[f"dense_b64_ms_{layout}"] = round(1000 * dense, 1)
+        for _, _, row in rows:
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

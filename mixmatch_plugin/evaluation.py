@@ -10,8 +10,9 @@ instead (see :mod:`mixmatch_plugin.cka`).
 from __future__ import annotations
 
 import logging
+import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -98,6 +99,34 @@ def reestimate_bn(model: nn.Module, loader: Iterable[Any], batches: int = 10) ->
             m.momentum = mom
         model.train(was)
     return len(bns)
+
+
+@torch.no_grad()
+def latencies(models: Sequence[nn.Module], run: Callable[[nn.Module], Any], reps: int = 7) -> list[float]:
+    """Median seconds of ``run(model)`` for each model (eval mode, no gradients), after two warm-up calls.
+
+    The models are timed in alternation, one call each per round, so that a change of load on the machine
+    hits all of them alike: ratios of the results are steadier than the times themselves. Example::
+
+        dense_s, pruned_s = latencies([model, pruned], lambda m: m(x))
+    """
+    if reps < 1:
+        raise MixMatchError(f"reps must be at least 1, got {reps}")
+    modes = [m.training for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        for m in models:
+            m.eval()
+            run(m), run(m)
+        for _ in range(reps):
+            for m, t in zip(models, times, strict=True):
+                t0 = time.perf_counter()
+                run(m)
+                t.append(time.perf_counter() - t0)
+    finally:
+        for m, was in zip(models, modes, strict=True):
+            m.train(was)
+    return [statistics.median(t) for t in times]
 
 
 def hold_batches(loader: Iterable[Any], batches: int, what: str = "BatchNorm re-estimation") -> list[Any]:

@@ -70,6 +70,16 @@ def test_prune_tp_macs_budget(tmp_path, resnet_plan):
     assert r.exit_code != 0 and "--backend tp" in r.output
 
 
+def test_prune_tp_latency_budget_reports_the_measured_ratio(tmp_path, resnet_plan):
+    out = tmp_path / "latency.pt"
+    r = _run("prune", "--plan", str(resnet_plan), "--strategy", "magnitude:midpoint", "--backend", "tp", "--latency", "0.8",
+             "--out", str(out), "--calib-samples", "64", "--batch-size", "64")
+    assert r.exit_code == 0, r.output
+    _, meta = load_pruned(out)
+    assert 0.5 < meta["report"]["latency_ratio"] < 1.0 and "of the dense model's, measured on this machine" in r.output
+    assert meta["report"]["macs_after"] < meta["report"]["macs_before"]
+
+
 def test_prune_tp_vit_rebuilds_attention(tmp_path):
     plan = tmp_path / "vit.json"
     r = _run("plan", "--model", "tests.helpers:small_vit", "--calib", "digits", "--calib-samples", "64",

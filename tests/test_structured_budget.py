@@ -17,6 +17,7 @@ from torch import nn
 from mixmatch_plugin.adapters import torch_pruning as mtp
 from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path
 from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.evaluation import latencies
 
 from .helpers import small_vit
 from .test_adapter_tp import _uniform
@@ -66,6 +67,21 @@ def test_budget_is_met_within_one_percent_by_tps_counter(kind):
         assert res.report.consistency is not None and res.report.consistency < 1e-4
         assert res.model.fc.out_features == 10
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+
+
+def test_a_latency_budget_is_timed_on_the_deployment_inputs_in_the_models_layout():
+    m = WideCNN().eval().to(memory_format=torch.channels_last)
+    before = copy.deepcopy(m.state_dict())
+    deploy = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    res = mtp.prune(m, None, X, calib=CALIB, latency=0.5, options=mtp.TPOptions(latency_inputs=deploy))
+    measured = res.report.latency_ratio
+    assert measured is not None and 0.3 < measured < 0.7  # the cut whose timed latency came closest to the budget
+    assert "latency" in res.report.summary() and 0.2 < res.report.macs_ratio < 0.8
+    assert res.model.body[3].weight.is_contiguous(memory_format=torch.channels_last)  # the layout it came in
+    with torch.no_grad():
+        dense_s, pruned_s = latencies([m, res.model], lambda mod: mod(deploy), reps=9)
+    assert pruned_s < 0.85 * dense_s  # faster when timed afresh, not just by the record
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
 def test_budget_errors_name_the_fix():

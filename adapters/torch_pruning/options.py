@@ -33,6 +33,8 @@ class TPOptions:
         loss_fn, max_batches: the loss and the number of calibration batches for Taylor and gradient importance.
         verify: compare the pruned model with the channel-zeroed original on ``example_inputs`` and raise
             if they differ by more than ``tolerance`` (relative); also runs a backward pass.
+        latency_inputs: what a latency budget is timed on (default ``example_inputs``): your deployment batch
+            size and layout, e.g. ``torch.randn(64, 3, 224, 224).to(memory_format=torch.channels_last)``.
     """
 
     fold: Fold = "mean"
@@ -47,6 +49,7 @@ class TPOptions:
     max_batches: int | None = 8
     verify: bool = True
     tolerance: float = 1e-4
+    latency_inputs: Any = None
 
     def check(self) -> None:
         """Raise a one-line :class:`MixMatchError` for a setting out of range."""

@@ -14,6 +14,7 @@ import torch_pruning as tp
 from torch import nn
 
 from mixmatch_plugin.errors import MixMatchError, first_line
+from mixmatch_plugin.evaluation import latencies
 from mixmatch_plugin.strategies import Strategy
 
 from .allocation import allocate
@@ -32,7 +33,7 @@ from .planning import (
 )
 from .report import GroupPlan, GroupResult, PruneReport, RemovedItem, TPResult
 from .timm_layers import attention_head_dims, clear_caches, fix_attention, fix_dims, safe_deepcopy
-from .verify import check_runs, count_macs, record_removed, verify_pruned
+from .verify import check_runs, count_macs, record_removed, run_model, verify_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def prune(
     inplace: bool = False,
     macs: float | None = None,
     params: float | None = None,
+    latency: float | None = None,
 ) -> TPResult:
     """Structurally prune ``model`` by ``strategy`` with Torch-Pruning; return the model and a report.
 
@@ -62,15 +64,19 @@ def prune(
         macs, params: a budget instead of the strategy's ratios: the fraction of MACs (or parameters) to keep,
             met within 1 % by Torch-Pruning's counter; the groups are allocated by measured loss curves
             (see :mod:`.allocation`).
+        latency: a budget as the fraction of the dense model's latency to keep, timed on this machine on
+            ``options.latency_inputs`` in the model's memory format (``model.to(memory_format=torch.channels_last)``
+            first if you deploy so): the removal order of ``macs``, cut where the measured latency is closest
+            (timing noise permitting; the report gives the measured ratio).
 
     Raises:
         MixMatchError: an unsupported layer (named), a strategy that does not fit the model, missing
             calibration data, a budget that cannot be met, or a pruned model that fails verification.
     """
     o = options or TPOptions()
-    budget = {k: v for k, v in (("macs", macs), ("params", params)) if v is not None}
+    budget = {k: v for k, v in (("macs", macs), ("params", params), ("latency", latency)) if v is not None}
     if len(budget) > 1 or (budget and o.prune_heads) or (strategy is None and not budget):
-        raise MixMatchError("pass a strategy, or one budget (macs= or params=) without prune_heads")
+        raise MixMatchError("pass a strategy, or one budget (macs=, params= or latency=) without prune_heads")
     strategy = strategy or Strategy(f"{next(iter(budget))}-budget", "magnitude", {}, 0.0, {})
     check_tp_strategy(model, strategy)
     o.check()
@@ -80,7 +86,7 @@ def prune(
             f"importance {imp_name} needs calibration data for a backward pass: pass calib=<DataLoader> "
             "(or importance='magnitude')"
         )
-    original_training = model.training
+    original_training, layout = model.training, _layout(model)
     work = model if inplace else safe_deepcopy(model)
     original = safe_deepcopy(model) if o.verify else None
     clear_caches(work)
@@ -96,7 +102,7 @@ def prune(
         grad_scores = calibrate(work, calib, o.loss_fn, o.max_batches)
         imp = imp if imp is not None else GroupGradientImportance(grad_scores)
     # 2. one ratio per dependency group: the strategy's, folded, or a budget's allocation
-    keeps = _allocate(work, example_inputs, calib, imp, o, budget, macs0, params0) if budget else None
+    keeps, measured = _allocate(work, example_inputs, calib, imp, o, budget, macs0, params0) if budget else (None, None)
     setup, plans = analyse(work, strategy, example_inputs, o, keeps)
     t_groups = time.perf_counter() - t0
     # 3. pruning, group by group, recording what goes
@@ -115,10 +121,10 @@ def prune(
         )
     macs1, params1 = count_macs(work, example_inputs)
     report = PruneReport(strategy.name, strategy.signal, imp_name, o.fold, params0, params1, macs0, macs1, groups,
-                         t_groups, t_prune)
+                         t_groups, t_prune, latency_ratio=measured if latency is not None else None)
     if imp_name == "GroupTaylorImportance":
         report.notes.append("Torch-Pruning 1.6.1's Taylor importance skips BatchNorm members (it tests for GroupNorm)")
-    work.train(original_training)
+    work.train(original_training).to(memory_format=layout)  # Torch-Pruning's new weights are in the default layout
     if original is not None:
         report.consistency = verify_pruned(original, work, removed, example_inputs, o.forward_fn, setup, o.tolerance)
     logger.info("pruned %s: params %.1f%%, MACs %.1f%%", strategy.name, 100 * report.params_ratio, 100 * report.macs_ratio)
@@ -155,7 +161,7 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
     imp = kw.pop("importance", None) or tp.importance.GroupMagnitudeImportance(p=2)
     o = TPOptions(round_to=kw.get("round_to"), ignored_layers=kw.get("ignored_layers"), importance=imp,
                   forward_fn=kw.get("forward_fn"), verify=False)
-    keeps = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)
+    keeps, _ = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)
     setup, plans = analyse(model, Strategy("budget", "magnitude", {}, 0.0, {}), example_inputs, o, keeps)
     out = kwargs_from(setup, plans, False, o.forward_fn)
     out["num_heads"].update(kw.get("num_heads") or {})
@@ -167,16 +173,26 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
 
 
 def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None, imp: Any, o: TPOptions,
-              budget: dict[str, float], macs0: int, params0: int) -> dict[str, int]:
-    """A budget's keep counts per group key; each candidate is pruned on a copy and counted for real."""
+              budget: dict[str, float], macs0: int, params0: int) -> tuple[dict[str, int], float]:
+    """A budget's keep counts per group key, and the size they give; each candidate is pruned on a copy and
+    counted (or timed, alternately with ``work``) for real."""
     kind = next(iter(budget))
     zero = Strategy("budget", "magnitude", {}, 0.0, {})
     count_opts = replace(o, importance="magnitude", verify=False)
+    timing_inputs = example_inputs if o.latency_inputs is None else o.latency_inputs
+    layout = _layout(work)  # timed as deployed: Torch-Pruning returns default-layout weights
+
+    def timing(m: nn.Module) -> Any:
+        return run_model(m, timing_inputs, o.forward_fn)
 
     def real_size(keeps: dict[str, int]) -> float:
         trial, trial_opts = safe_deepcopy((work, count_opts), work)  # ignored_layers follow to the copy
         setup, plans = analyse(trial, zero, example_inputs, trial_opts, keeps)
         _prune_planned(trial, example_inputs, tp.importance.GroupMagnitudeImportance(p=1), setup, plans, trial_opts, False)
+        if kind == "latency":
+            with torch.no_grad():
+                dense, pruned = latencies([work, trial.to(memory_format=layout)], timing)
+            return pruned / dense
         m, p = count_macs(trial, example_inputs)
         return m / macs0 if kind == "macs" else p / params0
 
@@ -188,6 +204,13 @@ def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None,
     finally:
         clear_caches(work)
         work.train(was)
+
+
+def _layout(model: nn.Module) -> torch.memory_format:
+    """The memory format the model's convolutions are laid out in: channels-last, or the default."""
+    w = next((p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1), None)
+    cl = w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _prune_planned(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelSetup, plans: list[GroupPlan],

@@ -80,6 +80,7 @@ class PruneReport:
     seconds_groups: float = 0.0
     seconds_prune: float = 0.0
     consistency: float | None = None
+    latency_ratio: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -103,6 +104,8 @@ class PruneReport:
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%} kept, {1 - self.params_ratio:.1%} removed); "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.1%} kept, {1 - self.macs_ratio:.1%} removed)",
         ]
+        if self.latency_ratio is not None:
+            lines.append(f"latency {self.latency_ratio:.1%} of the dense model's, measured on this machine")
         if self.consistency is not None:
             lines.append(f"consistency: max relative difference to the channel-zeroed original {self.consistency:.2e}")
         for g in self.groups:

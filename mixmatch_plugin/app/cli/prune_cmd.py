@@ -30,10 +30,13 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
 @click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT/DeiT) instead of head dims.")
 @click.option("--macs", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="tp: keep this fraction of the MACs, allocated by measured loss curves (the strategy gives its signal).")
+@click.option("--latency", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="tp: keep this fraction of the latency, timed here on one calibration batch (--batch-size), "
+                   "in the same removal order as --macs.")
 @data_options
 def command(plan_path: str, strategy_name: str, backend: str, out: str, model_spec: str | None, model_kwargs: dict | None,
             checkpoint: str | None, input_shape: tuple[int, int, int] | None, nni_pruner: str, fold: str, round_to: int | None,
-            prune_heads: bool, macs: float | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int) -> None:
+            prune_heads: bool, macs: float | None, latency: float | None, calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int) -> None:
     """Prune the plan's model by one strategy and write it (weights + how to rebuild it).
 
     \b
@@ -42,6 +45,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
                     --input-shape 1,28,28 --calib digits --target 0.5 --extend-ranges --out plan.json
       mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --out pruned.pt
       mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --macs 0.5 --out pruned.pt
+      mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --latency 0.5 --batch-size 64 --out pruned.pt
     Load it again with:
       from mixmatch_plugin.adapters.artifact import load_pruned; model, meta = load_pruned("pruned.pt")
     """
@@ -62,8 +66,8 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     check_strategy(strategy, layers, p.layers)  # every backend: the plan must have been made for this model
     if backend != "torch":
         check_untied(layers, f"--backend {backend}")
-    if macs is not None and backend != "tp":
-        raise MixMatchError("--macs is a structured budget: use it with --backend tp")
+    if (macs is not None or latency is not None) and backend != "tp":
+        raise MixMatchError(f"{'--macs' if macs is not None else '--latency'} is a structured budget: use it with --backend tp")
 
     loader = None
     if calib != "none":
@@ -72,7 +76,8 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
         shape = shape or tuple(data.input_shape)
     if shape is None:
         raise MixMatchError("the input shape is unknown: pass --input-shape C,H,W (or a --calib dataset)")
-    example = next(iter(loader))[0][:2] if loader is not None else torch.randn(2, *shape)
+    batch = next(iter(loader))[0] if loader is not None else torch.randn(batch_size, *shape)
+    example = batch[:2]
     needs_grad = strategy.signal != "magnitude"
     if needs_grad and loader is None:
         raise MixMatchError(f"strategy {strategy.name!r} ranks by {strategy.signal}, which needs calibration data: drop --calib none")
@@ -101,8 +106,10 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     else:
         from mixmatch_plugin.adapters import torch_pruning as tp_adapter
 
-        tres = tp_adapter.prune(model, strategy, example, calib=loader if needs_grad or macs else None, macs=macs,
-                                options=tp_adapter.TPOptions(fold=fold, round_to=round_to, prune_heads=prune_heads))
+        budgeted = macs is not None or latency is not None
+        tres = tp_adapter.prune(model, strategy, example, calib=loader if needs_grad or budgeted else None, macs=macs,
+                                latency=latency, options=tp_adapter.TPOptions(fold=fold, round_to=round_to, prune_heads=prune_heads,
+                                                                              latency_inputs=batch))
         path = save_pruned(out, tres.model, backend="tp", model_spec=model_meta, strategy=strategy.to_dict(),
                            report=tres.report.to_dict(), tp_history=tres.history, num_heads=tres.num_heads)
         click.echo(tres.report.summary())
