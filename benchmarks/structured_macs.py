@@ -5,6 +5,7 @@ Methods, each at the same fraction of MACs kept (Torch-Pruning's counter; TP rat
 * ``tp_uniform``: ``MetaPruner(pruning_ratio=r)``, ``GroupMagnitudeImportance(p=2)``;
 * ``tp_global``: the same with ``global_pruning=True``; ``tp_isomorphic``: ``global_pruning=True, isomorphic=True``;
 * ``tp_taylor_global``: ``GroupTaylorImportance`` (gradients of the calibration batches), ``global_pruning=True``;
+* ``tp_lamp_global``: ``LAMPImportance(p=2)`` (Torch-Pruning's LAMP-normalised group scores), ``global_pruning=True``;
 * ``mix-and-match``: ``prune(model, None, x, calib=..., macs=target)`` with the same importance as tp_uniform.
 
 TP methods get the adapter's model handling (``pruner_kwargs``: heads, PatchMerging, bias tables, free
@@ -37,12 +38,10 @@ from mixmatch_plugin.app.train import checkpoint_path, train_cached
 from mixmatch_plugin.evaluation import evaluate, reestimate_bn
 from mixmatch_plugin.evaluation import latencies as timed
 from mixmatch_plugin.finetuning import finetune
-from mixmatch_plugin.models import build_model
 from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger("structured_macs")
-METHODS = ("tp_uniform", "tp_global", "tp_isomorphic", "tp_taylor_global", "mix-and-match")
-RN18_PROXY = "/tmp/w28/rn18_resume.pt"  # the benchmark ResNet-18's resume checkpoint (training unfinished)
+METHODS = ("tp_uniform", "tp_global", "tp_isomorphic", "tp_taylor_global", "tp_lamp_global", "mix-and-match")
 
 
 def load(name: str, splits: data.Splits) -> tuple[torch.nn.Module, str]:
@@ -50,12 +49,7 @@ def load(name: str, splits: data.Splits) -> tuple[torch.nn.Module, str]:
     for cache in ("benchmarks/checkpoints", None):
         if checkpoint_path(cfg, cache).exists():
             return train_cached(cfg, splits, cache_dir=cache, progress=False)[0].eval(), "final"
-    if name != "resnet18":
-        raise SystemExit(f"no checkpoint for {name}")
-    blob = torch.load(RN18_PROXY, map_location="cpu", weights_only=False)
-    m = build_model(cfg.model)
-    m.load_state_dict(blob["model"])
-    return m.eval(), f"resume proxy, epoch {blob['epoch']}"
+    raise SystemExit(f"no checkpoint for {name}: run `python -m benchmarks --models {name}` first")
 
 
 def tp_prune(model: torch.nn.Module, x: torch.Tensor, method: str, ratio: float, calib: list[Any]) -> torch.nn.Module:
@@ -63,7 +57,7 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, method: str, ratio: float,
     work = safe_deepcopy(model)
     kw = tpa.pruner_kwargs(work, Strategy("none", "magnitude", {}, 0.0, {}), x)
     kw.pop("pruning_ratio_dict"), kw.pop("head_pruning_ratio_dict")
-    imp: Any = tp.importance.GroupMagnitudeImportance(p=2)
+    imp: Any = tp.importance.LAMPImportance(p=2) if "lamp" in method else tp.importance.GroupMagnitudeImportance(p=2)
     if "taylor" in method:
         imp = tp.importance.GroupTaylorImportance()
         work.eval()
@@ -131,11 +125,38 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def verdicts(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
+    """Per model and target: Mix-and-Match against the best Torch-Pruning method (highest mean), one-shot and
+    fine-tuned, test accuracy % mean ± std; a difference counts when it exceeds the larger std and 0.1 point."""
+    def stats(rs: list[dict[str, Any]], key: str) -> tuple[float, float]:
+        v = [100 * r[key] for r in rs]
+        return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+    lines = ["| model (dense %) | MACs kept | one-shot: M&M / best TP | verdict | fine-tuned: M&M / best TP | verdict |",
+             "|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for target in sorted({r["target"] for r in rows if r["model"] == model}):
+            by = {m: [r for r in rows if (r["model"], r["target"], r["method"]) == (model, target, m)] for m in METHODS}
+            if not by["mix-and-match"] or not any(by[m] for m in METHODS[:-1]):
+                continue
+            cells = []
+            for key in ("test_one_shot", "test_finetuned"):
+                mm = stats(by["mix-and-match"], key)
+                name, best = max(((m, stats(by[m], key)) for m in METHODS[:-1] if by[m]), key=lambda t: t[1][0])
+                diff, spread = mm[0] - best[0], max(mm[1], best[1], 0.1)
+                word = "**win**" if diff > spread else "loss" if diff < -spread else "tie"
+                cells += [f"{mm[0]:.2f} ± {mm[1]:.2f} / {best[0]:.2f} ± {best[1]:.2f} ({name})", f"{word} ({diff:+.2f})"]
+            d = dense.get(model, {}).get("test")
+            lines.append(f"| {model} ({100 * d:.2f}) | {target:.0%} | " if d else f"| {model} | {target:.0%} | ")
+            lines[-1] += " | ".join(cells) + " |"
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vit,swin,resnet18")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--targets", default="0.3,0.5")
+    ap.add_argument("--targets", default="0.3,0.5,0.7")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--finetune", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/structured_macs.json")
@@ -154,7 +175,8 @@ def main() -> None:
         dense_path = Path(a.out).with_name(Path(a.out).stem + "_dense.json")
         saved: dict[str, Any] = json.loads(dense_path.read_text()) if dense_path.exists() else {}
         note = "\n\nDense test accuracy: " + ", ".join(f"{k} {100 * v['test']:.2f} % ({v['origin']})" for k, v in saved.items())
-        Path(a.out).with_suffix(".md").write_text(markdown(json.loads(Path(a.out).read_text())["rows"]) + note + "\n")
+        rows = json.loads(Path(a.out).read_text())["rows"]
+        Path(a.out).with_suffix(".md").write_text(markdown(rows) + note + "\n\n**Verdicts**\n\n" + verdicts(rows, saved) + "\n")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
