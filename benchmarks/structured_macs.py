@@ -14,7 +14,8 @@ one-shot test accuracy after BatchNorm re-estimation, then after the same Adam f
 seconds per forward at batch 1 and 64, one thread, seed 0, channels-last, timed alternately with the dense
 model. Rows are written after each one; a rerun skips them.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.structured_macs --models vit,swin,resnet18 --seeds 0,1,2 --targets 0.3,0.5
+    OMP_NUM_THREADS=1 python -m benchmarks.structured_macs --models vit,swin,resnet18 --seeds 0,1,2 --targets 0.3,0.5,0.7
+    OMP_NUM_THREADS=1 python -m benchmarks.structured_macs --models mobilenetv3 --targets 0.3,0.5 --out benchmarks/results/outside/structured_macs.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 
-from benchmarks.configs import FULL
+from benchmarks.configs import FULL, OUTSIDE
 from mixmatch_plugin.adapters import torch_pruning as tpa
 from mixmatch_plugin.adapters.torch_pruning.timm_layers import safe_deepcopy
 from mixmatch_plugin.app import data
@@ -45,7 +46,7 @@ METHODS = ("tp_uniform", "tp_global", "tp_isomorphic", "tp_taylor_global", "tp_l
 
 
 def load(name: str, splits: data.Splits) -> tuple[torch.nn.Module, str]:
-    cfg = FULL[name]
+    cfg = {**FULL, **OUTSIDE}[name]
     for cache in ("benchmarks/checkpoints", None):
         if checkpoint_path(cfg, cache).exists():
             return train_cached(cfg, splits, cache_dir=cache, progress=False)[0].eval(), "final"
