@@ -36,8 +36,7 @@ from mixmatch_plugin.adapters import torch_pruning as tpa
 from mixmatch_plugin.adapters.torch_pruning.timm_layers import safe_deepcopy
 from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import checkpoint_path, train_cached
-from mixmatch_plugin.evaluation import evaluate, reestimate_bn
-from mixmatch_plugin.evaluation import latencies as timed
+from mixmatch_plugin.evaluation import evaluate, latencies, reestimate_bn
 from mixmatch_plugin.finetuning import finetune
 from mixmatch_plugin.strategies import Strategy
 
@@ -90,8 +89,8 @@ def at_macs(model: torch.nn.Module, x: torch.Tensor, method: str, target: float,
     return best
 
 
-def latencies(models: list[torch.nn.Module], batch: int, shape: tuple[int, ...], reps: int,
-              channels_last: bool = True) -> list[float]:
+def batch_latencies(models: list[torch.nn.Module], batch: int, shape: tuple[int, ...], reps: int,
+                    channels_last: bool = True) -> list[float]:
     """Median seconds per forward of each model, timed in alternation (:func:`mixmatch_plugin.evaluation.latencies`).
     Image inputs run channels-last unless told otherwise: the layout oneDNN's CPU convolutions and pooling are
     fast in (PyTorch's advice for CPU inference). The models are not changed."""
@@ -99,7 +98,7 @@ def latencies(models: list[torch.nn.Module], batch: int, shape: tuple[int, ...],
     if x.dim() == 4 and channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         models = [safe_deepcopy(m).to(memory_format=torch.channels_last) for m in models]
-    return timed(models, lambda m: m(x), reps)
+    return latencies(models, lambda m: m(x), reps)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -216,7 +215,7 @@ def main() -> None:
                     if seed == 0:
                         shape = tuple(x.shape[1:])
                         for b, reps in ((1, 50), (64, 9)):
-                            row[f"latency_b{b}"], row[f"dense_latency_b{b}"] = latencies([pm, model], b, shape, reps)
+                            row[f"latency_b{b}"], row[f"dense_latency_b{b}"] = batch_latencies([pm, model], b, shape, reps)
                     doc["rows"].append(row)
                     out.write_text(json.dumps(doc, indent=1))
                     logger.info("%s", row)

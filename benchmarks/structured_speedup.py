@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from benchmarks.structured_macs import at_macs, latencies, load
+from benchmarks.structured_macs import at_macs, batch_latencies, load
 from mixmatch_plugin.adapters import torch_pruning as tpa
+from mixmatch_plugin.adapters.torch_pruning.timm_layers import safe_deepcopy
 from mixmatch_plugin.app import data
 from mixmatch_plugin.evaluation import evaluate, reestimate_bn
 
@@ -40,11 +41,10 @@ def main(models: list[str]) -> None:
         for method in METHODS:
             t0 = time.perf_counter()
             if "latency" in method:
-                deployed = model.to(memory_format=torch.channels_last) if x.dim() == 4 else model
+                deployed = safe_deepcopy(model).to(memory_format=torch.channels_last)  # the user's model stays as it is
                 deploy = torch.randn(64, *shape).contiguous(memory_format=torch.channels_last)
                 res = tpa.prune(deployed, None, x, calib=calib, latency=0.45, options=tpa.TPOptions(latency_inputs=deploy))
                 pm, got = res.model, res.report.macs_ratio
-                model.to(memory_format=torch.contiguous_format)
             elif method.startswith("mix"):
                 res = tpa.prune(model, None, x, calib=calib, macs=0.3, options=tpa.TPOptions(round_to=8) if "r8" in method else None)
                 pm, got = res.model, res.report.macs_ratio
@@ -54,7 +54,7 @@ def main(models: list[str]) -> None:
             rows.append((method, pm, {"model": name, "method": method, "macs_kept": round(got, 3),
                                       "one_shot_2000": evaluate(pm, test).accuracy, "prune_s": round(time.perf_counter() - t0, 1)}))
         for layout, cl in (("nchw", False), ("channels_last", True)):
-            dense, *pruned = latencies([model, *(pm for _, pm, _ in rows)], 64, shape, 21, channels_last=cl)
+            dense, *pruned = batch_latencies([model, *(pm for _, pm, _ in rows)], 64, shape, 21, channels_last=cl)
             for (_, _, row), t in zip(rows, pruned, strict=True):
                 row[f"speedup_b64_{layout}"] = round(dense / t, 2)
                 row[f"of_macs_ratio_{layout}"] = round(dense / t * row["macs_kept"], 2)

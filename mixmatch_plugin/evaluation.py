@@ -117,7 +117,8 @@ def latencies(models: Sequence[nn.Module], run: Callable[[nn.Module], Any], reps
     try:
         for m in models:
             m.eval()
-            run(m), run(m)
+            for _ in range(2):
+                run(m)
         for _ in range(reps):
             for m, t in zip(models, times, strict=True):
                 t0 = time.perf_counter()
