@@ -300,3 +300,25 @@ def test_sigterm_unwinds_the_command_like_ctrl_c(tmp_path):
     p = start_bench("--tiny", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"))
     code, err = kill_after(p, 1.5, signal.SIGTERM)
     assert code == 143 and error_lines(err) == ["error: terminated (SIGTERM)"] and "Traceback" not in err, (code, err[-2000:])
+
+
+STRAY_THREAD = """
+import threading, click
+from mixmatch_plugin.app.cli import guarded, run
+
+@click.command()
+@click.pass_context
+def work(ctx):
+    def body():  # Ctrl-C lands just after a library started a worker thread it meant to stop on the way out
+        threading.Thread(target=threading.Event().wait).start()
+        raise KeyboardInterrupt
+    guarded(ctx, body)
+
+run(work)
+"""
+
+
+def test_an_interrupt_that_strands_a_library_thread_still_ends_the_process():
+    """A thread a library started and never got to stop (Optuna's heartbeat, cut in its start) must not hang the exit."""
+    r = subprocess.run([sys.executable, "-c", STRAY_THREAD], env=ENV, text=True, capture_output=True, timeout=60)
+    assert r.returncode == 130 and error_lines(r.stderr) == ["error: interrupted"], (r.returncode, r.stderr[-2000:])

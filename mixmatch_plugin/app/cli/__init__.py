@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -142,6 +143,16 @@ def run(command: click.Command | None = None, prog_name: str = "mixmatch") -> No
         signal.signal(signal.SIGINT, _on_signal)
     try:
         (command or main)(prog_name=prog_name)
+    except SystemExit as exc:
+        if exc.code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and any(
+                t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+            # An interrupt that lands while a library starts a worker thread (Optuna's trial heartbeat starts
+            # one and stops it in a `with` block's exit) leaves it running with nothing to stop it, and Python
+            # would wait for it forever at exit. The unwinding is done: end the process with the status.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code)
+        raise
     finally:  # the work is done: a late signal must not turn its status into a kill (CPython resets our handlers
         for signum in (signal.SIGINT, signal.SIGTERM):  # to SIG_DFL while it shuts down; an ignored one stays ignored)
             signal.signal(signum, signal.SIG_IGN)
