@@ -462,6 +462,7 @@ def prune_depth_width(
     has_blocks = bool(find_blocks(work))
     if not has_blocks and config.mode != "width":
         removable_blocks(work)  # raises the one-line error naming the supported blocks
+    run = _Run(example_inputs, calib, val_loader, train_loader, config, has_blocks)
 
     def save(stopped: str | None) -> None:
         if path is None:
@@ -483,9 +484,8 @@ def prune_depth_width(
             stopped = "max_iterations"
             break
         it = len(log) + 1
-        entry = _iteration(work, example_inputs, calib, val_loader, train_loader, config, it, macs_now, macs0,
-                           last_step if last_step is not None else round(config.width_step * macs0), has_blocks,
-                           _scheduled(config, it, macs0, macs_now))
+        fallback = last_step if last_step is not None else round(config.width_step * macs0)
+        entry = _iteration(run, work, it, macs_now, fallback, _scheduled(config, it, macs0, macs_now))
         if entry is None:
             stopped = "exhausted"
             break
@@ -508,18 +508,29 @@ def prune_depth_width(
     return DepthWidthResult(work.eval(), log, ops, macs0, params0, macs1, params1, stopped, start, resumed)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed across the iterations of one :func:`prune_depth_width` run."""
+
+    example_inputs: Any
+    calib: Iterable[Any]
+    val_loader: Iterable[Any]
+    train_loader: Iterable[Any] | None
+    cfg: DepthWidthConfig
+    has_blocks: bool
+
+
 def _iteration(
-    work: nn.Module, example_inputs: Any, calib: Iterable[Any], val_loader: Iterable[Any],
-    train_loader: Iterable[Any] | None, cfg: DepthWidthConfig, it: int, macs_now: int, macs0: int,
-    fallback_step: int, has_blocks: bool, scheduled: int | None = None,
+    run: _Run, work: nn.Module, it: int, macs_now: int, fallback_step: int, scheduled: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]] | None:
     """One iteration: candidates, fine-tuning, CKA, choice. None when nothing can be removed."""
+    example_inputs, calib, val_loader, train_loader, cfg = run.example_inputs, run.calib, run.val_loader, run.train_loader, run.cfg
     t0 = time.perf_counter()
     record: dict[str, Any] = {"iteration": it, "parent_macs": macs_now, "depth": None, "width": None}
     # 1. depth candidate (also the MACs step of the width candidate)
     depth_model = None
     depth_info: dict[str, Any] | None = None
-    if has_blocks and scheduled is None and (candidates := removable_blocks(work, example_inputs, min_blocks=cfg.min_blocks)):
+    if run.has_blocks and scheduled is None and (candidates := removable_blocks(work, example_inputs, min_blocks=cfg.min_blocks)):
         scores = score_blocks(work, calib, candidates, method=cfg.block_score, max_batches=cfg.score_batches)
         best = min(candidates, key=lambda b: scores[b.name])
         depth_model = remove_blocks(work, [best.name]).eval()
