@@ -189,6 +189,14 @@ def removal_path(curves: Sequence[np.ndarray], cost: np.ndarray, uses: np.ndarra
         path.append((g, int(s[g])))
 
 
+def skip_overshoot(path: Sequence[tuple[int, int]], at: int) -> list[tuple[int, int]]:
+    """``path`` without its move at ``at`` and that group's later moves: when one group's step jumps across a
+    budget, the other groups' later (smaller) steps can land closer. Each group's moves depend only on its own
+    width, so the moves kept stay valid."""
+    g = path[at][0]
+    return [*path[:at], *(m for m in path[at + 1:] if m[0] != g)]
+
+
 def closest_prefix(n: int, cost: Callable[[int], float], budget: float) -> tuple[int, float]:
     """The prefix length in ``[0, n]`` whose ``cost`` (non-increasing in the length) is closest to ``budget``,
     and its cost, by bisection (about ``log2(n)`` calls of ``cost``)."""

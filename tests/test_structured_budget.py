@@ -15,7 +15,7 @@ import torch_pruning as tp
 from torch import nn
 
 from mixmatch_plugin.adapters import torch_pruning as mtp
-from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path
+from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, skip_overshoot
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.evaluation import latencies
 
@@ -102,6 +102,25 @@ def test_budget_on_vit_keeps_attention_consistent():
     assert res.report.consistency < 1e-4
 
 
+
+def test_a_round_to_budget_on_a_vit_is_met_within_one_percent_in_whole_steps():
+    """A step of the residual stream (round_to channels of every block) can jump across the budget; the other
+    groups' smaller steps then land it. Before, this ViT kept 28.6 % and 48.1 % of its MACs instead."""
+    vit = small_vit(embed_dim=64, num_heads=4).eval()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    calib = [(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)), torch.randint(0, 10, (8,))) for i in range(2)]
+    for target in (0.3, 0.5):
+        res = mtp.prune(vit, None, x, calib=calib, macs=target, options=mtp.TPOptions(round_to=8))
+        assert abs(res.report.macs_ratio - target) <= 0.01 * target, (target, res.report.macs_ratio)
+        widths = [m.out_features for m in res.model.modules() if isinstance(m, nn.Linear) and m is not res.model.head]
+        assert all(w % 8 == 0 for w in widths), widths
+        assert res.report.consistency < 1e-4
+
+
+def test_skipping_an_overshooting_step_keeps_the_other_groups_moves():
+    path = [(0, 2), (1, 8), (0, 2), (1, 8), (2, 1), (0, 2)]
+    assert skip_overshoot(path, 1) == [(0, 2), (0, 2), (2, 1), (0, 2)]  # group 1's move and its later ones go
+
 def test_drop_in_from_metapruner_matches_tps_macs_with_round_to():
     m = WideCNN().eval()
     imp = tp.importance.GroupMagnitudeImportance(p=2)
@@ -114,7 +133,7 @@ def test_drop_in_from_metapruner_matches_tps_macs_with_round_to():
     tp.pruner.MetaPruner(m, X, **kw).step()
     assert all(c.out_channels % 8 == 0 for c in m.modules() if isinstance(c, nn.Conv2d))
     want, got = mtp.count_macs(raw, X)[0], mtp.count_macs(m, X)[0]
-    assert abs(got - want) <= 0.05 * want  # round_to=8 steps are ~4 % of this model's MACs
+    assert abs(got - want) <= 0.01 * want  # round_to=8 steps are ~4 % of this model's MACs: a crossing one is skipped
     assert m.fc.out_features == 10 and m(X).shape == (2, 10)
 
 

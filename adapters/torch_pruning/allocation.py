@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import nn
 from torch_pruning.utils.op_counter import is_supported_instance
 
 from mixmatch_plugin.batches import iterate
-from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path
+from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, skip_overshoot
 from mixmatch_plugin.errors import MixMatchError
 
 from .verify import flat_outputs, record_removed, run_model, zeroed_reference
@@ -118,19 +118,34 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
     path = removal_path(loss_curves(model, pruner, groups, inputs, opts.forward_fn),
                         *layer_costs(model, example_inputs, groups, "params" if kind == "params" else "macs"), lo, step)
 
-    def keeps(n: int) -> dict[str, int]:
+    def keeps(moves: Sequence[tuple[int, int]]) -> dict[str, int]:
         k = {g.key: g.channels for g in groups}
-        for gi, s in path[:n]:
+        for gi, s in moves:
             k[groups[gi].key] -= s
         return k
 
-    n, got = closest_prefix(len(path), lambda n: real_size(keeps(n)), target)
+    n, got = closest_prefix(len(path), lambda n: real_size(keeps(path[:n])), target)
     tol = 0.05 if kind == "latency" else 0.01
     if n == len(path) and got > (1 + tol) * target:
         fix = "time a larger batch (latency_inputs): per-layer overheads do not shrink with width; or keep more" \
             if kind == "latency" else "raise max_ratio, ignore fewer layers, or keep more"
         raise MixMatchError(f"the {kind} budget {target:.3f} cannot be met (the groups' bounds allow {got:.4f}): {fix}")
-    if abs(got - target) > tol * target:
+    best, moves = (path[:n], got), path
+    for _ in range(3):  # one group's step (a wide group, a large round_to) jumps across the budget: skip it
+        at = n if got > target else n - 1  # the move that crosses the budget
+        if abs(best[1] - target) <= tol * target or not 0 <= at < len(moves):
+            break
+        moves = skip_overshoot(moves, at)
+
+        def size(j: int, m: Sequence[tuple[int, int]] = moves, a: int = at) -> float:
+            return real_size(keeps(m[:a + j]))
+
+        j, got = closest_prefix(len(moves) - at, size, target)
+        n = at + j
+        logger.debug("skip at %d: %d moves left, got %.4f", at, len(moves) - at, got)
+        if abs(got - target) < abs(best[1] - target):
+            best = (moves[:n], got)
+    if abs(best[1] - target) > tol * target:
         why = "timing noise, or one channel is a large step" if kind == "latency" else "one channel is a large step in this model"
-        logger.warning("the %s budget %.3f is met to %.4f only: %s", kind, target, got, why)
-    return keeps(n), got
+        logger.warning("the %s budget %.3f is met to %.4f only: %s", kind, target, best[1], why)
+    return keeps(best[0]), best[1]
