@@ -33,15 +33,15 @@ from .strategies import Strategy
 Baseline = Callable[[Sequence[Layer], Signals, float], Strategy]
 
 
-def _eligible(layers: Sequence[Layer]) -> list[Layer]:
+def eligible(layers: Sequence[Layer]) -> list[Layer]:
     return [layer for layer in layers if layer.kind != "norm"]
 
 
-def _budget(layers: Sequence[Layer], target: float) -> int:
+def budget_weights(layers: Sequence[Layer], target: float) -> int:
     target = validate_ratio(target, "target sparsity")
     total = sum(layer.params for layer in layers)
     k = round(target * total)
-    cap = sum(layer.params - 1 for layer in _eligible(layers))  # every layer keeps at least one weight
+    cap = sum(layer.params - 1 for layer in eligible(layers))  # every layer keeps at least one weight
     if k > cap:
         raise MixMatchError(
             f"target {target} needs {k} pruned weights but only {cap} can go (outside normalization layers, "
@@ -57,7 +57,7 @@ def _strategy(name: str, signal: str, layers: Sequence[Layer], counts: dict[str,
                     meta={"method": name, "target": target, "mode": "budget"})
 
 
-def _threshold_counts(scores: dict[str, torch.Tensor], ks: Sequence[int]) -> list[dict[str, int]]:
+def threshold_counts(scores: dict[str, torch.Tensor], ks: Sequence[int]) -> list[dict[str, int]]:
     """Per-layer counts of the ``k`` globally lowest scores for each ``k`` of ``ks`` (exactly ``k``; ties
     broken in layer order); the scores are gathered once for all of them.
 
@@ -98,15 +98,15 @@ def _global(name: str, layers: Sequence[Layer], signals: Signals, targets: Seque
     if name == "grasp" and signals.grasp is None:
         raise MixMatchError("the GraSP baseline needs GraSP scores: signals.grasp = compute_grasp(model, calib)")
     signal = GLOBAL[name]
-    ks = [_budget(layers, t) for t in targets]
-    counts = _threshold_counts({layer.name: signals.score(layer.name, signal) for layer in _eligible(layers)}, ks)
+    ks = [budget_weights(layers, t) for t in targets]
+    counts = threshold_counts({layer.name: signals.score(layer.name, signal) for layer in eligible(layers)}, ks)
     return [_strategy(name, signal, layers, c, t) for c, t in zip(counts, targets, strict=True)]
 
 
 def uniform(layers: Sequence[Layer], signals: Signals | None, target: float) -> Strategy:
     """The same sparsity in every non-normalization layer (single-criterion magnitude pruning)."""
-    k = _budget(layers, target)
-    elig = _eligible(layers)
+    k = budget_weights(layers, target)
+    elig = eligible(layers)
     n = np.array([layer.params for layer in elig], dtype=np.int64)
     r = np.full(len(elig), k / n.sum())
     counts = exact_counts(r, n, k / n.sum())
@@ -130,14 +130,14 @@ def grasp(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
 
 def lamp(layers: Sequence[Layer], signals: Signals, target: float) -> Strategy:
     """LAMP (Lee et al., ICLR 2021): per-layer normalized squared magnitudes, one global threshold."""
-    k = _budget(layers, target)
-    elig = _eligible(layers)
+    k = budget_weights(layers, target)
+    elig = eligible(layers)
     sorted_scores = {}
     for layer in elig:
         v = signals.score(layer.name, "magnitude").flatten().double().pow(2).sort().values
         suffix = v.flip(0).cumsum(0).flip(0)
         sorted_scores[layer.name] = torch.where(suffix > 0, v / suffix.clamp_min(1e-300), torch.zeros_like(v))
-    counts = _threshold_counts(sorted_scores, [k])[0]
+    counts = threshold_counts(sorted_scores, [k])[0]
     return _strategy("lamp", "magnitude", layers, counts, target)
 
 
@@ -151,8 +151,8 @@ def erk(layers: Sequence[Layer], signals: Signals | None, target: float) -> Stra
 
     Layers whose density would exceed 1 are made dense and the scale is solved again.
     """
-    k = _budget(layers, target)
-    elig = _eligible(layers)
+    k = budget_weights(layers, target)
+    elig = eligible(layers)
     n = np.array([layer.params for layer in elig], dtype=np.float64)
     raw = np.array([_erk_raw(layer) for layer in elig])
     keep_total = n.sum() - k

@@ -37,6 +37,7 @@ from .io import atomic_write_json, read_json
 from .layers import Layer, check_prunable, inventory
 from .masks import PruneResult
 from .masks import apply as _apply
+from .progressive import progressive_scores
 from .ranges import (
     Range,
     RangeSource,
@@ -98,7 +99,24 @@ class Plan:
         """Prune ``model`` by one of this plan's strategies (see :func:`mixmatch_plugin.apply`)."""
         s = self.strategy(strategy) if isinstance(strategy, str) else strategy
         kwargs.setdefault("signals", self.signals)
+        if s.signal == "progressive" and (kwargs["signals"] is None or kwargs["signals"].progressive is None):
+            kwargs["signals"] = self.progressive_signals(model, kwargs.get("calib"), s, kwargs.get("loss_fn"))
         return _apply(model, s, plan_layers=self.layers, **kwargs)
+
+    def progressive_signals(self, model: nn.Module, calib: Iterable[Any] | None, strategy: Strategy,
+                            loss_fn: LossFn | None = None) -> Signals:
+        """Signals with ``strategy``'s progressive scores computed again on ``model`` (a saved plan keeps no
+        scores); the plan's calibration batches, in the same order, give the same masks."""
+        if calib is None:
+            raise MixMatchError(f"strategy {strategy.name!r} masks by progressive SNIP, which is recomputed from the "
+                                "calibration data the plan was built on: pass calib= (CLI: the plan's --calib)")
+        target = self.meta.get("target")
+        if target is None:
+            raise MixMatchError(f"strategy {strategy.name!r} needs a budget-mode plan (one built with a target)")
+        signals = compute_signals(model, calib, layers=self.layers, signals=("magnitude",), loss_fn=loss_fn)
+        signals.progressive, _ = progressive_scores(model, calib, self.layers, float(target), rounds=int(strategy.meta.get("rounds", 10)),
+                                                    hi={m: 0.0 for m, b in self.bounds.items() if b[1] == 0.0}, loss_fn=loss_fn)
+        return signals
 
     def space(self) -> StrategySpace:
         """The strategy space of this plan (same ranges, bounds and target), for search."""
@@ -319,6 +337,9 @@ class PlanOptions:
             (:func:`~mixmatch_plugin.sensitivity.measure_curves`, about 10 forward passes per layer) and
             add ``"<signal>:measured-<clip>"``, the allocations that minimise the measured damage; or
             curves measured before (reused across targets).
+        progressive: in budget mode, also add ``"product:progressive"``: SNIP rescored on the pruned model over
+            this many rounds (:mod:`~mixmatch_plugin.progressive`; one forward+backward pass over ``calib``
+            per round), whose allocation and masks both come from the rounds; 0 (default) leaves it out.
         loss_fn, max_batches: see :func:`~mixmatch_plugin.compute_signals`.
     """
 
@@ -329,6 +350,7 @@ class PlanOptions:
     shapes: tuple[str, ...] | None = None
     score_family: bool = True
     measure: SignalName | Curves | None = None
+    progressive: int = 0
     loss_fn: LossFn | None = None
     max_batches: int | None = None
 
@@ -384,7 +406,7 @@ def plan(
         if missing:
             raise MixMatchError(f"the given scores do not match the model (first differing layer {missing[0]!r})")
     lacking = (needs_grad and (scores is None or scores.gradient is None)) or (needs_grasp and (scores is None or scores.grasp is None))
-    if (lacking or isinstance(o.measure, str)) and calib is None:
+    if (lacking or isinstance(o.measure, str) or (o.progressive and target is not None)) and calib is None:
         raise MixMatchError(
             "the gradient, product and wanda signals, measured allocations and empirical ranges need calibration data: pass calib=<DataLoader> "
             "(CLI: --calib digits|fashion-mnist|random), or use signals=('magnitude',) with rule ranges"
@@ -438,6 +460,13 @@ def plan(
             rho = curve_ratios(grid, cost, space.n, lo, hi, target)
             strategies.append(space.build(f"{curves.signal}:measured-{clip}", curves.signal, rho, {"family": "measured", "clip": clip}))
         measured = {"signal": curves.signal, "forwards": curves.forwards, "seconds": round(curves.seconds, 2)}
+    if o.progressive and target is not None:
+        assert calib is not None
+        dense = {m: 0.0 for m, b in free.items() if b[1] == 0.0}  # no ceilings: one global threshold per round, as SNIP
+        scores.progressive, counts = progressive_scores(model, calib, layers, target, rounds=o.progressive, hi=dense,
+                                                        loss_fn=loss_fn, max_batches=max_batches, progress=progress)
+        rho = np.array([counts.get(x.name, 0) / x.params for x in layers])
+        strategies.append(space.build("product:progressive", "progressive", rho, {"family": "progressive", "rounds": o.progressive}))
     sensitivity = {str(s): scores.layer_means(s) for s in scores.available if s in SIGNALS}
     n = np.array([layer.params for layer in layers], dtype=np.float64)
     meta = {

@@ -41,7 +41,8 @@ SignalName = Literal["magnitude", "gradient", "product", "wanda"]
 SIGNALS: tuple[SignalName, ...] = get_args(SignalName)
 #: The paper's three: the signals a plan builds its rule strategies for by default.
 DEFAULT_SIGNALS: tuple[SignalName, ...] = ("magnitude", "gradient", "product")
-ALL_SIGNALS = (*SIGNALS, "grasp")
+#: Signals a strategy may mask by: the four, GraSP, and ``progressive`` (:mod:`mixmatch_plugin.progressive`).
+ALL_SIGNALS = (*SIGNALS, "grasp", "progressive")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Signals:
     gradient: dict[str, torch.Tensor] | None = None
     grasp: dict[str, torch.Tensor] | None = None
     wanda: dict[str, torch.Tensor] | None = None
+    progressive: dict[str, torch.Tensor] | None = None  # computed for one target: PlanOptions(progressive=...)
     mean_gradient: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # signed, for compute_grasp
     batches: int = 0
     samples: int = 0
@@ -70,6 +72,8 @@ class Signals:
             have.append("wanda")
         if self.grasp is not None:
             have.append("grasp")
+        if self.progressive is not None:
+            have.append("progressive")
         return tuple(have)
 
     def score(self, name: str, signal: str) -> torch.Tensor:
@@ -77,14 +81,16 @@ class Signals:
         if signal not in ALL_SIGNALS:
             raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(ALL_SIGNALS)}")
         if signal not in self.available:
-            need = "compute_grasp(...)" if signal == "grasp" else "calibration data (compute_signals(model, calib))"
+            need = {"grasp": "compute_grasp(...)", "progressive": "a plan built with PlanOptions(progressive=10) and its signals"}.get(
+                signal, "calibration data (compute_signals(model, calib))")
             raise MixMatchError(f"signal {signal!r} is not available: it needs {need}")
         if name not in self.magnitude:
             raise MixMatchError(f"no scores for layer {name!r}; the signals were computed on a different model")
         if signal == "magnitude":
             return self.magnitude[name]
-        if signal in ("grasp", "wanda"):
-            return getattr(self, signal)[name]
+        if signal in ("grasp", "wanda", "progressive"):
+            scores: dict[str, torch.Tensor] = getattr(self, signal)
+            return scores[name] if name in scores else self.magnitude[name]  # progressive: layers kept dense
         assert self.gradient is not None
         if signal == "gradient":
             return self.gradient[name]

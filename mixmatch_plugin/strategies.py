@@ -218,7 +218,7 @@ class StrategySpace:
 
     def build(self, name: str, signal: str, rho: np.ndarray, meta: dict[str, Any]) -> Strategy:
         """A :class:`Strategy` from a vector of per-layer sparsities in inventory order, as they are (rounded to whole weights)."""
-        if signal not in SIGNALS and signal != "grasp":
+        if signal not in SIGNALS and signal not in ("grasp", "progressive"):
             raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(SIGNALS)}")
         n = self.n.astype(np.int64)
         k = exact_counts(rho, n, self.target)

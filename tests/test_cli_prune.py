@@ -26,9 +26,24 @@ def resnet_plan(tmp_path_factory):
     plan = d / "plan.json"
     r = _run("plan", "--model", "mixmatch_plugin.models:tiny_resnet",
              "--model-kwargs", '{"num_classes": 10, "in_chans": 1, "width": 8}', "--calib", "digits",
-             "--calib-samples", "128", "--target", "0.5", "--extend-ranges", "--out", str(plan))
+             "--calib-samples", "128", "--target", "0.5", "--extend-ranges", "--progressive", "3", "--out", str(plan))
     assert r.exit_code == 0, r.output
     return plan
+
+
+def test_prune_by_progressive_snip_recomputes_its_masks_from_the_plans_calibration(tmp_path, resnet_plan):
+    p = load_plan(resnet_plan)
+    s = p.strategy("product:progressive")
+    assert s.signal == "progressive" and s.meta["rounds"] == 3
+    out = tmp_path / "prog.pt"
+    r = _run("prune", "--plan", str(resnet_plan), "--strategy", s.name, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    model, _ = load_pruned(out)
+    mods = dict(model.named_modules())
+    zeros = {n: int((mods[n].weight == 0).sum()) for n in s.ratios if s.ratios[n] > 0}
+    assert zeros == {n: round(s.ratios[n] * mods[n].weight.numel()) for n in zeros}  # the planned count in every layer
+    r = _run("prune", "--plan", str(resnet_plan), "--strategy", s.name, "--calib", "none", "--out", str(tmp_path / "x.pt"))
+    assert r.exit_code == 2 and "needs calibration data" in r.output
 
 
 @pytest.mark.parametrize(("backend", "extra"), [("torch", []), ("nni", ["--nni-pruner", "level"]),

@@ -93,7 +93,7 @@ def resolve_importance(choice: Any, signal: str) -> tuple[Any, str, bool]:
     if choice not in IMPORTANCES:
         raise MixMatchError(f"importance must be one of {', '.join(IMPORTANCES)} or a tp.importance object, got {choice!r}")
     if choice == "auto":
-        choice = {"magnitude": "magnitude", "gradient": "gradient", "product": "taylor"}.get(signal, "magnitude")
+        choice = {"magnitude": "magnitude", "gradient": "gradient", "product": "taylor", "progressive": "taylor"}.get(signal, "magnitude")
     if choice == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=1), "GroupMagnitudeImportance(p=1)", False
     if choice == "taylor":

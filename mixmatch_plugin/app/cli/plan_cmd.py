@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 @click.option("--measure", type=click.Choice(["magnitude", "gradient", "product", "wanda"]), default=None,
               help="With --target: also measure each layer's damage curve under this signal's masks (about 10 forward "
                    "passes of 2 calibration batches per layer) and add the allocations that minimise it (SIGNAL:measured-CLIP).")
+@click.option("--progressive", type=click.IntRange(min=0), default=0, show_default=True, metavar="ROUNDS",
+              help="With --target: also add product:progressive, SNIP rescored on the pruned model over ROUNDS rounds "
+                   "(one forward+backward pass each; 10 is a good start). Its allocation and masks come from the rounds; "
+                   "prune recomputes them from the plan's calibration data.")
 @click.option("--target", type=float, default=None,
               help="Global sparsity to match exactly (budget-matched mode). Omit for the ranges' native sparsity.")
 @click.option("--extend-ranges", is_flag=True,
@@ -45,14 +49,14 @@ if TYPE_CHECKING:
               help="Where to write the plan (atomically).")
 def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_shape: tuple[int, int, int] | None,
             calib: str, data_dir: str | None, calib_samples: int, batch_size: int, seed: int, signals: tuple[SignalName, ...],
-            measure: SignalName | None, target: float | None,
+            measure: SignalName | None, progressive: int, target: float | None,
             extend_ranges: bool, preset: str, range_source: RangeSource | Literal["auto"], disabled: tuple[str, ...], protect: tuple[str, ...],
             role_overrides: tuple[str, ...], out: str) -> None:
     """Build per-layer ranges and ten rule strategies per signal, and write them as plan JSON.
 
     With --target, the plan also holds the score family (SIGNAL:score-NORM-CLIP: one threshold on the
-    signal's scores, each layer clipped into its range, hard bounds or free limits) and, with
-    --measure, the measured allocations. Choose among them on validation data (mm.choose).
+    signal's scores, each layer clipped into its range, hard bounds or free limits), with --measure the
+    measured allocations, and with --progressive progressive SNIP. Choose among them on validation data (mm.choose).
 
     \b
     Example:
@@ -71,7 +75,7 @@ def command(model_spec: str, model_kwargs: dict, checkpoint: str | None, input_s
         data = load_data(calib, data_dir, shape, seed)
         loader, shape = data.calibration(calib_samples, batch_size, seed), data.input_shape
     options = PlanOptions(ranges=range_source, disable_constraints=disabled, roles=parse_roles(role_overrides), protect=protect,
-                          measure=measure)
+                          measure=measure, progressive=progressive)
     p = make_plan(model, loader, signals=signals, preset=preset, target=target,
                   on_unreachable="extend" if extend_ranges else "error", options=options, progress=True)
     p.meta["model_spec"] = {"model": model_spec, "model_kwargs": model_kwargs, "input_shape": list(shape) if shape else None}

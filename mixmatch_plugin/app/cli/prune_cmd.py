@@ -86,9 +86,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
 
     model_meta = {"model": spec, "model_kwargs": kwargs, "input_shape": list(shape)}
     if backend == "torch":
-        from mixmatch_plugin.masks import apply as mm_apply
-
-        res = mm_apply(model, strategy, calib=loader, plan_layers=p.layers)
+        res = p.apply(model, strategy, calib=loader)
         report: dict[str, Any] = {"global_sparsity": res.global_sparsity, "layer_sparsity": res.layer_sparsity}
         path = save_pruned(out, res.model, backend="torch", model_spec=model_meta, strategy=strategy.to_dict(), report=report)
         _print_layers(res.layer_sparsity, p)
