@@ -8,6 +8,7 @@ medians), in the default NCHW layout and channels-last. Prints one JSON line per
 an idle machine.
 
     python -m benchmarks.structured_speedup vit,resnet18,swin
+    python -m benchmarks.structured_speedup --round-to swin 0.5 1,8,16   # the same budget at round_to 1, 8, 16
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -27,16 +29,20 @@ from mixmatch_plugin.evaluation import evaluate, reestimate_bn
 METHODS = ("tp_global", "mix-and-match", "mix-and-match r8", "mix-and-match latency=0.45")
 
 
-def main(models: list[str]) -> None:
+def setup(name: str) -> tuple[torch.nn.Module, torch.Tensor, list[Any], list[Any], Any]:
+    """Seed 0's model, example inputs, calibration batches, BatchNorm batches and 2,000-image test loader."""
     torch.set_num_threads(1)
     splits = data.fashion_mnist(seed=0)
-    test = data.loader(data.subset(splits.test, 2000, 0), 500)
-    x = splits.train.tensors[0][:2].clone()
-    shape = tuple(x.shape[1:])
+    model, _ = load(name, splits)
+    calib = [tuple(b) for b in splits.calibration(512, 128, 0)]
+    return (model, splits.train.tensors[0][:2].clone(), calib, splits.held_batches(4, seed=0),
+            data.loader(data.subset(splits.test, 2000, 0), 500))
+
+
+def main(models: list[str]) -> None:
     for name in models:
-        model, _ = load(name, splits)
-        calib = [tuple(b) for b in splits.calibration(512, 128, 0)]
-        bn = splits.held_batches(4, seed=0)
+        model, x, calib, bn, test = setup(name)
+        shape = tuple(x.shape[1:])
         rows = []
         for method in METHODS:
             t0 = time.perf_counter()
@@ -63,5 +69,27 @@ def main(models: list[str]) -> None:
             print(json.dumps(row), flush=True)
 
 
+def round_to(name: str, target: float, rounds: list[int]) -> None:
+    """Mix-and-Match's MACs budget with channel counts rounded to each of ``rounds``: one JSON line each."""
+    model, x, calib, bn, test = setup(name)
+    shape = tuple(x.shape[1:])
+    rows = []
+    for r in rounds:
+        t0 = time.perf_counter()
+        res = tpa.prune(model, None, x, calib=calib, macs=target, options=tpa.TPOptions(round_to=r) if r > 1 else None)
+        reestimate_bn(res.model, bn, 4)
+        rows.append((res.model, {"model": name, "target": target, "round_to": r, "macs_kept": round(res.report.macs_ratio, 3),
+                                 "one_shot_2000": evaluate(res.model, test).accuracy, "prune_s": round(time.perf_counter() - t0)}))
+    for layout, cl in (("nchw", False), ("channels_last", True)):
+        dense, *pruned = batch_latencies([model, *(m for m, _ in rows)], 64, shape, 21, channels_last=cl)
+        for (_, row), t in zip(rows, pruned, strict=True):
+            row[f"of_macs_ratio_{layout}"] = round(dense / t * row["macs_kept"], 3)
+    for _, row in rows:
+        print(json.dumps(row), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["vit", "resnet18", "swin"])
+    if sys.argv[1:2] == ["--round-to"]:
+        round_to(sys.argv[2], float(sys.argv[3]), [int(r) for r in sys.argv[4].split(",")])
+    else:
+        main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["vit", "resnet18", "swin"])
