@@ -94,6 +94,7 @@ class BenchConfig:
     search_trials: int = 40  # mm+search: this many Optuna trials after the whole pool (0: no mm+search rows)
     variants: tuple[str, ...] = ("rules", "empirical")
     measure: str | None = "wanda"  # the signal whose per-layer damage curves give the measured allocations (None: none)
+    progressive: int = 10  # rounds of progressive SNIP in the pool (0: none)
     masks: tuple[str, ...] = ("magnitude", "product", "wanda")  # the winner's allocation is also tried with these masks
     test_samples: int | None = None  # None: the whole 10,000-image test split
     val_samples: int | None = None  # None: the whole 5,000-image validation split
@@ -110,7 +111,7 @@ class BenchConfig:
         """Smoke-sized (seconds per seed), for the tests that kill and resume a run; not a benchmark."""
         return cls(models=dict(TINY), sparsities={"resnet": (0.5,)}, seeds=(0, 1, 2), calib_samples=64, screen_samples=64,
                    top_k=1, bn_batches=0, finetune_steps=2, finetune_methods=("uniform", "mm", "mm+search"), search_trials=2, variants=("rules",),
-                   measure=None, masks=(), test_samples=128, val_samples=128, structured=False)
+                   measure=None, progressive=0, masks=(), test_samples=128, val_samples=128, structured=False)
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -277,7 +278,8 @@ def run_model(
                     with clock("strategies"):
                         plans[variant] = plan(model, calib, preset=_variant_preset(variant, model), target=target,
                                               on_unreachable="extend", scores=scores,
-                                              options=PlanOptions(measure=curves if variant == cfg.variants[0] else None))
+                                              options=PlanOptions(measure=curves if variant == cfg.variants[0] else None,
+                                                                  progressive=cfg.progressive if variant == cfg.variants[0] else 0))
                 except BudgetError as exc:
                     logger.warning("%s at %.2f: variant %s skipped (%s)", name, target, variant, exc)
             variants = list(plans)
@@ -287,7 +289,8 @@ def run_model(
                     "change the configuration's sparsities"
                 )
             layers = plans[variants[0]].layers
-            ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
+            signals = plans[variants[0]].signals or scores  # with this target's progressive scores
+            ev = _Evaluator(model, signals, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
             base = {b: baselines.make(b, layers, scores, target) for b in BASELINES}
             cands: dict[str, Strategy] = {}
             for variant, p in plans.items():
@@ -301,10 +304,10 @@ def run_model(
                 screened: Sequence[Any] = []
                 if cfg.search_trials and "search" not in rec:
                     with clock("validation choice"):  # the pool's screen again, to seed the search
-                        screened = rank(model, list(cands.values()), screen, signals=scores, bn_loader=bn, bn_batches=ev.bn_batches)
+                        screened = rank(model, list(cands.values()), screen, signals=signals, bn_loader=bn, bn_batches=ev.bn_batches)
             else:
                 with clock("validation choice"):
-                    choice = choose(model, list(cands.values()), screen, val, signals=scores, bn_loader=bn,
+                    choice = choose(model, list(cands.values()), screen, val, signals=signals, bn_loader=bn,
                                     bn_batches=ev.bn_batches, top_k=cfg.top_k, masks=cfg.masks)
                     steps = _ablation(ev, cands, choice, val, cfg.top_k)
                 rec = {"seed": seed, "sparsity": target, "pool": len(cands), "winner": choice.strategy.name,
@@ -447,15 +450,15 @@ def _rebuilt(info: dict[str, Any], plan_: Plan, cands: dict[str, Strategy]) -> S
 
 
 #: The ablation's nested pools, in order: each adds one kind of pool member to the one before.
-POOLS = ("rules", "+score", "+wanda", "+free", "+measured")
+POOLS = ("rules", "+score", "+wanda", "+free", "+measured", "+progressive")
 
 
 def pool_step(s: Strategy) -> str:
     """The ablation step that brings strategy ``s`` into the pool (see :data:`POOLS`)."""
     if s.meta.get("family") is None:
         return "rules"
-    if s.meta["family"] == "measured":
-        return "+measured"
+    if s.meta["family"] in ("measured", "progressive"):
+        return "+" + s.meta["family"]
     return "+free" if s.meta.get("clip") == "free" else "+wanda" if s.signal == "wanda" else "+score"
 
 

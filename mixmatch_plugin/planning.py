@@ -21,7 +21,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -463,8 +463,9 @@ def plan(
     if o.progressive and target is not None:
         assert calib is not None
         dense = {m: 0.0 for m, b in free.items() if b[1] == 0.0}  # no ceilings: one global threshold per round, as SNIP
-        scores.progressive, counts = progressive_scores(model, calib, layers, target, rounds=o.progressive, hi=dense,
-                                                        loss_fn=loss_fn, max_batches=max_batches, progress=progress)
+        prog, counts = progressive_scores(model, calib, layers, target, rounds=o.progressive, hi=dense, loss_fn=loss_fn,
+                                          max_batches=max_batches, progress=progress)
+        scores = replace(scores, progressive=prog)  # for this target only: the caller's signals are not changed
         rho = np.array([counts.get(x.name, 0) / x.params for x in layers])
         strategies.append(space.build("product:progressive", "progressive", rho, {"family": "progressive", "rounds": o.progressive}))
     sensitivity = {str(s): scores.layer_means(s) for s in scores.available if s in SIGNALS}

@@ -43,10 +43,10 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     assert {r["method"] for r in ft} >= {"uniform", "global_magnitude", "snip", "grasp", "lamp", "erk", "mm", "mm+search"}
     assert all(abs(r["realized_sparsity"] - 0.8) < 2e-3 for r in ft)  # fine-tuning kept the masks
     # every choice was made on validation: the chosen strategy is the validation-best finalist, and the pool held
-    # every kind of member (rules of both range variants, the score family, measured allocations)
+    # every kind of member (rules of both range variants, the score family, measured allocations, progressive SNIP)
     for c in doc["models"]["resnet"]["choices"]:
         assert c["finals"][0]["strategy"] == c["winner"] and c["finals"][0]["accuracy"] == max(f["accuracy"] for f in c["finals"])
-        assert c["evaluations"] >= c["pool"] > 60 and set(c["ablation"]) == {"rules", "+score", "+wanda", "+free", "+measured"}
+        assert c["evaluations"] >= c["pool"] > 60 and set(c["ablation"]) == {"rules", "+score", "+wanda", "+free", "+measured", "+progressive"}
     chosen = {r["method"]: r for r in runs if r["regime"] == "one-shot"}
     choice = doc["models"]["resnet"]["choices"][0]
     assert chosen["mm"]["strategy"] == choice["winner"]
