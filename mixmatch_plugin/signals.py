@@ -81,7 +81,7 @@ class Signals:
         if signal not in ALL_SIGNALS:
             raise MixMatchError(f"unknown signal {signal!r}; signals are {', '.join(ALL_SIGNALS)}")
         if signal not in self.available:
-            need = {"grasp": "compute_grasp(...)", "progressive": "a plan built with PlanOptions(progressive=10) and its signals"}.get(
+            need = {"grasp": "compute_grasp(...)", "progressive": "the plan's progressive scores: plan.apply(model, strategy, calib=...) recomputes them"}.get(
                 signal, "calibration data (compute_signals(model, calib))")
             raise MixMatchError(f"signal {signal!r} is not available: it needs {need}")
         if name not in self.magnitude:
