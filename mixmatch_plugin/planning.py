@@ -115,7 +115,7 @@ class Plan:
             raise MixMatchError(f"strategy {strategy.name!r} needs a budget-mode plan (one built with a target)")
         signals = compute_signals(model, calib, layers=self.layers, signals=("magnitude",), loss_fn=loss_fn)
         signals.progressive, _ = progressive_scores(model, calib, self.layers, float(target), rounds=int(strategy.meta.get("rounds", 10)),
-                                                    hi={m: 0.0 for m, b in self.bounds.items() if b[1] == 0.0}, loss_fn=loss_fn)
+                                                    hi=kept_dense(self.bounds), loss_fn=loss_fn)
         return signals
 
     def space(self) -> StrategySpace:
@@ -319,6 +319,11 @@ def _report_pinned(layers: Sequence[Layer], final: Mapping[str, Range], fixed: M
     return out
 
 
+def kept_dense(limits: Mapping[str, Range]) -> dict[str, float]:
+    """The layers ``limits`` keep dense, as progressive SNIP's caps: no ceilings, one global threshold per round as SNIP."""
+    return {m: 0.0 for m, b in limits.items() if b[1] == 0.0}
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """The less common settings of :func:`plan`.
@@ -462,8 +467,7 @@ def plan(
         measured = {"signal": curves.signal, "forwards": curves.forwards, "seconds": round(curves.seconds, 2)}
     if o.progressive and target is not None:
         assert calib is not None
-        dense = {m: 0.0 for m, b in free.items() if b[1] == 0.0}  # no ceilings: one global threshold per round, as SNIP
-        prog, counts = progressive_scores(model, calib, layers, target, rounds=o.progressive, hi=dense, loss_fn=loss_fn,
+        prog, counts = progressive_scores(model, calib, layers, target, rounds=o.progressive, hi=kept_dense(free), loss_fn=loss_fn,
                                           max_batches=max_batches, progress=progress)
         scores = replace(scores, progressive=prog)  # for this target only: the caller's signals are not changed
         rho = np.array([counts.get(x.name, 0) / x.params for x in layers])
