@@ -29,6 +29,7 @@ from benchmarks.run import BASELINES, BenchConfig, _Evaluator, _has_bn, _variant
 from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import train_cached
 from mixmatch_plugin.evaluation import evaluate
+from mixmatch_plugin.io import atomic_write_json
 from mixmatch_plugin.planning import PlanOptions, plan
 
 logger = logging.getLogger("benchmarks.progressive_check")
@@ -39,21 +40,26 @@ def cells(recorded: dict[str, Any]) -> dict[str, list[float]]:
     return {m: sorted({r["sparsity"] for r in v["runs"]})[-2:] for m, v in recorded.items()}
 
 
+def finetune_done(row: dict[str, Any]) -> bool:
+    """Whether a cell needs no fine-tuning pass: the member was not chosen, or it was fine-tuned already."""
+    return row["chosen"] != "progressive" or "progressive_finetuned_test" in row
+
+
 def run(models: list[str], seeds: list[int], out: Path, rounds: int, cache_dir: str, finetune: bool, source: Path) -> None:
     recorded = json.loads(source.read_text())["models"]
     doc: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"rounds": rounds, "rows": []}
-    done = {(r["model"], r["seed"], r["sparsity"]): r for r in doc["rows"]}
+    done = {(r["model"], r["seed"], r["sparsity"]) for r in doc["rows"] if finetune_done(r) or not finetune}
     cfg = BenchConfig.full()
     splits = data.fashion_mnist(None, seed=0)
     val, test = eval_loaders(cfg, splits)
     for name in models:
         model, _ = train_cached({**FULL, **OUTSIDE}[name], splits, cache_dir=cache_dir, progress=False)
+        targets = cells(recorded)[name]
         for seed in seeds:
             calib = splits.calibration(cfg.calib_samples, 128, seed)
             bn = splits.held_batches(cfg.bn_batches, seed=seed)
-            for target in cells(recorded)[name]:
-                if (name, seed, target) in done and (not finetune or "progressive_finetuned_test" in done[(name, seed, target)]
-                                                     or done[(name, seed, target)]["chosen"] != "progressive"):
+            for target in targets:
+                if (name, seed, target) in done:
                     continue
                 doc["rows"] = [r for r in doc["rows"] if (r["model"], r["seed"], r["sparsity"]) != (name, seed, target)]
                 t0 = time.perf_counter()
@@ -72,7 +78,7 @@ def run(models: list[str], seeds: list[int], out: Path, rounds: int, cache_dir: 
                     work, _ = ev.fine_tuned(p.strategy("product:progressive"), order, cfg.finetune_steps, cfg.finetune_lr)
                     row["progressive_finetuned_test"] = evaluate(work, test).accuracy
                 doc["rows"].append(row)
-                out.write_text(json.dumps(doc, indent=1))
+                atomic_write_json(out, doc)
                 logger.info("%s", row)
 
 
