@@ -75,6 +75,8 @@ def progressive_scores(
     counts: dict[str, int] = {}
     for r in progress_bar(range(1, rounds + 1), "progressive", enable=progress):
         goal = budget_weights(layers, 1.0 - (1.0 - target) ** (r / rounds))
+        if r > 1:  # the last round's removals are never rescored
+            reestimate_bn(work, batches, len(batches))
         signals = compute_signals(work, batches, layers=pruned_layers, signals=("product",), loss_fn=loss_fn)
         scores = {}
         for x in pruned_layers:
@@ -91,7 +93,6 @@ def progressive_scores(
                 out[x.name][new] = (r - 1) + torch.arange(len(new), dtype=torch.float64) / max(len(new), 1)
                 keep[x.name][order[:n]] = False
                 weights[x.name].mul_(keep[x.name].view_as(weights[x.name]).to(weights[x.name].dtype))
-        reestimate_bn(work, batches, len(batches))
         logger.debug("progressive round %d: %d weights removed", r, sum(counts.values()))
     for x in pruned_layers:  # the survivors, ordered by their last score
         s = scores[x.name]
