@@ -344,7 +344,7 @@ class PlanOptions:
             curves measured before (reused across targets).
         progressive: in budget mode, also add ``"product:progressive"``: SNIP rescored on the pruned model over
             this many rounds (:mod:`~mixmatch_plugin.progressive`; one forward+backward pass over ``calib``
-            per round), whose allocation and masks both come from the rounds; 0 (default) leaves it out.
+            per round after the first, which reuses the plan's signals), whose allocation and masks both come from the rounds; 0 (default) leaves it out.
         loss_fn, max_batches: see :func:`~mixmatch_plugin.compute_signals`.
     """
 
@@ -468,7 +468,7 @@ def plan(
     if o.progressive and target is not None:
         assert calib is not None
         prog, counts = progressive_scores(model, calib, layers, target, rounds=o.progressive, hi=kept_dense(free), loss_fn=loss_fn,
-                                          max_batches=max_batches, progress=progress)
+                                          max_batches=max_batches, dense=scores, progress=progress)
         scores = replace(scores, progressive=prog)  # for this target only: the caller's signals are not changed
         rho = np.array([counts.get(x.name, 0) / x.params for x in layers])
         strategies.append(space.build("product:progressive", "progressive", rho, {"family": "progressive", "rounds": o.progressive}))

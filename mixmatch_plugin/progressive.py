@@ -31,7 +31,7 @@ from .errors import MixMatchError
 from .evaluation import reestimate_bn
 from .layers import Layer, weight_of
 from .progress import progress_bar
-from .signals import compute_signals
+from .signals import Signals, compute_signals
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def progressive_scores(
     hi: Mapping[str, float] | None = None,
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,
+    dense: Signals | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Per-weight progressive scores (see the module doc) and the weights each layer loses at ``target``.
@@ -56,6 +57,8 @@ def progressive_scores(
         rounds: rescoring rounds; round ``r`` prunes to ``1 - (1 - target) ** (r / rounds)``. Each costs one
             forward+backward pass over ``calib``.
         hi: per-layer sparsity caps (a layer keeps at least ``1 - hi`` of its weights); default none.
+        dense: the dense model's signals on the same ``calib`` batches (with gradients), if at hand: the first
+            round's scores are SNIP's, so they are reused instead of computed again.
 
     Raises:
         MixMatchError: ``rounds`` below 1, or a target the caps cannot reach.
@@ -77,7 +80,10 @@ def progressive_scores(
         goal = budget_weights(layers, 1.0 - (1.0 - target) ** (r / rounds))
         if r > 1:  # the last round's removals are never rescored
             reestimate_bn(work, batches, len(batches))
-        signals = compute_signals(work, batches, layers=pruned_layers, signals=("product",), loss_fn=loss_fn)
+        if r == 1 and dense is not None and dense.gradient is not None and dense.batches == len(batches):
+            signals = dense
+        else:
+            signals = compute_signals(work, batches, layers=pruned_layers, signals=("product",), loss_fn=loss_fn)
         scores = {}
         for x in pruned_layers:
             s = signals.score(x.name, "product").flatten().double().abs()

@@ -27,6 +27,12 @@ def test_one_round_is_snip_and_the_scores_encode_the_removed_weights(trained_tin
     for name, s in scores.items():  # the lowest `counts` scores are the removed ones: those of the four rounds
         assert int((s < 4).sum()) == counts[name] and bool((s >= 0).all()) and bool((s < 5).all())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+    dense = compute_signals(model, calib)
+    reused, again = progressive_scores(model, calib, layers, 0.9, rounds=4, dense=dense)
+    assert again == counts and all(torch.equal(reused[n], scores[n]) for n in scores)  # the dense signals are round 1
+    noisy = compute_signals(model, calib)  # ... and really are used
+    noisy.gradient = {n: g * torch.rand_like(g) for n, g in noisy.gradient.items()}
+    assert progressive_scores(model, calib, layers, 0.9, rounds=1, dense=noisy)[1] != progressive_scores(model, calib, layers, 0.9, rounds=1)[1]
 
 
 def test_a_plan_adds_the_progressive_member_and_masks_by_its_rounds(trained_tiny_resnet, calib, digits_loaders):
