@@ -344,7 +344,8 @@ class PlanOptions:
             curves measured before (reused across targets).
         progressive: in budget mode, also add ``"product:progressive"``: SNIP rescored on the pruned model over
             this many rounds (:mod:`~mixmatch_plugin.progressive`; one forward+backward pass over ``calib``
-            per round after the first, which reuses the plan's signals), whose allocation and masks both come from the rounds; 0 (default) leaves it out.
+            per round after the first, which reuses the plan's signals), whose allocation and masks both come
+            from the rounds; 0 (default) leaves it out.
         loss_fn, max_batches: see :func:`~mixmatch_plugin.compute_signals`.
     """
 

@@ -78,7 +78,7 @@ def progressive_scores(
     counts: dict[str, int] = {}
     for r in progress_bar(range(1, rounds + 1), "progressive", enable=progress):
         goal = budget_weights(layers, 1.0 - (1.0 - target) ** (r / rounds))
-        if r > 1:  # the last round's removals are never rescored
+        if r > 1:  # BatchNorm statistics of the network the last round left (none needed after the final round)
             reestimate_bn(work, batches, len(batches))
         if r == 1 and dense is not None and dense.gradient is not None and dense.batches == len(batches):
             signals = dense
