@@ -39,6 +39,9 @@ class _Command(click.Command):
 @click.option("--update-readme", type=click.Path(dir_okay=False), default=None,
               help="Regenerate the tables between <!-- bench:start --> and <!-- bench:end --> in this file (benchmarks/RESULTS.md), "
                    "and the README's one-table summary between <!-- results:start --> and <!-- results:end -->.")
+@click.option("--section", default=None,
+              help="With --update-readme: the marker of the section to regenerate in that file (<!-- SECTION:start -->), "
+                   "so that results of another --out keep a section of their own (default: bench, or bench-one-shot).")
 @click.option("--fresh", is_flag=True, help="Ignore earlier partial results instead of resuming them.")
 @click.option("--no-structured", is_flag=True, help="Skip the structured (Torch-Pruning) rows.")
 @click.option("--one-shot", is_flag=True, help="No fine-tuning (one-shot rows only), into OUT/one-shot.json: a third of the time.")
@@ -54,7 +57,7 @@ class _Command(click.Command):
               help="Seconds-sized smoke configuration (OUT/tiny.json), for the interruption tests; not a benchmark.")
 @click.pass_context
 def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: str | None, seeds: str | None, sparsities: str | None, out: str, data_dir: str | None, cache_dir: str | None,
-            update_readme: str | None, fresh: bool, no_structured: bool, one_shot: bool, from_one_shot: bool, tables_only: bool, device: str | None,
+            update_readme: str | None, section: str | None, fresh: bool, no_structured: bool, one_shot: bool, from_one_shot: bool, tables_only: bool, device: str | None,
             tiny: bool) -> None:
     """Compare Mix-and-Match with uniform, global magnitude, SNIP, GraSP, LAMP and ERK on real
     Fashion-MNIST, at exactly matched sparsity, one-shot and after the same fine-tune, over seeds.
@@ -79,7 +82,7 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
 
     if update_readme:  # checked before hours of work, not after
         readme = Path(update_readme)
-        marker = "bench-one-shot" if one_shot else "bench"
+        marker = section or ("bench-one-shot" if one_shot else "bench")
         if not readme.is_file() or f"<!-- {marker}:start -->" not in readme.read_text(encoding="utf-8", errors="replace"):
             raise MixMatchError(f"--update-readme {update_readme}: no such file with <!-- {marker}:start --> / <!-- {marker}:end --> markers")
     cfg = BenchConfig.tiny() if tiny else BenchConfig.quick() if quick else BenchConfig.full()
@@ -107,7 +110,7 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
     name = "tiny" if tiny else "one-shot" if one_shot else None
     cmd = "python -m benchmarks" + (" --tiny" if tiny else " --quick" if quick else "") + (f" --models {models}" if models else "") + (
         f" --sparsities {','.join(map(str, cfg.sparsities[next(iter(cfg.models))]))}" if sparsities else "") + (
-        " --one-shot" if one_shot else "")
+        " --one-shot" if one_shot else "") + (f" --out {out}" if Path(out) != Path("benchmarks/results") else "")
     if tables_only:
         path = results_path(out, quick=quick, name=name)
         doc = _saved(path, list(cfg.models))
@@ -134,9 +137,9 @@ def command(ctx: click.Context, verbose: int, quiet: bool, quick: bool, models: 
     click.echo(f"\nresults: {path}; plots: {', '.join(files.values())}")
     if update_readme:
         here = Path(update_readme).resolve().parent  # image links relative to the file they are written into
-        section = md + "\n\n" + "\n".join(f"![{k}]({Path(os.path.relpath(Path(v).resolve(), here)).as_posix()})" for k, v in files.items())
-        marker = f"bench-{name}" if name else "bench"  # --one-shot results have a section of their own
-        if not tables.update_readme(update_readme, section, marker=marker):
+        text = md + "\n\n" + "\n".join(f"![{k}]({Path(os.path.relpath(Path(v).resolve(), here)).as_posix()})" for k, v in files.items())
+        marker = section or (f"bench-{name}" if name else "bench")  # --one-shot results have a section of their own
+        if not tables.update_readme(update_readme, text, marker=marker):
             raise MixMatchError(f"{update_readme} has no <!-- {marker}:start --> / <!-- {marker}:end --> markers")
         click.echo(f"updated {update_readme}")
         readme = Path(update_readme).resolve().parent.parent / "README.md"  # benchmarks/RESULTS.md -> the README's summary
@@ -154,7 +157,7 @@ def _saved(path: Path, models: list[str]) -> dict[str, Any]:
     doc = read_json(path, "benchmark results")
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
         raise MixMatchError(f"{path} is not a benchmark results file (no 'models'); rerun `python -m benchmarks`")
-    shown = {k: v for k, v in doc["models"].items() if k in models and v.get("runs")}
+    shown = {k: doc["models"][k] for k in models if doc["models"].get(k, {}).get("runs")}  # in the order asked for
     if not shown:
         raise MixMatchError(f"{path} has no results for {', '.join(models)}; run `python -m benchmarks` first")
     return {**doc, "models": shown}

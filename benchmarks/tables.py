@@ -192,7 +192,8 @@ def ablation_table(name: str, model_doc: Mapping[str, Any]) -> str:
     if cost:
         lines += ["", f"Choosing M&M cost {statistics.fmean(c['evaluations'] for c in cost):.0f} masked evaluations "
                   f"({statistics.fmean(c['seconds'] for c in cost):.0f} s) per cell, over a pool of "
-                  f"{statistics.fmean(c['pool'] for c in cost):.0f} strategies."]
+                  f"{statistics.fmean(c['pool'] for c in cost):.0f} strategies"
+                  + (f" ({statistics.fmean(c['twins'] for c in cost):.0f} of them twins of others, evaluated once)." if all("twins" in c for c in cost) else ".")]
     searched = [c["search"] for c in cost if "search" in c]
     if searched:
         lines[-1] += (f" The search added {statistics.fmean(c['evaluations'] for c in searched):.0f} "
@@ -243,7 +244,9 @@ def markdown(doc: Mapping[str, Any], *, command: str) -> str:
         + f"BatchNorm re-estimated on the same batches for every method (benchmark protocol 2{older}). **M&M** is the strategy chosen on the validation split "
         "(`mixmatch_plugin.choose`: every pool member screened on 500 images, the best 5 on all 5,000, the winner's "
         "allocation tried with each signal's masks) from one pool: the rule strategies of both range variants (the "
-        "model's preset and the paper's empirical ranges), the score family and the measured allocations. "
+        "model's preset and the paper's empirical ranges), the score family"
+        + (f", the measured allocations and progressive SNIP ({cfg['progressive']} rounds). " if cfg.get("progressive")
+           else " and the measured allocations. ")
         + (f"**M&M+search** adds an Optuna study around that pool ({cfg['search_trials']} TPE trials after the whole pool, "
            "each a pool member with per-group log-odds shifts at the same budget, on the screen's loss; its best 5 on all "
            "validation against the choice's finalists). " if cfg.get("search_trials") else "")
@@ -265,10 +268,10 @@ def update_readme(readme: str | Path, section: str, marker: str = "bench") -> bo
     """Replace the text between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->``; False if no markers."""
     path = Path(readme)
     text = path.read_text()
-    pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(\n<!-- {marker}:end -->)", re.S)
+    pat = re.compile(rf"(<!-- {marker}:start -->\n)(?:.*?\n)?(<!-- {marker}:end -->)", re.S)  # the section may be empty
     if not pat.search(text):
         return False
-    atomic_write_text(path, pat.sub(lambda m: m.group(1) + section + m.group(2), text))
+    atomic_write_text(path, pat.sub(lambda m: m.group(1) + section.rstrip("\n") + "\n" + m.group(2), text))
     return True
 
 
@@ -323,7 +326,8 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
                 verdict = ("not judged (1 seed)" if min(len(mm), len(d[(regime, s, best)])) < 2
                            else "tie" if abs(b_mu - m_mu) <= noise_floor(d, regime, s, (ours, best))
                            else "**win**" if m_mu < b_mu else "loss")
-                cells.append(f"{verdict} vs {LABEL[best]}: {m_mu:.2f} vs {b_mu:.2f}")
+                cut = f" ({(b_mu - m_mu) / b_mu:.0%} smaller)" if verdict == "**win**" and b_mu > 0 else ""
+                cells.append(f"{verdict} vs {LABEL[best]}: {m_mu:.2f} vs {b_mu:.2f}{cut}")
             label = f"{name} ({100 * md['dense']['test_accuracy_eval']:.2f} %)" if ours == "mm" else f"{name} + search"
             lines.append(f"| {label} | {s:.0%} | " + " | ".join(cells) + " |")
     for who, rows in (("", [c for c in lines[2:] if " + search |" not in c]), ("With the search", [c for c in lines[2:] if " + search |" in c])):
@@ -334,7 +338,7 @@ def verdict_table(doc: Mapping[str, Any]) -> str:
             lines.append(f"\nAgainst the best rival of each cell: {tally}." if not who else f"{who}: {tally}.")
     return ("Cells: test-accuracy drop in points (lower is better; negative: above dense), Mix-and-Match's validation-chosen strategy vs the best "
             "of uniform, global magnitude, LAMP, SNIP, GraSP and ERK at that cell, mean over seeds; a tie is a difference "
-            "within the larger seed std of the two, the reseed spread or 0.1 point" + (
+            "within the larger seed std of the two, the reseed spread or 0.1 point; a win says how much smaller M&M's drop is" + (
                 f"; a *+ search* line is M&M with the Optuna search around its pool ({doc.get('config', {}).get('search_trials')} trials, "
                 "chosen on validation)" if any(
                     " + search |" in line for line in lines) else "") + ".\n\n" + "\n".join(lines))

@@ -25,7 +25,7 @@ from .errors import MixMatchError
 from .masks import Masker
 from .progress import progress_bar
 from .signals import Signals
-from .strategies import Strategy
+from .strategies import Strategy, twins
 
 logger = logging.getLogger(__name__)
 
@@ -222,16 +222,22 @@ def choose(
 ) -> Choice:
     """Choose a pool's best strategy on validation data: every member on ``screen``, the ``top_k`` on ``val``.
 
-    ``masks``: signals to try the winner's allocation with as well (``"<name>@<signal>"``), on ``val``;
-    the best of those and the winner is chosen. ``model`` is not changed. Pass validation splits only.
+    A member that gives the same masks as an earlier one (:func:`~mixmatch_plugin.strategies.twins`) is not
+    evaluated again and takes no finalist's place; ``screen`` lists it with the earlier one's scores.
+    ``masks``: signals to try the winner's allocation with as well (``"<name>@<signal>"``), on ``val``; the
+    best of those and the winner is chosen. ``model`` is not changed. Pass validation splits only.
     """
     if not strategies:
         raise MixMatchError("choose() needs at least one strategy")
     t0 = time.perf_counter()
+    same = twins(strategies)
+    pool = [s for s in strategies if s.name not in same]
+    if same:
+        logger.info("choose: %d of %d strategies give the same masks as an earlier one; each is evaluated once", len(same), len(strategies))
     kw: dict[str, Any] = {"signals": signals, "bn_loader": bn_loader, "bn_batches": bn_batches}
-    first = rank(model, strategies, screen, progress=progress, **kw) if len(strategies) > top_k else []
+    first = rank(model, pool, screen, progress=progress, **kw) if len(pool) > top_k else []
     by = {s.name: s for s in strategies}
-    keep = [by[r.strategy] for r in first[:top_k]] if first else list(strategies)
+    keep = [by[r.strategy] for r in first[:top_k]] if first else pool
     finals = rank(model, keep, val, **kw)
     best = by[finals[0].strategy]
     usable = [m for m in masks if m != best.signal and (signals is None or m in signals.available)]
@@ -242,4 +248,5 @@ def choose(
     seconds = time.perf_counter() - t0
     n = len(first) + len(keep) + len(usable)
     logger.info("chose %s from %d strategies: %d evaluations, %.1f s", finals[0].strategy, len(strategies), n, seconds)
-    return Choice(by[finals[0].strategy], first, finals, n, seconds)
+    listed = [x for r in first for x in (r, *(replace(r, strategy=t) for t, o in same.items() if o == r.strategy))]  # twins after theirs
+    return Choice(by[finals[0].strategy], listed, finals, n, seconds)

@@ -320,6 +320,33 @@ def _same(a: Strategy, b: Strategy, tol: float = 1e-9) -> bool:
     return all(abs(a.ratios[k] - b.ratios[k]) <= tol for k in a.ratios)
 
 
+def twins(strategies: Sequence[Strategy]) -> dict[str, str]:
+    """Each strategy that gives the same masks as an earlier one (the same per-layer ratios and signals), by name,
+    mapped to the earlier one's name.
+
+    Pools merged from several plans hold such twins: the score family's ``free`` and ``bounds`` members do not
+    depend on the ranges, so both range variants build them. Example::
+
+        pool = [*rules_plan.strategies, *empirical_plan.strategies]
+        same = twins(pool)      # {"empirical/product:score-raw-free": "rules/product:score-raw-free", ...}
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    out = {}
+    for s in strategies:
+        key = (s.signal, tuple(sorted(s.layer_signals.items())), tuple(sorted((k, round(v, 9)) for k, v in s.ratios.items())))
+        if key in first:
+            out[s.name] = first[key]
+        else:
+            first[key] = s.name
+    return out
+
+
+def distinct(strategies: Sequence[Strategy]) -> list[Strategy]:
+    """``strategies`` without the :func:`twins` of earlier ones, in order."""
+    same = twins(strategies)
+    return [s for s in strategies if s.name not in same]
+
+
 # ------------------------------------------------------------------------------------------ shapes
 #: A shape: ``(space, signal, scores) -> {group: alpha}``, one alpha in [0, 1] per group of ``space.groups``.
 #: The same one-method contract as Torch-Pruning's ``Importance.__call__(group)``.

@@ -139,19 +139,32 @@ def test_a_budget_plan_holds_the_score_and_measured_families_at_the_exact_budget
 
 
 def test_choose_screens_the_pool_then_ranks_the_best_on_validation(trained_tiny_resnet, calib, digits_loaders):
+    from dataclasses import replace
+
     from mixmatch_plugin.evaluation import choose, rank
     from mixmatch_plugin.planning import plan
+    from mixmatch_plugin.strategies import distinct
 
     _, val, _ = digits_loaders
     screen = [next(iter(val))]
     p = plan(trained_tiny_resnet, calib, target=0.6, on_unreachable="extend")
-    c = choose(trained_tiny_resnet, p.strategies, screen, val, signals=p.signals, top_k=3, masks=("magnitude", "wanda"))
-    assert len(c.screen) == len(p.strategies)
+    # a pool merged from two plans holds twins: the same masks under another name are evaluated once
+    first = p.strategies[0]
+    layer = next(k for k, v in first.ratios.items() if v > 0)
+    twin, other = replace(first, name="twin"), replace(first, name="other", layer_signals={layer: "wanda"})
+    names = [s.name for s in distinct([*p.strategies, twin, other])]
+    assert "twin" not in names and "other" in names and names[:-1] == [s.name for s in distinct(p.strategies)]
+    c = choose(trained_tiny_resnet, [*p.strategies, twin], screen, val, signals=p.signals, top_k=3, masks=("magnitude", "wanda"))
+    names = [r.strategy for r in c.screen]
+    assert len(names) == len(p.strategies) + 1 and names[names.index(first.name) + 1] == "twin"  # listed with its twin's scores
+    assert c.screen[names.index("twin")].accuracy == c.screen[names.index(first.name)].accuracy
+    assert "twin" not in {r.strategy for r in c.finals}
     plain = [r for r in c.finals if "@" not in r.strategy]
-    assert {r.strategy for r in plain} == {r.strategy for r in c.screen[:3]}
+    assert {r.strategy for r in plain} == {r.strategy for r in c.screen if r.strategy != "twin"}.intersection(
+        r.strategy for r in [r for r in c.screen if r.strategy != "twin"][:3])
     remasked = [r.strategy for r in c.finals if "@" in r.strategy]
     assert sorted(remasked) == sorted(f"{plain[0].strategy}@{m}" for m in ("magnitude", "wanda") if m != p.strategy(plain[0].strategy).signal)
-    assert c.evaluations == len(p.strategies) + 3 + len(remasked)
+    assert c.evaluations == len(distinct(p.strategies)) + 3 + len(remasked)
     # the winner is the best finalist, and measuring it again gives the same accuracy
     assert c.finals[0].strategy == c.strategy.name
     assert c.finals[0].accuracy == max(r.accuracy for r in c.finals)
