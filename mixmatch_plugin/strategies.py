@@ -324,8 +324,9 @@ def twins(strategies: Sequence[Strategy]) -> dict[str, str]:
     """Each strategy that gives the same masks as an earlier one (the same per-layer ratios and signals), by name,
     mapped to the earlier one's name.
 
-    Pools merged from several plans hold such twins: the score family's ``free`` and ``bounds`` members do not
-    depend on the ranges, so both range variants build them. Example::
+    Pools merged from several plans hold such twins: the score family's ``free`` members do not depend on the
+    ranges, so both range variants build them alike (and its ``bounds`` members where the variants' hard bounds
+    agree). Example::
 
         pool = [*rules_plan.strategies, *empirical_plan.strategies]
         same = twins(pool)      # {"empirical/product:score-raw-free": "rules/product:score-raw-free", ...}
