@@ -62,7 +62,7 @@ from mixmatch_plugin.ranges import bounds, rule_ranges
 from mixmatch_plugin.rules import load_rules, preset_for
 from mixmatch_plugin.sensitivity import measure_curves
 from mixmatch_plugin.signals import Signals, compute_grasp, compute_signals
-from mixmatch_plugin.strategies import Strategy, distinct, twins
+from mixmatch_plugin.strategies import Strategy, distinct
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def run_model(
                     choice = choose(model, list(cands.values()), screen, val, signals=signals, bn_loader=bn,
                                     bn_batches=ev.bn_batches, top_k=cfg.top_k, masks=cfg.masks)
                     steps = _ablation(ev, cands, choice, val, cfg.top_k)
-                rec = {"seed": seed, "sparsity": target, "pool": len(cands), "twins": len(twins(list(cands.values()))), "winner": choice.strategy.name,
+                rec = {"seed": seed, "sparsity": target, "pool": len(cands), "twins": len(choice.twins), "winner": choice.strategy.name,
                        "evaluations": choice.evaluations, "seconds": round(choice.seconds, 1),
                        "finals": [asdict(r) for r in choice.finals], "ablation": {k: v.name for k, v in steps.items()}}
                 out["choices"].append(rec)
@@ -467,9 +467,11 @@ def _ablation(ev: _Evaluator, cands: dict[str, Strategy], choice: Choice, val: A
     screen = {r.strategy: r for r in choice.screen}
     full = {r.strategy: (r.accuracy, r.loss) for r in choice.finals}
     out: dict[str, Strategy] = {}
+    before = 0
     for i, step in enumerate(POOLS):
         pool = distinct([s for s in cands.values() if pool_step(s) in POOLS[: i + 1]])  # a twin takes no finalist's place
-        if not pool or (out and len(pool) == len(distinct([s for s in cands.values() if pool_step(s) in POOLS[:i]]))):
+        added, before = len(pool) > before, len(pool)
+        if not pool or (out and not added):
             continue
         top = sorted(pool, key=lambda s: (-screen[s.name].accuracy, screen[s.name].loss))[:top_k] if screen else pool
         for s in top:

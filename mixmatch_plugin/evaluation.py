@@ -13,7 +13,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -198,13 +198,15 @@ def rank(
 
 @dataclass(frozen=True)
 class Choice:
-    """The validation choice among a pool: the winner, both rankings, and what choosing cost."""
+    """The validation choice among a pool: the winner, both rankings, what choosing cost, and the members that
+    were not evaluated because an earlier one gives the same masks (``twins``: name -> that member's name)."""
 
     strategy: Strategy
     screen: list[Ranked]
     finals: list[Ranked]
     evaluations: int
     seconds: float
+    twins: dict[str, str] = field(default_factory=dict)
 
 
 def choose(
@@ -249,4 +251,4 @@ def choose(
     n = len(first) + len(keep) + len(usable)
     logger.info("chose %s from %d strategies: %d evaluations, %.1f s", finals[0].strategy, len(strategies), n, seconds)
     listed = [x for r in first for x in (r, *(replace(r, strategy=t) for t, o in same.items() if o == r.strategy))]  # twins after theirs
-    return Choice(by[finals[0].strategy], listed, finals, n, seconds)
+    return Choice(by[finals[0].strategy], listed, finals, n, seconds, same)

@@ -143,7 +143,7 @@ def test_choose_screens_the_pool_then_ranks_the_best_on_validation(trained_tiny_
 
     from mixmatch_plugin.evaluation import choose, rank
     from mixmatch_plugin.planning import plan
-    from mixmatch_plugin.strategies import distinct
+    from mixmatch_plugin.strategies import distinct, twins
 
     _, val, _ = digits_loaders
     screen = [next(iter(val))]
@@ -158,10 +158,10 @@ def test_choose_screens_the_pool_then_ranks_the_best_on_validation(trained_tiny_
     names = [r.strategy for r in c.screen]
     assert len(names) == len(p.strategies) + 1 and names[names.index(first.name) + 1] == "twin"  # listed with its twin's scores
     assert c.screen[names.index("twin")].accuracy == c.screen[names.index(first.name)].accuracy
-    assert "twin" not in {r.strategy for r in c.finals}
+    assert "twin" not in {r.strategy for r in c.finals} and c.twins == {**twins(p.strategies), "twin": first.name}
     plain = [r for r in c.finals if "@" not in r.strategy]
     assert {r.strategy for r in plain} == {r.strategy for r in c.screen if r.strategy != "twin"}.intersection(
-        r.strategy for r in [r for r in c.screen if r.strategy != "twin"][:3])
+        [r.strategy for r in c.screen if r.strategy != "twin"][:3])
     remasked = [r.strategy for r in c.finals if "@" in r.strategy]
     assert sorted(remasked) == sorted(f"{plain[0].strategy}@{m}" for m in ("magnitude", "wanda") if m != p.strategy(plain[0].strategy).signal)
     assert c.evaluations == len(distinct(p.strategies)) + 3 + len(remasked)
