@@ -26,12 +26,12 @@ class _Command(click.Command):
 @click.option("--quick", is_flag=True, help="Reduced sizes (tiny models, 2 seeds, subsets): a few minutes, for CI.")
 @click.option("--models", default=None,
               help="Comma-separated subset of the models (resnet18, vit, swin; quick: resnet, swin), or, named only, the larger "
-                   "resnet50 (meant for a GPU: --device cuda) and mobilenetv3 (a family outside the three, to check that "
-                   "the gains carry over).")
+                   "resnet50 (meant for a GPU: --device cuda), mobilenetv3 and regnetx (families outside the three, to check "
+                   "that the gains carry over).")
 @click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; quick 0,1).")
 @click.option("--sparsities", default=None,
               help="Comma-separated sparsities for every chosen model, replacing its defaults (resnet18: 0.7,0.9,0.95,0.98; "
-                   "vit, swin, mobilenetv3: 0.5,0.7,0.8). Only sparsities without results are run; results at other sparsities are kept.")
+                   "vit, swin, mobilenetv3, regnetx: 0.5,0.7,0.8). Only sparsities without results are run; results at other sparsities are kept.")
 @click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
               help="Folder for the results JSON and the plots.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Folder with Fashion-MNIST IDX files.")
