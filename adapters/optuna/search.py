@@ -422,17 +422,22 @@ def result_of(study: optuna.Study, plan: Plan, *, evaluator_name: str = "evaluat
         raise MixMatchError(f"study {study.study_name!r} was made for another plan; pass the plan it was searched on")
     space, score = plan.space(), str(info["score"])
     bases = pool_bases(plan) if info.get("space") == "pool" else None
-    records = [_trial_record(t, space, score, study.study_name, bases) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    by_number = {r.number: r for r in records}
+    # the best trials first: another worker may finish a trial between two queries, and a trial once complete stays so,
+    # so every best trial is among the completed trials read after them
     if info["objective"] == "multi":
-        sign = 1.0 if score == "accuracy" else -1.0
-        front = sorted((by_number[t.number] for t in study.best_trials), key=lambda r: (r.x, -sign * r.accuracy, r.number))
-        best = [r for i, r in enumerate(front) if not any((o.x, o.accuracy) == (r.x, r.accuracy) for o in front[:i])]
+        best_numbers = [t.number for t in study.best_trials]
     else:
         try:
-            best = [by_number[study.best_trial.number]]
+            best_numbers = [study.best_trial.number]
         except ValueError:  # no feasible completed trial yet
-            best = []
+            best_numbers = []
+    records = [_trial_record(t, space, score, study.study_name, bases) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    by_number = {r.number: r for r in records}
+    best = [by_number[n] for n in best_numbers]
+    if info["objective"] == "multi":
+        sign = 1.0 if score == "accuracy" else -1.0
+        front = sorted(best, key=lambda r: (r.x, -sign * r.accuracy, r.number))
+        best = [r for i, r in enumerate(front) if not any((o.x, o.accuracy) == (r.x, r.accuracy) for o in front[:i])]
     seeds = [r for r in records if r.feasible and r.seed is not None]
     best_rule = max(seeds, key=lambda r: (*_better(score)(r), -r.number)) if seeds else None
     return SearchResult(study, plan, info["objective"], info["metric"], info["score"], info.get("target"),
