@@ -6,7 +6,8 @@ Methods, each at the same fraction of MACs kept (Torch-Pruning's counter; TP rat
 * ``tp_global``: the same with ``global_pruning=True``; ``tp_isomorphic``: ``global_pruning=True, isomorphic=True``;
 * ``tp_taylor_global``: ``GroupTaylorImportance`` (gradients of the calibration batches), ``global_pruning=True``;
 * ``tp_lamp_global``: ``LAMPImportance(p=2)`` (Torch-Pruning's LAMP-normalised group scores), ``global_pruning=True``;
-* ``mix-and-match``: ``prune(model, None, x, calib=..., macs=target)`` with the same importance as tp_uniform.
+* ``mix-and-match``: ``prune(model, None, x, calib=..., macs=target)`` with the same importance as tp_uniform;
+* ``mix-and-match heads``: the same with ``TPOptions(prune_heads=True)``: whole attention heads (ViT/DeiT only).
 
 TP methods get the adapter's model handling (``pruner_kwargs``: heads, PatchMerging, bias tables, free
 parameters; ``fix_attention`` after ``step``). Per seed (calibration draw, BatchNorm batches, fine-tuning order):
@@ -41,7 +42,8 @@ from mixmatch_plugin.finetuning import finetune
 from mixmatch_plugin.strategies import Strategy
 
 logger = logging.getLogger("structured_macs")
-METHODS = ("tp_uniform", "tp_global", "tp_isomorphic", "tp_taylor_global", "tp_lamp_global", "mix-and-match")
+METHODS = ("tp_uniform", "tp_global", "tp_isomorphic", "tp_taylor_global", "tp_lamp_global", "mix-and-match", "mix-and-match heads")
+TP_METHODS = tuple(m for m in METHODS if m.startswith("tp_"))
 
 
 def load(name: str, splits: data.Splits) -> tuple[torch.nn.Module, str]:
@@ -134,20 +136,21 @@ def verdicts(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
 
     lines = ["| model (dense %) | MACs kept | one-shot: M&M / best TP | verdict | fine-tuned: M&M / best TP | verdict |",
              "|---|---|---|---|---|---|"]
-    for model in dict.fromkeys(r["model"] for r in rows):
+    for model, ours in ((m, o) for m in dict.fromkeys(r["model"] for r in rows) for o in METHODS if o not in TP_METHODS):
         for target in sorted({r["target"] for r in rows if r["model"] == model}):
             by = {m: [r for r in rows if (r["model"], r["target"], r["method"]) == (model, target, m)] for m in METHODS}
-            if not by["mix-and-match"] or not any(by[m] for m in METHODS[:-1]):
+            if not by[ours] or not any(by[m] for m in TP_METHODS):
                 continue
             cells = []
             for key in ("test_one_shot", "test_finetuned"):
-                mm = stats(by["mix-and-match"], key)
-                name, best = max(((m, stats(by[m], key)) for m in METHODS[:-1] if by[m]), key=lambda t: t[1][0])
+                mm = stats(by[ours], key)
+                name, best = max(((m, stats(by[m], key)) for m in TP_METHODS if by[m]), key=lambda t: t[1][0])
                 diff, spread = mm[0] - best[0], max(mm[1], best[1], 0.1)
                 word = "**win**" if diff > spread else "loss" if diff < -spread else "tie"
                 cells += [f"{mm[0]:.2f} ± {mm[1]:.2f} / {best[0]:.2f} ± {best[1]:.2f} ({name})", f"{word} ({diff:+.2f})"]
             d = dense.get(model, {}).get("test")
-            lines.append(f"| {model} ({100 * d:.2f}) | {target:.0%} | " if d else f"| {model} | {target:.0%} | ")
+            label = model + (", whole heads" if ours.endswith("heads") else "")
+            lines.append(f"| {label} ({100 * d:.2f}) | {target:.0%} | " if d else f"| {label} | {target:.0%} | ")
             lines[-1] += " | ".join(cells) + " |"
     return "\n".join(lines)
 
@@ -199,8 +202,9 @@ def main() -> None:
                     if (name, seed, target, method) in done:
                         continue
                     t0 = time.perf_counter()
-                    if method == "mix-and-match":
-                        res = tpa.prune(model, None, x, calib=calib, macs=target)
+                    if method.startswith("mix-and-match"):
+                        heads = tpa.TPOptions(prune_heads=method.endswith("heads"))
+                        res = tpa.prune(model, None, x, calib=calib, macs=target, options=heads)
                         pm, got = res.model, res.report.macs_ratio
                     else:
                         pm, got = at_macs(model, x, method, target, calib)

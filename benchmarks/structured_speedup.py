@@ -1,8 +1,9 @@
 """Batch-64 CPU speed-up against the MACs ratio at 30 % of MACs kept (seed 0, one thread), for issue 28.
 
 Methods: Torch-Pruning global pruning, Mix-and-Match (``macs=0.3``), Mix-and-Match with channel counts
-rounded to multiples of 8 (``TPOptions(round_to=8)``), and Mix-and-Match at a latency budget of 45 % timed on
-a batch of 64 (image models channels-last, as deployed). One-shot accuracy on 2,000 test images after
+rounded to multiples of 8 (``TPOptions(round_to=8)``), the same with whole attention heads (``prune_heads=True``;
+ViT/DeiT only, skipped elsewhere), and Mix-and-Match at a latency budget of 45 % timed on a batch of 64 (image
+models channels-last, as deployed). One-shot accuracy on 2,000 test images after
 BatchNorm re-estimation. Latency: every pruned model timed in alternation with the dense one (21 rounds,
 medians), in the default NCHW layout and channels-last. Prints one JSON line per model and method; run it on
 an idle machine.
@@ -26,7 +27,7 @@ from mixmatch_plugin.adapters.torch_pruning.timm_layers import safe_deepcopy
 from mixmatch_plugin.app import data
 from mixmatch_plugin.evaluation import evaluate, reestimate_bn
 
-METHODS = ("tp_global", "mix-and-match", "mix-and-match r8", "mix-and-match latency=0.45")
+METHODS = ("tp_global", "mix-and-match", "mix-and-match r8", "mix-and-match r8 heads", "mix-and-match latency=0.45")
 
 
 def setup(name: str) -> tuple[torch.nn.Module, torch.Tensor, list[Any], list[Any], Any]:
@@ -46,13 +47,16 @@ def main(models: list[str]) -> None:
         rows = []
         for method in METHODS:
             t0 = time.perf_counter()
+            if "heads" in method and not any(type(m).__name__ == "Attention" for m in model.modules()):
+                continue  # whole heads: timm ViT/DeiT attention only
             if "latency" in method:
                 deployed = safe_deepcopy(model).to(memory_format=torch.channels_last)  # the user's model stays as it is
                 deploy = torch.randn(64, *shape).contiguous(memory_format=torch.channels_last)
                 res = tpa.prune(deployed, None, x, calib=calib, latency=0.45, options=tpa.TPOptions(latency_inputs=deploy))
                 pm, got = res.model, res.report.macs_ratio
             elif method.startswith("mix"):
-                res = tpa.prune(model, None, x, calib=calib, macs=0.3, options=tpa.TPOptions(round_to=8) if "r8" in method else None)
+                o = tpa.TPOptions(round_to=8 if "r8" in method else None, prune_heads="heads" in method)
+                res = tpa.prune(model, None, x, calib=calib, macs=0.3, options=o)
                 pm, got = res.model, res.report.macs_ratio
             else:
                 pm, got = at_macs(model, x, method, 0.3, calib)

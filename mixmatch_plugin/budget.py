@@ -165,20 +165,22 @@ def convex_curve(channels: int, removed: Sequence[int], dloss: Sequence[float]) 
 
 
 def removal_path(curves: Sequence[np.ndarray], cost: np.ndarray, uses: np.ndarray, lo: Sequence[int],
-                 step: int = 1) -> list[tuple[int, int]]:
+                 step: int | Sequence[int] = 1) -> list[tuple[int, int]]:
     """The greedy removal order of channels across groups, ``[(group, channels removed), ...]``, down to ``lo``.
 
     ``curves[g][j]``: the convex loss increase with ``j`` of group ``g``'s ``C_g`` channels removed. The cost is
     ``Σ_m cost[m] Π_{g: uses[m, g]} keep_g / C_g``, exact for layers whose widths are groups'. Each move takes one
-    group to its next multiple of ``step``: the one with the least loss increase per unit of cost saved, from
-    the exact marginal cost, so coupled groups (a conv between two pruned groups) are accounted for.
+    group to its next multiple of its ``step`` (one for all, or one per group): the one with the least loss increase
+    per unit of cost saved, from the exact marginal cost, so coupled groups (a conv between two pruned groups) are
+    accounted for.
     """
     size = np.array([len(c) - 1 for c in curves], float)
     keep, low, use = size.copy(), np.asarray(lo, float), np.asarray(uses, float)
+    steps = np.broadcast_to(np.asarray(step, float), size.shape)
     path: list[tuple[int, int]] = []
     while True:
         saving = (use.T @ (cost * np.exp(use @ np.log(keep / size)))) / keep  # the cost is linear in each keep_g
-        s = np.minimum(np.where(keep % step > 0, keep % step, step), keep - low).astype(int)
+        s = np.minimum(np.where(keep % steps > 0, keep % steps, steps), keep - low).astype(int)
         r = (size - keep).astype(int)
         loss = np.array([c[ri + si] - c[ri] for c, ri, si in zip(curves, r, s, strict=True)])
         ratio = np.where((s > 0) & (saving > 0), loss / np.maximum(saving * s, 1e-300), np.inf)

@@ -117,6 +117,29 @@ def test_a_round_to_budget_on_a_vit_is_met_within_one_percent_in_whole_steps():
         assert res.report.consistency < 1e-4
 
 
+def test_a_budget_with_prune_heads_removes_whole_heads_and_rounds_only_the_channels():
+    """Whole heads under a MACs budget: heads are the attention groups' units (never rounded to round_to),
+    the other groups keep multiples of round_to. Before, prune() refused a budget with prune_heads."""
+    vit = small_vit(embed_dim=64, num_heads=4).eval()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    calib = [(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)), torch.randint(0, 10, (8,))) for i in range(2)]
+    res = mtp.prune(vit, None, x, calib=calib, macs=0.4, options=mtp.TPOptions(prune_heads=True, round_to=8))
+    assert abs(res.report.macs_ratio - 0.4) <= 0.01 * 0.4, res.report.macs_ratio
+    attns = [b.attn for b in res.model.blocks]
+    assert all(a.head_dim == 16 for a in attns)  # whole heads go, their width stays
+    assert sum(a.num_heads for a in attns) < 4 * len(attns)
+    assert res.num_heads == {f"blocks.{i}.attn": a.num_heads for i, a in enumerate(attns)}
+    mlp = [b.mlp.fc1.out_features for b in res.model.blocks] + [res.model.patch_embed.proj.out_channels]
+    assert all(w % 8 == 0 for w in mlp), mlp
+    assert res.report.consistency < 1e-4
+
+
+def test_removal_path_takes_one_step_per_group():
+    curves = [np.linspace(0, 1, 17), np.linspace(0, 1, 4)]  # 16 channels in steps of 8; 3 heads in steps of 1
+    path = removal_path(curves, np.array([1.0, 1.0]), np.eye(2), lo=[8, 1], step=[8, 1])
+    assert sorted(path) == [(0, 8), (1, 1), (1, 1)]
+
+
 def test_skipping_an_overshooting_step_keeps_the_other_groups_moves():
     path = [(0, 2), (1, 8), (0, 2), (1, 8), (2, 1), (0, 2)]
     assert skip_overshoot(path, 1) == [(0, 2), (0, 2), (2, 1), (0, 2)]  # group 1's move and its later ones go
@@ -148,6 +171,26 @@ def test_drop_in_on_vit_with_num_heads():
     mtp.fix_attention(vit, dims)
     assert vit(x).shape == (2, 10)
     assert abs(mtp.count_macs(vit, x)[0] / mtp.count_macs(small_vit(), x)[0] - 0.6) <= 0.02 * 0.6
+
+
+def test_drop_in_keeps_a_calls_whole_head_removal():
+    """A MetaPruner call with prune_num_heads=True gets whole heads back, not head dims (before, the returned
+    keywords switched it to head-dim pruning)."""
+    vit = small_vit(embed_dim=64, num_heads=4).eval()
+    x = torch.randn(2, 1, 16, 16)
+    heads = {a.qkv: a.num_heads for a in vit.modules() if hasattr(a, "qkv")}
+    kw = mtp.from_metapruner(vit, x, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5,
+                             ignored_layers=[vit.head], num_heads=heads, prune_num_heads=True, head_pruning_ratio=0.5,
+                             macs=0.5)
+    assert kw["prune_num_heads"] and not kw["prune_head_dims"]
+    dims = mtp.attention_head_dims(vit)
+    pruner = tp.pruner.MetaPruner(vit, x, **kw)
+    pruner.step()
+    mtp.fix_attention(vit, dims, {n: pruner.num_heads[vit.get_submodule(n).qkv] for n in dims})
+    attns = [b.attn for b in vit.blocks]
+    assert all(a.head_dim == 16 for a in attns) and sum(a.num_heads for a in attns) < 8
+    assert vit(x).shape == (2, 10)
+    assert abs(mtp.count_macs(vit, x)[0] / mtp.count_macs(small_vit(embed_dim=64, num_heads=4), x)[0] - 0.5) <= 0.02 * 0.5
 
 
 def test_tp_layernorm_pruning_keeps_weights_in_order():

@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ChannelGroup:
-    """A group as ``MetaPruner`` ranks it: its ratio-dict key, channels per channel group (heads), its root, its
-    channels from least to most important, and its member modules."""
+    """A group as ``MetaPruner`` ranks it: its ratio-dict key, its units (channels per channel group, or whole
+    heads), its root, its units from least to most important, its member modules, and the root indices per unit
+    (a head's ``head_dim``; 1 for a channel)."""
 
     key: str
     channels: int
@@ -42,10 +43,17 @@ class ChannelGroup:
     fn: Any
     order: list[int]
     members: set[nn.Module]
+    unit: int = 1
+
+    def indices(self, n: int) -> list[int]:
+        """The root's indices of the ``n`` least important units (repeated in every channel group)."""
+        width = self.channels * self.unit
+        return sorted(j + u * self.unit + h * width for h in range(self.channel_groups) for u in self.order[:n] for j in range(self.unit))
 
 
-def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module) -> list[ChannelGroup]:
-    """The groups ``pruner.step()`` would prune, ranked on the dense model (as ``MetaPruner._prune`` does)."""
+def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module, heads: bool = False) -> list[ChannelGroup]:
+    """The groups ``pruner.step()`` would prune, ranked on the dense model (as ``MetaPruner._prune`` does); with
+    ``heads``, an attention group's units are its heads, ranked by their mean importance (as Torch-Pruning ranks them)."""
     names, DG = {m: n for n, m in model.named_modules()}, pruner.DG
     out: list[ChannelGroup] = []
     for group in DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
@@ -53,15 +61,23 @@ def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module) -> list[Chann
                     and d.target.module in names and DG.is_out_channel_pruning_fn(d.handler)), None)
         if key is None or not pruner._check_pruning_ratio(group):
             continue
-        if pruner._is_atten_group(group)[0]:
+        attention = bool(pruner._is_atten_group(group)[0])
+        if attention:
             group = pruner._downstream_node_as_root_if_attention(group)
         imp = None if group is None else pruner.estimate_importance(group)
-        if imp is not None:
-            chg = int(pruner._get_channel_groups(group))
+        if imp is None:
+            continue
+        chg = int(pruner._get_channel_groups(group))
+        members = {d.target.module for d, _ in group if isinstance(d.target.module, nn.Module)}
+        root, fn = group[0].dep.target.module, group[0].dep.handler
+        if attention and heads:
+            qkv = next(m for m in members if m in pruner.num_heads)
+            h = int(pruner.num_heads[qkv])
+            head_imp = imp.view(h, -1).mean(1)
+            out.append(ChannelGroup(key, h, 1, root, fn, torch.argsort(head_imp.cpu(), stable=True).tolist(), members, len(imp) // h))
+        else:
             imp = imp.view(chg, -1).mean(0) if chg > 1 else imp
-            out.append(ChannelGroup(key, len(imp), chg, group[0].dep.target.module, group[0].dep.handler,
-                                    torch.argsort(imp.cpu(), stable=True).tolist(),
-                                    {d.target.module for d, _ in group if isinstance(d.target.module, nn.Module)}))
+            out.append(ChannelGroup(key, len(imp), chg, root, fn, torch.argsort(imp.cpu(), stable=True).tolist(), members))
     return out
 
 
@@ -79,7 +95,7 @@ def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Cha
         counts = sorted({round(r * g.channels / 10) for r in range(1, 10)} - {0, g.channels})
         kl = []
         for n in counts:
-            group = pruner.DG.get_pruning_group(g.root, g.fn, sorted(j + h * g.channels for h in range(g.channel_groups) for j in g.order[:n]))
+            group = pruner.DG.get_pruning_group(g.root, g.fn, g.indices(n))
             z = zeroed_reference(model, record_removed(group, pruner.DG, names, pnames)).eval()
             kl.append(sum(float(nn.functional.kl_div(a, b, log_target=True, reduction="batchmean"))
                           for a, b in zip(logp(z), dense, strict=True)) / len(inputs))
@@ -113,10 +129,11 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
     if calib is None:
         logger.warning("no calibration data: the %s budget is allocated on example_inputs alone (pass calib=)", kind)
     inputs = [example_inputs] if calib is None else [b[0] if isinstance(b, (tuple, list)) else b for b in iterate(calib, opts.max_batches)]
-    groups, step = channel_groups(pruner, model), opts.round_to or 1
-    lo = [step * max(1, math.ceil(math.ceil(g.channels * (1 - opts.max_ratio) - 1e-9) / step)) for g in groups]
+    groups = channel_groups(pruner, model, opts.prune_heads)
+    steps = [1 if g.unit > 1 else opts.round_to or 1 for g in groups]  # whole heads are not rounded
+    lo = [s * max(1, math.ceil(math.ceil(g.channels * (1 - opts.max_ratio) - 1e-9) / s)) for g, s in zip(groups, steps, strict=True)]
     path = removal_path(loss_curves(model, pruner, groups, inputs, opts.forward_fn),
-                        *layer_costs(model, example_inputs, groups, "params" if kind == "params" else "macs"), lo, step)
+                        *layer_costs(model, example_inputs, groups, "params" if kind == "params" else "macs"), lo, steps)
 
     def keeps(moves: Sequence[tuple[int, int]]) -> dict[str, int]:
         k = {g.key: g.channels for g in groups}

@@ -270,7 +270,7 @@ def analyse_groups(
         target = fold_ratio(targets, params, o.fold)
         if qkv is not None and o.prune_heads:
             heads = int(setup.num_heads[qkv])
-            keep, why = _plan_keep(heads, target, 1, None, o.max_ratio)
+            keep, why = (keeps.get(key, heads), "") if keeps is not None else _plan_keep(heads, target, 1, None, o.max_ratio)
             ratio = (heads - keep) / heads
             plans.append(GroupPlan(key, producers, consumers, channels, ch_groups, targets, target, keep, ratio,
                                    heads=heads, clamped=why, module=key_mod))

@@ -75,8 +75,8 @@ def prune(
     """
     o = options or TPOptions()
     budget = {k: v for k, v in (("macs", macs), ("params", params), ("latency", latency)) if v is not None}
-    if len(budget) > 1 or (budget and o.prune_heads) or (strategy is None and not budget):
-        raise MixMatchError("pass a strategy, or one budget (macs=, params= or latency=) without prune_heads")
+    if len(budget) > 1 or (strategy is None and not budget):
+        raise MixMatchError("pass a strategy, or one budget (macs=, params= or latency=)")
     strategy = strategy or Strategy(f"{next(iter(budget))}-budget", "magnitude", {}, 0.0, {})
     check_tp_strategy(model, strategy)
     o.check()
@@ -139,7 +139,8 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
     Your call runs once on a copy, exactly as Torch-Pruning runs it (``pruning_ratio``, ``pruning_ratio_dict``,
     ``global_pruning``, ``isomorphic``, ``round_to``, ``max_pruning_ratio``); the MACs it keeps (or ``macs=``)
     become the budget of :func:`prune`'s allocation, in steps of your ``round_to``, ranked by your ``importance``,
-    with your ``ignored_layers``, ``num_heads`` and ``forward_fn``. The model is not changed. Example::
+    with your ``ignored_layers``, ``num_heads`` and ``forward_fn``; with ``prune_num_heads=True`` it allocates whole
+    heads (``prune_heads``), not head dims. The model is not changed. Example::
 
         kw = mm_tp.from_metapruner(model, x, calib=loader, importance=imp, pruning_ratio=0.5, ignored_layers=[model.fc])
         pruner = tp.pruner.MetaPruner(model, x, **kw)   # was: tp.pruner.MetaPruner(model, x, importance=imp, ...)
@@ -160,10 +161,10 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
         macs = count_macs(trial, example_inputs)[0] / macs0
     imp = kw.pop("importance", None) or tp.importance.GroupMagnitudeImportance(p=2)
     o = TPOptions(round_to=kw.get("round_to"), ignored_layers=kw.get("ignored_layers"), importance=imp,
-                  forward_fn=kw.get("forward_fn"), verify=False)
+                  forward_fn=kw.get("forward_fn"), verify=False, prune_heads=bool(kw.get("prune_num_heads")))
     keeps, _ = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)
     setup, plans = analyse(model, Strategy("budget", "magnitude", {}, 0.0, {}), example_inputs, o, keeps)
-    out = kwargs_from(setup, plans, False, o.forward_fn)
+    out = kwargs_from(setup, plans, o.prune_heads, o.forward_fn)
     out["num_heads"].update(kw.get("num_heads") or {})
     out["customized_pruners"].update(kw.get("customized_pruners") or {})
     for key in set(kw) - set(out) - {"pruning_ratio", "global_pruning", "isomorphic", "round_to", "iterative_steps",
@@ -198,8 +199,8 @@ def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None,
 
     was = work.training
     try:
-        setup = model_setup(work, o.ignored_layers, False, o.ignore_classifier)
-        pruner = build_pruner(work, example_inputs, setup, False, o.forward_fn, imp)
+        setup = model_setup(work, o.ignored_layers, o.prune_heads, o.ignore_classifier)
+        pruner = build_pruner(work, example_inputs, setup, o.prune_heads, o.forward_fn, imp)
         return allocate(work, example_inputs, pruner, calib, budget, real_size, o)
     finally:
         clear_caches(work)
