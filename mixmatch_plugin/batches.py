@@ -88,7 +88,7 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run the model, turning shape errors into a one-line hint."""
     try:
         out = model(x)
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError) as exc:  # timm asserts the input size (``_assert``)
         if is_oom(exc):
             raise
         first = first_line(exc)

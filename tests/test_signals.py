@@ -90,6 +90,14 @@ def test_malformed_batches_get_clear_errors(batch, match):
         mm.compute_signals(MLP(), [batch])
 
 
+def test_a_timm_input_size_assertion_gets_the_shape_hint():
+    from .helpers import small_vit
+
+    vit = small_vit(img_size=28)  # timm asserts the input size instead of failing in a layer
+    with pytest.raises(MixMatchError, match=r"could not run a batch of shape \(4, 1, 16, 16\).*--input-shape"):
+        mm.compute_signals(vit, [(torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long))])
+
+
 def test_grasp_is_weight_times_hessian_gradient(calib):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
