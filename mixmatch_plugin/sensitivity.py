@@ -8,7 +8,8 @@ turns them into the allocation that minimises their sum under a budget.
 BatchNorm is measured with batch statistics (train mode at momentum 0: the running statistics stay
 as they are), which is what re-estimating it after pruning gives, without a re-estimation per point.
 
-Cost: ``layers x grid points x max_batches`` forward passes (no backward), on a copy of the model.
+Cost: ``layers x grid points x max_batches`` forward passes (no backward), on a copy of the model; each
+pass skips the module calls that ran before the measured layer (:class:`~mixmatch_plugin.prefix.PrefixCache`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from .batches import batch_size, forward, iterate, model_device, split_batch, to_device
 from .layers import Layer, weight_of
+from .prefix import PrefixCache
 from .progress import progress_bar
 from .signals import Signals
 
@@ -81,20 +83,17 @@ def measure_curves(
     device = model_device(work)
     batches = [to_device(b, device) for b in iterate(calib, max_batches, what="sensitivity")]
     samples = sum(batch_size(b) for b in batches)
+    todo = [layer for layer in layers if hi.get(layer.name, 0.0) > 0.0]
+    cache = PrefixCache(work, [split_batch(b)[0] for b in batches], forward, [{layer.name} for layer in todo])
+    ref = [o.float().log_softmax(-1) for o in cache.outputs]
 
-    def outputs() -> list[torch.Tensor]:
-        return [forward(work, split_batch(b)[0]).float().log_softmax(-1) for b in batches]
-
-    ref = outputs()
-
-    def damage() -> float:
-        out = outputs()
+    def damage(name: str) -> float:
+        out = [cache.run(work, i, {name}).float().log_softmax(-1) for i in range(len(batches))]
         return sum(float(torch.nn.functional.kl_div(o, r, log_target=True, reduction="sum")) for o, r in zip(out, ref, strict=True)) / samples
 
     grid: dict[str, tuple[float, ...]] = {}
     cost: dict[str, tuple[float, ...]] = {}
     forwards = len(batches)
-    todo = [layer for layer in layers if hi.get(layer.name, 0.0) > 0.0]
     for layer in progress_bar(todo, "sensitivity", enable=progress):
         w = weight_of(work, layer.name)
         original = w.detach().clone()
@@ -106,7 +105,7 @@ def measure_curves(
             flat = original.flatten().clone()
             flat[order[:k]] = 0
             w.copy_(flat.view_as(w))
-            row.append(damage())
+            row.append(damage(layer.name))
             forwards += len(batches)
         w.copy_(original)
         grid[layer.name], cost[layer.name] = pts, tuple(row)

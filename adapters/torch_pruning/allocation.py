@@ -24,6 +24,7 @@ from torch_pruning.utils.op_counter import is_supported_instance
 from mixmatch_plugin.batches import iterate
 from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, skip_overshoot
 from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.prefix import PrefixCache
 
 from .verify import flat_outputs, record_removed, run_model, zeroed_reference
 
@@ -84,22 +85,27 @@ def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module, heads: bool =
 @torch.no_grad()
 def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup], inputs: list[Any],
                 forward_fn: Callable[..., Any] | None) -> list[np.ndarray]:
-    """Per group: the convex loss-increase curve over 0..C removed channels (KL to the dense outputs)."""
-    def logp(m: nn.Module) -> list[torch.Tensor]:
-        return [torch.log_softmax(flat_outputs(run_model(m, x, forward_fn))[0].float().flatten(1), -1) for x in inputs]
+    """Per group: the convex loss-increase curve over 0..C removed channels (KL to the dense outputs). Each
+    zeroed model reruns only what follows the group's first module (:class:`~mixmatch_plugin.prefix.PrefixCache`)."""
+    def logp(out: Any) -> torch.Tensor:
+        return torch.log_softmax(flat_outputs(out)[0].float().flatten(1), -1)
 
     names, pnames = {id(m): k for k, m in model.named_modules()}, {id(p): k for k, p in model.named_parameters()}
     was = model.training
-    dense, curves = logp(model.eval()), []
-    for g in groups:
-        counts = sorted({round(r * g.channels / 10) for r in range(1, 10)} - {0, g.channels})
+    model.eval()
+    counts = [sorted({round(r * g.channels / 10) for r in range(1, 10)} - {0, g.channels}) for g in groups]
+    removed = [[record_removed(pruner.DG.get_pruning_group(g.root, g.fn, g.indices(n)), pruner.DG, names, pnames) for n in cs]
+               for g, cs in zip(groups, counts, strict=True)]
+    changed = [{(i.target.rpartition(".")[0] if i.is_param else i.target) for r in rs for i in r} for rs in removed]
+    cache = PrefixCache(model, inputs, lambda m, x: run_model(m, x, forward_fn), changed)
+    dense, curves = [logp(o) for o in cache.outputs], []
+    for g, cs, rs, ch in zip(groups, counts, removed, changed, strict=True):
         kl = []
-        for n in counts:
-            group = pruner.DG.get_pruning_group(g.root, g.fn, g.indices(n))
-            z = zeroed_reference(model, record_removed(group, pruner.DG, names, pnames)).eval()
-            kl.append(sum(float(nn.functional.kl_div(a, b, log_target=True, reduction="batchmean"))
-                          for a, b in zip(logp(z), dense, strict=True)) / len(inputs))
-        curves.append(convex_curve(g.channels, counts, kl))
+        for r in rs:
+            z = zeroed_reference(model, r).eval()
+            kl.append(sum(float(nn.functional.kl_div(logp(cache.run(z, i, ch)), b, log_target=True, reduction="batchmean"))
+                          for i, b in enumerate(dense)) / len(inputs))
+        curves.append(convex_curve(g.channels, cs, kl))
     model.train(was)
     return curves
 
