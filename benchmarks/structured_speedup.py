@@ -2,7 +2,7 @@
 
 Methods: Torch-Pruning global pruning, Mix-and-Match (``macs=0.3``), Mix-and-Match with channel counts
 rounded to multiples of 8 (``TPOptions(round_to=8)``), the same with whole attention heads (``prune_heads=True``;
-ViT/DeiT only, skipped elsewhere), and Mix-and-Match at a latency budget of 45 % timed on a batch of 64 (image
+skipped for models without attention), and Mix-and-Match at a latency budget of 45 % timed on a batch of 64 (image
 models channels-last, as deployed). One-shot accuracy on 2,000 test images after
 BatchNorm re-estimation. Latency: every pruned model timed in alternation with the dense one (21 rounds,
 medians), in the default NCHW layout and channels-last. Prints one JSON line per model and method; run it on
@@ -47,8 +47,8 @@ def main(models: list[str]) -> None:
         rows = []
         for method in METHODS:
             t0 = time.perf_counter()
-            if "heads" in method and not any(type(m).__name__ == "Attention" for m in model.modules()):
-                continue  # whole heads: timm ViT/DeiT attention only
+            if "heads" in method and not any(hasattr(m, "qkv") and hasattr(m, "num_heads") for m in model.modules()):
+                continue  # whole heads: models with timm attention only
             if "latency" in method:
                 deployed = safe_deepcopy(model).to(memory_format=torch.channels_last)  # the user's model stays as it is
                 deploy = torch.randn(64, *shape).contiguous(memory_format=torch.channels_last)

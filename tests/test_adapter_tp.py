@@ -452,10 +452,28 @@ def test_vit_whole_head_removal():
     assert res.report.consistency <= 1e-4
 
 
-def test_swin_whole_head_removal_is_refused():
+def test_swin_whole_head_removal_keeps_the_kept_heads_bias_columns():
+    """Whole heads on a Swin: each relative-position table keeps the columns of the heads kept (before, refused),
+    so the pruned model equals the original with those heads zeroed; rebuild() gives the same architecture."""
     sw = small_swin().eval()
-    with pytest.raises(MixMatchError, match="whole-head removal is not supported for Swin"):
-        mtp.prune(sw, _uniform(sw, 0.3), torch.randn(2, 1, 28, 28), options=mtp.TPOptions(prune_heads=True))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        for a in (m for m in sw.modules() if hasattr(m, "relative_position_bias_table")):
+            a.relative_position_bias_table.normal_(0.0, 2.0)  # large biases: a wrong column would show
+    s = _uniform(sw, 0.0, **{"layers.1.blocks.0.attn.qkv": 0.5, "layers.0.blocks.1.attn.qkv": 0.5})
+    res = mtp.prune(sw, s, x, options=mtp.TPOptions(prune_heads=True))
+    attns = {n: m for n, m in res.model.named_modules() if hasattr(m, "relative_position_bias_table")}
+    assert res.num_heads == {"layers.0.blocks.0.attn": 2, "layers.0.blocks.1.attn": 1, "layers.1.blocks.0.attn": 2,
+                             "layers.1.blocks.1.attn": 4}
+    assert all(a.relative_position_bias_table.shape[-1] == a.num_heads for a in attns.values())
+    assert all(a.qkv.out_features == 3 * a.num_heads * 16 for a in attns.values())  # whole heads of 16 dims go
+    assert res.report.consistency <= 1e-4
+    fresh = mtp.rebuild(small_swin().eval(), res.history, x, res.num_heads)
+    fresh.load_state_dict(res.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), res.model.eval()(x))
+    budget = mtp.prune(sw, None, x, macs=0.6, options=mtp.TPOptions(prune_heads=True))
+    assert abs(budget.report.macs_ratio - 0.6) <= 0.01 * 0.6 and budget.report.consistency <= 1e-4
 
 
 def test_swin_patch_merging_and_relative_position_tables():

@@ -24,7 +24,7 @@ class TPOptions:
         fold: how a group's producer targets become one ratio (``mean``, ``min``, ``max``).
         round_to: keep channel counts at multiples of this (nearest multiple, at least one multiple).
         max_ratio: no group loses more than this fraction of its channels.
-        prune_heads: remove whole attention heads instead of head dimensions (ViT/DeiT only).
+        prune_heads: remove whole attention heads instead of head dimensions (timm ViT/DeiT and Swin).
         ignored_layers: modules or Parameters to keep intact (instances; types are refused).
         ignore_classifier: keep the classifier head(s) (``get_classifier()``, tuples included) intact.
         forward_fn: ``forward_fn(model, example_inputs)`` for models with unusual call signatures.

@@ -103,11 +103,6 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
             + ": its head attributes would not be updated after pruning; pass the module in ignored_layers "
             "to keep it intact, or use the plain PyTorch backend (mm.apply)"
         )
-    if prune_heads and swin:
-        raise MixMatchError(
-            "whole-head removal is not supported for Swin (each relative_position_bias_table has one column per "
-            "head and Torch-Pruning cannot keep it in step); use prune_heads=False, which prunes head_dim"
-        )
 
     customized: dict[Any, tp.pruner.BasePruningFunc] = {}
     if known["patch_merging"] and any(isinstance(m, known["patch_merging"]) for m in model.modules()):
@@ -142,6 +137,11 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
 def setup_head_dims(setup: ModelSetup) -> dict[str, int]:
     attentions: dict[str, Any] = setup.attentions
     return {n: int(a.qkv.out_features) // (3 * int(a.num_heads)) for n, a in attentions.items()}
+
+
+def setup_heads(setup: ModelSetup) -> dict[str, int]:
+    attentions: dict[str, Any] = setup.attentions
+    return {n: int(a.num_heads) for n, a in attentions.items()}
 
 
 def out_width(module: nn.Module) -> int:

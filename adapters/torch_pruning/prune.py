@@ -29,10 +29,18 @@ from .planning import (
     model_setup,
     out_width,
     setup_head_dims,
+    setup_heads,
     translate_ignored,
 )
 from .report import GroupPlan, GroupResult, PruneReport, RemovedItem, TPResult
-from .timm_layers import attention_head_dims, clear_caches, fix_attention, fix_dims, safe_deepcopy
+from .timm_layers import (
+    attention_head_dims,
+    clear_caches,
+    fix_attention,
+    fix_dims,
+    safe_deepcopy,
+    slice_bias_tables,
+)
 from .verify import check_runs, count_macs, record_removed, run_model, verify_pruned
 
 logger = logging.getLogger(__name__)
@@ -218,9 +226,11 @@ def _prune_planned(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelS
                    o: TPOptions, inplace: bool) -> tuple[tp.pruner.MetaPruner, list[RemovedItem], dict[str, int]]:
     """Remove the planned channels and repair timm attention; return the pruner, the removed items, the new heads."""
     head_dims = setup_head_dims(setup)  # before pruning: fix_attention rescales from these
+    old_heads = setup_heads(setup)
     pruner, removed = _remove(work, example_inputs, imp, setup, plans, o, inplace)
     new_heads = {n: int(pruner.num_heads.get(a.qkv, a.num_heads)) for n, a in setup.attentions.items()}
     fix_attention(work, head_dims, new_heads)
+    slice_bias_tables(work, pruner.pruning_history(), head_dims, old_heads)
     fix_dims(work)
     clear_caches(work)
     return pruner, removed, new_heads
@@ -291,6 +301,7 @@ def rebuild(
     was = model.training
     setup = model_setup(model, o.ignored_layers, False, o.ignore_classifier)
     head_dims = setup_head_dims(setup)
+    old_heads = setup_heads(setup)
     pruner = build_pruner(model, example_inputs, setup, False, o.forward_fn)
     try:
         with torch.no_grad():
@@ -301,6 +312,7 @@ def rebuild(
             "was it built with the same model spec and kwargs?"
         ) from None
     fix_attention(model, head_dims, num_heads)
+    slice_bias_tables(model, history, head_dims, old_heads)
     fix_dims(model)
     model.train(was)
     return model

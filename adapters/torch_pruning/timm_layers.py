@@ -100,6 +100,29 @@ def fix_attention(model: nn.Module, head_dims: Mapping[str, int], num_heads: Map
         attn.scale = d ** -0.5
 
 
+def slice_bias_tables(model: nn.Module, history: Sequence[Sequence[Any]], head_dims: Mapping[str, int],
+                      old_heads: Mapping[str, int]) -> None:
+    """After whole-head removal, keep the relative-position-bias columns (one per head, Swin) of the heads kept.
+
+    ``history`` is Torch-Pruning's pruning history ``[module name, is_out, indices]`` (it records each group's
+    root: for an attention group, the input channels of ``proj``, head-major; or the output rows of ``qkv``); a head
+    went with its channels. ``head_dims`` and ``old_heads`` are the attention modules' values before pruning.
+    """
+    for name, d in head_dims.items():
+        attn: Any = model.get_submodule(name)
+        table = getattr(attn, "relative_position_bias_table", None)
+        if not isinstance(table, torch.Tensor) or table.shape[-1] == attn.num_heads:
+            continue
+        h0 = int(old_heads[name])
+        gone = {int(i) // d % h0 for n, out, idxs in history if (n, bool(out)) in ((f"{name}.proj", False), (f"{name}.qkv", True))
+                for i in idxs}
+        keep = [h for h in range(h0) if h not in gone]
+        if len(keep) != attn.num_heads:
+            raise MixMatchError(f"{name}: {len(keep)} heads kept by the history but {attn.num_heads} in the module; "
+                                "the pruning is inconsistent")
+        attn.relative_position_bias_table = nn.Parameter(table.detach()[..., keep].clone(), requires_grad=table.requires_grad)
+
+
 def fix_dims(model: nn.Module) -> None:
     """Keep informational ``dim`` attributes of Swin blocks/stages in step with their layers."""
     m: Any

@@ -27,7 +27,7 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
 @click.option("--fold", type=click.Choice(["mean", "min", "max"]), default="mean", show_default=True,
               help="tp/nni channel pruning: how a dependency group's layer targets become one ratio.")
 @click.option("--round-to", type=click.IntRange(1), default=None, help="tp: keep channel counts at multiples of this.")
-@click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT/DeiT) instead of head dims; with --macs, heads are the attention groups' unit (faster on CPU).")
+@click.option("--prune-heads", is_flag=True, help="tp: remove whole attention heads (ViT, DeiT, Swin) instead of head dims; with --macs, heads are the attention groups' unit (faster on CPU).")
 @click.option("--macs", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="tp: keep this fraction of the MACs, allocated by measured loss curves (the strategy gives its signal).")
 @click.option("--latency", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
