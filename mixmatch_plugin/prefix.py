@@ -159,11 +159,15 @@ class PrefixCache:
 @contextlib.contextmanager
 def _replaced(model: nn.Module, outputs: dict[str, Any]) -> Iterator[None]:
     """Each named module returns a clone of its recorded output instead of running."""
-    mods = [(model.get_submodule(n), out) for n, out in outputs.items()]
-    for m, out in mods:
+    mods = [model.get_submodule(n) for n in outputs]
+    before = [m.__dict__.get("forward") for m in mods]  # a forward set on the instance (rare) comes back after
+    for m, out in zip(mods, outputs.values(), strict=True):
         m.__dict__["forward"] = lambda *a, _o=out, **k: _clone(_o)
     try:
         yield
     finally:
-        for m, _ in mods:
-            m.__dict__.pop("forward", None)
+        for m, f in zip(mods, before, strict=True):
+            if f is None:
+                del m.__dict__["forward"]
+            else:
+                m.__dict__["forward"] = f
