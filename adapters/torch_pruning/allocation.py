@@ -25,6 +25,7 @@ from mixmatch_plugin.batches import iterate
 from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, skip_overshoot
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.prefix import PrefixCache
+from mixmatch_plugin.progress import progress_bar
 
 from .verify import flat_outputs, record_removed, run_model, zeroed_reference
 
@@ -99,7 +100,7 @@ def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Cha
     changed = [{(i.target.rpartition(".")[0] if i.is_param else i.target) for r in rs for i in r} for rs in removed]
     cache = PrefixCache(model, inputs, lambda m, x: run_model(m, x, forward_fn), changed)
     dense, curves = [logp(o) for o in cache.outputs], []
-    for g, cs, rs, ch in zip(groups, counts, removed, changed, strict=True):
+    for g, cs, rs, ch in progress_bar(zip(groups, counts, removed, changed, strict=True), "group curves", total=len(groups)):
         kl = []
         for r in rs:
             z = zeroed_reference(model, r).eval()
