@@ -7,7 +7,7 @@ Methods, each at the same fraction of MACs kept (Torch-Pruning's counter; TP rat
 * ``tp_taylor_global``: ``GroupTaylorImportance`` (gradients of the calibration batches), ``global_pruning=True``;
 * ``tp_lamp_global``: ``LAMPImportance(p=2)`` (Torch-Pruning's LAMP-normalised group scores), ``global_pruning=True``;
 * ``mix-and-match``: ``prune(model, None, x, calib=..., macs=target)`` with the same importance as tp_uniform;
-* ``mix-and-match heads``: the same with ``TPOptions(prune_heads=True)``: whole attention heads (ViT/DeiT only).
+* ``mix-and-match heads``: the same with ``TPOptions(prune_heads=True)``: whole attention heads (timm ViT/DeiT and Swin).
 
 TP methods get the adapter's model handling (``pruner_kwargs``: heads, PatchMerging, bias tables, free
 parameters; ``fix_attention`` after ``step``). Per seed (calibration draw, BatchNorm batches, fine-tuning order):

@@ -72,7 +72,7 @@ class PrefixCache:
         self.calls: list[list[_Call]] = []
         self.cached: list[dict[str, Any]] = []
         for x in self.inputs:
-            calls, _ = self._record(model, x, set())  # the call tree and output sizes, nothing kept
+            calls, kept = self._record(model, x, set())  # the call tree and output sizes, nothing kept
             once = self._once(calls)
             wanted = {i for ch in changes for i in self._frontier(calls, once, ch, cached=None)}
             budget, keep = max_bytes // max(len(self.inputs), 1), set()
@@ -81,7 +81,8 @@ class PrefixCache:
                 if size is not None and size <= budget:
                     keep.add(calls[i].name)
                     budget -= size
-            calls, kept = self._record(model, x, keep)
+            if keep:  # a second run keeps what fits
+                calls, kept = self._record(model, x, keep)
             self.calls.append(calls)
             self.outputs.append(kept.pop(""))
             self.cached.append(kept)

@@ -36,7 +36,6 @@ class ModelSetup:
     customized: dict[Any, tp.pruner.BasePruningFunc]
     unwrapped: list[tuple[nn.Parameter, int]]
     guessed: list[str]
-    swin: bool
 
 
 def _classifiers(model: nn.Module) -> list[nn.Module]:
@@ -67,7 +66,7 @@ def _check_ignored(items: Iterable[Any] | None) -> tuple[list[nn.Module], list[n
     return mods, params
 
 
-def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_heads: bool, ignore_heads: bool) -> ModelSetup:
+def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_heads: bool) -> ModelSetup:
     known = timm_classes()
     user_mods, user_params = _check_ignored(ignored_layers)
     ignored = list(user_mods) + (_classifiers(model) if ignore_heads else [])
@@ -77,7 +76,6 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
     num_heads: dict[nn.Module, int] = {}
     attentions: dict[str, nn.Module] = {}
     unsupported: list[str] = []
-    swin = False
     m: Any
     for name, m in model.named_modules():
         if isinstance(m, known["attention"] + known["window_attention"]):
@@ -91,7 +89,6 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
             num_heads[m.qkv] = int(m.num_heads)
             attentions[name] = m
             if isinstance(m, known["window_attention"]):
-                swin = True
                 ignored_params.append(m.relative_position_bias_table)
         elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids and any(
                 isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids for c in m.modules()):
@@ -131,7 +128,7 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, prune_he
                     guessed.append(f"{f'{mname}.{pname}' if mname else pname} ({type(m).__name__}, shape {tuple(p.shape)})")
     if guessed:
         logger.info("free parameters whose channel dimension is guessed (last non-singleton): %s", ", ".join(guessed))
-    return ModelSetup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed, swin)
+    return ModelSetup(ignored, ignored_params, num_heads, attentions, customized, unwrapped, guessed)
 
 
 def setup_head_dims(setup: ModelSetup) -> dict[str, int]:
@@ -299,7 +296,7 @@ def analyse(model: nn.Module, strategy: Strategy, example_inputs: Any, o: TPOpti
     o.check()
     was_training = model.training
     try:
-        setup = model_setup(model, o.ignored_layers, o.prune_heads, o.ignore_classifier)
+        setup = model_setup(model, o.ignored_layers, o.ignore_classifier)
         pruner = build_pruner(model, example_inputs, setup, o.prune_heads, o.forward_fn)
         return setup, analyse_groups(pruner, model, strategy, setup, o, keeps)
     finally:

@@ -207,7 +207,7 @@ def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None,
 
     was = work.training
     try:
-        setup = model_setup(work, o.ignored_layers, o.prune_heads, o.ignore_classifier)
+        setup = model_setup(work, o.ignored_layers, o.ignore_classifier)
         pruner = build_pruner(work, example_inputs, setup, o.prune_heads, o.forward_fn, imp)
         return allocate(work, example_inputs, pruner, calib, budget, real_size, o)
     finally:
@@ -299,7 +299,7 @@ def rebuild(
     """
     o = options or TPOptions()
     was = model.training
-    setup = model_setup(model, o.ignored_layers, False, o.ignore_classifier)
+    setup = model_setup(model, o.ignored_layers, o.ignore_classifier)
     head_dims = setup_head_dims(setup)
     old_heads = setup_heads(setup)
     pruner = build_pruner(model, example_inputs, setup, False, o.forward_fn)

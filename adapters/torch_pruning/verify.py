@@ -59,7 +59,7 @@ def coupled_channels(
     """
     was = model.training
     try:
-        setup = model_setup(model, None, False, False)
+        setup = model_setup(model, None, False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
             DG = tp.DependencyGraph().build_dependency(
