@@ -6,8 +6,10 @@ Methods, each at the same fraction of MACs kept (Torch-Pruning's counter; TP rat
 * ``tp_global``: the same with ``global_pruning=True``; ``tp_isomorphic``: ``global_pruning=True, isomorphic=True``;
 * ``tp_taylor_global``: ``GroupTaylorImportance`` (gradients of the calibration batches), ``global_pruning=True``;
 * ``tp_lamp_global``: ``LAMPImportance(p=2)`` (Torch-Pruning's LAMP-normalised group scores), ``global_pruning=True``;
-* ``mix-and-match``: ``prune(model, None, x, calib=..., macs=target)`` with the same importance as tp_uniform;
-* ``mix-and-match heads``: the same with ``TPOptions(prune_heads=True)``: whole attention heads (timm ViT/DeiT and Swin).
+* ``mix-and-match``: ``prune(model, None, x, calib=..., macs=target)`` with the same importance as tp_uniform
+  (rows record the per-group cap the budget chose, ``cap``);
+* ``mix-and-match heads``: the same with ``TPOptions(prune_heads=True)``: whole attention heads (timm ViT/DeiT and
+  Swin; skipped on models without attention).
 
 TP methods get the adapter's model handling (``pruner_kwargs``: heads, PatchMerging, bias tables, free
 parameters; ``fix_attention`` after ``step``). Per seed (calibration draw, BatchNorm batches, fine-tuning order):
@@ -112,7 +114,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "images): mean ± std over seeds (calibration draw, BatchNorm batches, fine-tuning order). One-shot after "
              "BatchNorm re-estimation on 4 training batches; fine-tuned: 100 Adam steps, lr 1e-4, batch 128, the same "
              "for every method. Latency: median seconds per forward, 1 thread, seed 0, on a shared 2-core machine "
-             "(load 4-6: batch-1 figures are noise; rows measured before 2026-12-06 ran NCHW, later ones channels-last). `python -m benchmarks.structured_macs --help`.", "",
+             "(load 4-6: batch-1 figures are noise; rows measured before 2026-12-06 ran NCHW, later ones channels-last). Mix-and-Match rows name the per-group cap each seed's budget chose (`TPOptions.caps`). "
+             "`python -m benchmarks.structured_macs --help`.", "",
              "| model | MACs kept (target) | method | seeds | MACs kept | test one-shot % | test fine-tuned % | "
              "speed-up b1 | speed-up b64 | b64 speed-up / MACs ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["model"], r["target"], r["method"]) for r in rows}, key=lambda k: (k[1], k[0], METHODS.index(k[2])))
@@ -121,7 +124,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lat = next((r for r in rs if "latency_b64" in r), None)
         sp = [lat[f"dense_latency_b{b}"] / lat[f"latency_b{b}"] for b in (1, 64)] if lat else None
         speed = f"{sp[0]:.2f} | {sp[1]:.2f} | {sp[1] * lat['macs_kept']:.0%}" if sp and lat else "- | - | -"
-        lines.append(f"| {model} ({rs[0]['origin']}) | {target:.0%} | {method} | {len(rs)} | "
+        caps = [r["cap"] for r in sorted(rs, key=lambda r: r["seed"]) if "cap" in r]
+        label = method + (f" (caps {'/'.join(f'{c:g}' for c in caps)})" if caps else "")
+        lines.append(f"| {model} ({rs[0]['origin']}) | {target:.0%} | {label} | {len(rs)} | "
                      f"{statistics.mean(r['macs_kept'] for r in rs):.3f} | {ms([r['test_one_shot'] for r in rs])} | "
                      f"{ms([r['test_finetuned'] for r in rs])} | {speed} |")
     return "\n".join(lines)
@@ -199,15 +204,15 @@ def main() -> None:
                 calib = [tuple(b) for b in splits.calibration(512, 128, seed)]
                 bn = splits.held_batches(4, seed=seed)
                 for method in a.methods.split(","):
-                    if (name, seed, target, method) in done:
+                    if (name, seed, target, method) in done or (method.endswith("heads") and not tpa.attention_head_dims(model)):
                         continue
                     t0 = time.perf_counter()
                     if method.startswith("mix-and-match"):
                         heads = tpa.TPOptions(prune_heads=method.endswith("heads"))
                         res = tpa.prune(model, None, x, calib=calib, macs=target, options=heads)
-                        pm, got = res.model, res.report.macs_ratio
+                        pm, got, cap = res.model, res.report.macs_ratio, res.report.cap
                     else:
-                        pm, got = at_macs(model, x, method, target, calib)
+                        (pm, got), cap = at_macs(model, x, method, target, calib), None
                     secs = time.perf_counter() - t0
                     reestimate_bn(pm, bn, 4)
                     one = evaluate(pm, test).accuracy
@@ -215,7 +220,7 @@ def main() -> None:
                     finetune(pm, {}, data.loader(splits.train, 128, shuffle=True, seed=seed), max_steps=a.finetune, lr=1e-4)
                     row = {"model": name, "origin": origin, "seed": seed, "target": target, "method": method,
                            "macs_kept": got, "params": sum(p.numel() for p in pm.parameters()), "seconds_prune": secs,
-                           "test_one_shot": one, "test_finetuned": evaluate(pm, test).accuracy}
+                           "test_one_shot": one, "test_finetuned": evaluate(pm, test).accuracy, **({"cap": cap} if cap else {})}
                     if seed == 0:
                         shape = tuple(x.shape[1:])
                         for b, reps in ((1, 50), (64, 9)):

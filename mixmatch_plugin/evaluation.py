@@ -73,11 +73,13 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, loader: Iterable[Any], batches: int = 10) -> int:
+def reestimate_bn(model: nn.Module, loader: Iterable[Any], batches: int = 10,
+                  run: Callable[[nn.Module, Any], Any] | None = None) -> int:
     """Recompute BatchNorm running statistics from ``batches`` batches of ``loader`` (cumulative average).
 
-    Only BatchNorm layers switch to train mode; dropout and the rest stay in eval. Returns the number
-    of BatchNorm layers updated (0 means the model has none and nothing ran).
+    Only BatchNorm layers switch to train mode; dropout and the rest stay in eval. ``run(model, batch)``
+    runs one batch as it comes (default: the inputs of an ``(inputs, labels)`` batch, on the model's
+    device). Returns the number of BatchNorm layers updated (0 means the model has none and nothing ran).
     """
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
@@ -92,8 +94,10 @@ def reestimate_bn(model: nn.Module, loader: Iterable[Any], batches: int = 10) ->
     device = model_device(model)
     try:
         for batch in iterate(loader, batches, what="BatchNorm re-estimation"):
-            x, _ = split_batch(to_device(batch, device))
-            forward(model, x)
+            if run is not None:
+                run(model, batch)
+            else:
+                forward(model, split_batch(to_device(batch, device))[0])
     finally:
         for m, mom in zip(bns, saved, strict=True):
             m.momentum = mom

@@ -17,7 +17,7 @@ from torch import nn
 from mixmatch_plugin.adapters import torch_pruning as mtp
 from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, skip_overshoot
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.evaluation import latencies
+from mixmatch_plugin.evaluation import latencies, reestimate_bn
 
 from .helpers import small_vit
 from .test_adapter_tp import _uniform
@@ -67,6 +67,32 @@ def test_budget_is_met_within_one_percent_by_tps_counter(kind):
         assert res.report.consistency is not None and res.report.consistency < 1e-4
         assert res.model.fc.out_features == 10
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+
+
+def _kl_to_dense(dense: nn.Module, pruned: nn.Module) -> float:
+    """KL of a really pruned model (BatchNorm re-estimated on the calibration inputs) to the dense outputs."""
+    pruned = copy.deepcopy(pruned).eval()
+    reestimate_bn(pruned, CALIB, len(CALIB))
+    with torch.no_grad():
+        return sum(float(nn.functional.kl_div(torch.log_softmax(pruned(xb), -1), torch.log_softmax(dense(xb), -1),
+                                              log_target=True, reduction="batchmean")) for xb, _ in CALIB) / len(CALIB)
+
+
+def test_a_budget_chooses_the_per_group_cap_whose_whole_allocation_stays_closest_to_the_dense_model():
+    """The loss curves measure each group alone; taking several groups to their floor together costs more than the
+    sum. Each cap's allocation is zeroed whole and the closest to the dense outputs is kept: the real pruned model
+    is then closer than the one-cap allocation of before (caps=()), and no group loses more than the cap."""
+    m = WideCNN().eval()
+    free = mtp.prune(m, None, X, calib=CALIB, macs=0.3, options=mtp.TPOptions(caps=()))
+    capped = mtp.prune(m, None, X, calib=CALIB, macs=0.3)
+    assert free.report.cap == 0.95 and not free.report.notes
+    assert capped.report.cap is not None and capped.report.cap < 0.95 and "TPOptions.caps" in capped.report.summary()
+    assert max(g.realized for g in free.report.groups) > capped.report.cap  # the cap changed the allocation
+    assert all(g.realized <= capped.report.cap + 1e-9 for g in capped.report.groups)
+    assert abs(capped.report.macs_ratio - 0.3) <= 0.01 * 0.3 and capped.report.consistency < 1e-4
+    assert _kl_to_dense(m, capped.model) < 0.9 * _kl_to_dense(m, free.model)
+    with pytest.raises(MixMatchError, match="caps must be fractions"):
+        mtp.prune(m, None, X, calib=CALIB, macs=0.3, options=mtp.TPOptions(caps=(1.5,)))
 
 
 def test_a_latency_budget_is_timed_on_the_deployment_inputs_in_the_models_layout():

@@ -4,11 +4,14 @@ Each group's curve is the KL divergence to the dense outputs (on the calibration
 90 % of its channels zeroed alone, in Torch-Pruning's own importance order (zeroed equals removed: see
 :func:`.verify.zeroed_reference`). :func:`mixmatch_plugin.budget.removal_path` removes channels where loss per
 MAC saved is lowest; of that path, the prefix whose size by Torch-Pruning's counter is closest to the budget wins.
-A latency budget follows the same path and cuts it where the measured latency of the pruned model is closest.
+The curves measure each group alone, so the path is built under several per-group caps (``TPOptions.caps``) and
+the cap whose whole allocation, zeroed together, stays closest to the dense outputs is kept (:func:`choose_cap`).
+A latency budget follows the path under ``max_ratio`` and cuts it where the measured latency of the pruned model is closest.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,6 +27,7 @@ from torch_pruning.utils.op_counter import is_supported_instance
 from mixmatch_plugin.batches import iterate
 from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, skip_overshoot
 from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.evaluation import reestimate_bn
 from mixmatch_plugin.prefix import PrefixCache
 from mixmatch_plugin.progress import progress_bar
 
@@ -83,14 +87,16 @@ def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module, heads: bool =
     return out
 
 
+def log_probs(out: Any) -> torch.Tensor:
+    """The log-softmax of a model's first output, flattened per sample."""
+    return torch.log_softmax(flat_outputs(out)[0].float().flatten(1), -1)
+
+
 @torch.no_grad()
 def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup], inputs: list[Any],
                 forward_fn: Callable[..., Any] | None) -> list[np.ndarray]:
     """Per group: the convex loss-increase curve over 0..C removed channels (KL to the dense outputs). Each
     zeroed model reruns only what follows the group's first module (:class:`~mixmatch_plugin.prefix.PrefixCache`)."""
-    def logp(out: Any) -> torch.Tensor:
-        return torch.log_softmax(flat_outputs(out)[0].float().flatten(1), -1)
-
     names, pnames = {id(m): k for k, m in model.named_modules()}, {id(p): k for k, p in model.named_parameters()}
     was = model.training
     model.eval()
@@ -99,12 +105,12 @@ def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Cha
                for g, cs in zip(groups, counts, strict=True)]
     changed = [{(i.target.rpartition(".")[0] if i.is_param else i.target) for r in rs for i in r} for rs in removed]
     cache = PrefixCache(model, inputs, lambda m, x: run_model(m, x, forward_fn), changed)
-    dense, curves = [logp(o) for o in cache.outputs], []
+    dense, curves = [log_probs(o) for o in cache.outputs], []
     for g, cs, rs, ch in progress_bar(zip(groups, counts, removed, changed, strict=True), "group curves", total=len(groups)):
         kl = []
         for r in rs:
             z = zeroed_reference(model, r).eval()
-            kl.append(sum(float(nn.functional.kl_div(logp(cache.run(z, i, ch)), b, log_target=True, reduction="batchmean"))
+            kl.append(sum(float(nn.functional.kl_div(log_probs(cache.run(z, i, ch)), b, log_target=True, reduction="batchmean"))
                           for i, b in enumerate(dense)) / len(inputs))
         curves.append(convex_curve(g.channels, cs, kl))
     model.train(was)
@@ -125,11 +131,72 @@ def layer_costs(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup
     return np.array([float(per[m]) for m in units]), uses.reshape(len(units), len(groups))
 
 
+def modelled_keeps(path: Sequence[tuple[int, int]], channels: np.ndarray, cost: np.ndarray, uses: np.ndarray,
+                   target: float) -> tuple[np.ndarray, float]:
+    """The keep counts of the prefix of ``path`` whose size by the cost model of
+    :func:`~mixmatch_plugin.budget.removal_path` is closest to ``target`` (a fraction), and that size."""
+    def size(keep: np.ndarray) -> float:
+        return float((cost * np.exp(uses @ np.log(keep / channels))).sum() / cost.sum())
+
+    keep = channels.astype(float)
+    best = (keep.copy(), size(keep))
+    for g, s in path:
+        keep[g] -= s
+        f = size(keep)
+        if abs(f - target) < abs(best[1] - target):
+            best = (keep.copy(), f)
+        if f < target:
+            break
+    return best
+
+
+@torch.no_grad()
+def joint_kl(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup], keep: np.ndarray,
+             inputs: list[Any], dense: list[torch.Tensor], forward_fn: Callable[..., Any] | None) -> float:
+    """KL of the model with every group cut to ``keep`` at once (zeroed on a copy, BatchNorm re-estimated on
+    ``inputs``) to the dense log-probabilities ``dense``, averaged over ``inputs``."""
+    names, pnames = {id(m): k for k, m in model.named_modules()}, {id(p): k for k, p in model.named_parameters()}
+    removed = [item for g, k in zip(groups, keep, strict=True) if k < g.channels
+               for item in record_removed(pruner.DG.get_pruning_group(g.root, g.fn, g.indices(g.channels - int(k))), pruner.DG, names, pnames)]
+    z = zeroed_reference(model, removed).eval()
+    reestimate_bn(z, inputs, len(inputs), run=lambda m, x: run_model(m, x, forward_fn))
+    return sum(float(nn.functional.kl_div(log_probs(run_model(z, x, forward_fn)), d, log_target=True, reduction="batchmean"))
+               for x, d in zip(inputs, dense, strict=True)) / len(inputs)
+
+
+def choose_cap(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup],
+               path_for: Callable[[float], list[tuple[int, int]]], cost: tuple[np.ndarray, np.ndarray],
+               inputs: list[Any], target: float, opts: Any) -> float:
+    """The per-group cap (``opts.max_ratio`` or a lower one of ``opts.caps``) whose allocation, zeroed whole, has the
+    least KL to the dense outputs on ``inputs``. ``path_for(cap)`` is the removal path under a cap, ``cost`` the
+    cost model's ``(cost, uses)``; caps that cannot reach ``target`` by it are skipped."""
+    channels = np.array([g.channels for g in groups], float)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        dense = [log_probs(run_model(model, x, opts.forward_fn)) for x in inputs]
+    scores: dict[float, float] = {}
+    seen: dict[tuple[float, ...], float] = {}
+    for cap in [opts.max_ratio, *sorted((c for c in opts.caps if c < opts.max_ratio), reverse=True)]:
+        keep, got = modelled_keeps(path_for(cap), channels, *cost, target)
+        if got > 1.01 * target:  # this cap cannot reach the budget, nor can a lower one
+            break
+        key = tuple(keep)
+        scores[cap] = seen[key] if key in seen else joint_kl(model, pruner, groups, keep, inputs, dense, opts.forward_fn)
+        seen[key] = scores[cap]
+    model.train(was)
+    if not scores:
+        return float(opts.max_ratio)
+    best = min(scores, key=lambda c: (scores[c], -c))
+    logger.info("per-group cap %.2f (KL to the dense outputs by cap: %s)", best, ", ".join(f"{c:.2f}: {v:.4f}" for c, v in scores.items()))
+    return best
+
+
 def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner, calib: Iterable[Any] | None,
-             budget: Mapping[str, float], real_size: Callable[[dict[str, int]], float], opts: Any) -> tuple[dict[str, int], float]:
+             budget: Mapping[str, float], real_size: Callable[[dict[str, int]], float], opts: Any) -> tuple[dict[str, int], float, float]:
     """Channels to keep per group key so that ``real_size(keeps)`` (a fraction of the dense size) meets ``budget``
-    (``{"macs": f}``, ``{"params": f}`` or ``{"latency": f}``), and that fraction; ``opts`` is a ``TPOptions``
-    (``max_ratio``, ``round_to``, ``max_batches``)."""
+    (``{"macs": f}``, ``{"params": f}`` or ``{"latency": f}``), that fraction, and the per-group cap used;
+    ``opts`` is a ``TPOptions`` (``max_ratio``, ``caps``, ``round_to``, ``max_batches``)."""
     (kind, target), = budget.items()
     if not 0.0 < target < 1.0:
         raise MixMatchError(f"{kind}={target!r}: pass the fraction of {kind} to keep, in (0, 1)")
@@ -138,9 +205,21 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
     inputs = [example_inputs] if calib is None else [b[0] if isinstance(b, (tuple, list)) else b for b in iterate(calib, opts.max_batches)]
     groups = channel_groups(pruner, model, opts.prune_heads)
     steps = [1 if g.unit > 1 else opts.round_to or 1 for g in groups]  # whole heads are not rounded
-    lo = [s * max(1, math.ceil(math.ceil(g.channels * (1 - opts.max_ratio) - 1e-9) / s)) for g, s in zip(groups, steps, strict=True)]
-    path = removal_path(loss_curves(model, pruner, groups, inputs, opts.forward_fn),
-                        *layer_costs(model, example_inputs, groups, "params" if kind == "params" else "macs"), lo, steps)
+
+    def floors(cap: float) -> list[int]:
+        return [s * max(1, math.ceil(math.ceil(g.channels * (1 - cap) - 1e-9) / s)) for g, s in zip(groups, steps, strict=True)]
+
+    curves = loss_curves(model, pruner, groups, inputs, opts.forward_fn)
+    cost = layer_costs(model, example_inputs, groups, "params" if kind == "params" else "macs")
+
+    @functools.cache
+    def path_for(cap: float) -> list[tuple[int, int]]:
+        return removal_path(curves, *cost, floors(cap), steps)
+
+    cap = float(opts.max_ratio)
+    if kind != "latency" and calib is not None and opts.caps:
+        cap = choose_cap(model, pruner, groups, path_for, cost, inputs, target, opts)
+    path = path_for(cap)
 
     def keeps(moves: Sequence[tuple[int, int]]) -> dict[str, int]:
         k = {g.key: g.channels for g in groups}
@@ -172,4 +251,4 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
     if abs(best[1] - target) > tol * target:
         why = "timing noise, or one channel is a large step" if kind == "latency" else "one channel is a large step in this model"
         logger.warning("the %s budget %.3f is met to %.4f only: %s", kind, target, best[1], why)
-    return keeps(best[0]), best[1]
+    return keeps(best[0]), best[1], cap

@@ -24,6 +24,11 @@ class TPOptions:
         fold: how a group's producer targets become one ratio (``mean``, ``min``, ``max``).
         round_to: keep channel counts at multiples of this (nearest multiple, at least one multiple).
         max_ratio: no group loses more than this fraction of its channels.
+        caps: under a ``macs=`` or ``params=`` budget, lower per-group caps tried besides ``max_ratio``: each
+            cap's allocation is zeroed on a copy (BatchNorm re-estimated on the calibration inputs) and the one
+            whose outputs lie closest to the dense model's (KL) is kept. The loss curves measure each group
+            alone, and taking many groups to their floor together can cost far more than the sum. ``()``
+            keeps ``max_ratio`` alone.
         prune_heads: remove whole attention heads instead of head dimensions (timm ViT/DeiT and Swin).
         ignored_layers: modules or Parameters to keep intact (instances; types are refused).
         ignore_classifier: keep the classifier head(s) (``get_classifier()``, tuples included) intact.
@@ -40,6 +45,7 @@ class TPOptions:
     fold: Fold = "mean"
     round_to: int | None = None
     max_ratio: float = 0.95
+    caps: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)
     prune_heads: bool = False
     ignored_layers: Sequence[Any] | None = None
     ignore_classifier: bool = True
@@ -59,3 +65,5 @@ class TPOptions:
             raise MixMatchError(f"round_to must be a positive integer or None, got {self.round_to!r}")
         if not (0.0 <= self.max_ratio < 1.0):
             raise MixMatchError(f"max_ratio must lie in [0, 1), got {self.max_ratio!r}")
+        if not all(isinstance(c, (int, float)) and 0.0 <= c < 1.0 for c in self.caps):
+            raise MixMatchError(f"caps must be fractions in [0, 1) (or () to try max_ratio alone), got {self.caps!r}")

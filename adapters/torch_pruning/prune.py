@@ -110,7 +110,7 @@ def prune(
         grad_scores = calibrate(work, calib, o.loss_fn, o.max_batches)
         imp = imp if imp is not None else GroupGradientImportance(grad_scores)
     # 2. one ratio per dependency group: the strategy's, folded, or a budget's allocation
-    keeps, measured = _allocate(work, example_inputs, calib, imp, o, budget, macs0, params0) if budget else (None, None)
+    keeps, measured, cap = _allocate(work, example_inputs, calib, imp, o, budget, macs0, params0) if budget else (None, None, None)
     setup, plans = analyse(work, strategy, example_inputs, o, keeps)
     t_groups = time.perf_counter() - t0
     # 3. pruning, group by group, recording what goes
@@ -129,7 +129,10 @@ def prune(
         )
     macs1, params1 = count_macs(work, example_inputs)
     report = PruneReport(strategy.name, strategy.signal, imp_name, o.fold, params0, params1, macs0, macs1, groups,
-                         t_groups, t_prune, latency_ratio=measured if latency is not None else None)
+                         t_groups, t_prune, latency_ratio=measured if latency is not None else None, cap=cap)
+    if cap is not None and cap < o.max_ratio:
+        report.notes.append(f"no group lost more than {cap:.0%} of its channels: that cap's allocation stayed closest "
+                            f"to the dense outputs (TPOptions.caps; max_ratio {o.max_ratio:.0%})")
     if imp_name == "GroupTaylorImportance":
         report.notes.append("Torch-Pruning 1.6.1's Taylor importance skips BatchNorm members (it tests for GroupNorm)")
     work.train(original_training).to(memory_format=layout)  # Torch-Pruning's new weights are in the default layout
@@ -170,7 +173,7 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
     imp = kw.pop("importance", None) or tp.importance.GroupMagnitudeImportance(p=2)
     o = TPOptions(round_to=kw.get("round_to"), ignored_layers=kw.get("ignored_layers"), importance=imp,
                   forward_fn=kw.get("forward_fn"), verify=False, prune_heads=bool(kw.get("prune_num_heads")))
-    keeps, _ = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)
+    keeps, _, _ = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)
     setup, plans = analyse(model, Strategy("budget", "magnitude", {}, 0.0, {}), example_inputs, o, keeps)
     out = kwargs_from(setup, plans, o.prune_heads, o.forward_fn)
     out["num_heads"].update(kw.get("num_heads") or {})
@@ -182,9 +185,9 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
 
 
 def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None, imp: Any, o: TPOptions,
-              budget: dict[str, float], macs0: int, params0: int) -> tuple[dict[str, int], float]:
-    """A budget's keep counts per group key, and the size they give; each candidate is pruned on a copy and
-    counted (or timed, alternately with ``work``) for real."""
+              budget: dict[str, float], macs0: int, params0: int) -> tuple[dict[str, int], float, float]:
+    """A budget's keep counts per group key, the size they give and the per-group cap chosen; each candidate is
+    pruned on a copy and counted (or timed, alternately with ``work``) for real."""
     kind = next(iter(budget))
     zero = Strategy("budget", "magnitude", {}, 0.0, {})
     count_opts = replace(o, importance="magnitude", verify=False)

@@ -66,7 +66,8 @@ class GroupResult:
 
 @dataclass
 class PruneReport:
-    """What :func:`prune` did: sizes before/after, per-group ratios and the importance criterion."""
+    """What :func:`prune` did: sizes before/after, per-group ratios and the importance criterion; under a budget,
+    ``cap`` is the per-group cap its allocation was chosen under (``TPOptions.caps``)."""
 
     strategy: str
     signal: str
@@ -81,6 +82,7 @@ class PruneReport:
     seconds_prune: float = 0.0
     consistency: float | None = None
     latency_ratio: float | None = None
+    cap: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
