@@ -92,6 +92,12 @@ def log_probs(out: Any) -> torch.Tensor:
     return torch.log_softmax(flat_outputs(out)[0].float().flatten(1), -1)
 
 
+def mean_kl(outs: Iterable[Any], dense: list[torch.Tensor]) -> float:
+    """The mean over batches of the KL divergence of ``outs`` (model outputs) to ``dense`` (log-probabilities)."""
+    return sum(float(nn.functional.kl_div(log_probs(o), d, log_target=True, reduction="batchmean"))
+               for o, d in zip(outs, dense, strict=True)) / len(dense)
+
+
 @torch.no_grad()
 def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup], inputs: list[Any],
                 forward_fn: Callable[..., Any] | None) -> list[np.ndarray]:
@@ -110,8 +116,7 @@ def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Cha
         kl = []
         for r in rs:
             z = zeroed_reference(model, r).eval()
-            kl.append(sum(float(nn.functional.kl_div(log_probs(cache.run(z, i, ch)), b, log_target=True, reduction="batchmean"))
-                          for i, b in enumerate(dense)) / len(inputs))
+            kl.append(mean_kl((cache.run(z, i, ch) for i in range(len(dense))), dense))
         curves.append(convex_curve(g.channels, cs, kl))
     model.train(was)
     return curves
@@ -160,8 +165,7 @@ def joint_kl(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Channe
                for item in record_removed(pruner.DG.get_pruning_group(g.root, g.fn, g.indices(g.channels - int(k))), pruner.DG, names, pnames)]
     z = zeroed_reference(model, removed).eval()
     reestimate_bn(z, inputs, len(inputs), run=lambda m, x: run_model(m, x, forward_fn))
-    return sum(float(nn.functional.kl_div(log_probs(run_model(z, x, forward_fn)), d, log_target=True, reduction="batchmean"))
-               for x, d in zip(inputs, dense, strict=True)) / len(inputs)
+    return mean_kl((run_model(z, x, forward_fn) for x in inputs), dense)
 
 
 def choose_cap(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup],
