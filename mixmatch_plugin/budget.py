@@ -164,6 +164,11 @@ def convex_curve(channels: int, removed: Sequence[int], dloss: Sequence[float]) 
     return np.where(j > hx[-1], hy[-1] + slope * (j - hx[-1]), np.interp(j, hx, hy))
 
 
+def module_costs(keep: np.ndarray, channels: np.ndarray, cost: np.ndarray, uses: np.ndarray) -> np.ndarray:
+    """Each module's cost with ``keep`` of each group's ``channels`` kept: ``cost[m] Π_{g: uses[m, g]} keep_g / C_g``."""
+    return cost * np.exp(uses @ np.log(keep / channels))
+
+
 def removal_path(curves: Sequence[np.ndarray], cost: np.ndarray, uses: np.ndarray, lo: Sequence[int],
                  step: int | Sequence[int] = 1) -> list[tuple[int, int]]:
     """The greedy removal order of channels across groups, ``[(group, channels removed), ...]``, down to ``lo``.
@@ -179,7 +184,7 @@ def removal_path(curves: Sequence[np.ndarray], cost: np.ndarray, uses: np.ndarra
     steps = np.broadcast_to(np.asarray(step, float), size.shape)
     path: list[tuple[int, int]] = []
     while True:
-        saving = (use.T @ (cost * np.exp(use @ np.log(keep / size)))) / keep  # the cost is linear in each keep_g
+        saving = (use.T @ module_costs(keep, size, cost, use)) / keep  # the cost is linear in each keep_g
         s = np.minimum(np.where(keep % steps > 0, keep % steps, steps), keep - low).astype(int)
         r = (size - keep).astype(int)
         loss = np.array([c[ri + si] - c[ri] for c, ri, si in zip(curves, r, s, strict=True)])

@@ -25,7 +25,7 @@ from torch import nn
 from torch_pruning.utils.op_counter import is_supported_instance
 
 from mixmatch_plugin.batches import iterate
-from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, skip_overshoot
+from mixmatch_plugin.budget import closest_prefix, convex_curve, module_costs, removal_path, skip_overshoot
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.evaluation import reestimate_bn
 from mixmatch_plugin.prefix import PrefixCache
@@ -100,9 +100,10 @@ def mean_kl(outs: Iterable[Any], dense: list[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup], inputs: list[Any],
-                forward_fn: Callable[..., Any] | None) -> list[np.ndarray]:
-    """Per group: the convex loss-increase curve over 0..C removed channels (KL to the dense outputs). Each
-    zeroed model reruns only what follows the group's first module (:class:`~mixmatch_plugin.prefix.PrefixCache`)."""
+                forward_fn: Callable[..., Any] | None) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """Per group: the convex loss-increase curve over 0..C removed channels (KL to the dense outputs), and the dense
+    log-probabilities per input. Each zeroed model reruns only what follows the group's first module
+    (:class:`~mixmatch_plugin.prefix.PrefixCache`)."""
     names, pnames = {id(m): k for k, m in model.named_modules()}, {id(p): k for k, p in model.named_parameters()}
     was = model.training
     model.eval()
@@ -119,7 +120,7 @@ def loss_curves(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Cha
             kl.append(mean_kl((cache.run(z, i, ch) for i in range(len(dense))), dense))
         curves.append(convex_curve(g.channels, cs, kl))
     model.train(was)
-    return curves
+    return curves, dense
 
 
 def layer_costs(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup], kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +142,7 @@ def modelled_keeps(path: Sequence[tuple[int, int]], channels: np.ndarray, cost: 
     """The keep counts of the prefix of ``path`` whose size by the cost model of
     :func:`~mixmatch_plugin.budget.removal_path` is closest to ``target`` (a fraction), and that size."""
     def size(keep: np.ndarray) -> float:
-        return float((cost * np.exp(uses @ np.log(keep / channels))).sum() / cost.sum())
+        return float(module_costs(keep, channels, cost, uses).sum() / cost.sum())
 
     keep = channels.astype(float)
     best = (keep.copy(), size(keep))
@@ -170,25 +171,20 @@ def joint_kl(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Channe
 
 def choose_cap(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup],
                path_for: Callable[[float], list[tuple[int, int]]], cost: tuple[np.ndarray, np.ndarray],
-               inputs: list[Any], target: float, opts: Any) -> float:
+               inputs: list[Any], dense: list[torch.Tensor], target: float, opts: Any) -> float:
     """The per-group cap (``opts.max_ratio`` or a lower one of ``opts.caps``) whose allocation, zeroed whole, has the
-    least KL to the dense outputs on ``inputs``. ``path_for(cap)`` is the removal path under a cap, ``cost`` the
-    cost model's ``(cost, uses)``; caps that cannot reach ``target`` by it are skipped."""
+    least KL to the dense log-probabilities ``dense`` on ``inputs``. ``path_for(cap)`` is the removal path under a
+    cap, ``cost`` the cost model's ``(cost, uses)``; caps that cannot reach ``target`` by it are skipped."""
     channels = np.array([g.channels for g in groups], float)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        dense = [log_probs(run_model(model, x, opts.forward_fn)) for x in inputs]
     scores: dict[float, float] = {}
-    seen: dict[tuple[float, ...], float] = {}
+    by_keep: dict[tuple[float, ...], float] = {}  # caps that give the same allocation are measured once
     for cap in [opts.max_ratio, *sorted((c for c in opts.caps if c < opts.max_ratio), reverse=True)]:
         keep, got = modelled_keeps(path_for(cap), channels, *cost, target)
         if got > 1.01 * target:  # this cap cannot reach the budget, nor can a lower one
             break
-        key = tuple(keep)
-        scores[cap] = seen[key] if key in seen else joint_kl(model, pruner, groups, keep, inputs, dense, opts.forward_fn)
-        seen[key] = scores[cap]
-    model.train(was)
+        if (key := tuple(keep)) not in by_keep:
+            by_keep[key] = joint_kl(model, pruner, groups, keep, inputs, dense, opts.forward_fn)
+        scores[cap] = by_keep[key]
     if not scores:
         return float(opts.max_ratio)
     best = min(scores, key=lambda c: (scores[c], -c))
@@ -213,7 +209,7 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
     def floors(cap: float) -> list[int]:
         return [s * max(1, math.ceil(math.ceil(g.channels * (1 - cap) - 1e-9) / s)) for g, s in zip(groups, steps, strict=True)]
 
-    curves = loss_curves(model, pruner, groups, inputs, opts.forward_fn)
+    curves, dense = loss_curves(model, pruner, groups, inputs, opts.forward_fn)
     cost = layer_costs(model, example_inputs, groups, "params" if kind == "params" else "macs")
 
     @functools.cache
@@ -222,7 +218,7 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
 
     cap = float(opts.max_ratio)
     if kind != "latency" and calib is not None and opts.caps:
-        cap = choose_cap(model, pruner, groups, path_for, cost, inputs, target, opts)
+        cap = choose_cap(model, pruner, groups, path_for, cost, inputs, dense, target, opts)
     path = path_for(cap)
 
     def keeps(moves: Sequence[tuple[int, int]]) -> dict[str, int]:
