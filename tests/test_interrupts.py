@@ -322,3 +322,25 @@ def test_an_interrupt_that_strands_a_library_thread_still_ends_the_process():
     """A thread a library started and never got to stop (Optuna's heartbeat, cut in its start) must not hang the exit."""
     r = subprocess.run([sys.executable, "-c", STRAY_THREAD], env=ENV, text=True, capture_output=True, timeout=60)
     assert r.returncode == 130 and error_lines(r.stderr) == ["error: interrupted"], (r.returncode, r.stderr[-2000:])
+
+
+def test_a_library_error_raised_while_an_interrupt_unwinds_is_still_an_interrupt():
+    """Optuna 5.1's _run_trial raises UnboundLocalError from its finally when Ctrl-C lands in its tell; the CLI
+    said "error: unexpected UnboundLocalError" and exited 1 (seen in the search interrupt test above)."""
+    import click
+    from click.testing import CliRunner
+
+    from mixmatch_plugin.app.cli import guarded
+
+    @click.command()
+    @click.pass_context
+    def work(ctx):
+        def body():
+            try:
+                raise KeyboardInterrupt
+            finally:
+                raise UnboundLocalError("cannot access local variable 'updated_state'")
+        guarded(ctx, body)
+
+    r = CliRunner().invoke(work, [])
+    assert r.exit_code == 130 and "error: interrupted" in r.output and "Unbound" not in r.output, r.output

@@ -61,20 +61,38 @@ def guarded(ctx: click.Context, work: Callable[[], Any]) -> Any:
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
     except KeyboardInterrupt as exc:
-        status = getattr(exc, "status", 130)
-        click.echo("error: terminated (SIGTERM)" if status == 128 + signal.SIGTERM else "error: interrupted", err=True)
-        sys.exit(status)
+        _exit_interrupted(exc)
     except MixMatchError as exc:
         if verbose():
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except Exception as exc:  # the last line of defence: one line, not a traceback
+        if (cut := _interrupt_behind(exc)) is not None:  # a library's cleanup failed as the Ctrl-C unwound it
+            _exit_interrupted(cut)  # (Optuna 5.1's _run_trial: UnboundLocalError when it lands in its tell)
         if verbose():
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         click.echo(f"error: unexpected {type(exc).__name__}: {msg} (rerun with -v for the traceback)", err=True)
         sys.exit(1)
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt that ``exc`` was raised while handling, if any (its ``__context__`` chain)."""
+    seen: set[int] = set()
+    cause = exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
+def _exit_interrupted(exc: KeyboardInterrupt) -> None:
+    status = getattr(exc, "status", 130)
+    click.echo("error: terminated (SIGTERM)" if status == 128 + signal.SIGTERM else "error: interrupted", err=True)
+    sys.exit(status)
 
 
 class _Group(click.Group):
