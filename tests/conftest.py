@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 os.environ.setdefault("MIXMATCH_QUIET", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Two threads at most; under pytest-xdist (the README's `-n 2`) the cores are shared between the workers.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 
 
 @pytest.fixture(scope="session")
