@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from benchmarks.configs import FULL, OUTSIDE
-from benchmarks.run import BASELINES, BenchConfig, _Evaluator, _has_bn, _variant_preset, eval_loaders
+from benchmarks.run import (
+    BASELINES,
+    BenchConfig,
+    MaskedEvaluator,
+    eval_loaders,
+    has_batchnorm,
+    variant_preset,
+)
 from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import train_cached
 from mixmatch_plugin.evaluation import evaluate
@@ -63,10 +70,10 @@ def run(models: list[str], seeds: list[int], out: Path, rounds: int, cache_dir: 
                     continue
                 doc["rows"] = [r for r in doc["rows"] if (r["model"], r["seed"], r["sparsity"]) != (name, seed, target)]
                 t0 = time.perf_counter()
-                p = plan(model, calib, preset=_variant_preset("rules", model), target=target, on_unreachable="extend",
+                p = plan(model, calib, preset=variant_preset("rules", model), target=target, on_unreachable="extend",
                          options=PlanOptions(progressive=rounds, score_family=False, shapes=("all-max",)))
                 assert p.signals is not None
-                ev = _Evaluator(model, p.signals, p.layers, bn, cfg.bn_batches if _has_bn(model) else 0)
+                ev = MaskedEvaluator(model, p.signals, p.layers, bn, cfg.bn_batches if has_batchnorm(model) else 0)
                 member = ev.masked(p.strategy("product:progressive"))
                 choice = next(c for c in recorded[name]["choices"] if (c["seed"], c["sparsity"]) == (seed, target))
                 row = {"model": name, "seed": seed, "sparsity": target, "seconds": round(time.perf_counter() - t0, 1),

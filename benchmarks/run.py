@@ -144,7 +144,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-class _Evaluator:
+class MaskedEvaluator:
     """Masked strategies on one model (a shared :class:`~mixmatch_plugin.masks.Masker`), BatchNorm re-estimated."""
 
     def __init__(self, model: torch.nn.Module, scores: Signals, layers: Sequence[Any], bn: Sequence[Any], bn_batches: int) -> None:
@@ -183,7 +183,7 @@ class _PhaseClock:
         return {k: round(v, 1) for k, v in self.seconds.items()}
 
 
-def _variant_preset(variant: str, model: torch.nn.Module) -> str:
+def variant_preset(variant: str, model: torch.nn.Module) -> str:
     """The preset a Mix-and-Match variant plans with: the paper's for ``empirical``, else the model's own."""
     return "paper" if variant == "empirical" else preset_for(model)
 
@@ -202,7 +202,7 @@ def ranges_digest(cfg: BenchConfig, name: str, model: torch.nn.Module | None = N
     layers = inventory(model)
     parts: dict[str, Any] = {"layers": [(x.name, x.role, x.stage, x.params) for x in layers]}
     for variant in cfg.variants:
-        rules = load_rules(_variant_preset(variant, model))
+        rules = load_rules(variant_preset(variant, model))
         parts[variant] = {"bounds": bounds(layers, rules), "rules": rule_ranges(layers, rules) if rules.rules else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -227,7 +227,7 @@ def run_model(
 
     ``dense`` is the trained model and its training record (from :func:`train_cached`); ``done`` holds
     seeds finished earlier. A sparsity whose one-shot rows are kept without fine-tuned rows (an older
-    protocol's, see :func:`_reusable`) is only fine-tuned again, its strategies rebuilt by name.
+    protocol's, see :func:`reusable`) is only fine-tuned again, its strategies rebuilt by name.
     """
     model, info = dense
     model.eval()
@@ -239,7 +239,7 @@ def run_model(
     for seed in cfg.seeds:
         done_here = {r["sparsity"] for r in out["runs"] if r["seed"] == seed}
         todo = [t for t in cfg.sparsities[name] if t not in done_here]
-        # kept one-shot rows without some fine-tuned rows (see _reusable) or without mm+search: only those are added
+        # kept one-shot rows without some fine-tuned rows (see reusable) or without mm+search: only those are added
         refit = [t for t in cfg.sparsities[name] if t in done_here and _missing(out["runs"], seed, t, cfg)]
         top = cfg.sparsities[name][-1]
         needs_floor = bool(cfg.finetune_methods) and not any(
@@ -276,7 +276,7 @@ def run_model(
             for variant in cfg.variants:
                 try:
                     with clock("strategies"):
-                        plans[variant] = plan(model, calib, preset=_variant_preset(variant, model), target=target,
+                        plans[variant] = plan(model, calib, preset=variant_preset(variant, model), target=target,
                                               on_unreachable="extend", scores=scores,
                                               options=PlanOptions(measure=curves if variant == cfg.variants[0] else None,
                                                                   progressive=cfg.progressive if variant == cfg.variants[0] else 0))
@@ -290,7 +290,7 @@ def run_model(
                 )
             layers = plans[variants[0]].layers
             signals = plans[variants[0]].signals or scores  # with this target's progressive scores
-            ev = _Evaluator(model, signals, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
+            ev = MaskedEvaluator(model, signals, layers, bn, cfg.bn_batches if has_batchnorm(model) else 0)
             base = {b: baselines.make(b, layers, scores, target) for b in BASELINES}
             cands: dict[str, Strategy] = {}
             for variant, p in plans.items():
@@ -344,7 +344,7 @@ def run_model(
             target = top
             layers = layers if layers is not None else inventory(model)
             s = baselines.make(cfg.finetune_methods[0], layers, scores, target)
-            ev = _Evaluator(model, scores, layers, bn, cfg.bn_batches if _has_bn(model) else 0)
+            ev = MaskedEvaluator(model, scores, layers, bn, cfg.bn_batches if has_batchnorm(model) else 0)
             with clock("noise floor (reseeded fine-tune)"):
                 work, _ = ev.fine_tuned(s, fine_tune_order(seed + 1000), cfg.finetune_steps, cfg.finetune_lr)
                 r = _row(name, target, seed, cfg.finetune_methods[0] + "_reseeded", "fine-tuned", s, evaluate(work, val).accuracy,
@@ -362,7 +362,7 @@ def run_model(
 
 
 def _recorded(runs: Sequence[dict[str, Any]], name: str, seed: int, target: float, wanted: Sequence[str],
-              base: dict[str, Strategy], cands: dict[str, Strategy], ev: _Evaluator, test: Any) -> dict[str, Strategy]:
+              base: dict[str, Strategy], cands: dict[str, Strategy], ev: MaskedEvaluator, test: Any) -> dict[str, Strategy]:
     """The strategies that kept one-shot rows name, for the fine-tuned methods that are not baselines.
 
     Each is rebuilt by name (``<name>@<signal>``: remasked by that signal) and must score its
@@ -404,7 +404,7 @@ def _missing(runs: Sequence[dict[str, Any]], seed: int, target: float, cfg: Benc
     return [m for m in out if m != "mm+search" or cfg.search_trials]
 
 
-def _search(ev: _Evaluator, plan_: Plan, cands: dict[str, Strategy], screened: Sequence[Any], finals: Sequence[dict[str, Any]],
+def _search(ev: MaskedEvaluator, plan_: Plan, cands: dict[str, Strategy], screened: Sequence[Any], finals: Sequence[dict[str, Any]],
             loaders: tuple[Any, Any], cfg: BenchConfig, seed: int) -> tuple[Strategy, dict[str, Any]]:
     """``mm+search``: an Optuna study in the pool space (every candidate a base, per-group log-odds shifts; TPE,
     seeded by the whole pool at its screen scores), ``cfg.search_trials`` trials on the screen's loss; the
@@ -462,7 +462,7 @@ def pool_step(s: Strategy) -> str:
     return "+free" if s.meta.get("clip") == "free" else "+wanda" if s.signal == "wanda" else "+score"
 
 
-def _ablation(ev: _Evaluator, cands: dict[str, Strategy], choice: Choice, val: Any, top_k: int) -> dict[str, Strategy]:
+def _ablation(ev: MaskedEvaluator, cands: dict[str, Strategy], choice: Choice, val: Any, top_k: int) -> dict[str, Strategy]:
     """Each nested pool's validation choice, by the same rule as ``choice`` (screen, then its top ``top_k`` on validation)."""
     screen = {r.strategy: r for r in choice.screen}
     full = {r.strategy: (r.accuracy, r.loss) for r in choice.finals}
@@ -482,7 +482,7 @@ def _ablation(ev: _Evaluator, cands: dict[str, Strategy], choice: Choice, val: A
     return out
 
 
-def _has_bn(model: torch.nn.Module) -> bool:
+def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -526,10 +526,10 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
             raise MixMatchError(f"{exc}; or pass --fresh to start over") from None
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("config") != common:
             logger.warning("%s was made with another configuration or version: starting fresh", path)
-            _keep_copy(path)
+            keep_copy(path)
             doc = {}
     elif path.exists():
-        _keep_copy(path)
+        keep_copy(path)
     doc.setdefault("schema", SCHEMA)
     doc["config"] = common
     doc.setdefault("models", {})
@@ -542,9 +542,9 @@ def run(cfg: BenchConfig, out: str | Path, *, quick: bool = False, data_dir: str
         model, info = train_cached(cfg.models[name], splits, cache_dir=cache_dir, progress=progress, device=dev)
         model_cfg = {"train": asdict(cfg.models[name]), "sparsities": list(cfg.sparsities[name]),
                      "ranges": ranges_digest(cfg, name, model), "dense": model_hash(model), "protocol": PROTOCOL}
-        done = _reusable(name, doc["models"].get(name), model_cfg, info, has_bn=_has_bn(model))
+        done = reusable(name, doc["models"].get(name), model_cfg, info, has_bn=has_batchnorm(model))
         if done is not doc["models"].get(name) and name in doc["models"] and path.exists():  # rows replaced: copy first
-            _keep_copy(path)
+            keep_copy(path)
 
         def save(partial: dict[str, Any], name: str = name, model_cfg: dict[str, Any] = model_cfg) -> None:
             partial["config"] = model_cfg
@@ -601,7 +601,7 @@ def adopt_one_shot(cfg: BenchConfig, out: str | Path) -> list[str]:
     return copied
 
 
-def _reusable(
+def reusable(
     name: str, done: dict[str, Any] | None, model_cfg: dict[str, Any], info: dict[str, Any] | None = None, *,
     has_bn: bool = True,
 ) -> dict[str, Any] | None:
@@ -660,7 +660,7 @@ def _without_fine_tuned(done: dict[str, Any], protocol: int) -> dict[str, Any]:
     return kept
 
 
-def _keep_copy(path: Path) -> None:
+def keep_copy(path: Path) -> None:
     """Copy ``path`` aside before results in it are replaced: nothing measured is lost silently."""
     backup = path.with_name(f"{path.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.copy2(path, backup)

@@ -15,6 +15,16 @@ def small_vit(**kw):
     return VisionTransformer(**args)
 
 
+def uniform_strategy(model, ratio, **overrides):
+    """A strategy that gives every layer ``ratio`` (norms 0), with per-layer overrides."""
+    import mixmatch_plugin as mm
+    from mixmatch_plugin.strategies import Strategy
+
+    ratios = {layer.name: (0.0 if layer.kind == "norm" else float(ratio)) for layer in mm.inventory(model)}
+    ratios.update({k: float(v) for k, v in overrides.items()})
+    return Strategy("test:uniform", "magnitude", ratios, 0.0)
+
+
 def small_swin(**kw):
     from timm.models.swin_transformer import SwinTransformer
 

@@ -21,9 +21,8 @@ from mixmatch_plugin.adapters import torch_pruning as mtp
 from mixmatch_plugin.adapters.torch_pruning.planning import fold_ratio
 from mixmatch_plugin.adapters.torch_pruning.verify import relative_difference
 from mixmatch_plugin.errors import MixMatchError
-from mixmatch_plugin.strategies import Strategy
 
-from .helpers import small_swin, small_vit
+from .helpers import small_swin, small_vit, uniform_strategy
 
 timm = pytest.importorskip("timm")
 
@@ -78,14 +77,6 @@ def family(name):
 
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _uniform(model, ratio, **overrides):
-    """A strategy that gives every layer ``ratio`` (norms 0), with per-layer overrides."""
-    layers = mm.inventory(model)
-    ratios = {layer.name: (0.0 if layer.kind == "norm" else float(ratio)) for layer in layers}
-    ratios.update({k: float(v) for k, v in overrides.items()})
-    return Strategy("test:uniform", "magnitude", ratios, 0.0)
 
 
 class TinyCNN(nn.Module):
@@ -221,7 +212,7 @@ def test_ratio_dict_has_one_leaf_module_key_per_group_and_torch_pruning_realizes
 def test_your_own_metapruner_on_a_vit_with_pruner_kwargs_and_fix_attention():
     vit = small_vit(num_heads=2, embed_dim=32).eval()
     x = torch.randn(2, 1, 16, 16)
-    s = _uniform(vit, 0.5)
+    s = uniform_strategy(vit, 0.5)
     kw = mtp.pruner_kwargs(vit, s, x)
     dims = mtp.attention_head_dims(vit)
     assert dims == {"blocks.0.attn": 16, "blocks.1.attn": 16}
@@ -258,7 +249,7 @@ def test_trap_string_keys_raise_and_container_keys_spread_to_norms():
     pr = tp.pruner.MetaPruner(seq, X3, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio_dict={seq: 0.5})
     assert seq[1] in pr.pruning_ratio_dict  # a container key reaches the BatchNorm inside it
     # the adapter's keys are leaf Conv/Linear modules only
-    keys = mtp.pruning_ratio_dict(m, _uniform(m, 0.5), X3)
+    keys = mtp.pruning_ratio_dict(m, uniform_strategy(m, 0.5), X3)
     assert keys and all(isinstance(k, (nn.Conv2d, nn.Linear)) for k in keys)
 
 
@@ -269,9 +260,9 @@ def test_trap_a_group_that_would_vanish_is_skipped_silently_by_tp_but_clamped_he
                               pruning_ratio_dict={raw.conv1: 0.99}, ignored_layers=[raw.fc])
     pr.step()
     assert raw.conv1.out_channels == 64  # 0.99 of 64 keeps int(0.64) = 0 channels: TP prunes nothing
-    res = mtp.prune(m, _uniform(m, 0.0, conv1=0.99), X3, options=mtp.TPOptions(max_ratio=0.999))
+    res = mtp.prune(m, uniform_strategy(m, 0.0, conv1=0.99), X3, options=mtp.TPOptions(max_ratio=0.999))
     assert res.model.conv1.out_channels == 1  # round(0.64) = 1 channel, handed to TP exactly
-    res = mtp.prune(m, _uniform(m, 0.0, conv1=0.995), X3, options=mtp.TPOptions(max_ratio=0.999))
+    res = mtp.prune(m, uniform_strategy(m, 0.0, conv1=0.995), X3, options=mtp.TPOptions(max_ratio=0.999))
     g = next(g for g in res.report.groups if g.key == "conv1")
     assert g.clamped == "min-keep" and g.kept == 1 and res.model.conv1.out_channels == 1
 
@@ -282,7 +273,7 @@ def test_trap_max_pruning_ratio_does_not_cap_the_default_ratio():
     tp.pruner.MetaPruner(raw, X3, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.8,
                          max_pruning_ratio=0.5, ignored_layers=[raw.fc]).step()
     assert raw.conv1.out_channels < 32  # not capped at 50 % (TP issue 448)
-    res = mtp.prune(m, _uniform(m, 0.8), X3, options=mtp.TPOptions(max_ratio=0.5))
+    res = mtp.prune(m, uniform_strategy(m, 0.8), X3, options=mtp.TPOptions(max_ratio=0.5))
     for g in res.report.groups:
         assert g.realized <= 0.5 + 1e-9
     assert any(g.clamped == "max_ratio" for g in res.report.groups)
@@ -295,8 +286,8 @@ def test_trap_ignored_layers_drops_types_silently():
                          ignored_layers=[nn.Linear]).step()
     assert raw.fc.out_features < 10  # the classifier lost classes: the type was ignored silently
     with pytest.raises(MixMatchError, match="silently drops types"):
-        mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(ignored_layers=[nn.Linear]))
-    res = mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(ignored_layers=[m.conv1]))  # instances work
+        mtp.prune(m, uniform_strategy(m, 0.5), X3, options=mtp.TPOptions(ignored_layers=[nn.Linear]))
+    res = mtp.prune(m, uniform_strategy(m, 0.5), X3, options=mtp.TPOptions(ignored_layers=[m.conv1]))  # instances work
     assert res.model.conv1.out_channels == 64 and res.model.fc.out_features == 10
 
 
@@ -307,7 +298,7 @@ def test_trap_round_to_rounds_down_in_tp_and_to_the_nearest_multiple_here():
     tp.pruner.MetaPruner(raw, X3, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.0,
                          pruning_ratio_dict={raw.conv1: r}, round_to=8, ignored_layers=[raw.fc]).step()
     assert raw.conv1.out_channels == 8  # floor
-    res = mtp.prune(m, _uniform(m, 0.0, conv1=r), X3, options=mtp.TPOptions(round_to=8))
+    res = mtp.prune(m, uniform_strategy(m, 0.0, conv1=r), X3, options=mtp.TPOptions(round_to=8))
     assert res.model.conv1.out_channels == 16  # nearest multiple
     model, _, calib, p = family("resnet18")
     res = mtp.prune(model, p.strategy("magnitude:all-max"), calib[0][0][:2], options=mtp.TPOptions(round_to=8, verify=False))
@@ -318,7 +309,7 @@ def test_trap_round_to_rounds_down_in_tp_and_to_the_nearest_multiple_here():
 def test_trap_unwrapped_parameters_must_be_a_list_of_pairs():
     vit = small_vit(init_values=0.1).eval()
     x = torch.randn(2, 1, 16, 16)
-    kw = mtp.pruner_kwargs(vit, _uniform(vit, 0.3), x)
+    kw = mtp.pruner_kwargs(vit, uniform_strategy(vit, 0.3), x)
     pairs = kw["unwrapped_parameters"]
     assert isinstance(pairs, list) and all(isinstance(p, tuple) and len(p) == 2 for p in pairs)
     dims = {id(p): d for p, d in pairs}
@@ -347,9 +338,9 @@ def test_trap_a_failed_step_is_used_up():
     assert raw.conv1.out_channels == 64  # the second step does nothing: the pruner is used up
     before = _state(m)
     with pytest.raises(MixMatchError, match="your model is unchanged"):
-        mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(importance=Broken()))
+        mtp.prune(m, uniform_strategy(m, 0.5), X3, options=mtp.TPOptions(importance=Broken()))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    assert mtp.prune(m, _uniform(m, 0.5), X3).model.conv1.out_channels == 32  # a fresh pruner each call
+    assert mtp.prune(m, uniform_strategy(m, 0.5), X3).model.conv1.out_channels == 32  # a fresh pruner each call
 
 
 def test_trap_channel_group_defaults_are_shared_between_pruners():
@@ -357,7 +348,7 @@ def test_trap_channel_group_defaults_are_shared_between_pruners():
     default = sig.parameters["out_channel_groups"].default
     vit = small_vit().eval()
     x = torch.randn(2, 1, 16, 16)
-    mtp.prune(vit, _uniform(vit, 0.3), x)
+    mtp.prune(vit, uniform_strategy(vit, 0.3), x)
     assert default == {}  # the adapter passes fresh dicts
     try:
         with warnings.catch_warnings():
@@ -376,9 +367,9 @@ def test_trap_taylor_needs_a_backward_pass_and_calibration_data():
     with pytest.raises((AttributeError, TypeError)):  # no .grad without loss.backward()
         tp.importance.GroupTaylorImportance()(group)
     with pytest.raises(MixMatchError, match="needs calibration data"):
-        mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(importance="taylor"))
+        mtp.prune(m, uniform_strategy(m, 0.5), X3, options=mtp.TPOptions(importance="taylor"))
     calib = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))]
-    res = mtp.prune(m, _uniform(m, 0.5), X3, options=mtp.TPOptions(importance="taylor"), calib=calib)
+    res = mtp.prune(m, uniform_strategy(m, 0.5), X3, options=mtp.TPOptions(importance="taylor"), calib=calib)
     assert "BatchNorm" in " ".join(res.report.notes)
     assert all(q.grad is None for q in res.model.parameters())  # calibration gradients are not left behind
 
@@ -386,7 +377,7 @@ def test_trap_taylor_needs_a_backward_pass_and_calibration_data():
 def test_gradient_importance_removes_the_channels_with_the_smallest_mean_abs_gradient():
     m = TinyCNN().eval()
     calib = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(2)]
-    s = _uniform(m, 0.0, conv1=0.25)
+    s = uniform_strategy(m, 0.0, conv1=0.25)
     s.signal = "gradient"
     res = mtp.prune(m, s, X3, calib=calib)
     work = copy.deepcopy(m)
@@ -406,7 +397,7 @@ def test_gradient_importance_removes_the_channels_with_the_smallest_mean_abs_gra
 def test_vit_attention_attributes_and_scale_after_head_dim_pruning():
     vit = small_vit(num_heads=4, embed_dim=32).eval()
     x = torch.randn(2, 1, 16, 16)
-    res = mtp.prune(vit, _uniform(vit, 0.5), x)
+    res = mtp.prune(vit, uniform_strategy(vit, 0.5), x)
     for blk in res.model.blocks:
         a = blk.attn
         assert a.num_heads == 4
@@ -427,7 +418,7 @@ def test_vit_without_the_scale_fold_changes_the_softmax_temperature():
         for blk in vit.blocks:
             blk.attn.qkv.weight.mul_(25.0)  # sharp attention, so the temperature matters
     x = torch.randn(2, 1, 16, 16)
-    res = mtp.prune(vit, _uniform(vit, 0.5), x)
+    res = mtp.prune(vit, uniform_strategy(vit, 0.5), x)
     ref = mtp.zeroed_reference(vit, res.removed).eval()
     broken = copy.deepcopy(res.model)
     with torch.no_grad():
@@ -443,7 +434,7 @@ def test_vit_without_the_scale_fold_changes_the_softmax_temperature():
 def test_vit_whole_head_removal():
     vit = small_vit(num_heads=4, embed_dim=32).eval()
     x = torch.randn(2, 1, 16, 16)
-    s = _uniform(vit, 0.0, **{"blocks.0.attn.qkv": 0.5, "blocks.1.attn.qkv": 0.25})
+    s = uniform_strategy(vit, 0.0, **{"blocks.0.attn.qkv": 0.5, "blocks.1.attn.qkv": 0.25})
     res = mtp.prune(vit, s, x, options=mtp.TPOptions(prune_heads=True))
     a0, a1 = res.model.blocks[0].attn, res.model.blocks[1].attn
     assert (a0.num_heads, a1.num_heads) == (2, 3)
@@ -460,7 +451,7 @@ def test_swin_whole_head_removal_keeps_the_kept_heads_bias_columns():
     with torch.no_grad():
         for a in (m for m in sw.modules() if hasattr(m, "relative_position_bias_table")):
             a.relative_position_bias_table.normal_(0.0, 2.0)  # large biases: a wrong column would show
-    s = _uniform(sw, 0.0, **{"layers.1.blocks.0.attn.qkv": 0.5, "layers.0.blocks.1.attn.qkv": 0.5})
+    s = uniform_strategy(sw, 0.0, **{"layers.1.blocks.0.attn.qkv": 0.5, "layers.0.blocks.1.attn.qkv": 0.5})
     res = mtp.prune(sw, s, x, options=mtp.TPOptions(prune_heads=True))
     attns = {n: m for n, m in res.model.named_modules() if hasattr(m, "relative_position_bias_table")}
     assert res.num_heads == {"layers.0.blocks.0.attn": 2, "layers.0.blocks.1.attn": 1, "layers.1.blocks.0.attn": 2,
@@ -479,7 +470,7 @@ def test_swin_whole_head_removal_keeps_the_kept_heads_bias_columns():
 def test_swin_patch_merging_and_relative_position_tables():
     sw = small_swin().eval()
     x = torch.randn(2, 1, 28, 28)
-    s = _uniform(sw, 0.4)
+    s = uniform_strategy(sw, 0.4)
     kw = mtp.pruner_kwargs(sw, s, x)
     tables = [m.relative_position_bias_table for m in sw.modules() if hasattr(m, "relative_position_bias_table")]
     assert tables and all(any(t is i for i in kw["ignored_layers"]) for t in tables)
@@ -516,7 +507,7 @@ def test_deit_distilled_tuple_head_ignored_and_free_parameters_follow_the_embedd
     assert m.head.in_features == m.head_dist.in_features == d
     assert m.pos_embed.shape[-1] == m.cls_token.shape[-1] == m.dist_token.shape[-1] == d
     vit = small_vit(init_values=0.1).eval()
-    r2 = mtp.prune(vit, _uniform(vit, 0.5), torch.randn(2, 1, 16, 16))
+    r2 = mtp.prune(vit, uniform_strategy(vit, 0.5), torch.randn(2, 1, 16, 16))
     e = r2.model.patch_embed.proj.out_channels
     assert all(b.ls1.gamma.shape[0] == b.ls2.gamma.shape[0] == e for b in r2.model.blocks)
     assert r2.model.pos_embed.shape[-1] == e
@@ -527,14 +518,14 @@ def test_unsupported_attention_is_named():
     cait = timm.create_model("cait_xxs24_224", pretrained=False, num_classes=10, depth=1, depth_token_only=1,
                              img_size=32, patch_size=8, embed_dim=48, num_heads=3).eval()
     with pytest.raises(MixMatchError, match=r"unsupported layer blocks\.0\.attn \(TalkingHeadAttn\)"):
-        mtp.prune(cait, _uniform(cait, 0.3), torch.randn(2, 3, 32, 32))
+        mtp.prune(cait, uniform_strategy(cait, 0.3), torch.randn(2, 3, 32, 32))
 
 
 def test_layer_that_breaks_the_forward_is_named():
     pf = timm.create_model("poolformer_s12", pretrained=False, num_classes=10).eval()
     before = _state(pf)
     with pytest.raises(MixMatchError, match=r"unsupported layer stages\.0\.blocks\.0\.layer_scale1 \(Scale\)"):
-        mtp.prune(pf, _uniform(pf, 0.3), torch.randn(2, 3, 32, 32))
+        mtp.prune(pf, uniform_strategy(pf, 0.3), torch.randn(2, 3, 32, 32))
     assert all(torch.equal(before[k], v) for k, v in pf.state_dict().items())
 
 
@@ -542,12 +533,12 @@ def test_inconsistent_pruning_is_refused_with_the_first_differing_layer():
     dn = timm.create_model("densenet121", pretrained=False, num_classes=10, growth_rate=8, block_config=(2, 3),
                            stem_type="").eval()
     with pytest.raises(MixMatchError, match=r"differs from the original with the same channels zeroed.*first layer that differs is features\."):
-        mtp.prune(dn, _uniform(dn, 0.4), torch.randn(2, 3, 32, 32))
+        mtp.prune(dn, uniform_strategy(dn, 0.4), torch.randn(2, 3, 32, 32))
 
 
 def test_bad_arguments_are_one_line_errors():
     m = TinyCNN().eval()
-    s = _uniform(m, 0.3)
+    s = uniform_strategy(m, 0.3)
     with pytest.raises(MixMatchError, match="fold must be"):
         mtp.prune(m, s, X3, options=mtp.TPOptions(fold="median"))
     with pytest.raises(MixMatchError, match="round_to"):
@@ -556,7 +547,7 @@ def test_bad_arguments_are_one_line_errors():
         mtp.prune(m, s, X3, options=mtp.TPOptions(max_ratio=1.0))
     with pytest.raises(MixMatchError, match="does not run on example_inputs"):
         mtp.prune(m, s, torch.randn(2, 5, 16, 16))
-    bad = _uniform(m, 0.3)
+    bad = uniform_strategy(m, 0.3)
     bad.ratios["nope"] = 0.1
     with pytest.raises(MixMatchError, match="does not have"):
         mtp.prune(m, bad, X3)

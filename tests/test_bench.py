@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from benchmarks import tables
-from benchmarks.run import PROTOCOL, BenchConfig, _keep_copy, _reusable, run
+from benchmarks.run import PROTOCOL, BenchConfig, keep_copy, reusable, run
 from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import TrainConfig
 from mixmatch_plugin.errors import MixMatchError
@@ -128,9 +128,9 @@ def test_bench_pipeline_end_to_end_and_resume(tmp_path):
     assert fewer["runs"] == more["runs"] and fewer["seconds"] == more["seconds"]
     # a different dense model is not mixed with these results, and the file it replaces is copied aside first
     cfg.models = {"resnet": replace(cfg.models["resnet"], lr=1e-3)}
-    assert _reusable("resnet", fewer, {"train": asdict(cfg.models["resnet"]), "sparsities": [0.85]}) is None
+    assert reusable("resnet", fewer, {"train": asdict(cfg.models["resnet"]), "sparsities": [0.85]}) is None
     before = res.path.read_bytes()
-    _keep_copy(res.path)
+    keep_copy(res.path)
     assert [p.read_bytes() for p in res.path.parent.glob("quick.json.before-*")] == [before]
 
 
@@ -229,8 +229,8 @@ def test_results_measured_under_other_preset_ranges_are_redone_and_others_kept(t
     done = {"config": {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8], "ranges": before, "dense": "w",
                        "protocol": PROTOCOL}, "runs": []}
     asked = {"train": asdict(cfg.models["resnet"]), "sparsities": [0.8, 0.9], "dense": "w", "protocol": PROTOCOL}
-    assert _reusable("resnet", done, {**asked, "ranges": after}) is None
-    assert _reusable("resnet", done, {**asked, "ranges": before}) is done
+    assert reusable("resnet", done, {**asked, "ranges": after}) is None
+    assert reusable("resnet", done, {**asked, "ranges": before}) is done
 
 
 def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
@@ -244,7 +244,7 @@ def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
     model, info = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
     asked = {"train": asdict(tc), "sparsities": [0.8, 0.9], "ranges": "same", "dense": model_hash(model), "protocol": PROTOCOL}
     done = {"config": {**asked, "sparsities": [0.8]}, "dense": dict(info), "runs": []}
-    assert _reusable("resnet", done, asked, info) is done  # the same weights: kept
+    assert reusable("resnet", done, asked, info) is done  # the same weights: kept
     # the checkpoint trained again elsewhere (another torch version): the same configuration, other weights
     ckpt = next(tmp_path.glob("*.pt"))
     blob = torch.load(ckpt, weights_only=True)
@@ -253,14 +253,14 @@ def test_results_measured_on_other_dense_weights_are_redone(tmp_path):
     torch.save(blob, ckpt)
     other, other_info = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
     assert model_hash(other) != asked["dense"]
-    assert _reusable("resnet", done, {**asked, "dense": model_hash(other)}, other_info) is None
+    assert reusable("resnet", done, {**asked, "dense": model_hash(other)}, other_info) is None
     # results saved before weights were hashed: the checkpoint's training record tells whether it is the same one
     legacy = {**done, "config": {k: v for k, v in done["config"].items() if k != "dense"}}
-    assert _reusable("resnet", legacy, asked, info) is legacy
+    assert reusable("resnet", legacy, asked, info) is legacy
     ckpt.unlink()
     _, retrained = train_cached(tc, splits, cache_dir=tmp_path, progress=False)
     assert retrained["train_seconds"] != info["train_seconds"]
-    assert _reusable("resnet", legacy, asked, retrained) is None
+    assert reusable("resnet", legacy, asked, retrained) is None
 
 
 def test_every_method_of_a_seed_gets_the_same_batches():
@@ -317,7 +317,7 @@ def test_older_protocol_keeps_one_shot_rows_of_a_model_without_batchnorm_and_fin
     assert "*protocol 1*" not in tables.markdown({**older, "models": {"vit": again}}, command="c")
     # a model with BatchNorm has batch-dependent one-shot rows: protocol-1 results are redone whole
     done = {"config": {"train": {}, "ranges": "x", "dense": "w"}, "runs": one_shot + fine_tuned}
-    assert _reusable("m", done, {"train": {}, "ranges": "x", "dense": "w", "protocol": PROTOCOL}, has_bn=True) is None
+    assert reusable("m", done, {"train": {}, "ranges": "x", "dense": "w", "protocol": PROTOCOL}, has_bn=True) is None
 
 
 def test_a_one_shot_run_is_completed_by_the_full_run_without_measuring_it_again(tmp_path):

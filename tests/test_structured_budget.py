@@ -19,8 +19,7 @@ from mixmatch_plugin.budget import closest_prefix, convex_curve, removal_path, s
 from mixmatch_plugin.errors import MixMatchError
 from mixmatch_plugin.evaluation import latencies, reestimate_bn
 
-from .helpers import small_vit
-from .test_adapter_tp import _uniform
+from .helpers import small_vit, uniform_strategy
 
 timm = pytest.importorskip("timm")
 
@@ -237,7 +236,7 @@ def test_prune_after_an_eval_forward_with_gradients_on_levit():
     m.eval()
     m(x)  # gradients on, as in an evaluation without no_grad
     attn = [a for a in m.modules() if hasattr(a, "attention_bias_cache")]
-    res = mtp.prune(m, _uniform(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
+    res = mtp.prune(m, uniform_strategy(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
     assert res.report.consistency < 1e-4 and res.report.macs_ratio < 0.95
     assert any(not t.is_leaf for a in attn for t in a.attention_bias_cache.values())  # the user's model as it was
 
@@ -265,8 +264,8 @@ def test_attention_variants_prune_with_their_attention_kept(name):
     m(x)
     attn = [a for a in m.modules() if isinstance(getattr(a, "num_heads", None), int)]
     with pytest.raises(MixMatchError, match="unsupported layer"):  # refused by name, with the fix
-        mtp.prune(m, _uniform(m, 0.3), x)
-    res = mtp.prune(m, _uniform(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
+        mtp.prune(m, uniform_strategy(m, 0.3), x)
+    res = mtp.prune(m, uniform_strategy(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
     assert res.report.consistency < 1e-4 and res.report.macs_ratio < 0.9
     if name == "efficientformer":  # and at a MACs budget
         res = mtp.prune(m, None, x, macs=0.7, options=mtp.TPOptions(ignored_layers=attn))
