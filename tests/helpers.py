@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import mixmatch_plugin as mm
+from mixmatch_plugin.strategies import Strategy
+
 
 def small_vit(**kw):
     from timm.models.vision_transformer import VisionTransformer
@@ -17,9 +20,6 @@ def small_vit(**kw):
 
 def uniform_strategy(model, ratio, **overrides):
     """A strategy that gives every layer ``ratio`` (norms 0), with per-layer overrides."""
-    import mixmatch_plugin as mm
-    from mixmatch_plugin.strategies import Strategy
-
     ratios = {layer.name: (0.0 if layer.kind == "norm" else float(ratio)) for layer in mm.inventory(model)}
     ratios.update({k: float(v) for k, v in overrides.items()})
     return Strategy("test:uniform", "magnitude", ratios, 0.0)
