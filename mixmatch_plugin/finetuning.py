@@ -58,12 +58,15 @@ class FinetuneOptions:
         optimizer: ``adam`` (default, as in the paper), ``adamw``, ``sgd`` (momentum 0.9), or a factory
             ``params -> torch.optim.Optimizer``.
         weight_decay: for the named optimizers.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for training and validation (default: cross-entropy
+            on ``(inputs, labels)`` batches).
         patience: evaluations without improvement before stopping (the paper uses 3).
         eval_every: evaluate every this many steps (default: once per epoch).
     """
 
     optimizer: OptimizerName | OptimizerFactory = "adam"
     weight_decay: float = 0.0
+    loss_fn: LossFn | None = None
     patience: int = 3
     eval_every: int | None = None
 
@@ -88,7 +91,6 @@ def finetune(
     max_steps: int | None = None,
     lr: float = 1e-4,
     options: FinetuneOptions | None = None,
-    loss_fn: LossFn | None = None,
     progress: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place while every weight outside its keep-mask stays exactly zero.
@@ -100,13 +102,13 @@ def finetune(
         val_loader: validation batches for early stopping and for keeping the best weights.
         epochs, max_steps: stop after whichever comes first.
         lr: the learning rate.
-        options: optimizer, weight decay, patience, evaluation interval (see :class:`FinetuneOptions`).
+        options: optimizer, weight decay, loss, patience, evaluation interval (see :class:`FinetuneOptions`).
     """
     o = options or FinetuneOptions()
     patience, eval_every = o.patience, o.eval_every
     if epochs < 1:
         raise MixMatchError(f"epochs must be at least 1, got {epochs}")
-    loss_fn = loss_fn or default_loss
+    loss_fn = o.loss_fn or default_loss
     device = model_device(model)
     pairs = []
     for name, keep in masks.items():
@@ -132,7 +134,7 @@ def finetune(
         nonlocal best, best_state, bad
         if val_loader is None:
             return False
-        m = evaluate(model, val_loader, loss_fn=None if loss_fn is default_loss else loss_fn)
+        m = evaluate(model, val_loader, loss_fn=o.loss_fn)
         history.append({"step": steps, "val_accuracy": m.accuracy, "val_loss": m.loss})
         if best is None or (m.accuracy, -m.loss) > (best.accuracy, -best.loss):
             best, bad = m, 0
@@ -183,7 +185,7 @@ def finetune(
 
 def finetune_steps(
     model: nn.Module, masks: Mapping[str, torch.Tensor], train_loader: Iterable[Any], steps: int, *, lr: float, seed: int,
-    options: FinetuneOptions | None = None, loss_fn: LossFn | None = None,
+    options: FinetuneOptions | None = None,
 ) -> FinetuneResult:
     """Exactly ``steps`` optimizer steps of :func:`finetune` (no validation), the same every time for a ``seed``.
 
@@ -199,4 +201,4 @@ def finetune_steps(
     except TypeError:  # a DataLoader over an IterableDataset has __len__ but no length
         per_epoch = steps
     return finetune(model, masks, train_loader, epochs=max(1, math.ceil(steps / max(per_epoch, 1))), max_steps=steps, lr=lr,
-                    options=options, loss_fn=loss_fn)
+                    options=options)

@@ -86,9 +86,13 @@ class Plan:
 
     # --------------------------------------------------------------------------------- access
     def strategy(self, name: str) -> Strategy:
-        """The strategy called ``name`` (e.g. ``"magnitude:alpha-0.7"``)."""
+        """The strategy called ``name`` (e.g. ``"magnitude:alpha-0.7"``), or the one it collapsed into (``meta["same_as"]``)."""
         for s in self.strategies:
             if s.name == name:
+                return s
+        for s in self.strategies:
+            if name in s.meta.get("same_as", ()):
+                logger.info("strategy %s equals %s under these ranges: using %s", name, s.name, s.name)
                 return s
         raise MixMatchError(
             f"no strategy {name!r} in this plan; strategies are: {', '.join(s.name for s in self.strategies[:12])}"

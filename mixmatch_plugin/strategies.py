@@ -244,6 +244,7 @@ class StrategySpace:
                 twin = next((t for t in kept if _same(t, s)), None)
                 if twin is not None:
                     logger.info("strategy %s equals %s under these ranges: dropped", s.name, twin.name)
+                    twin.meta.setdefault("same_as", []).append(s.name)  # Plan.strategy(dropped name) finds it
                     continue
                 kept.append(s)
             out += kept

@@ -39,6 +39,9 @@ def test_collapsed_strategies_raise_a_visible_user_warning_and_are_recorded():
     assert text.startswith("Plan(Sequential: 2 layers") and f"{len(p.strategies)} strategies" in text and "collapsed" in text
     back = mm.Plan.from_dict(json.loads(json.dumps(p.to_dict())))
     assert back.meta["warnings"] == p.meta["warnings"] and repr(back) == repr(p)
+    for name in p.meta["collapsed"]:  # a dropped name (a default such as magnitude:midpoint) gives the strategy it equals
+        same = p.strategy(name)
+        assert name in same.meta["same_as"] and same.signal == name.split(":")[0] and back.strategy(name).name == same.name
 
 
 def test_a_plan_without_collapse_warns_nothing():

@@ -112,3 +112,25 @@ def test_torch_prune_model_can_be_planned_again(tiny_resnet):
     assert [layer.name for layer in layers] == [layer.name for layer in p.layers]
     _, glob = mm.sparsity_of(res.model, layers)
     assert glob == pytest.approx(res.global_sparsity)
+
+
+def test_finetune_trains_on_the_options_loss_and_keeps_the_mask():
+    # a regression model: cross-entropy does not apply, the loss comes from FinetuneOptions
+    torch.manual_seed(0)
+    model, target = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+    xs = torch.randn(16, 32, 8)
+    batches = [(x, target(x).detach()) for x in xs]
+    calls = []
+
+    def mse(m, batch):
+        calls.append(1)
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    keep = torch.ones(1, 8, dtype=torch.bool)
+    keep[0, :2] = False
+    before = sum(float(mse(model, b)) for b in batches)
+    calls.clear()
+    out = mm.finetune(model, {"": keep}, batches, epochs=3, lr=1e-2, options=mm.FinetuneOptions(loss_fn=mse))
+    assert out.steps == len(calls) == 48
+    assert sum(float(mse(model, b)) for b in batches) < 0.5 * before
+    assert torch.count_nonzero(model.weight[~keep]) == 0

@@ -276,3 +276,27 @@ def test_drop_in_refuses_a_call_that_fails_in_torch_pruning():
     m = WideCNN().eval()
     with pytest.raises(MixMatchError, match="MetaPruner call fails"):
         mtp.from_metapruner(m, X, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5, no_such_keyword=1)
+
+
+def test_a_graph_torch_pruning_cannot_carry_is_refused_before_the_budget_is_measured():
+    # timm's DenseNet: Torch-Pruning misaligns the BatchNorm channels after the second concat. The verification
+    # caught it only after the whole allocation (5 minutes on densenet121); a quarter-pruned trial catches it first.
+    from timm.models.densenet import DenseNet
+
+    torch.manual_seed(0)
+    m = DenseNet(growth_rate=8, block_config=(3, 3), num_classes=10, bn_size=2).eval()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(MixMatchError, match=r"a trial before the budget's allocation failed: .*denselayer3\.norm1"):
+        mtp.prune(m, None, torch.randn(2, 3, 32, 32), macs=0.5)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_torch_pruning_failing_to_rank_a_group_names_the_group():
+    # timm's Res2Net: Torch-Pruning's importance indexes past the split convolutions (an IndexError inside it)
+    from timm.models.res2net import Bottle2neck
+    from timm.models.resnet import ResNet
+
+    torch.manual_seed(0)
+    m = ResNet(block=Bottle2neck, layers=[2, 1, 1, 1], base_width=14, num_classes=10, block_args=dict(scale=4)).eval()
+    with pytest.raises(MixMatchError, match=r"cannot rank the channels of the group of layer1\.1\.conv1 .*ignored_layers"):
+        mtp.prune(m, None, torch.randn(2, 3, 32, 32), macs=0.5, options=mtp.TPOptions(verify=False))

@@ -14,7 +14,7 @@ from torch import nn
 from mixmatch_plugin.batches import LossFn
 from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.evaluation import evaluate, hold_batches, reestimate_bn
-from mixmatch_plugin.finetuning import FinetuneOptions, OptimizerName, finetune_steps
+from mixmatch_plugin.finetuning import FinetuneOptions, finetune_steps
 from mixmatch_plugin.layers import Layer, inventory
 from mixmatch_plugin.masks import Masker
 from mixmatch_plugin.signals import Signals
@@ -107,7 +107,7 @@ class FinetuneEvaluator(_MaskingEvaluator):
         val_loader: the *validation* loader for the score.
         signals: per-weight scores, as for :class:`ProxyEvaluator`.
         steps: optimizer steps per evaluation.
-        lr, optimizer, loss_fn: see :func:`~mixmatch_plugin.finetune`.
+        lr, options: see :func:`~mixmatch_plugin.finetune` (``options.loss_fn`` also scores validation).
         max_batches: validation batches to score on (default: all).
         seed: torch seed set before every fine-tune.
     """
@@ -123,8 +123,7 @@ class FinetuneEvaluator(_MaskingEvaluator):
         signals: Signals | None = None,
         steps: int = 100,
         lr: float = 1e-4,
-        optimizer: OptimizerName = "adam",
-        loss_fn: LossFn | None = None,
+        options: FinetuneOptions | None = None,
         max_batches: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -132,13 +131,12 @@ class FinetuneEvaluator(_MaskingEvaluator):
             raise MixMatchError(f"fine-tune steps must be at least 1, got {steps}")
         super().__init__(model, signals)
         self.train_loader, self.val_loader, self.steps, self.lr = train_loader, val_loader, steps, lr
-        self.optimizer, self.loss_fn, self.max_batches, self.seed = optimizer, loss_fn, max_batches, seed
+        self.options, self.max_batches, self.seed = options or FinetuneOptions(), max_batches, seed
 
     def __call__(self, strategy: Strategy) -> dict[str, float]:
         masks = self._masked(strategy)
-        res = finetune_steps(self.work, masks, self.train_loader, self.steps, lr=self.lr, seed=self.seed,
-                             options=FinetuneOptions(optimizer=self.optimizer), loss_fn=self.loss_fn)
-        m = evaluate(self.work, self.val_loader, loss_fn=self.loss_fn, max_batches=self.max_batches)
+        res = finetune_steps(self.work, masks, self.train_loader, self.steps, lr=self.lr, seed=self.seed, options=self.options)
+        m = evaluate(self.work, self.val_loader, loss_fn=self.options.loss_fn, max_batches=self.max_batches)
         return {"accuracy": m.accuracy, "loss": m.loss, "realized_sparsity": res.global_sparsity, "steps": float(res.steps)}
 
 

@@ -26,7 +26,7 @@ from torch_pruning.utils.op_counter import is_supported_instance
 
 from mixmatch_plugin.batches import iterate
 from mixmatch_plugin.budget import closest_prefix, convex_curve, module_costs, removal_path, skip_overshoot
-from mixmatch_plugin.errors import MixMatchError
+from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.evaluation import reestimate_bn
 from mixmatch_plugin.prefix import PrefixCache
 from mixmatch_plugin.progress import progress_bar
@@ -70,7 +70,11 @@ def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module, heads: bool =
         attention = bool(pruner._is_atten_group(group)[0])
         if attention:
             group = pruner._downstream_node_as_root_if_attention(group)
-        imp = None if group is None else pruner.estimate_importance(group)
+        try:
+            imp = None if group is None else pruner.estimate_importance(group)
+        except Exception as exc:  # Torch-Pruning's index maps break on some graphs (timm's Res2Net)
+            raise MixMatchError(f"Torch-Pruning cannot rank the channels of the group of {key} ({type(exc).__name__}: "
+                                f"{first_line(exc)}); keep it intact (ignored_layers), or prune unstructured with mm.apply") from exc
         if imp is None:
             continue
         chg = int(pruner._get_channel_groups(group))

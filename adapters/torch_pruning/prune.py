@@ -15,6 +15,7 @@ from torch import nn
 
 from mixmatch_plugin.errors import MixMatchError, first_line
 from mixmatch_plugin.evaluation import latencies
+from mixmatch_plugin.layers import inventory
 from mixmatch_plugin.strategies import Strategy
 
 from .allocation import allocate
@@ -94,6 +95,8 @@ def prune(
             f"importance {imp_name} needs calibration data for a backward pass: pass calib=<DataLoader> "
             "(or importance='magnitude')"
         )
+    if budget and o.verify:
+        _probe(model, example_inputs, o)
     original_training, layout = model.training, _layout(model)
     work = model if inplace else safe_deepcopy(model)
     original = safe_deepcopy(model) if o.verify else None
@@ -184,6 +187,16 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
     return {"importance": imp, **out}
 
 
+def _probe(model: nn.Module, example_inputs: Any, o: TPOptions) -> None:
+    """Prune a copy by a quarter of every group and verify it, before a budget spends minutes measuring: a graph
+    Torch-Pruning cannot carry (timm's DenseNet, GhostNet) is refused in seconds, naming its first bad layer."""
+    quarter = Strategy("trial: a quarter of every group", "magnitude", {layer.name: 0.25 for layer in inventory(model)}, 0.25, {})
+    try:
+        prune(model, quarter, example_inputs, options=replace(o, importance="magnitude"))
+    except MixMatchError as exc:
+        raise MixMatchError(f"a trial before the budget's allocation failed: {exc}") from None
+
+
 def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None, imp: Any, o: TPOptions,
               budget: dict[str, float], macs0: int, params0: int) -> tuple[dict[str, int], float, float]:
     """A budget's keep counts per group key, the size they give and the per-group cap chosen; each candidate is
@@ -258,15 +271,18 @@ def _remove(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelSetup, p
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
         pruner = tp.pruner.MetaPruner(work, example_inputs, importance=imp, **kwargs_from(setup, plans, o.prune_heads, o.forward_fn))
+    root = "the first group"
     try:
         with torch.no_grad():
             for group in pruner.step(interactive=True):
+                root = f"the group of {names.get(id(group[0].dep.target.module), '?')}"
                 removed.extend(record_removed(group, pruner.DG, names, pnames))
                 group.prune()
     except Exception as exc:
         state = ("the model was pruned in place and may be partly pruned: reload it, and build a new pruner (a failed "
                  "step() is used up)") if inplace else "your model is unchanged"
-        raise MixMatchError(f"Torch-Pruning failed while pruning ({type(exc).__name__}: {first_line(exc)}); {state}") from exc
+        raise MixMatchError(f"Torch-Pruning failed while pruning, at or after {root} ({type(exc).__name__}: {first_line(exc)}); "
+                            f"{state}. Keep the failing layers intact (ignored_layers), or prune unstructured with mm.apply") from exc
     return pruner, removed
 
 
