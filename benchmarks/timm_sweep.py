@@ -103,7 +103,10 @@ def read(out: Path) -> list[dict[str, Any]]:
 
 
 def cell(r: dict[str, Any] | None) -> str:
-    return "–" if r is None else "ok" if r["ok"] else f"**refused**: {r['what'][:140]}"
+    if r is None or r["ok"]:
+        return "–" if r is None else "ok"
+    why = r["what"].removeprefix("mixmatch_plugin.errors.MixMatchError: ").removeprefix("a trial before the budget's allocation failed: ")
+    return f"refused in {r['seconds']:.0f} s: {why.split(';')[0][:110].replace('|', '/')}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

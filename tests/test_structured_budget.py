@@ -298,5 +298,8 @@ def test_torch_pruning_failing_to_rank_a_group_names_the_group():
 
     torch.manual_seed(0)
     m = ResNet(block=Bottle2neck, layers=[2, 1, 1, 1], base_width=14, num_classes=10, block_args=dict(scale=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
     with pytest.raises(MixMatchError, match=r"cannot rank the channels of the group of layer1\.1\.conv1 .*ignored_layers"):
-        mtp.prune(m, None, torch.randn(2, 3, 32, 32), macs=0.5, options=mtp.TPOptions(verify=False))
+        mtp.prune(m, None, x, macs=0.5, options=mtp.TPOptions(verify=False))
+    with pytest.raises(MixMatchError, match=r"failed ranking the group of layer1\.1\.conv1 .*unchanged.*ignored_layers"):
+        mtp.prune(m, None, x, macs=0.5)  # the trial's step() (Torch-Pruning's own loop) fails the same way

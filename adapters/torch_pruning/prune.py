@@ -271,19 +271,33 @@ def _remove(work: nn.Module, example_inputs: Any, imp: Any, setup: ModelSetup, p
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
         pruner = tp.pruner.MetaPruner(work, example_inputs, importance=imp, **kwargs_from(setup, plans, o.prune_heads, o.forward_fn))
-    root = "the first group"
+    where = "ranking its first group"  # step() ranks a group before it yields it
     try:
         with torch.no_grad():
             for group in pruner.step(interactive=True):
-                root = f"the group of {names.get(id(group[0].dep.target.module), '?')}"
+                key = names.get(id(group[0].dep.target.module), "?")
+                where = f"pruning the group of {key}"
                 removed.extend(record_removed(group, pruner.DG, names, pnames))
                 group.prune()
+                where = f"ranking the group after {key}"
     except Exception as exc:
         state = ("the model was pruned in place and may be partly pruned: reload it, and build a new pruner (a failed "
                  "step() is used up)") if inplace else "your model is unchanged"
-        raise MixMatchError(f"Torch-Pruning failed while pruning, at or after {root} ({type(exc).__name__}: {first_line(exc)}); "
+        if where.startswith("ranking") and (bad := _unrankable(pruner, names)):
+            where = f"ranking the group of {bad}"
+        raise MixMatchError(f"Torch-Pruning failed {where} ({type(exc).__name__}: {first_line(exc)}); "
                             f"{state}. Keep the failing layers intact (ignored_layers), or prune unstructured with mm.apply") from exc
     return pruner, removed
+
+
+def _unrankable(pruner: tp.pruner.MetaPruner, names: Mapping[int, str]) -> str | None:
+    """The first group whose importance Torch-Pruning cannot compute (its root's name), to say where it failed."""
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        try:
+            pruner.estimate_importance(group)
+        except Exception:
+            return names.get(id(group[0].dep.target.module), "?")
+    return None
 
 
 def _results(work: nn.Module, setup: ModelSetup, plans: list[GroupPlan], out_before: dict[str, int]) -> list[GroupResult]:
