@@ -12,6 +12,7 @@ The limits (``CLIPS``: ``ranges``, ``bounds``, ``free``) are a validated choice,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -41,12 +42,18 @@ def lamp(score: torch.Tensor) -> np.ndarray:
 SAMPLE = 65536
 
 
+@functools.lru_cache(maxsize=256)
+def sample_index(n: int) -> torch.Tensor:
+    """The ``SAMPLE`` positions sampled from a layer of ``n`` weights: the same for every signal and norm, and drawn
+    once per size (a permutation of a 100 M-weight layer costs half a second)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:SAMPLE]
+
+
 def sorted_scores(score: torch.Tensor, norm: Norm) -> np.ndarray:
     """One layer's scores, normalised by ``norm`` and sorted ascending (float64); large layers sampled."""
     flat = score.detach().flatten()
     if flat.numel() > SAMPLE:
-        idx = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE]
-        sample = flat[idx]
+        sample = flat[sample_index(flat.numel())]
         # a sample's suffix sums are SAMPLE/n of the whole layer's: rescale so LAMP scores stay comparable across layers
         return lamp(sample) * (SAMPLE / flat.numel()) if norm == "lamp" else sample.double().abs().sort().values.numpy()
     return lamp(flat) if norm == "lamp" else flat.double().abs().sort().values.numpy()
