@@ -92,7 +92,7 @@ class Plan:
                 return s
         for s in self.strategies:
             if name in s.meta.get("same_as", ()):
-                logger.info("strategy %s equals %s under these ranges: using %s", name, s.name, s.name)
+                logger.info("strategy %s was dropped as equal to %s under these ranges: using that", name, s.name)
                 return s
         raise MixMatchError(
             f"no strategy {name!r} in this plan; strategies are: {', '.join(s.name for s in self.strategies[:12])}"
