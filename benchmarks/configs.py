@@ -20,12 +20,13 @@ LARGER: dict[str, TrainConfig] = {
 
 #: Architecture families outside the benchmark's three, named with ``--models`` only: the check that the method's
 #: gains are not tuned to them. The ResNet-18's recipe on timm's MobileNetV3 (depthwise convolutions, squeeze-excite)
-#: and RegNetX-200MF (grouped convolutions; the generic preset too).
+#: and RegNetX-200MF (grouped convolutions; the generic preset too); LeViT (the paper's own, structured: issue 28).
 OUTSIDE: dict[str, TrainConfig] = {
     "mobilenetv3": TrainConfig(model="timm:mobilenetv3_small_100", model_kwargs={"num_classes": 10, "in_chans": 1}, epochs=12,
                                lr=2e-3, weight_decay=0.05),
     "regnetx": TrainConfig(model="timm:regnetx_002", model_kwargs={"num_classes": 10, "in_chans": 1}, epochs=12, lr=2e-3,
                            weight_decay=0.05),
+    "levit": TrainConfig(model="mixmatch_plugin.models:levit_fmnist", epochs=12, lr=2e-3, weight_decay=0.05),
 }
 
 #: ``--quick``: the same architectures' smallest relatives, trained briefly on a subsample.

@@ -36,7 +36,7 @@ import torch_pruning as tp
 
 from benchmarks.configs import FULL, OUTSIDE
 from mixmatch_plugin.adapters import torch_pruning as tpa
-from mixmatch_plugin.adapters.torch_pruning.timm_layers import safe_deepcopy
+from mixmatch_plugin.adapters.torch_pruning.timm_layers import clear_caches, safe_deepcopy
 from mixmatch_plugin.app import data
 from mixmatch_plugin.app.train import checkpoint_path, train_cached
 from mixmatch_plugin.evaluation import evaluate, latencies, reestimate_bn
@@ -66,7 +66,9 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, method: str, ratio: float,
         imp = tp.importance.GroupTaylorImportance()
         work.eval()
         for xb, yb in calib:
+            clear_caches(work)  # LeViT's eval-mode bias cache holds the previous batch's graph
             (torch.nn.functional.cross_entropy(work(xb), yb) / len(calib)).backward()
+        clear_caches(work)
     dims = tpa.attention_head_dims(work)
     pruner = tp.pruner.MetaPruner(work, x, importance=imp, **{**kw, "pruning_ratio": ratio},
                                   global_pruning=method != "tp_uniform", isomorphic=method == "tp_isomorphic")
@@ -114,7 +116,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "images): mean ± std over seeds (calibration draw, BatchNorm batches, fine-tuning order). One-shot after "
              "BatchNorm re-estimation on 4 training batches; fine-tuned: 100 Adam steps, lr 1e-4, batch 128, the same "
              "for every method. Latency: median seconds per forward, 1 thread, seed 0, on a shared 2-core machine "
-             "(load 4-6: batch-1 figures are noise; rows measured before 2026-12-06 ran NCHW, later ones channels-last). Mix-and-Match rows name the per-group cap each seed's budget chose (`TPOptions.caps`). "
+             "(load 4-6: batch-1 figures are noise; rows measured before 2026-12-06 ran NCHW, later ones channels-last). Mix-and-Match rows name the allocation each seed's budget chose (a per-group cap, `TPOptions.caps`, or a global threshold, `TPOptions.thresholds`). "
              "`python -m benchmarks.structured_macs --help`.", "",
              "| model | MACs kept (target) | method | seeds | MACs kept | test one-shot % | test fine-tuned % | "
              "speed-up b1 | speed-up b64 | b64 speed-up / MACs ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -124,8 +126,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lat = next((r for r in rs if "latency_b64" in r), None)
         sp = [lat[f"dense_latency_b{b}"] / lat[f"latency_b{b}"] for b in (1, 64)] if lat else None
         speed = f"{sp[0]:.2f} | {sp[1]:.2f} | {sp[1] * lat['macs_kept']:.0%}" if sp and lat else "- | - | -"
-        caps = [r["cap"] for r in sorted(rs, key=lambda r: r["seed"]) if "cap" in r]
-        label = method + (f" (caps {'/'.join(f'{c:g}' for c in caps)})" if caps else "")
+        caps = [r.get("allocation", f"cap {r['cap']:g}") for r in sorted(rs, key=lambda r: r["seed"]) if "cap" in r]
+        label = method + (f" ({' / '.join(caps)})" if caps else "")
         lines.append(f"| {model} ({rs[0]['origin']}) | {target:.0%} | {label} | {len(rs)} | "
                      f"{statistics.mean(r['macs_kept'] for r in rs):.3f} | {ms([r['test_one_shot'] for r in rs])} | "
                      f"{ms([r['test_finetuned'] for r in rs])} | {speed} |")
@@ -210,9 +212,9 @@ def main() -> None:
                     if method.startswith("mix-and-match"):
                         heads = tpa.TPOptions(prune_heads=method.endswith("heads"))
                         res = tpa.prune(model, None, x, calib=calib, macs=target, options=heads)
-                        pm, got, cap = res.model, res.report.macs_ratio, res.report.cap
+                        pm, got, cap, chosen = res.model, res.report.macs_ratio, res.report.cap, res.report.allocation
                     else:
-                        (pm, got), cap = at_macs(model, x, method, target, calib), None
+                        (pm, got), cap, chosen = at_macs(model, x, method, target, calib), None, None
                     secs = time.perf_counter() - t0
                     reestimate_bn(pm, bn, 4)
                     one = evaluate(pm, test).accuracy
@@ -220,7 +222,8 @@ def main() -> None:
                     finetune(pm, {}, data.loader(splits.train, 128, shuffle=True, seed=seed), max_steps=a.finetune, lr=1e-4)
                     row = {"model": name, "origin": origin, "seed": seed, "target": target, "method": method,
                            "macs_kept": got, "params": sum(p.numel() for p in pm.parameters()), "seconds_prune": secs,
-                           "test_one_shot": one, "test_finetuned": evaluate(pm, test).accuracy, **({"cap": cap} if cap else {})}
+                           "test_one_shot": one, "test_finetuned": evaluate(pm, test).accuracy, **({"cap": cap} if cap else {}),
+                           **({"allocation": chosen} if chosen else {})}
                     if seed == 0:
                         shape = tuple(x.shape[1:])
                         for b, reps in ((1, 50), (64, 9)):

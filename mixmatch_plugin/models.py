@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from timm.models import register_model
+from timm.models.levit import Levit
 from torch import nn
 
 from .errors import MixMatchError, first_line
@@ -93,9 +94,27 @@ def swin_fmnist(pretrained: bool = False, *, num_classes: int = 10, in_chans: in
     )
 
 
+class PaddedLevit(Levit):
+    """timm ``Levit`` that zero-pads smaller inputs to its 32 × 32 (LeViT's attention biases fix the resolution)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        pad = (32 - x.shape[-1]) // 2
+        return super().forward_features(nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x)
+
+
+@register_model
+def levit_fmnist(pretrained: bool = False, *, num_classes: int = 10, in_chans: int = 1, **_: Any) -> nn.Module:
+    """timm ``Levit`` for 28 × 28 inputs padded to 32: stem stride 8, embed (64, 128, 192), key dim 16, heads
+    (2, 4, 6), depths (1, 2, 2), attention and MLP ratio 2 (1.3M parameters); outside the benchmark's three."""
+    _no_weights(pretrained, "levit_fmnist")
+    return PaddedLevit(img_size=32, in_chans=in_chans, num_classes=num_classes, embed_dim=(64, 128, 192), key_dim=16,
+                       num_heads=(2, 4, 6), depth=(1, 2, 2), stem_type="s8")
+
+
 #: The factories a spec read from a file may name besides ``timm:NAME`` (they only build models; the
 #: module's other callables, ``build_model`` among them, are not factories and stay off the list).
-TRUSTED_FACTORIES = tuple(f"mixmatch_plugin.models:{n}" for n in ("tiny_resnet", "resnet18_fmnist", "vit_fmnist", "swin_fmnist"))
+TRUSTED_FACTORIES = tuple(f"mixmatch_plugin.models:{n}" for n in ("tiny_resnet", "resnet18_fmnist", "vit_fmnist", "swin_fmnist",
+                                                                           "levit_fmnist"))
 
 
 def check_recorded_spec(spec: Any, source: str, fix: str) -> str:

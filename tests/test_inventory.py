@@ -155,8 +155,11 @@ def test_inventory_does_not_touch_the_model():
 def test_the_small_models_are_timm_models_under_both_specs():
     from mixmatch_plugin.models import build_model
 
-    for name in ("tiny_resnet", "resnet18_fmnist", "vit_fmnist", "swin_fmnist"):
+    for name in ("tiny_resnet", "resnet18_fmnist", "vit_fmnist", "swin_fmnist", "levit_fmnist"):
         assert timm.is_model(name), name
+    levit = build_model("timm:levit_fmnist").eval()
+    assert levit(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # padded to the 32 x 32 its attention biases fix
+    assert mm.preset_for(levit) == "levit"
     a = build_model("timm:tiny_resnet", model_kwargs={"width": 8})
     b = build_model("mixmatch_plugin.models:tiny_resnet", model_kwargs={"width": 8})  # as plans on disk record it
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

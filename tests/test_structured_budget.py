@@ -82,8 +82,8 @@ def test_a_budget_chooses_the_per_group_cap_whose_whole_allocation_stays_closest
     sum. Each cap's allocation is zeroed whole and the closest to the dense outputs is kept: the real pruned model
     is then closer than the one-cap allocation of before (caps=()), and no group loses more than the cap."""
     m = WideCNN().eval()
-    free = mtp.prune(m, None, X, calib=CALIB, macs=0.3, options=mtp.TPOptions(caps=()))
-    capped = mtp.prune(m, None, X, calib=CALIB, macs=0.3)
+    free = mtp.prune(m, None, X, calib=CALIB, macs=0.3, options=mtp.TPOptions(caps=(), thresholds=()))
+    capped = mtp.prune(m, None, X, calib=CALIB, macs=0.3, options=mtp.TPOptions(thresholds=()))
     assert free.report.cap == 0.95 and not free.report.notes
     assert capped.report.cap is not None and capped.report.cap < 0.95 and "TPOptions.caps" in capped.report.summary()
     assert max(g.realized for g in free.report.groups) > capped.report.cap  # the cap changed the allocation
@@ -92,6 +92,11 @@ def test_a_budget_chooses_the_per_group_cap_whose_whole_allocation_stays_closest
     assert _kl_to_dense(m, capped.model) < 0.9 * _kl_to_dense(m, free.model)
     with pytest.raises(MixMatchError, match="caps must be fractions"):
         mtp.prune(m, None, X, calib=CALIB, macs=0.3, options=mtp.TPOptions(caps=(1.5,)))
+    # global thresholds join the same choice (raw and LAMP-normalised); whichever is kept is pruned as planned
+    both = mtp.prune(m, None, X, calib=CALIB, macs=0.3)
+    assert both.report.allocation in {*(f"cap {c:g}" for c in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)), "global threshold", "lamp threshold"}
+    assert abs(both.report.macs_ratio - 0.3) <= 0.01 * 0.3 and both.report.consistency < 1e-4
+    assert ("TPOptions.thresholds" in both.report.summary()) == both.report.allocation.endswith("threshold")
 
 
 def test_a_latency_budget_is_timed_on_the_deployment_inputs_in_the_models_layout():
@@ -117,6 +122,8 @@ def test_budget_errors_name_the_fix():
         mtp.prune(m, None, X, macs=0.5, params=0.5)
     with pytest.raises(MixMatchError, match="cannot be met"):
         mtp.prune(m, None, X, calib=CALIB, macs=0.01, options=mtp.TPOptions(max_ratio=0.5))
+    with pytest.raises(MixMatchError, match="thresholds must be among global, lamp"):
+        mtp.prune(m, None, X, calib=CALIB, macs=0.5, options=mtp.TPOptions(thresholds=("snip",)))  # type: ignore[arg-type]
 
 
 def test_budget_on_vit_keeps_attention_consistent():
@@ -163,6 +170,19 @@ def test_removal_path_takes_one_step_per_group():
     curves = [np.linspace(0, 1, 17), np.linspace(0, 1, 4)]  # 16 channels in steps of 8; 3 heads in steps of 1
     path = removal_path(curves, np.array([1.0, 1.0]), np.eye(2), lo=[8, 1], step=[8, 1])
     assert sorted(path) == [(0, 8), (1, 1), (1, 1)]
+
+
+def test_a_global_threshold_removes_the_lowest_scores_first_raw_or_lamp_normalised():
+    from mixmatch_plugin.adapters.torch_pruning.allocation import ChannelGroup, threshold_path
+
+    def group(scores):
+        return ChannelGroup("g", len(scores), 1, None, None, list(range(len(scores))), set(), scores=tuple(scores))
+
+    groups = [group([1.0, 2.0, 3.0, 4.0]), group([0.5, 5.0, 6.0, 7.0])]
+    assert threshold_path(groups, False, lo=[1, 1], step=[1, 1]) == [(1, 1), (0, 1), (0, 1), (0, 1), (1, 1), (1, 1)]
+    # LAMP: a unit's square over the sum of the squares not below it: 5 ranks below 3 within its own group
+    assert threshold_path(groups, True, lo=[1, 1], step=[1, 1]) == [(1, 1), (0, 1), (0, 1), (1, 1), (0, 1), (1, 1)]
+    assert threshold_path(groups, False, lo=[1, 2], step=[2, 1]) == [(1, 1), (0, 2), (1, 1)]  # whole steps, floors kept
 
 
 def test_skipping_an_overshooting_step_keeps_the_other_groups_moves():
@@ -239,6 +259,68 @@ def test_prune_after_an_eval_forward_with_gradients_on_levit():
     res = mtp.prune(m, uniform_strategy(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
     assert res.report.consistency < 1e-4 and res.report.macs_ratio < 0.95
     assert any(not t.is_leaf for a in attn for t in a.attention_bias_cache.values())  # the user's model as it was
+
+
+def _tiny_levit(use_conv: bool) -> nn.Module:
+    from timm.models.levit import Levit
+
+    torch.manual_seed(0)
+    m = Levit(img_size=64, num_classes=10, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(1, 1, 1),
+              use_conv=use_conv)
+    m.train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(2):
+            m(torch.randn(8, 3, 64, 64))
+    return m.eval()
+
+
+@pytest.mark.parametrize("use_conv", [False, True])
+def test_levit_prunes_through_its_attention_to_a_macs_budget(use_conv):
+    # LeViT's attention is one layer of the residual stream (its heads whole): before, it was refused by name,
+    # and Torch-Pruning's own group search looped forever inside its head reshapes
+    m = _tiny_levit(use_conv)
+    x = torch.randn(2, 3, 64, 64)
+    before = copy.deepcopy(m.state_dict())
+    res = mtp.prune(m, uniform_strategy(m, 0.3), x)
+    assert res.report.consistency < 1e-4
+    readers = [a.qkv.linear if hasattr(a, "qkv") else a.kv.linear for a in res.model.modules() if hasattr(a, "attention_biases")]
+    assert [r.weight.shape[1] for r in readers] < [32, 32, 48, 48, 64]  # the stream it reads got narrower
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    m(x)  # an eval-mode forward with gradients on: timm caches the attention biases, a non-leaf tensor
+    calib = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]  # Taylor: two backward passes
+    res = mtp.prune(m, None, x, calib=calib, macs=0.5, options=mtp.TPOptions(importance="taylor"))
+    assert abs(res.report.macs_ratio - 0.5) <= 0.005 and res.report.consistency < 1e-4
+
+
+def test_the_budget_cost_model_counts_the_layers_inside_levits_attention():
+    # the adapter's pruners own whole modules (LeViT's attention, Swin's PatchMerging); the layers inside them
+    # (qkv, proj, reduction) shrink with the stream, and the allocation's MACs model must say so: before, it
+    # modelled this LeViT at half width as keeping 41 % of its MACs, and Torch-Pruning counted 38 %
+    from mixmatch_plugin.adapters.torch_pruning.allocation import channel_groups, layer_costs
+    from mixmatch_plugin.adapters.torch_pruning.planning import build_pruner, kwargs_from, model_setup
+    from mixmatch_plugin.budget import module_costs
+
+    m, x = _tiny_levit(False), torch.randn(2, 3, 64, 64)
+    setup = model_setup(m, None, True)
+    groups = channel_groups(build_pruner(m, x, setup, False, None), m)
+    cost, uses = layer_costs(m, x, groups, "macs")
+    channels = np.array([g.channels for g in groups], float)
+    keep = channels - np.floor(0.5 * channels)  # what Torch-Pruning keeps of every group at pruning_ratio=0.5
+    modelled = module_costs(keep, channels, cost, uses).sum() / cost.sum()
+    pruned = copy.deepcopy(m)
+    kw = {**kwargs_from(model_setup(pruned, None, True), [], False, None), "pruning_ratio": 0.5}
+    tp.pruner.MetaPruner(pruned, x, importance=tp.importance.GroupMagnitudeImportance(), **kw).step()
+    assert modelled == pytest.approx(mtp.count_macs(pruned, x)[0] / mtp.count_macs(m, x)[0], abs=2e-3)
+
+
+def test_drop_in_traces_levit_for_the_users_own_metapruner():
+    m = _tiny_levit(False)
+    x = torch.randn(2, 3, 64, 64)
+    kw = mtp.from_metapruner(m, x, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.3,
+                             ignored_layers=[m.head], macs=0.6)
+    tp.pruner.MetaPruner(m, x, **kw).step()  # kw's forward_fn shows each attention to the tracer as one layer
+    assert m(x).shape == (2, 10)
+    assert abs(mtp.count_macs(m, x)[0] / mtp.count_macs(_tiny_levit(False), x)[0] - 0.6) <= 0.01 * 0.6
 
 
 def _variant(name):

@@ -4,8 +4,10 @@ Each group's curve is the KL divergence to the dense outputs (on the calibration
 90 % of its channels zeroed alone, in Torch-Pruning's own importance order (zeroed equals removed: see
 :func:`.verify.zeroed_reference`). :func:`mixmatch_plugin.budget.removal_path` removes channels where loss per
 MAC saved is lowest; of that path, the prefix whose size by Torch-Pruning's counter is closest to the budget wins.
-The curves measure each group alone, so the path is built under several per-group caps (``TPOptions.caps``) and
-the cap whose whole allocation, zeroed together, stays closest to the dense outputs is kept (:func:`choose_cap`).
+The curves measure each group alone, so the path is built under several per-group caps (``TPOptions.caps``), one
+global threshold on the groups' importance gives others (raw and LAMP-normalised, ``TPOptions.thresholds``: the
+allocations of Torch-Pruning's own global pruning), and the one whose whole allocation, zeroed together, stays
+closest to the dense outputs is kept (:func:`choose_allocation`).
 A latency budget follows the path under ``max_ratio`` and cuts it where the measured latency of the pruned model is closest.
 """
 
@@ -31,6 +33,7 @@ from mixmatch_plugin.evaluation import reestimate_bn
 from mixmatch_plugin.prefix import PrefixCache
 from mixmatch_plugin.progress import progress_bar
 
+from .timm_layers import LEAF_PRUNERS
 from .verify import flat_outputs, record_removed, run_model, zeroed_reference
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class ChannelGroup:
     order: list[int]
     members: set[nn.Module]
     unit: int = 1
+    scores: tuple[float, ...] = ()  # the units' importance, in ``order``
 
     def indices(self, n: int) -> list[int]:
         """The root's indices of the ``n`` least important units (repeated in every channel group)."""
@@ -79,15 +83,20 @@ def channel_groups(pruner: tp.pruner.MetaPruner, model: nn.Module, heads: bool =
             continue
         chg = int(pruner._get_channel_groups(group))
         members = {d.target.module for d, _ in group if isinstance(d.target.module, nn.Module)}
+        for d, _ in group:  # the adapter's own pruners own whole modules: their inner layers scale with the group
+            if isinstance(owner := getattr(d.handler, "__self__", None), LEAF_PRUNERS):
+                members.update(owner.scaled(d.target.module, "out" if d.handler == owner.prune_out_channels else "in"))
         root, fn = group[0].dep.target.module, group[0].dep.handler
         if attention and heads:
             qkv = next(m for m in members if m in pruner.num_heads)
             h = int(pruner.num_heads[qkv])
-            head_imp = imp.view(h, -1).mean(1)
-            out.append(ChannelGroup(key, h, 1, root, fn, torch.argsort(head_imp.cpu(), stable=True).tolist(), members, len(imp) // h))
+            head_imp = imp.view(h, -1).mean(1).cpu()
+            order = torch.argsort(head_imp, stable=True).tolist()
+            out.append(ChannelGroup(key, h, 1, root, fn, order, members, len(imp) // h, tuple(head_imp[order].tolist())))
         else:
-            imp = imp.view(chg, -1).mean(0) if chg > 1 else imp
-            out.append(ChannelGroup(key, len(imp), chg, root, fn, torch.argsort(imp.cpu(), stable=True).tolist(), members))
+            imp = (imp.view(chg, -1).mean(0) if chg > 1 else imp).cpu()
+            order = torch.argsort(imp, stable=True).tolist()
+            out.append(ChannelGroup(key, len(imp), chg, root, fn, order, members, scores=tuple(imp[order].tolist())))
     return out
 
 
@@ -173,34 +182,55 @@ def joint_kl(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[Channe
     return mean_kl((run_model(z, x, forward_fn) for x in inputs), dense)
 
 
-def choose_cap(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup],
-               path_for: Callable[[float], list[tuple[int, int]]], cost: tuple[np.ndarray, np.ndarray],
-               inputs: list[Any], dense: list[torch.Tensor], target: float, opts: Any) -> float:
-    """The per-group cap (``opts.max_ratio`` or a lower one of ``opts.caps``) whose allocation, zeroed whole, has the
-    least KL to the dense log-probabilities ``dense`` on ``inputs``. ``path_for(cap)`` is the removal path under a
-    cap, ``cost`` the cost model's ``(cost, uses)``; caps that cannot reach ``target`` by it are skipped."""
+def threshold_path(groups: Sequence[ChannelGroup], lamp: bool, lo: Sequence[int], step: Sequence[int]) -> list[tuple[int, int]]:
+    """The removal order of one global threshold rising over the groups' unit importances, ``[(group, units), ...]``
+    down to ``lo``: raw (Torch-Pruning's ``global_pruning``), or LAMP-normalised within each group (a unit's squared
+    score over the sum of the squares of those not below it; Lee et al., ICLR 2021). A move removes one ``step``
+    of a group, ranked by the largest score it removes."""
+    moves: list[tuple[float, int, int, int]] = []
+    for gi, (g, low, s) in enumerate(zip(groups, lo, step, strict=True)):
+        v = np.asarray(g.scores, float)
+        if len(v) != g.channels:
+            continue
+        if lamp:
+            sq = v ** 2
+            v = sq / np.maximum(np.cumsum(sq[::-1])[::-1], 1e-300)
+        removed = 0
+        while g.channels - removed - s >= low:
+            removed += s
+            moves.append((float(v[removed - 1]), gi, s, removed))
+    return [(gi, s) for _, gi, s, _ in sorted(moves)]
+
+
+def choose_allocation(model: nn.Module, pruner: tp.pruner.MetaPruner, groups: list[ChannelGroup],
+                      paths: Mapping[str, Callable[[], list[tuple[int, int]]]], cost: tuple[np.ndarray, np.ndarray],
+                      inputs: list[Any], dense: list[torch.Tensor], target: float, forward_fn: Callable[..., Any] | None) -> str:
+    """The name of the removal path whose allocation at ``target`` (by the cost model ``(cost, uses)``), zeroed whole,
+    has the least KL to the dense log-probabilities ``dense`` on ``inputs``; the first on a tie. ``paths`` builds each
+    path on demand; paths that cannot reach ``target`` are skipped (all of them: the first)."""
     channels = np.array([g.channels for g in groups], float)
-    scores: dict[float, float] = {}
-    by_keep: dict[tuple[float, ...], float] = {}  # caps that give the same allocation are measured once
-    for cap in [opts.max_ratio, *sorted((c for c in opts.caps if c < opts.max_ratio), reverse=True)]:
-        keep, got = modelled_keeps(path_for(cap), channels, *cost, target)
-        if got > 1.01 * target:  # this cap cannot reach the budget, nor can a lower one
-            break
+    scores: dict[str, float] = {}
+    by_keep: dict[tuple[float, ...], float] = {}  # paths that give the same allocation are measured once
+    for name, path in paths.items():
+        keep, got = modelled_keeps(path(), channels, *cost, target)
+        if got > 1.01 * target:
+            continue
         if (key := tuple(keep)) not in by_keep:
-            by_keep[key] = joint_kl(model, pruner, groups, keep, inputs, dense, opts.forward_fn)
-        scores[cap] = by_keep[key]
+            by_keep[key] = joint_kl(model, pruner, groups, keep, inputs, dense, forward_fn)
+        scores[name] = by_keep[key]
     if not scores:
-        return float(opts.max_ratio)
-    best = min(scores, key=lambda c: (scores[c], -c))
-    logger.info("per-group cap %.2f (KL to the dense outputs by cap: %s)", best, ", ".join(f"{c:.2f}: {v:.4f}" for c, v in scores.items()))
+        return next(iter(paths))
+    best = min(scores, key=scores.__getitem__)
+    logger.info("allocation %s (KL to the dense outputs: %s)", best, ", ".join(f"{n}: {v:.4f}" for n, v in scores.items()))
     return best
 
 
 def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner, calib: Iterable[Any] | None,
-             budget: Mapping[str, float], real_size: Callable[[dict[str, int]], float], opts: Any) -> tuple[dict[str, int], float, float]:
+             budget: Mapping[str, float], real_size: Callable[[dict[str, int]], float], opts: Any) -> tuple[dict[str, int], float, float, str]:
     """Channels to keep per group key so that ``real_size(keeps)`` (a fraction of the dense size) meets ``budget``
-    (``{"macs": f}``, ``{"params": f}`` or ``{"latency": f}``), that fraction, and the per-group cap used;
-    ``opts`` is a ``TPOptions`` (``max_ratio``, ``caps``, ``round_to``, ``max_batches``)."""
+    (``{"macs": f}``, ``{"params": f}`` or ``{"latency": f}``), that fraction, the per-group cap used and the
+    allocation chosen (``cap 0.8``, ``lamp threshold``, ...); ``opts`` is a ``TPOptions`` (``max_ratio``, ``caps``,
+    ``thresholds``, ``round_to``, ``max_batches``)."""
     (kind, target), = budget.items()
     if not 0.0 < target < 1.0:
         raise MixMatchError(f"{kind}={target!r}: pass the fraction of {kind} to keep, in (0, 1)")
@@ -220,10 +250,15 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
     def path_for(cap: float) -> list[tuple[int, int]]:
         return removal_path(curves, *cost, floors(cap), steps)
 
-    cap = float(opts.max_ratio)
-    if kind != "latency" and calib is not None and opts.caps:
-        cap = choose_cap(model, pruner, groups, path_for, cost, inputs, dense, target, opts)
-    path = path_for(cap)
+    caps = [float(opts.max_ratio), *sorted((float(c) for c in opts.caps if c < opts.max_ratio), reverse=True)]
+    paths: dict[str, Callable[[], list[tuple[int, int]]]] = {f"cap {c:g}": functools.partial(path_for, c) for c in caps}
+    paths.update({f"{t} threshold": functools.partial(threshold_path, groups, t == "lamp", floors(opts.max_ratio), steps)
+                  for t in opts.thresholds})
+    chosen = next(iter(paths))
+    if kind != "latency" and calib is not None and len(paths) > 1:
+        chosen = choose_allocation(model, pruner, groups, paths, cost, inputs, dense, target, opts.forward_fn)
+    path = paths[chosen]()
+    cap = next((c for c in caps if chosen == f"cap {c:g}"), float(opts.max_ratio))
 
     def keeps(moves: Sequence[tuple[int, int]]) -> dict[str, int]:
         k = {g.key: g.channels for g in groups}
@@ -255,4 +290,4 @@ def allocate(model: nn.Module, example_inputs: Any, pruner: tp.pruner.MetaPruner
     if abs(best[1] - target) > tol * target:
         why = "timing noise, or one channel is a large step" if kind == "latency" else "one channel is a large step in this model"
         logger.warning("the %s budget %.3f is met to %.4f only: %s", kind, target, best[1], why)
-    return keeps(best[0]), best[1], cap
+    return keeps(best[0]), best[1], cap, chosen

@@ -13,6 +13,7 @@ from mixmatch_plugin.batches import LossFn, default_loss, iterate, model_device,
 from mixmatch_plugin.errors import MixMatchError
 
 from .options import IMPORTANCES
+from .timm_layers import clear_caches
 
 
 class GroupGradientImportance(tp.importance.GroupMagnitudeImportance):
@@ -71,6 +72,7 @@ def calibrate(model: nn.Module, calib: Iterable[Any], loss_fn: LossFn | None, ma
     abs_acc = [torch.zeros_like(p) for p in params]
     sum_acc = [torch.zeros_like(p) for p in params]
     for b in batches:
+        clear_caches(model)  # LeViT's eval-mode bias cache would carry the last batch's freed graph into this one
         loss = loss_fn(model, b)
         if not torch.isfinite(loss):
             raise MixMatchError(f"the calibration loss is {float(loss)}; check the data and the model before pruning")
@@ -79,6 +81,7 @@ def calibrate(model: nn.Module, calib: Iterable[Any], loss_fn: LossFn | None, ma
             if g is not None:
                 a.add_(g.abs())
                 s.add_(g)
+    clear_caches(model)
     for p, s in zip(params, sum_acc, strict=True):
         p.grad = s / len(batches)
     return {p: a / len(batches) for p, a in zip(params, abs_acc, strict=True)}

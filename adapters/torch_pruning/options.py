@@ -12,6 +12,8 @@ from mixmatch_plugin.errors import MixMatchError
 Fold = Literal["mean", "min", "max"]
 ImportanceName = Literal["auto", "magnitude", "taylor", "gradient"]
 FOLDS: tuple[Fold, ...] = get_args(Fold)
+Threshold = Literal["global", "lamp"]
+THRESHOLDS: tuple[Threshold, ...] = get_args(Threshold)
 IMPORTANCES: tuple[ImportanceName, ...] = get_args(ImportanceName)
 TOKEN_PARAMS = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
@@ -29,6 +31,10 @@ class TPOptions:
             whose outputs lie closest to the dense model's (KL) is kept. The loss curves measure each group
             alone, and taking many groups to their floor together can cost far more than the sum. ``()``
             keeps ``max_ratio`` alone.
+        thresholds: under a ``macs=`` or ``params=`` budget with calibration data, allocations by one global
+            threshold on the groups' importance, offered to the same KL choice as the caps: ``global`` (raw,
+            as Torch-Pruning's ``global_pruning``) and ``lamp`` (LAMP-normalised within each group). ``()``
+            keeps the loss curves' allocations alone.
         prune_heads: remove whole attention heads instead of head dimensions (timm ViT/DeiT and Swin).
         ignored_layers: modules or Parameters to keep intact (instances; types are refused).
         ignore_classifier: keep the classifier head(s) (``get_classifier()``, tuples included) intact.
@@ -46,6 +52,7 @@ class TPOptions:
     round_to: int | None = None
     max_ratio: float = 0.95
     caps: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)
+    thresholds: tuple[Threshold, ...] = ("global", "lamp")
     prune_heads: bool = False
     ignored_layers: Sequence[Any] | None = None
     ignore_classifier: bool = True
@@ -65,5 +72,7 @@ class TPOptions:
             raise MixMatchError(f"round_to must be a positive integer or None, got {self.round_to!r}")
         if not (0.0 <= self.max_ratio < 1.0):
             raise MixMatchError(f"max_ratio must lie in [0, 1), got {self.max_ratio!r}")
+        if not set(self.thresholds) <= set(THRESHOLDS):
+            raise MixMatchError(f"thresholds must be among {', '.join(THRESHOLDS)} (or ()), got {self.thresholds!r}")
         if not all(isinstance(c, (int, float)) and 0.0 <= c < 1.0 for c in self.caps):
             raise MixMatchError(f"caps must be fractions in [0, 1) (or () to try max_ratio alone), got {self.caps!r}")

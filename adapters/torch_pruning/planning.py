@@ -20,7 +20,7 @@ from mixmatch_plugin.strategies import Strategy
 
 from .options import FOLDS, TOKEN_PARAMS, Fold, TPOptions
 from .report import GroupPlan
-from .timm_layers import PatchMergingPruner, clear_caches, timm_classes
+from .timm_layers import clear_caches, customized_pruners, timm_classes, tracing_forward
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_h
             attentions[name] = m
             if isinstance(m, known["window_attention"]):
                 ignored_params.append(m.relative_position_bias_table)
+        elif isinstance(m, known["levit_attention"] + known["levit_attention_downsample"]):
+            continue  # pruned as one layer of the stream (LevitAttentionPruner)
         elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids and any(
                 isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids for c in m.modules()):
             unsupported.append(f"{name} ({type(m).__name__})")
@@ -101,9 +103,7 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_h
             "to keep it intact, or use the plain PyTorch backend (mm.apply)"
         )
 
-    customized: dict[Any, tp.pruner.BasePruningFunc] = {}
-    if known["patch_merging"] and any(isinstance(m, known["patch_merging"]) for m in model.modules()):
-        customized[known["patch_merging"][0]] = PatchMergingPruner()
+    customized = customized_pruners(model)
 
     # Free parameters: every parameter not owned by a module type Torch-Pruning prunes itself.
     registered = tuple(tp.ops.type2class(t) for t in tp.pruner.function.PrunerBox if tp.ops.type2class(t) is not None)
@@ -360,7 +360,7 @@ def kwargs_from(setup: ModelSetup, plans: Sequence[GroupPlan], prune_heads: bool
         "head_pruning_ratio_dict": head_dict or None,
         "customized_pruners": dict(setup.customized),
         "unwrapped_parameters": list(setup.unwrapped),
-        "forward_fn": forward_fn,
+        "forward_fn": tracing_forward(setup.customized, forward_fn),
     }
 
 

@@ -113,7 +113,7 @@ def prune(
         grad_scores = calibrate(work, calib, o.loss_fn, o.max_batches)
         imp = imp if imp is not None else GroupGradientImportance(grad_scores)
     # 2. one ratio per dependency group: the strategy's, folded, or a budget's allocation
-    keeps, measured, cap = _allocate(work, example_inputs, calib, imp, o, budget, macs0, params0) if budget else (None, None, None)
+    keeps, measured, cap, chosen = _allocate(work, example_inputs, calib, imp, o, budget, macs0, params0) if budget else (None, None, None, None)
     setup, plans = analyse(work, strategy, example_inputs, o, keeps)
     t_groups = time.perf_counter() - t0
     # 3. pruning, group by group, recording what goes
@@ -132,8 +132,11 @@ def prune(
         )
     macs1, params1 = count_macs(work, example_inputs)
     report = PruneReport(strategy.name, strategy.signal, imp_name, o.fold, params0, params1, macs0, macs1, groups,
-                         t_groups, t_prune, latency_ratio=measured if latency is not None else None, cap=cap)
-    if cap is not None and cap < o.max_ratio:
+                         t_groups, t_prune, latency_ratio=measured if latency is not None else None, cap=cap, allocation=chosen)
+    if chosen is not None and chosen.endswith("threshold"):
+        report.notes.append(f"the {chosen.split()[0]} threshold's allocation (one threshold on the groups' importance) stayed "
+                            "closest to the dense outputs (TPOptions.thresholds)")
+    elif cap is not None and cap < o.max_ratio:
         report.notes.append(f"no group lost more than {cap:.0%} of its channels: that cap's allocation stayed closest "
                             f"to the dense outputs (TPOptions.caps; max_ratio {o.max_ratio:.0%})")
     if imp_name == "GroupTaylorImportance":
@@ -176,7 +179,7 @@ def from_metapruner(model: nn.Module, example_inputs: Any, *, calib: Iterable[An
     imp = kw.pop("importance", None) or tp.importance.GroupMagnitudeImportance(p=2)
     o = TPOptions(round_to=kw.get("round_to"), ignored_layers=kw.get("ignored_layers"), importance=imp,
                   forward_fn=kw.get("forward_fn"), verify=False, prune_heads=bool(kw.get("prune_num_heads")))
-    keeps, _, _ = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)
+    keeps = _allocate(model, example_inputs, calib, imp, o, {"macs": macs}, macs0, params0)[0]
     setup, plans = analyse(model, Strategy("budget", "magnitude", {}, 0.0, {}), example_inputs, o, keeps)
     out = kwargs_from(setup, plans, o.prune_heads, o.forward_fn)
     out["num_heads"].update(kw.get("num_heads") or {})
@@ -198,8 +201,8 @@ def _probe(model: nn.Module, example_inputs: Any, o: TPOptions) -> None:
 
 
 def _allocate(work: nn.Module, example_inputs: Any, calib: Iterable[Any] | None, imp: Any, o: TPOptions,
-              budget: dict[str, float], macs0: int, params0: int) -> tuple[dict[str, int], float, float]:
-    """A budget's keep counts per group key, the size they give and the per-group cap chosen; each candidate is
+              budget: dict[str, float], macs0: int, params0: int) -> tuple[dict[str, int], float, float, str]:
+    """A budget's keep counts per group key, the size they give, the per-group cap and the allocation chosen; each candidate is
     pruned on a copy and counted (or timed, alternately with ``work``) for real."""
     kind = next(iter(budget))
     zero = Strategy("budget", "magnitude", {}, 0.0, {})

@@ -67,7 +67,8 @@ class GroupResult:
 @dataclass
 class PruneReport:
     """What :func:`prune` did: sizes before/after, per-group ratios and the importance criterion; under a budget,
-    ``cap`` is the per-group cap its allocation was chosen under (``TPOptions.caps``)."""
+    ``cap`` is the per-group cap its allocation was chosen under (``TPOptions.caps``) and ``allocation`` which
+    allocation the KL choice kept (``cap 0.8``, ``global threshold``, ``lamp threshold``)."""
 
     strategy: str
     signal: str
@@ -83,6 +84,7 @@ class PruneReport:
     consistency: float | None = None
     latency_ratio: float | None = None
     cap: float | None = None
+    allocation: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -106,6 +108,8 @@ class PruneReport:
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%} kept, {1 - self.params_ratio:.1%} removed); "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.1%} kept, {1 - self.macs_ratio:.1%} removed)",
         ]
+        if self.allocation is not None:
+            lines.append(f"allocation: {self.allocation} (the candidate whose whole allocation stayed closest to the dense outputs)")
         if self.latency_ratio is not None:
             lines.append(f"latency {self.latency_ratio:.1%} of the dense model's, measured on this machine")
         if self.consistency is not None:

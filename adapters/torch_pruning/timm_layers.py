@@ -5,6 +5,7 @@ non-leaf tensors, and Torch-Pruning 1.6.1's LayerNorm pruning (fixed for the who
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,9 @@ def timm_classes() -> dict[str, tuple[Any, ...]]:
     out: dict[str, tuple[Any, ...]] = {}
     for key, module, name in (("attention", "timm.layers", "Attention"), ("layernorm2d", "timm.layers", "LayerNorm2d"),
                               ("window_attention", "timm.models.swin_transformer", "WindowAttention"),
-                              ("patch_merging", "timm.models.swin_transformer", "PatchMerging")):
+                              ("patch_merging", "timm.models.swin_transformer", "PatchMerging"),
+                              ("levit_attention", "timm.models.levit", "Attention"),
+                              ("levit_attention_downsample", "timm.models.levit", "AttentionDownsample")):
         try:
             out[key] = (getattr(importlib.import_module(module), name),)
         except (ImportError, AttributeError):  # pragma: no cover - timm is a dependency
@@ -57,8 +60,117 @@ class PatchMergingPruner(tp.pruner.BasePruningFunc):
     def get_out_channels(self, layer: Any) -> int:
         return int(layer.reduction.out_features)
 
+    def scaled(self, layer: Any, side: str) -> list[nn.Module]:
+        """The inner layers whose size scales with the module's input (``in``) or output (``out``) channels."""
+        return [layer.norm, layer.reduction] if side == "in" else [layer.reduction]
+
     def get_in_channels(self, layer: Any) -> int:
         return int(layer.dim)
+
+
+class LevitAttentionPruner(tp.pruner.BasePruningFunc):
+    """Torch-Pruning pruner for timm's LeViT ``Attention`` and ``AttentionDownsample``, as one layer of the stream.
+
+    Its input channels are the residual stream read by ``qkv`` (``kv`` and ``q.ln`` when downsampling), its output
+    channels the rows ``proj.ln`` writes back. Heads, keys and values keep their sizes, so the module's head
+    attributes stay true and its attention biases stay whole; the layers around it (the MLPs, the stream, the stem)
+    are Torch-Pruning's as usual.
+    """
+
+    TARGET_MODULES = None
+
+    @staticmethod
+    def _readers(layer: Any) -> list[Any]:
+        return [layer.qkv.linear] if hasattr(layer, "qkv") else [layer.kv.linear, layer.q.ln.linear]
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        ln = layer.proj.ln
+        if isinstance(ln.linear, nn.Linear):
+            tp.prune_linear_out_channels(ln.linear, idxs)
+        else:
+            tp.prune_conv_out_channels(ln.linear, idxs)
+        tp.prune_batchnorm_out_channels(ln.bn, idxs)
+        return layer
+
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        for m in self._readers(layer):
+            if isinstance(m, nn.Linear):
+                tp.prune_linear_in_channels(m, idxs)
+            else:
+                tp.prune_conv_in_channels(m, idxs)
+        return layer
+
+    def get_out_channels(self, layer: Any) -> int:
+        w = layer.proj.ln.linear.weight
+        return int(w.shape[0])
+
+    def scaled(self, layer: Any, side: str) -> list[nn.Module]:
+        """The inner layers whose size scales with the module's input (``in``) or output (``out``) channels."""
+        return self._readers(layer) if side == "in" else [layer.proj.ln.linear, layer.proj.ln.bn]
+
+    def get_in_channels(self, layer: Any) -> int:
+        return int(self._readers(layer)[0].weight.shape[1])
+
+
+LEAF_PRUNERS = (PatchMergingPruner, LevitAttentionPruner)
+
+
+def _as_one_product(m: Any, x: torch.Tensor) -> torch.Tensor:
+    """A LeViT attention's output shape from its input by one product with zeros: what the graph should see."""
+    out = int(m.proj.ln.linear.weight.shape[0])
+    stride = int(getattr(m, "stride", 1))
+    if x.dim() == 4:  # use_conv: (B, C, H, W)
+        return nn.functional.conv2d(x, x.new_zeros(out, x.shape[1], 1, 1), stride=stride)
+    if stride > 1:
+        r0, r1 = m.resolution
+        x = x[:, : -(-r0 // stride) * -(-r1 // stride)]
+    return x @ x.new_zeros(x.shape[-1], out)
+
+
+class TraceAsLeaves:
+    """``forward_fn`` for Torch-Pruning's tracing that shows each LeViT attention as one layer.
+
+    Torch-Pruning traces the autograd graph inside a module even when a customized pruner owns it, and LeViT's
+    head reshapes and bias expansions there make its group search run forever. While tracing, each such module
+    computes its output's shape by a single product from its input, so the graph links its input channels to
+    its output channels and nothing else. The model runs normally everywhere else.
+    """
+
+    def __init__(self, forward_fn: Any = None) -> None:
+        self.forward_fn = forward_fn
+
+    def __call__(self, model: nn.Module, example_inputs: Any) -> Any:
+        known = timm_classes()
+        types = known["levit_attention"] + known["levit_attention_downsample"]
+        mods: list[Any] = [m for m in model.modules() if isinstance(m, types)]
+        for m in mods:
+            m.forward = functools.partial(_as_one_product, m)
+        try:
+            if self.forward_fn is not None:
+                return self.forward_fn(model, example_inputs)
+            if isinstance(example_inputs, Mapping):
+                return model(**example_inputs)
+            return model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+        finally:
+            for m in mods:
+                del m.forward
+
+
+def tracing_forward(customized: Mapping[Any, Any], forward_fn: Any) -> Any:
+    """The ``forward_fn`` to trace a model whose customized pruners are ``customized``."""
+    needs = any(isinstance(p, LevitAttentionPruner) for p in customized.values())
+    return TraceAsLeaves(forward_fn) if needs and not isinstance(forward_fn, TraceAsLeaves) else forward_fn
+
+
+def customized_pruners(model: nn.Module) -> dict[Any, tp.pruner.BasePruningFunc]:
+    """The adapter's own Torch-Pruning pruners for the timm module types present in ``model``."""
+    known = timm_classes()
+    out: dict[Any, tp.pruner.BasePruningFunc] = {}
+    for key, pruner in (("patch_merging", PatchMergingPruner), ("levit_attention", LevitAttentionPruner),
+                        ("levit_attention_downsample", LevitAttentionPruner)):
+        if known[key] and any(isinstance(m, known[key]) for m in model.modules()):
+            out[known[key][0]] = pruner()
+    return out
 
 
 def attention_head_dims(model: nn.Module) -> dict[str, int]:

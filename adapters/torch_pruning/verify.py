@@ -15,7 +15,7 @@ from mixmatch_plugin.errors import MixMatchError, first_line
 
 from .planning import ModelSetup, model_setup
 from .report import RemovedItem
-from .timm_layers import PatchMergingPruner, clear_caches, safe_deepcopy, timm_classes
+from .timm_layers import LEAF_PRUNERS, clear_caches, safe_deepcopy, timm_classes, tracing_forward
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -41,7 +41,7 @@ def record_removed(group: Any, DG: Any, names: Mapping[int, str], pnames: Mappin
         elif isinstance(mod, nn.Module) and id(mod) in names:
             if DG.is_out_channel_pruning_fn(fn) and DG.is_in_channel_pruning_fn(fn):
                 side = "out"  # one function for both sides (norms, depthwise convs)
-            if isinstance(owner, PatchMergingPruner):
+            if isinstance(owner, LEAF_PRUNERS):
                 side = "out" if fn == owner.prune_out_channels else "in"
             out.append(RemovedItem(names[id(mod)], side, kind, sorted(int(i) for i in idxs)))
     return out
@@ -63,7 +63,7 @@ def coupled_channels(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
             DG = tp.DependencyGraph().build_dependency(
-                model, example_inputs, forward_fn=forward_fn, unwrapped_parameters=list(setup.unwrapped),
+                model, example_inputs, forward_fn=tracing_forward(setup.customized, forward_fn), unwrapped_parameters=list(setup.unwrapped),
                 customized_pruners=dict(setup.customized), ignored_params=list(setup.ignored_params), verbose=False,
             )
     finally:
@@ -160,6 +160,9 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
                     ln_removed.setdefault(f"{item.target}.norm", set()).update(k * m.dim + i for k in range(4) for i in item.idxs)
             elif item.side == "in":
                 continue  # inputs are zero already: removing them changes nothing
+            elif item.kind == "levitattention":
+                _zero_out(m.proj.ln.linear, idx)
+                _zero_out(m.proj.ln.bn, idx)
             elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU,
                                 nn.modules.instancenorm._InstanceNorm)):
                 _zero_out(m, idx)
