@@ -145,12 +145,10 @@ class TraceAsLeaves:
         mods: list[Any] = [m for m in model.modules() if isinstance(m, types)]
         for m in mods:
             m.forward = functools.partial(_as_one_product, m)
+        from .verify import run_model  # verify imports this module
+
         try:
-            if self.forward_fn is not None:
-                return self.forward_fn(model, example_inputs)
-            if isinstance(example_inputs, Mapping):
-                return model(**example_inputs)
-            return model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+            return run_model(model, example_inputs, self.forward_fn)
         finally:
             for m in mods:
                 del m.forward
