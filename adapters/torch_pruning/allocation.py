@@ -33,8 +33,8 @@ from mixmatch_plugin.evaluation import reestimate_bn
 from mixmatch_plugin.prefix import PrefixCache
 from mixmatch_plugin.progress import progress_bar
 
-from .timm_layers import LEAF_PRUNERS
-from .verify import flat_outputs, record_removed, run_model, zeroed_reference
+from .timm_layers import LEAF_PRUNERS, run_model
+from .verify import flat_outputs, record_removed, zeroed_reference
 
 logger = logging.getLogger(__name__)
 

@@ -39,10 +39,11 @@ from .timm_layers import (
     clear_caches,
     fix_attention,
     fix_dims,
+    run_model,
     safe_deepcopy,
     slice_bias_tables,
 )
-from .verify import check_runs, count_macs, record_removed, run_model, verify_pruned
+from .verify import check_runs, count_macs, record_removed, verify_pruned
 
 logger = logging.getLogger(__name__)
 

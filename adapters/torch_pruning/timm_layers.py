@@ -8,7 +8,7 @@ import copy
 import functools
 import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -127,6 +127,17 @@ def _as_one_product(m: Any, x: torch.Tensor) -> torch.Tensor:
     return x @ x.new_zeros(x.shape[-1], out)
 
 
+def run_model(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None) -> Any:
+    """Run ``model`` on ``example_inputs`` as Torch-Pruning does: ``forward_fn``, else keywords, a tuple or one input."""
+    if forward_fn is not None:
+        return forward_fn(model, example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
 class TraceAsLeaves:
     """``forward_fn`` for Torch-Pruning's tracing that shows each LeViT attention as one layer.
 
@@ -145,8 +156,6 @@ class TraceAsLeaves:
         mods: list[Any] = [m for m in model.modules() if isinstance(m, types)]
         for m in mods:
             m.forward = functools.partial(_as_one_product, m)
-        from .verify import run_model  # verify imports this module
-
         try:
             return run_model(model, example_inputs, self.forward_fn)
         finally:

@@ -15,7 +15,7 @@ from mixmatch_plugin.errors import MixMatchError, first_line
 
 from .planning import ModelSetup, model_setup
 from .report import RemovedItem
-from .timm_layers import LEAF_PRUNERS, clear_caches, safe_deepcopy, timm_classes, tracing_forward
+from .timm_layers import LEAF_PRUNERS, clear_caches, run_model, safe_deepcopy, timm_classes, tracing_forward
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -89,16 +89,6 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in flat_outputs(v)]
     return []
-
-
-def run_model(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None) -> Any:
-    if forward_fn is not None:
-        return forward_fn(model, example_inputs)
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def relative_difference(a: Any, b: Any) -> float:
