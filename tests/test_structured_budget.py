@@ -292,6 +292,39 @@ def test_levit_prunes_through_its_attention_to_a_macs_budget(use_conv):
     assert abs(res.report.macs_ratio - 0.5) <= 0.005 and res.report.consistency < 1e-4
 
 
+_LEAF_FAMILIES = {  # timm families whose attention is one layer of the stream (tiny widths, a few seconds each)
+    "tiny_vit": lambda: (timm.create_model("tiny_vit_5m_224", num_classes=10, embed_dims=(16, 24, 32, 48), depths=(1, 1, 1, 1),
+                                           num_heads=(1, 2, 2, 3), window_sizes=(2, 2, 2, 2)), 64),
+    "efficientformer": lambda: (timm.create_model("efficientformer_l1", num_classes=10, embed_dims=(16, 24, 32, 48),
+                                                  depths=(1, 1, 1, 2), num_vit=1), 224),
+    "visformer": lambda: (timm.create_model("visformer_tiny", num_classes=10, init_channels=8, embed_dim=48, depth=(1, 1, 1),
+                                            num_heads=2, img_size=64), 64),  # and its (1, C, H, W) position embeddings
+}
+
+
+@pytest.mark.parametrize("family", sorted(_LEAF_FAMILIES))
+def test_attention_that_keeps_its_own_sizes_prunes_as_one_layer_of_the_stream(family):
+    # these were refused by name ("its head attributes would not be updated"); their forward takes the inner sizes
+    # from its own attributes, so the stream can shrink around whole heads
+    torch.manual_seed(0)
+    m, size = _LEAF_FAMILIES[family]()
+    m.eval()
+    x = torch.randn(2, 3, size, size)
+    m(x)  # an eval forward with gradients on (timm caches non-leaf attention biases)
+    before = copy.deepcopy(m.state_dict())
+    qkv = [a.qkv for a in m.modules() if type(a).__name__ == "Attention"]
+    res = mtp.prune(m, uniform_strategy(m, 0.3), x)
+    assert res.report.consistency < 1e-4  # the pruned model is the original with the removed channels zeroed
+    pruned = [a.qkv for a in res.model.modules() if type(a).__name__ == "Attention"]
+    assert all(p.weight.shape[1] < q.weight.shape[1] and p.weight.shape[0] == q.weight.shape[0] for p, q in zip(pruned, qkv, strict=True))
+    res = mtp.prune(m, None, x, macs=0.5)
+    assert abs(res.report.macs_ratio - 0.5) <= 0.005 and res.report.consistency < 1e-4
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    fresh = mtp.rebuild(_LEAF_FAMILIES[family]()[0].eval(), res.history, x)  # the pruned architecture from its record
+    fresh.load_state_dict(res.model.state_dict())
+    assert torch.equal(fresh(x), res.model(x))
+
+
 def test_the_budget_cost_model_counts_the_layers_inside_levits_attention():
     # the adapter's pruners own whole modules (LeViT's attention, Swin's PatchMerging); the layers inside them
     # (qkv, proj, reduction) shrink with the stream, and the allocation's MACs model must say so: before, it

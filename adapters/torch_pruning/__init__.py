@@ -12,11 +12,11 @@ from .options import TPOptions
 from .planning import plan_groups, pruner_kwargs, pruning_ratio_dict
 from .prune import from_metapruner, prune, rebuild
 from .report import PruneReport, TPResult
-from .timm_layers import TraceAsLeaves, attention_head_dims, fix_attention
+from .timm_layers import STREAM_LEAVES, StreamLeaf, TraceAsLeaves, attention_head_dims, fix_attention
 from .verify import count_macs, zeroed_reference
 
 __all__ = [
-    "PruneReport", "TPOptions", "TPResult", "TraceAsLeaves", "attention_head_dims", "count_macs", "fix_attention", "from_metapruner",
+    "STREAM_LEAVES", "PruneReport", "StreamLeaf", "TPOptions", "TPResult", "TraceAsLeaves", "attention_head_dims", "count_macs", "fix_attention", "from_metapruner",
     "plan_groups", "prune",
     "pruner_kwargs", "pruning_ratio_dict", "rebuild", "zeroed_reference",
 ]

@@ -20,7 +20,7 @@ from mixmatch_plugin.strategies import Strategy
 
 from .options import FOLDS, TOKEN_PARAMS, Fold, TPOptions
 from .report import GroupPlan
-from .timm_layers import clear_caches, customized_pruners, timm_classes, tracing_forward
+from .timm_layers import clear_caches, customized_pruners, stream_leaf, timm_classes, tracing_forward
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,9 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_h
             attentions[name] = m
             if isinstance(m, known["window_attention"]):
                 ignored_params.append(m.relative_position_bias_table)
-        elif isinstance(m, known["levit_attention"] + known["levit_attention_downsample"]):
-            continue  # pruned as one layer of the stream (LevitAttentionPruner)
         elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids and any(
-                isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids for c in m.modules()):
+                isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids for c in m.modules()) and not any(
+                stream_leaf(c) is not None for c in m.modules()):  # a stream leaf (or a block holding one) keeps its heads
             unsupported.append(f"{name} ({type(m).__name__})")
     if unsupported:
         raise MixMatchError(
@@ -118,7 +117,9 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_h
         for pname, p in m.named_parameters(recurse=False):
             if id(p) in ignored_param_ids:
                 continue
-            if pname in TOKEN_PARAMS and p.dim() >= 2:
+            if p.dim() == 4 and p.shape[0] == 1 and p.shape[2] == p.shape[3] != p.shape[1]:
+                unwrapped.append((p, 1))  # an image-shaped (1, C, H, W) embedding (PiT, Visformer)
+            elif pname in TOKEN_PARAMS and p.dim() >= 2:
                 unwrapped.append((p, p.dim() - 1))
             elif p.dim() == 1:
                 unwrapped.append((p, 0))  # layer-scale gamma and other per-channel vectors

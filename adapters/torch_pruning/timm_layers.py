@@ -1,5 +1,5 @@
-"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, the repair of
-attention modules after their ``qkv`` was pruned, and two fixes: deep copies of models holding cached
+"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, attention modules pruned
+as one layer of the stream (:data:`STREAM_LEAVES`), the repair of attention modules after their ``qkv`` was pruned, and two fixes: deep copies of models holding cached
 non-leaf tensors, and Torch-Pruning 1.6.1's LayerNorm pruning (fixed for the whole process on import)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import functools
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -25,9 +26,7 @@ def timm_classes() -> dict[str, tuple[Any, ...]]:
     out: dict[str, tuple[Any, ...]] = {}
     for key, module, name in (("attention", "timm.layers", "Attention"), ("layernorm2d", "timm.layers", "LayerNorm2d"),
                               ("window_attention", "timm.models.swin_transformer", "WindowAttention"),
-                              ("patch_merging", "timm.models.swin_transformer", "PatchMerging"),
-                              ("levit_attention", "timm.models.levit", "Attention"),
-                              ("levit_attention_downsample", "timm.models.levit", "AttentionDownsample")):
+                              ("patch_merging", "timm.models.swin_transformer", "PatchMerging")):
         try:
             out[key] = (getattr(importlib.import_module(module), name),)
         except (ImportError, AttributeError):  # pragma: no cover - timm is a dependency
@@ -68,63 +67,137 @@ class PatchMergingPruner(tp.pruner.BasePruningFunc):
         return int(layer.dim)
 
 
-class LevitAttentionPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning pruner for timm's LeViT ``Attention`` and ``AttentionDownsample``, as one layer of the stream.
+def _attrs(*names: str) -> Callable[[Any], list[nn.Module]]:
+    """``m -> [m.a, m.b, ...]`` over the dotted attribute paths ``names``."""
+    return lambda m: [m.get_submodule(n) for n in names]
 
-    Its input channels are the residual stream read by ``qkv`` (``kv`` and ``q.ln`` when downsampling), its output
-    channels the rows ``proj.ln`` writes back. Heads, keys and values keep their sizes, so the module's head
-    attributes stay true and its attention biases stay whole; the layers around it (the MLPs, the stream, the stem)
+
+@dataclass(frozen=True)
+class StreamLeaf:
+    """How a module that is pruned as one layer of the residual stream reads and writes it.
+
+    ``reads(m)`` are the layers whose input channels are the module's input channels (a norm applied to the input
+    comes first, then the layers that read its output); ``writes(m)`` the layers whose output channels are the
+    module's output channels. Everything else inside keeps its size: heads, keys, values, biases, windows.
+    """
+
+    reads: Callable[[Any], list[nn.Module]]
+    writes: Callable[[Any], list[nn.Module]]
+
+
+#: timm attention modules pruned as one layer of the stream, by ``module:class`` (timm 1.0.31). Their heads are not
+#: re-indexed: Torch-Pruning prunes the stream around them, and each keeps its inner sizes. Only modules whose
+#: forward takes its inner sizes from its own attributes qualify; most of timm's (Beit, Eva, CaiT, PVT, XCiT, ...)
+#: reshape by the input's width (``C // num_heads``), which ties their heads to the stream.
+STREAM_LEAVES: dict[str, StreamLeaf] = {
+    "timm.models.levit:Attention": StreamLeaf(_attrs("qkv.linear"), _attrs("proj.ln.linear", "proj.ln.bn")),
+    "timm.models.levit:AttentionDownsample": StreamLeaf(_attrs("kv.linear", "q.ln.linear"), _attrs("proj.ln.linear", "proj.ln.bn")),
+    "timm.models.tiny_vit:Attention": StreamLeaf(_attrs("norm", "qkv"), _attrs("proj")),
+    "timm.models.efficientformer:Attention": StreamLeaf(_attrs("qkv"), _attrs("proj")),
+    "timm.models.visformer:Attention": StreamLeaf(_attrs("qkv"), _attrs("proj")),
+    "timm.models.volo:ClassAttention": StreamLeaf(_attrs("kv", "q"), _attrs("proj")),
+}
+
+
+def stream_leaf_classes() -> dict[type, StreamLeaf]:
+    """:data:`STREAM_LEAVES` resolved to the classes that import (an entry you add counts from then on)."""
+    out: dict[type, StreamLeaf] = {}
+    for path, leaf in STREAM_LEAVES.items():
+        module, _, name = path.partition(":")
+        try:
+            out[getattr(importlib.import_module(module), name)] = leaf
+        except (ImportError, AttributeError):  # another timm version
+            continue
+    return out
+
+
+def stream_leaf(m: Any) -> StreamLeaf | None:
+    return stream_leaf_classes().get(type(m))
+
+
+def _channels(m: Any, side: str) -> int:
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[-1])
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return int(m.num_features)
+    return int(m.weight.shape[0 if side == "out" else 1])
+
+
+class StreamLeafPruner(tp.pruner.BasePruningFunc):
+    """Torch-Pruning pruner for an attention module pruned as one layer of the residual stream (:class:`StreamLeaf`).
+
+    Its input channels are the stream its readers read (their columns, and the channels of a norm on the input), its
+    output channels the rows its writers write. Heads, keys and values keep their sizes, so the module's head
+    attributes stay true and its position biases stay whole; the layers around it (the MLPs, the stream, the stem)
     are Torch-Pruning's as usual.
     """
 
     TARGET_MODULES = None
 
-    @staticmethod
-    def _readers(layer: Any) -> list[Any]:
-        return [layer.qkv.linear] if hasattr(layer, "qkv") else [layer.kv.linear, layer.q.ln.linear]
+    def __init__(self, leaf: StreamLeaf) -> None:
+        super().__init__()
+        self.leaf = leaf
 
     def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
-        ln = layer.proj.ln
-        if isinstance(ln.linear, nn.Linear):
-            tp.prune_linear_out_channels(ln.linear, idxs)
-        else:
-            tp.prune_conv_out_channels(ln.linear, idxs)
-        tp.prune_batchnorm_out_channels(ln.bn, idxs)
+        for m in self.leaf.writes(layer):
+            _prune(m, idxs, "out")
         return layer
 
     def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
-        for m in self._readers(layer):
-            if isinstance(m, nn.Linear):
-                tp.prune_linear_in_channels(m, idxs)
-            else:
-                tp.prune_conv_in_channels(m, idxs)
+        for m in self.leaf.reads(layer):
+            _prune(m, idxs, "in")
         return layer
 
     def get_out_channels(self, layer: Any) -> int:
-        w = layer.proj.ln.linear.weight
-        return int(w.shape[0])
+        return _channels(self.leaf.writes(layer)[0], "out")
+
+    def get_in_channels(self, layer: Any) -> int:
+        return _channels(self.leaf.reads(layer)[0], "in")
 
     def scaled(self, layer: Any, side: str) -> list[nn.Module]:
         """The inner layers whose size scales with the module's input (``in``) or output (``out``) channels."""
-        return self._readers(layer) if side == "in" else [layer.proj.ln.linear, layer.proj.ln.bn]
-
-    def get_in_channels(self, layer: Any) -> int:
-        return int(self._readers(layer)[0].weight.shape[1])
+        return self.leaf.reads(layer) if side == "in" else self.leaf.writes(layer)
 
 
-LEAF_PRUNERS = (PatchMergingPruner, LevitAttentionPruner)
+def _prune(m: nn.Module, idxs: Sequence[int], side: str) -> None:
+    if isinstance(m, nn.LayerNorm):
+        tp.prune_layernorm_out_channels(m, idxs)
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        tp.prune_batchnorm_out_channels(m, idxs)
+    elif isinstance(m, nn.Linear):
+        (tp.prune_linear_out_channels if side == "out" else tp.prune_linear_in_channels)(m, idxs)
+    elif isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1:
+        (tp.prune_conv_out_channels if side == "out" else tp.prune_conv_in_channels)(m, idxs)
+    else:
+        raise MixMatchError(f"cannot prune the {side}put channels of {type(m).__name__} inside a stream leaf; "
+                            "keep the module intact (ignored_layers)")
 
 
-def _as_one_product(m: Any, x: torch.Tensor) -> torch.Tensor:
-    """A LeViT attention's output shape from its input by one product with zeros: what the graph should see."""
-    out = int(m.proj.ln.linear.weight.shape[0])
-    stride = int(getattr(m, "stride", 1))
-    if x.dim() == 4:  # use_conv: (B, C, H, W)
-        return nn.functional.conv2d(x, x.new_zeros(out, x.shape[1], 1, 1), stride=stride)
-    if stride > 1:
-        r0, r1 = m.resolution
-        x = x[:, : -(-r0 // stride) * -(-r1 // stride)]
-    return x @ x.new_zeros(x.shape[-1], out)
+LEAF_PRUNERS = (PatchMergingPruner, StreamLeafPruner)
+
+
+def _as_one_product(m: Any, leaf: StreamLeaf, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """The module's real output plus one product of its input with zeros: what Torch-Pruning's graph should see.
+
+    The output's values are the module's own; its autograd graph links the input channels to the output channels
+    and nothing else, so the tracer never walks the head reshapes inside.
+    """
+    with torch.no_grad():
+        y = type(m).forward(m, x, *args, **kwargs)
+    out = y[0] if isinstance(y, tuple) else y
+    cin, cout = _channels(leaf.reads(m)[0], "in"), _channels(leaf.writes(m)[0], "out")
+    nchw = x.dim() == 4 and isinstance(leaf.reads(m)[0], nn.modules.conv._ConvNd)
+    c = 1 if nchw else x.dim() - 1
+    if (x.dim() != out.dim() or x.shape[c] != cin or out.shape[c] != cout
+            or any(a < b for d, (a, b) in enumerate(zip(x.shape, out.shape, strict=True)) if d != c)):
+        raise MixMatchError(f"cannot show {type(m).__name__} to Torch-Pruning as one layer (input {tuple(x.shape)}, "
+                            f"output {tuple(out.shape)}); keep it intact (ignored_layers) or use mm.apply")
+    # Fewer tokens or pixels out than in (downsampling, a class token): the graph sees a slice of the input there.
+    if cut := [d for d in range(x.dim()) if d != c and x.shape[d] != out.shape[d]]:
+        x = x[tuple(slice(0, out.shape[d] if d in cut else None) for d in range(x.dim()))]
+    link = nn.functional.conv2d(x, x.new_zeros(cout, cin, 1, 1)) if nchw else x @ x.new_zeros(cin, cout)
+    linked = out + link
+    return (linked, *y[1:]) if isinstance(y, tuple) else linked
 
 
 def run_model(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., Any] | None) -> Any:
@@ -139,23 +212,23 @@ def run_model(model: nn.Module, example_inputs: Any, forward_fn: Callable[..., A
 
 
 class TraceAsLeaves:
-    """``forward_fn`` for Torch-Pruning's tracing that shows each LeViT attention as one layer.
+    """``forward_fn`` for Torch-Pruning's tracing that shows each attention of :data:`STREAM_LEAVES` as one layer.
 
-    Torch-Pruning traces the autograd graph inside a module even when a customized pruner owns it, and LeViT's
-    head reshapes and bias expansions there make its group search run forever. While tracing, each such module
-    computes its output's shape by a single product from its input, so the graph links its input channels to
-    its output channels and nothing else. The model runs normally everywhere else.
+    Torch-Pruning traces the autograd graph inside a module even when a customized pruner owns it, and head
+    reshapes and bias expansions there (LeViT's) make its group search run forever. While tracing, each such module
+    adds to its output a single product of its input with zeros, and computes the rest without gradients, so the
+    graph links its input channels to its output channels and nothing else. The model runs normally elsewhere.
     """
 
     def __init__(self, forward_fn: Any = None) -> None:
         self.forward_fn = forward_fn
 
     def __call__(self, model: nn.Module, example_inputs: Any) -> Any:
-        known = timm_classes()
-        types = known["levit_attention"] + known["levit_attention_downsample"]
-        mods: list[Any] = [m for m in model.modules() if isinstance(m, types)]
-        for m in mods:
-            m.forward = functools.partial(_as_one_product, m)
+        mods: list[Any] = []
+        for m in model.modules():
+            if (leaf := stream_leaf(m)) is not None:
+                m.forward = functools.partial(_as_one_product, m, leaf)
+                mods.append(m)
         try:
             return run_model(model, example_inputs, self.forward_fn)
         finally:
@@ -165,18 +238,19 @@ class TraceAsLeaves:
 
 def tracing_forward(customized: Mapping[Any, Any], forward_fn: Any) -> Any:
     """The ``forward_fn`` to trace a model whose customized pruners are ``customized``."""
-    needs = any(isinstance(p, LevitAttentionPruner) for p in customized.values())
+    needs = any(isinstance(p, StreamLeafPruner) for p in customized.values())
     return TraceAsLeaves(forward_fn) if needs and not isinstance(forward_fn, TraceAsLeaves) else forward_fn
 
 
 def customized_pruners(model: nn.Module) -> dict[Any, tp.pruner.BasePruningFunc]:
     """The adapter's own Torch-Pruning pruners for the timm module types present in ``model``."""
-    known = timm_classes()
+    merging = timm_classes()["patch_merging"]
     out: dict[Any, tp.pruner.BasePruningFunc] = {}
-    for key, pruner in (("patch_merging", PatchMergingPruner), ("levit_attention", LevitAttentionPruner),
-                        ("levit_attention_downsample", LevitAttentionPruner)):
-        if known[key] and any(isinstance(m, known[key]) for m in model.modules()):
-            out[known[key][0]] = pruner()
+    for m in model.modules():
+        if merging and isinstance(m, merging):
+            out[merging[0]] = PatchMergingPruner()
+        elif (leaf := stream_leaf(m)) is not None and type(m) not in out:
+            out[type(m)] = StreamLeafPruner(leaf)
     return out
 
 

@@ -15,7 +15,15 @@ from mixmatch_plugin.errors import MixMatchError, first_line
 
 from .planning import ModelSetup, model_setup
 from .report import RemovedItem
-from .timm_layers import LEAF_PRUNERS, clear_caches, run_model, safe_deepcopy, timm_classes, tracing_forward
+from .timm_layers import (
+    LEAF_PRUNERS,
+    clear_caches,
+    run_model,
+    safe_deepcopy,
+    stream_leaf,
+    timm_classes,
+    tracing_forward,
+)
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -148,11 +156,15 @@ def zeroed_reference(model: nn.Module, removed: Sequence[RemovedItem]) -> nn.Mod
                     m.reduction.weight.index_fill_(0, idx, 0.0)
                 else:
                     ln_removed.setdefault(f"{item.target}.norm", set()).update(k * m.dim + i for k in range(4) for i in item.idxs)
+            elif (leaf := stream_leaf(m)) is not None:
+                inner = {id(c): n for n, c in m.named_modules()}
+                for c in leaf.reads(m) if item.side == "in" else leaf.writes(m):
+                    if isinstance(c, nn.LayerNorm) and item.side == "in":  # a norm on the input: over the kept channels
+                        ln_removed.setdefault(f"{item.target}.{inner[id(c)]}", set()).update(item.idxs)
+                    elif item.side == "out" or isinstance(c, nn.modules.batchnorm._BatchNorm):
+                        _zero_out(c, idx)  # rows written, or a norm's scale and shift: 0 exactly
             elif item.side == "in":
                 continue  # inputs are zero already: removing them changes nothing
-            elif item.kind == "levitattention":
-                _zero_out(m.proj.ln.linear, idx)
-                _zero_out(m.proj.ln.bn, idx)
             elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU,
                                 nn.modules.instancenorm._InstanceNorm)):
                 _zero_out(m, idx)
