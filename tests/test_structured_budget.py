@@ -325,6 +325,47 @@ def test_attention_that_keeps_its_own_sizes_prunes_as_one_layer_of_the_stream(fa
     assert torch.equal(fresh(x), res.model(x))
 
 
+class _OwnAttention(nn.Module):
+    """A user's attention: inner sizes from its own attributes (8 dims per head, whatever the stream's width)."""
+
+    def __init__(self, dim: int, num_heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, 8
+        self.norm, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * num_heads * 8), nn.Linear(num_heads * 8, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_users_attention_joins_the_stream_leaves_by_one_table_entry(monkeypatch):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 24), nn.GELU())
+    blocks = nn.ModuleList([_OwnAttention(24), _OwnAttention(24)])
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.blocks, self.head = m, blocks, nn.Linear(24, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            for b in self.blocks:
+                x = x + b(x)
+            return self.head(x.mean(1))
+
+    net, x = Net().eval(), torch.randn(3, 4, 12)
+    with pytest.raises(MixMatchError, match="_OwnAttention"):  # heads it cannot re-index: refused by name
+        mtp.prune(net, uniform_strategy(net, 0.5), x)
+    monkeypatch.setitem(mtp.STREAM_LEAVES, f"{__name__}:_OwnAttention",
+                        mtp.StreamLeaf(reads=lambda a: [a.norm, a.qkv], writes=lambda a: [a.proj]))
+    res = mtp.prune(net, uniform_strategy(net, 0.5), x)
+    assert res.report.consistency < 1e-4
+    assert [b.qkv.in_features for b in res.model.blocks] == [b.proj.out_features for b in res.model.blocks] == [12, 12]
+    assert [b.qkv.out_features for b in res.model.blocks] == [48, 48]  # the heads whole
+
+
 def test_the_budget_cost_model_counts_the_layers_inside_levits_attention():
     # the adapter's pruners own whole modules (LeViT's attention, Swin's PatchMerging); the layers inside them
     # (qkv, proj, reduction) shrink with the stream, and the allocation's MACs model must say so: before, it
