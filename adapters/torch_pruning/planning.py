@@ -99,7 +99,9 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_h
             f"unsupported layer {unsupported[0]}"
             + (f" and {len(unsupported) - 1} more" if len(unsupported) > 1 else "")
             + ": its head attributes would not be updated after pruning; pass the module in ignored_layers "
-            "to keep it intact, or use the plain PyTorch backend (mm.apply)"
+            "to keep it intact, or use the plain PyTorch backend (mm.apply). If its forward takes its inner sizes "
+            "from its own attributes (not from the input's width), add its class to mm_tp.STREAM_LEAVES "
+            "(docs/structured.md) to prune the stream around its heads"
         )
 
     customized = customized_pruners(model)
