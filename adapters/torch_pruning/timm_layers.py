@@ -85,7 +85,7 @@ class StreamLeaf:
     writes: Callable[[Any], list[nn.Module]]
 
 
-#: timm attention modules pruned as one layer of the stream, by ``module:class`` (timm 1.0.31). Their heads are not
+#: timm token mixers (attention, FocalNet's modulation) pruned as one layer of the stream, by ``module:class`` (timm 1.0.31). Their heads are not
 #: re-indexed: Torch-Pruning prunes the stream around them, and each keeps its inner sizes. Only modules whose
 #: forward takes its inner sizes from its own attributes qualify; most of timm's (Beit, Eva, CaiT, PVT, XCiT, ...)
 #: reshape by the input's width (``C // num_heads``), which ties their heads to the stream.
@@ -96,6 +96,7 @@ STREAM_LEAVES: dict[str, StreamLeaf] = {
     "timm.models.efficientformer:Attention": StreamLeaf(_attrs("qkv"), _attrs("proj")),
     "timm.models.visformer:Attention": StreamLeaf(_attrs("qkv"), _attrs("proj")),
     "timm.models.volo:ClassAttention": StreamLeaf(_attrs("kv", "q"), _attrs("proj")),
+    "timm.models.focalnet:FocalModulation": StreamLeaf(_attrs("f"), _attrs("proj")),
 }
 
 
