@@ -185,7 +185,7 @@ def ablation_table(name: str, model_doc: Mapping[str, Any]) -> str:
         for step in (*POOLS, *OURS):
             v = d.get(("one-shot", s, step if step in OURS else f"mm[{step}]"))
             won = picks.get((s, step))
-            top = max(set(won), key=won.count) if won else ""
+            top = max(dict.fromkeys(won), key=won.count) if won else ""  # a tie: the earliest seed's
             cells.append(f"{_stats(v)[0]:.2f} ± {_stats(v)[1]:.2f} `{top}`" if v else "–")
         lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
     cost = [c for c in model_doc.get("choices", []) if "evaluations" in c]
