@@ -404,34 +404,27 @@ def test_drop_in_traces_levit_for_the_users_own_metapruner():
 
 
 def _variant(name):
-    from timm.models.efficientformer import EfficientFormer
-    from timm.models.tiny_vit import TinyVit
-
     small = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
     torch.manual_seed(0)
     return {
-        "tiny_vit": lambda: (TinyVit(num_classes=10, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
-                                     window_sizes=(7, 7, 14, 7)), 224),
-        "efficientformer": lambda: (EfficientFormer(num_classes=10, depths=(1, 1, 1, 2), embed_dims=(16, 32, 48, 64), num_vit=1), 224),
         "beit": lambda: (timm.create_model("beit_base_patch16_224", pretrained=False, **small), 32),
         "cait": lambda: (timm.create_model("cait_xxs24_224", pretrained=False, **small), 32),
     }[name]()
 
 
-@pytest.mark.parametrize("name", ["tiny_vit", "efficientformer", "beit", "cait"])
+@pytest.mark.parametrize("name", ["beit", "cait"])
 def test_attention_variants_prune_with_their_attention_kept(name):
+    # their forward reshapes by the input's width (C // num_heads), which ties the heads to the stream: refused by
+    # name, and pruned around when ignored (TinyViT and EfficientFormer: stream leaves, tested above)
     m, px = _variant(name)
     x = torch.randn(2, 3, px, px)
     m.eval()
     m(x)
     attn = [a for a in m.modules() if isinstance(getattr(a, "num_heads", None), int)]
-    with pytest.raises(MixMatchError, match="unsupported layer"):  # refused by name, with the fix
+    with pytest.raises(MixMatchError, match=r"unsupported layer.*STREAM_LEAVES"):  # refused by name, with the fixes
         mtp.prune(m, uniform_strategy(m, 0.3), x)
     res = mtp.prune(m, uniform_strategy(m, 0.3), x, options=mtp.TPOptions(ignored_layers=attn))
     assert res.report.consistency < 1e-4 and res.report.macs_ratio < 0.9
-    if name == "efficientformer":  # and at a MACs budget
-        res = mtp.prune(m, None, x, macs=0.7, options=mtp.TPOptions(ignored_layers=attn))
-        assert abs(res.report.macs_ratio - 0.7) <= 0.01 * 0.7 and res.report.consistency < 1e-4
 
 
 def test_drop_in_refuses_a_call_that_fails_in_torch_pruning():
