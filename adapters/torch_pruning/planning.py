@@ -20,7 +20,7 @@ from mixmatch_plugin.strategies import Strategy
 
 from .options import FOLDS, TOKEN_PARAMS, Fold, TPOptions
 from .report import GroupPlan
-from .timm_layers import clear_caches, customized_pruners, stream_leaf, timm_classes, tracing_forward
+from .timm_layers import clear_caches, customized_pruners, stream_leaf_classes, timm_classes, tracing_forward
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_h
     ignored_ids = {id(s) for m in ignored for s in m.modules()}
     ignored_params = list(user_params)
 
+    leaves = stream_leaf_classes()
     num_heads: dict[nn.Module, int] = {}
     attentions: dict[str, nn.Module] = {}
     unsupported: list[str] = []
@@ -92,7 +93,7 @@ def model_setup(model: nn.Module, ignored_layers: Iterable[Any] | None, ignore_h
                 ignored_params.append(m.relative_position_bias_table)
         elif isinstance(getattr(m, "num_heads", None), int) and id(m) not in ignored_ids and any(
                 isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(c) not in ignored_ids for c in m.modules()) and not any(
-                stream_leaf(c) is not None for c in m.modules()):  # a stream leaf (or a block holding one) keeps its heads
+                type(c) in leaves for c in m.modules()):  # a stream leaf (or a block holding one) keeps its heads
             unsupported.append(f"{name} ({type(m).__name__})")
     if unsupported:
         raise MixMatchError(

@@ -1,6 +1,6 @@
-"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, attention modules pruned
-as one layer of the stream (:data:`STREAM_LEAVES`), the repair of attention modules after their ``qkv`` was pruned, and two fixes: deep copies of models holding cached
-non-leaf tensors, and Torch-Pruning 1.6.1's LayerNorm pruning (fixed for the whole process on import)."""
+"""timm 1.0.31 support: the classes this adapter knows, Swin ``PatchMerging``'s pruner, token mixers pruned as
+one layer of the stream (:data:`STREAM_LEAVES`), the repair of attention modules after their ``qkv`` was pruned,
+and two fixes: deep copies of models holding cached non-leaf tensors, and Torch-Pruning 1.6.1's LayerNorm pruning (fixed for the whole process on import)."""
 
 from __future__ import annotations
 
@@ -85,10 +85,11 @@ class StreamLeaf:
     writes: Callable[[Any], list[nn.Module]]
 
 
-#: timm token mixers (attention, FocalNet's modulation) pruned as one layer of the stream, by ``module:class`` (timm 1.0.31). Their heads are not
-#: re-indexed: Torch-Pruning prunes the stream around them, and each keeps its inner sizes. Only modules whose
-#: forward takes its inner sizes from its own attributes qualify; most of timm's (Beit, Eva, CaiT, PVT, XCiT, ...)
-#: reshape by the input's width (``C // num_heads``), which ties their heads to the stream.
+#: timm token mixers (attention, FocalNet's modulation) pruned as one layer of the stream, by ``module:class``
+#: (timm 1.0.31). Their heads are not re-indexed: Torch-Pruning prunes the stream around them, and each keeps its
+#: inner sizes. Only modules whose forward takes its inner sizes from its own attributes qualify; most of timm's
+#: attentions (Beit, Eva, CaiT, PVT, XCiT, ...) reshape by the input's width (``C // num_heads``), which ties their
+#: heads to the stream.
 STREAM_LEAVES: dict[str, StreamLeaf] = {
     "timm.models.levit:Attention": StreamLeaf(_attrs("qkv.linear"), _attrs("proj.ln.linear", "proj.ln.bn")),
     "timm.models.levit:AttentionDownsample": StreamLeaf(_attrs("kv.linear", "q.ln.linear"), _attrs("proj.ln.linear", "proj.ln.bn")),
@@ -226,8 +227,9 @@ class TraceAsLeaves:
 
     def __call__(self, model: nn.Module, example_inputs: Any) -> Any:
         mods: list[Any] = []
+        leaves = stream_leaf_classes()
         for m in model.modules():
-            if (leaf := stream_leaf(m)) is not None:
+            if (leaf := leaves.get(type(m))) is not None:
                 m.forward = functools.partial(_as_one_product, m, leaf)
                 mods.append(m)
         try:
@@ -247,10 +249,11 @@ def customized_pruners(model: nn.Module) -> dict[Any, tp.pruner.BasePruningFunc]
     """The adapter's own Torch-Pruning pruners for the timm module types present in ``model``."""
     merging = timm_classes()["patch_merging"]
     out: dict[Any, tp.pruner.BasePruningFunc] = {}
+    leaves = stream_leaf_classes()
     for m in model.modules():
         if merging and isinstance(m, merging):
             out[merging[0]] = PatchMergingPruner()
-        elif (leaf := stream_leaf(m)) is not None and type(m) not in out:
+        elif (leaf := leaves.get(type(m))) is not None and type(m) not in out:
             out[type(m)] = StreamLeafPruner(leaf)
     return out
 
