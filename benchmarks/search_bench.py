@@ -116,7 +116,7 @@ def main() -> None:
     plan = mm.plan(model, splits.calibration(args.calib_samples, 128, args.seed), target=args.target, on_unreachable="extend")
     lo, hi = plan.meta["reachable"]
     print(f"plan: {plan.summary()}; the rule ranges reach [{lo:.3f}, {hi:.3f}]"
-          + (f", shifted by {plan.meta['range_shift']:.2f} in log-odds" if plan.meta.get("range_shift") else "")
+          + (f", moved: {plan.meta['range_extension']}" if plan.meta.get("range_extension") else "")
           + f" ({time.perf_counter() - t0:.1f} s); {len(plan.space().groups)} alpha groups + signal")
     plan.save(out / "plan.json")
 

@@ -7,8 +7,9 @@ All functions work on numpy vectors over the layers of an inventory: ``n`` (weig
   and solves for the one ``t`` that meets the budget. The shift keeps each strategy's shape: layer
   order is kept, ratios never leave ``[0, 1)``, layers at their range ends stay there, and layers a
   strategy leaves dense start moving only once the others are near their range ends.
-* :func:`extend_ranges` moves the ranges themselves (one common log-odds shift of both ends, inside
-  the hard bounds) when the budget lies outside what the ranges can reach.
+* :func:`extend_ranges` moves the ranges themselves (one common log-odds shift of both ends, or where that
+  saturates one common factor on every kept fraction, inside the hard bounds) when the budget lies outside what
+  the ranges can reach.
 * :func:`exact_counts` rounds ratios to whole weights so that the global count is met exactly.
 * :func:`removal_path` and :func:`closest_prefix`: channel groups (structured pruning) under a cost budget,
   from measured loss curves, greedily on their convex hulls; any budget's allocation is a prefix of one path.
@@ -17,7 +18,10 @@ All functions work on numpy vectors over the layers of an inventory: ``n`` (weig
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -78,13 +82,32 @@ def move_to_budget(
     return np.clip(_sigmoid(z + t), lo, hi)
 
 
+@dataclass(frozen=True)
+class Extension:
+    """How :func:`extend_ranges` moved the ranges: ``log-odds`` (both ends shifted by ``amount``) or ``density``
+    (every kept fraction scaled by ``exp(-amount)``; below the ranges every sparsity by ``exp(amount)``)."""
+
+    kind: Literal["log-odds", "density"]
+    amount: float
+
+    def __str__(self) -> str:
+        if self.kind == "log-odds":
+            return f"every range was moved by {self.amount:+.2f} in log-odds"
+        what = "kept fraction" if self.amount > 0 else "sparsity"
+        return f"every range's {what} was scaled by {math.exp(-abs(self.amount)):.3g}"
+
+
 def extend_ranges(
     n: np.ndarray, lo: np.ndarray, hi: np.ndarray, floor: np.ndarray, ceil: np.ndarray, target: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Shift both ends of every range by one log-odds step ``u`` until the ranges' midpoints meet ``target``.
+) -> tuple[np.ndarray, np.ndarray, Extension]:
+    """Move every range by one common step until the ranges' midpoints meet ``target``.
 
-    Layers with ``lo == hi`` (fixed) stay; an end at exactly 0 stays at 0. The result is clipped into
-    the hard bounds. Returns ``(lo', hi', u)``.
+    First both ends shift by one log-odds step ``u``; an end at exactly 0 stays at 0. Where the ends at 0 keep
+    the midpoints from the target however far the others move (the authors' LeViT ranges start at 0 for every
+    role but one, and at 70 % the shift drove that one, the attention projection's [0.5, 0.8], to the ceiling
+    while the rest stayed), every range's kept fraction is scaled instead, ``1 - r -> (1 - r) * k``, ends at 0
+    included (below the ranges, every sparsity ``r -> r * k``): the rules' proportions between layers hold.
+    Layers with ``lo == hi`` (fixed) stay; the result is clipped into the hard bounds.
 
     Raises:
         BudgetError: not even the hard bounds can reach ``target``.
@@ -97,25 +120,34 @@ def extend_ranges(
         )
     free = hi > lo
     total = float(n.sum())
+    up = target > float((n * (lo + hi)).sum()) / (2 * total)
+
+    def mid(ends: tuple[np.ndarray, np.ndarray]) -> float:
+        return float((n * (ends[0] + ends[1])).sum()) / (2 * total)
 
     def shifted(t: float) -> tuple[np.ndarray, np.ndarray]:
         new_lo = np.where((lo > 0) & free, _sigmoid(_logit(lo) + t), lo)
         new_hi = np.where((hi > 0) & free, _sigmoid(_logit(hi) + t), hi)
         return np.clip(new_lo, floor, ceil), np.clip(new_hi, floor, ceil)
 
-    def mid(t: float) -> float:
-        a_, b_ = shifted(t)
-        return float((n * (a_ + b_)).sum()) / (2 * total)
+    def scaled(k: float) -> tuple[np.ndarray, np.ndarray]:
+        def f(r: np.ndarray) -> np.ndarray:
+            return np.where(free, 1.0 - (1.0 - r) * k if up else r * k, r)
+        return np.clip(f(lo), floor, ceil), np.clip(f(hi), floor, ceil)
 
-    u = _solve(mid, target)
-    new_lo, new_hi = shifted(u)
-    ra, rb = reachable(n, new_lo, new_hi)
+    u = _solve(lambda t: mid(shifted(t)), target)
+    ends, how = shifted(u), Extension("log-odds", u)
+    if abs(mid(ends) - target) > 1e-6:  # the log-odds shift saturated: scale the kept fractions (or sparsities)
+        sign = 1.0 if up else -1.0
+        s = _solve(lambda x: sign * mid(scaled(1.0 - x)), sign * target, 0.0, 1.0)
+        ends, how = scaled(1.0 - s), Extension("density", sign * -math.log(max(1.0 - s, 1e-300)))
+    ra, rb = reachable(n, *ends)
     if not (ra - 1e-9 <= target <= rb + 1e-9):
         raise BudgetError(
             f"target sparsity {target:.4f} cannot be reached by moving the ranges (reachable [{ra:.4f}, {rb:.4f}]); "
             "choose a different target or widen the ranges"
         )
-    return new_lo, new_hi, u
+    return ends[0], ends[1], how
 
 
 def exact_counts(rho: np.ndarray, n: np.ndarray, target: float | None = None) -> np.ndarray:

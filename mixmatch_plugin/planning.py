@@ -450,8 +450,8 @@ def plan(
                      f"and were dropped ({', '.join(collapsed[:4])}{' ...' if len(collapsed) > 4 else ''}): the ranges leave "
                      "little room; see plan.strategies for those kept, or loosen the constraints (PlanOptions)")
     if space.extension is not None:
-        notes.append(f"target {target:g} is outside the ranges' reach: every range was moved by {space.extension:+.2f} in "
-                     "log-odds to reach it (on_unreachable='extend'); each strategy lists its layers outside their range")
+        notes.append(f"target {target:g} is outside the ranges' reach: {space.extension} to reach it (on_unreachable='extend'); "
+                     "each strategy lists its layers outside their range")
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     # the "free" limits: only the constraints that keep a layer dense (normalization, protected layers) hold
@@ -488,7 +488,8 @@ def plan(
         "pinned": fixed,
         "target": target,
         "extend_ranges": on_unreachable == "extend",
-        "range_shift": space.extension,
+        "range_shift": space.extension.amount if space.extension else None,
+        "range_extension": str(space.extension) if space.extension else None,
         "reachable": [float((n * space.original_lo).sum() / n.sum()), float((n * space.original_hi).sum() / n.sum())],
         "signals": list(signals),
         "calibration": {"batches": scores.batches, "samples": scores.samples},

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .allocation import CLIPS, NORMS, Clip, Norm, score_ratios, sorted_scores
-from .budget import exact_counts, extend_ranges, move_to_budget
+from .budget import Extension, exact_counts, extend_ranges, move_to_budget
 from .errors import MixMatchError
 from .layers import Layer
 from .ranges import Range, validate_ratio
@@ -154,13 +154,13 @@ class StrategySpace:
         self.ceil = np.array([bounds[m][1] for m in self.names])
         self.lo, self.hi = self.original_lo.copy(), self.original_hi.copy()
         self.target = target
-        self.extension: float | None = None
+        self.extension: Extension | None = None
         if target is not None:
             a, b = float((self.n * self.lo).sum() / self.n.sum()), float((self.n * self.hi).sum() / self.n.sum())
             if not (a <= target <= b) and on_unreachable == "extend":
                 self.lo, self.hi, self.extension = extend_ranges(self.n, self.lo, self.hi, self.floor, self.ceil, target)
                 logger.info(
-                    "target %.3f is outside the ranges' reach [%.3f, %.3f]: ranges shifted by %.2f in log-odds",
+                    "target %.3f is outside the ranges' reach [%.3f, %.3f]: %s",
                     target, a, b, self.extension,
                 )
         free = self.hi > self.lo

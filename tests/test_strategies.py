@@ -110,7 +110,7 @@ def test_extended_ranges_reach_the_target_and_report_it():
     m = timm.create_model("resnet18", num_classes=10)
     p = mm.plan(m, signals=("magnitude",), target=0.93, on_unreachable="extend")
     n_total = sum(layer.params for layer in p.layers)
-    assert p.meta["range_shift"] is not None and p.meta["range_shift"] > 0
+    assert p.meta["range_shift"] is not None and p.meta["range_shift"] > 0 and "range" in p.meta["range_extension"]
     assert p.meta["reachable"][1] < 0.93
     for s in p.strategies:
         assert counts(s, p.layers) == round(0.93 * n_total)
@@ -145,11 +145,30 @@ def test_extend_ranges_meets_midpoint_and_keeps_zero_ends():
     hi = np.array([0.3, 0.5, 0.2, 0.0])
     floor = np.zeros(4)
     ceil = np.array([0.99, 0.99, 0.99, 0.0])
-    new_lo, new_hi, u = extend_ranges(n, lo, hi, floor, ceil, 0.8)
-    assert u > 0 and new_lo[0] == 0.0 and new_hi[3] == 0.0
+    new_lo, new_hi, how = extend_ranges(n, lo, hi, floor, ceil, 0.8)
+    assert how.kind == "log-odds" and how.amount > 0 and new_lo[0] == 0.0 and new_hi[3] == 0.0
     assert ((n * (new_lo + new_hi)).sum() / (2 * n.sum())) == pytest.approx(0.8, abs=1e-6)
     with pytest.raises(BudgetError, match="hard bounds"):
         extend_ranges(n, lo, hi, floor, np.full(4, 0.5), 0.8)
+
+
+def test_extend_ranges_scales_kept_fractions_where_the_log_odds_shift_saturates():
+    # LeViT-like: every role's range starts at 0 but one; the log-odds midpoints cannot reach 0.7
+    n = np.array([4000.0, 8000.0, 2000.0, 50.0, 800.0])
+    lo = np.array([0.0, 0.0, 0.5, 0.0, 0.1])
+    hi = np.array([0.3, 0.4, 0.8, 0.0, 0.1])
+    floor = np.zeros(5)
+    ceil = np.array([0.99, 0.99, 0.99, 0.0, 0.99])
+    new_lo, new_hi, how = extend_ranges(n, lo, hi, floor, ceil, 0.7)
+    assert how.kind == "density" and how.amount > 0 and "kept fraction" in str(how)
+    assert ((n * (new_lo + new_hi)).sum() / (2 * n.sum())) == pytest.approx(0.7, abs=1e-6)
+    assert new_hi[3] == 0.0 and new_lo[4] == new_hi[4] == 0.1  # fixed layers stay
+    free = slice(0, 3)  # one factor on every kept fraction, ends at 0 included; nothing driven to the ceiling
+    ratio = (1 - np.r_[new_lo[free], new_hi[free]]) / (1 - np.r_[lo[free], hi[free]])
+    assert ratio == pytest.approx(np.full(6, np.exp(-how.amount))) and new_hi[2] < 0.99
+    # below the ranges' reach they move down
+    low_lo, low_hi, low = extend_ranges(n, np.array([0.0, 0.4, 0.5, 0.0, 0.1]), hi + np.array([0, 0.2, 0, 0, 0]), floor, ceil, 0.1)
+    assert ((n * (low_lo + low_hi)).sum() / (2 * n.sum())) == pytest.approx(0.1, abs=1e-6) and low.amount < 0
 
 
 def test_exact_counts_meet_the_global_count():

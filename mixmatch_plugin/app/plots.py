@@ -79,8 +79,9 @@ def ranges_plot(plan: Any, path: str | Path, *, highlight: Sequence[str] = (), t
         idx = {n: i for i, n in enumerate(space.names)}
         elo = np.array([space.lo[idx[layer.name]] for layer in layers])
         ehi = np.array([space.hi[idx[layer.name]] for layer in layers])
+        how = plan.meta.get("range_extension") or f"log-odds shift {plan.meta['range_shift']:+.2f}"  # older plan files
         ax.barh(y, ehi - elo, left=elo, height=0.6, fill=False, hatch="///", edgecolor="#e08e45", lw=0.6,
-                label=f"range moved to the budget (log-odds shift {plan.meta['range_shift']:+.2f})")
+                label=f"range moved to the budget ({how})")
     markers = "o^sDv<>p*h"
     for i, name in enumerate(highlight):
         s = plan.strategy(name)
