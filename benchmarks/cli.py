@@ -31,7 +31,7 @@ class _Command(click.Command):
 @click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; quick 0,1).")
 @click.option("--sparsities", default=None,
               help="Comma-separated sparsities for every chosen model, replacing its defaults (resnet18: 0.7,0.9,0.95,0.98; "
-                   "vit, swin, mobilenetv3: 0.5,0.7,0.8; regnetx: 0.5,0.7,0.8,0.9,0.95). Only sparsities without results are run; results at other sparsities are kept.")
+                   "vit, swin, mobilenetv3: 0.5,0.7,0.8; regnetx: 0.5,0.7,0.8,0.9,0.95; levit: 0.8,0.9,0.95). Only sparsities without results are run; results at other sparsities are kept.")
 @click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
               help="Folder for the results JSON and the plots.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Folder with Fashion-MNIST IDX files.")

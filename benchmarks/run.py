@@ -104,7 +104,8 @@ class BenchConfig:
     @classmethod
     def full(cls) -> BenchConfig:
         return cls(models=dict(FULL), sparsities={"resnet18": (0.7, 0.9, 0.95, 0.98), "vit": (0.5, 0.7, 0.8), "swin": (0.5, 0.7, 0.8),
-                                                  "resnet50": (0.7, 0.9, 0.95, 0.98), "mobilenetv3": (0.5, 0.7, 0.8), "regnetx": (0.5, 0.7, 0.8, 0.9, 0.95)})  # LARGER's, OUTSIDE's
+                                                  "resnet50": (0.7, 0.9, 0.95, 0.98), "mobilenetv3": (0.5, 0.7, 0.8), "regnetx": (0.5, 0.7, 0.8, 0.9, 0.95),
+                                                  "levit": (0.8, 0.9, 0.95)})  # LARGER's, OUTSIDE's
 
     @classmethod
     def tiny(cls) -> BenchConfig:
