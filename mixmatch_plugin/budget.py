@@ -85,7 +85,7 @@ def move_to_budget(
 @dataclass(frozen=True)
 class Extension:
     """How :func:`extend_ranges` moved the ranges: ``log-odds`` (both ends shifted by ``amount``) or ``density``
-    (every kept fraction scaled by ``exp(-amount)``; below the ranges every sparsity by ``exp(amount)``)."""
+    (every kept fraction scaled by ``exp(-amount)``)."""
 
     kind: Literal["log-odds", "density"]
     amount: float
@@ -93,8 +93,7 @@ class Extension:
     def __str__(self) -> str:
         if self.kind == "log-odds":
             return f"every range was moved by {self.amount:+.2f} in log-odds"
-        what = "kept fraction" if self.amount > 0 else "sparsity"
-        return f"every range's {what} was scaled by {math.exp(-abs(self.amount)):.3g}"
+        return f"every range's kept fraction was scaled by {math.exp(-self.amount):.3g}"
 
 
 def extend_ranges(
@@ -106,7 +105,8 @@ def extend_ranges(
     the midpoints from the target however far the others move (the authors' LeViT ranges start at 0 for every
     role but one, and at 70 % the shift drove that one, the attention projection's [0.5, 0.8], to the ceiling
     while the rest stayed), every range's kept fraction is scaled instead, ``1 - r -> (1 - r) * k``, ends at 0
-    included (below the ranges, every sparsity ``r -> r * k``): the rules' proportions between layers hold.
+    included: the rules' proportions between layers hold. (Downwards the shift cannot saturate: every positive end
+    can reach 0.)
     Layers with ``lo == hi`` (fixed) stay; the result is clipped into the hard bounds.
 
     Raises:
@@ -131,16 +131,14 @@ def extend_ranges(
         return np.clip(new_lo, floor, ceil), np.clip(new_hi, floor, ceil)
 
     def scaled(k: float) -> tuple[np.ndarray, np.ndarray]:
-        def f(r: np.ndarray) -> np.ndarray:
-            return np.where(free, 1.0 - (1.0 - r) * k if up else r * k, r)
-        return np.clip(f(lo), floor, ceil), np.clip(f(hi), floor, ceil)
+        return (np.clip(np.where(free, 1.0 - (1.0 - lo) * k, lo), floor, ceil),
+                np.clip(np.where(free, 1.0 - (1.0 - hi) * k, hi), floor, ceil))
 
     u = _solve(lambda t: mid(shifted(t)), target)
     ends, how = shifted(u), Extension("log-odds", u)
-    if abs(mid(ends) - target) > 1e-6:  # the log-odds shift saturated: scale the kept fractions (or sparsities)
-        sign = 1.0 if up else -1.0
-        s = _solve(lambda x: sign * mid(scaled(1.0 - x)), sign * target, 0.0, 1.0)
-        ends, how = scaled(1.0 - s), Extension("density", sign * -math.log(max(1.0 - s, 1e-300)))
+    if up and abs(mid(ends) - target) > 1e-6:  # the log-odds shift saturated: scale the kept fractions
+        s = _solve(lambda x: mid(scaled(1.0 - x)), target, 0.0, 1.0)
+        ends, how = scaled(1.0 - s), Extension("density", -math.log(max(1.0 - s, 1e-300)))
     ra, rb = reachable(n, *ends)
     if not (ra - 1e-9 <= target <= rb + 1e-9):
         raise BudgetError(
