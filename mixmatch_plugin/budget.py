@@ -106,8 +106,8 @@ def extend_ranges(
     role but one, and at 70 % the shift drove that one, the attention projection's [0.5, 0.8], to the ceiling
     while the rest stayed), every range's kept fraction is scaled instead, ``1 - r -> (1 - r) * k``, ends at 0
     included: the rules' proportions between layers hold. (Downwards the shift cannot saturate: every positive end
-    can reach 0.)
-    Layers with ``lo == hi`` (fixed) stay; the result is clipped into the hard bounds.
+    can reach 0.) Layers with ``lo == hi`` (fixed) stay; the result is clipped into the hard bounds. Returns
+    ``(lo', hi', how)``.
 
     Raises:
         BudgetError: not even the hard bounds can reach ``target``.
