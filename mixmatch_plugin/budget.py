@@ -119,11 +119,11 @@ def extend_ranges(
             "switch constraints off (--no-constraint ID) or choose a target inside"
         )
     free = hi > lo
-    total = float(n.sum())
-    up = target > float((n * (lo + hi)).sum()) / (2 * total)
 
-    def mid(ends: tuple[np.ndarray, np.ndarray]) -> float:
-        return float((n * (ends[0] + ends[1])).sum()) / (2 * total)
+    def mid(ends: tuple[np.ndarray, np.ndarray]) -> float:  # the ranges' midpoint: the middle of what they reach
+        return sum(reachable(n, *ends)) / 2
+
+    up = target > mid((lo, hi))
 
     def shifted(t: float) -> tuple[np.ndarray, np.ndarray]:
         new_lo = np.where((lo > 0) & free, _sigmoid(_logit(lo) + t), lo)
