@@ -240,7 +240,8 @@ def choose(
     pool = [s for s in strategies if s.name not in same]
     if same:
         logger.info("choose: %d of %d strategies give the same masks as an earlier one; each is evaluated once", len(same), len(strategies))
-    kw: dict[str, Any] = {"signals": signals, "bn_loader": bn_loader, "bn_batches": bn_batches}
+    held = hold_batches(bn_loader, bn_batches) if bn_batches and bn_loader is not None else None  # the same for both rounds
+    kw: dict[str, Any] = {"signals": signals, "bn_loader": held, "bn_batches": bn_batches}
     first = rank(model, pool, screen, progress=progress, **kw) if len(pool) > top_k else []
     by = {s.name: s for s in strategies}
     keep = [by[r.strategy] for r in first[:top_k]] if first else pool

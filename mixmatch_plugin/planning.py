@@ -33,6 +33,7 @@ from ._version import __version__
 from .allocation import CLIPS, curve_ratios
 from .batches import LossFn
 from .errors import MixMatchError, RulesError
+from .evaluation import Choice, choose, hold_batches
 from .io import atomic_write_json, read_json
 from .layers import Layer, check_prunable, inventory
 from .masks import PruneResult
@@ -66,6 +67,11 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "mixmatch.plan/1"
 SCHEMA_VERSION = 1
+
+
+#: The signals whose masks :meth:`Plan.choose` also tries the winner's allocation with (the benchmark's; gradient
+#: masks alone are weak, and those the plan lacks are skipped).
+MASK_SIGNALS: tuple[SignalName, ...] = ("magnitude", "product", "wanda")
 
 
 @dataclass
@@ -106,6 +112,24 @@ class Plan:
         if s.signal == "progressive" and (kwargs["signals"] is None or kwargs["signals"].progressive is None):
             kwargs["signals"] = self.progressive_signals(model, kwargs.get("calib"), s, kwargs.get("loss_fn"))
         return _apply(model, s, plan_layers=self.layers, **kwargs)
+
+    def choose(self, model: nn.Module, val_loader: Iterable[Any], *, bn_loader: Iterable[Any] | None = None,
+               bn_batches: int = 4, screen_batches: int = 1, top_k: int = 5, progress: bool = False) -> Choice:
+        """This plan's best strategy on validation data (:func:`mixmatch_plugin.choose` with the plan's signals).
+
+        Every strategy is screened on the first ``screen_batches`` batches of ``val_loader``, the ``top_k`` are
+        ranked on all of it, and the winner's allocation is tried with the masks of :data:`MASK_SIGNALS` as well.
+        ``bn_loader``: training batches to re-estimate BatchNorm on after masking (``bn_batches`` of them, the
+        same for every strategy). Pass the validation split, never the test split; ``model`` is not changed.
+
+        Example::
+
+            chosen = plan.choose(model, val_loader, bn_loader=train_loader)
+            best = plan.apply(model, chosen.strategy)
+        """
+        return choose(model, self.strategies, hold_batches(val_loader, screen_batches, what="screening"), val_loader,
+                      signals=self.signals, bn_loader=bn_loader, bn_batches=bn_batches if bn_loader is not None else 0,
+                      top_k=top_k, masks=MASK_SIGNALS, progress=progress)
 
     def progressive_signals(self, model: nn.Module, calib: Iterable[Any] | None, strategy: Strategy,
                             loss_fn: LossFn | None = None) -> Signals:

@@ -171,6 +171,23 @@ def test_choose_screens_the_pool_then_ranks_the_best_on_validation(trained_tiny_
     assert rank(trained_tiny_resnet, [c.strategy], val, signals=p.signals)[0].accuracy == c.finals[0].accuracy
 
 
+def test_plan_choose_is_choose_with_the_plans_strategies_signals_and_held_batches(trained_tiny_resnet, calib, digits_loaders):
+    from mixmatch_plugin.evaluation import choose, hold_batches
+    from mixmatch_plugin.planning import MASK_SIGNALS, plan
+
+    train, val, _ = digits_loaders
+    p = plan(trained_tiny_resnet, calib, target=0.6, on_unreachable="extend", signals=("magnitude", "gradient"))
+    before = {k: v.clone() for k, v in trained_tiny_resnet.state_dict().items()}
+    bn = hold_batches(train, 4)
+    c = p.choose(trained_tiny_resnet, val, bn_loader=bn, top_k=3)
+    ref = choose(trained_tiny_resnet, p.strategies, [next(iter(val))], val, signals=p.signals, bn_loader=bn, bn_batches=4,
+                 top_k=3, masks=MASK_SIGNALS)
+    assert c.strategy == ref.strategy and c.finals == ref.finals and c.evaluations == ref.evaluations
+    # the winner's allocation is tried with the other signals' masks; the model is not changed
+    assert {r.strategy.partition("@")[2] for r in c.finals} == {"", *MASK_SIGNALS} - {p.strategy(c.finals[0].strategy.partition("@")[0]).signal}
+    assert all(torch.equal(v, before[k]) for k, v in trained_tiny_resnet.state_dict().items())
+
+
 def test_large_layers_are_allocated_from_a_sample_that_keeps_their_fraction_and_lamp_scale():
     from mixmatch_plugin import allocation
 
