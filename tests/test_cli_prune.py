@@ -120,6 +120,24 @@ def test_prune_tp_vit_rebuilds_attention(tmp_path):
         assert torch.allclose(model(x), direct.model.eval()(x), atol=1e-6)
 
 
+def test_prune_best_chooses_on_the_validation_split_and_writes_that_strategy(tmp_path, resnet_plan):
+    out = tmp_path / "best.pt"
+    r = _run("prune", "--plan", str(resnet_plan), "--strategy", "best", "--out", str(out), "--calib-samples", "64")
+    assert r.exit_code == 0, r.output
+    chosen = r.output.split("chose ", 1)[1].split(" ", 1)[0]
+    finals = [line.split()[0] for line in r.output.split("finalist", 1)[1].splitlines()[2:] if line.strip()][:1]
+    assert finals == [chosen]  # the best-scoring finalist, listed first
+    model, meta = load_pruned(out)
+    names = {s.name for s in load_plan(resnet_plan).strategies}
+    assert meta["strategy"]["name"] == chosen and chosen.partition("@")[0] in names
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    zeros = sum(int((m.weight == 0).sum()) for m in convs) / sum(m.weight.numel() for m in convs)
+    assert zeros == pytest.approx(0.5, abs=0.05)  # the plan's target (the classifier counts too)
+    for extra in (["--backend", "tp"], ["--calib", "random"]):
+        r = _run("prune", "--plan", str(resnet_plan), "--strategy", "best", "--out", str(tmp_path / "x.pt"), *extra)
+        assert r.exit_code == 2 and "--strategy best chooses by masked validation accuracy" in r.output
+
+
 def test_prune_errors_are_one_line(tmp_path, resnet_plan):
     r = CliRunner().invoke(main, ["prune", "--plan", str(resnet_plan), "--strategy", "nope:nope", "--out",
                                   str(tmp_path / "x.pt")])

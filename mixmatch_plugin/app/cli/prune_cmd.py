@@ -14,7 +14,9 @@ NNI_PRUNERS = ("level", "l1", "l2", "fpgm", "taylor")
 
 @click.command("prune")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="A plan written by `mixmatch plan`.")
-@click.option("--strategy", "strategy_name", required=True, metavar="NAME", help="A strategy of the plan, e.g. magnitude:alpha-0.7.")
+@click.option("--strategy", "strategy_name", required=True, metavar="NAME",
+              help="A strategy of the plan, e.g. magnitude:alpha-0.7, or best: the one whose masked model scores highest on "
+                   "the validation split of the --calib dataset (BatchNorm re-estimated on training batches).")
 @click.option("--backend", type=click.Choice(["torch", "nni", "tp"]), default="torch", show_default=True,
               help="torch: unstructured masks (plain PyTorch); nni: NNI's pruner; tp: structured, Torch-Pruning.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model (atomically).")
@@ -43,6 +45,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     Example:
       mixmatch plan --model timm:resnet18 --model-kwargs '{"in_chans": 1, "num_classes": 10}' \\
                     --input-shape 1,28,28 --calib digits --target 0.5 --extend-ranges --out plan.json
+      mixmatch prune --plan plan.json --strategy best --out pruned.pt
       mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --out pruned.pt
       mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --macs 0.5 --out pruned.pt
       mixmatch prune --plan plan.json --strategy magnitude:midpoint --backend tp --latency 0.5 --batch-size 64 --out pruned.pt
@@ -60,9 +63,13 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
     spec, kwargs, calib, data_dir, calib_samples, batch_size, seed, shape = from_plan(
         p.meta, plan_path, model_spec, model_kwargs, calib=calib, data_dir=data_dir, calib_samples=calib_samples,
         batch_size=batch_size, seed=seed, input_shape=input_shape)
-    strategy = p.strategy(strategy_name)
     model = build_model(spec, model_kwargs=kwargs, checkpoint=checkpoint).eval()
     layers = inventory(model)
+    best = strategy_name == "best"
+    if best and (backend == "tp" or calib in ("none", "random")):
+        raise MixMatchError("--strategy best chooses by masked validation accuracy on the --calib dataset: use it with "
+                            "--calib digits|fashion-mnist and --backend torch or nni (for tp, name a strategy or pass --macs)")
+    strategy = p.strategies[0] if best else p.strategy(strategy_name)
     check_strategy(strategy, layers, p.layers)  # every backend: the plan must have been made for this model
     if backend != "torch":
         check_untied(layers, f"--backend {backend}")
@@ -76,6 +83,9 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
         shape = shape or tuple(data.input_shape)
     if shape is None:
         raise MixMatchError("the input shape is unknown: pass --input-shape C,H,W (or a --calib dataset)")
+    signals = None
+    if best:
+        strategy, signals = _choose(p, model, data, loader, batch_size, seed)
     batch = next(iter(loader))[0] if loader is not None else torch.randn(batch_size, *shape)
     example = batch[:2]
     needs_grad = strategy.signal != "magnitude"
@@ -86,7 +96,7 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
 
     model_meta = {"model": spec, "model_kwargs": kwargs, "input_shape": list(shape)}
     if backend == "torch":
-        res = p.apply(model, strategy, calib=loader)
+        res = p.apply(model, strategy, calib=loader, signals=signals)
         report: dict[str, Any] = {"global_sparsity": res.global_sparsity, "layer_sparsity": res.layer_sparsity}
         path = save_pruned(out, res.model, backend="torch", model_spec=model_meta, strategy=strategy.to_dict(), report=report)
         _print_layers(res.layer_sparsity, p)
@@ -112,6 +122,24 @@ def command(plan_path: str, strategy_name: str, backend: str, out: str, model_sp
                            report=tres.report.to_dict(), tp_history=tres.history, num_heads=tres.num_heads)
         click.echo(tres.report.summary())
     click.echo(f"wrote {path}")
+
+
+def _choose(p: Any, model: Any, data: Any, calib: Any, batch_size: int, seed: int) -> tuple[Any, Any]:
+    """The plan's strategy chosen on the validation split (:meth:`Plan.choose`) and the signals it was chosen with
+    (the plan's, computed again on ``calib``); prints the finalists."""
+    from dataclasses import replace
+
+    from mixmatch_plugin.app.data import loader
+    from mixmatch_plugin.signals import compute_signals
+
+    signals = compute_signals(model, calib, layers=p.layers, signals=("magnitude", "gradient", "wanda"), progress=True)
+    if prog := next((s for s in p.strategies if s.signal == "progressive"), None):
+        signals.progressive = p.progressive_signals(model, calib, prog).progressive
+    choice = replace(p, signals=signals).choose(model, loader(data.val, max(batch_size, 128)),
+                                                bn_loader=loader(data.train, batch_size, shuffle=True, seed=seed), progress=True)
+    click.echo(table([(r.strategy, f"{r.accuracy:.4f}", f"{r.loss:.4f}") for r in choice.finals], ("finalist", "val accuracy", "val loss")))
+    click.echo(f"chose {choice.strategy.name} on the validation split ({choice.evaluations} evaluations, {choice.seconds:.0f} s)\n")
+    return choice.strategy, signals
 
 
 def _prunable(m: Any) -> bool:
