@@ -127,6 +127,9 @@ class Plan:
             chosen = plan.choose(model, val_loader, bn_loader=train_loader)
             best = plan.apply(model, chosen.strategy)
         """
+        if self.signals is None and any(s.signal != "magnitude" or s.layer_signals for s in self.strategies):
+            raise MixMatchError("this plan holds no signals (a saved plan keeps none): set plan.signals = "
+                                "mm.compute_signals(model, calib, signals=('magnitude', 'gradient', 'wanda')) first")
         return choose(model, self.strategies, hold_batches(val_loader, screen_batches, what="screening"), val_loader,
                       signals=self.signals, bn_loader=bn_loader, bn_batches=bn_batches if bn_loader is not None else 0,
                       top_k=top_k, masks=MASK_SIGNALS, progress=progress)

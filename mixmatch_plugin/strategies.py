@@ -282,7 +282,12 @@ class StrategySpace:
                     if clip == "free" and free is None:
                         continue
                     lo, hi = self.limits(clip, free)
-                    rho = score_ratios([x if h > 0 else None for x, h in zip(sorted_, hi, strict=True)], self.n, lo, hi, self.target)
+                    used = [x if h > 0 else None for x, h in zip(sorted_, hi, strict=True)]
+                    if not any(x is not None and len(x) and x[-1] > 0 for x in used):
+                        logger.warning("the %s scores are zero in every layer the %s limits let be pruned: no %s:score-%s-%s",
+                                       signal, clip, signal, norm, clip)
+                        continue
+                    rho = score_ratios(used, self.n, lo, hi, self.target)
                     s = self.build(f"{signal}:score-{norm}-{clip}", signal, rho, {"family": "score", "norm": norm, "clip": clip})
                     if not any(_same(t, s) for t in out if t.signal == signal):
                         out.append(s)

@@ -9,7 +9,7 @@ import torch
 from mixmatch_plugin import baselines
 from mixmatch_plugin.allocation import curve_ratios, lamp, score_ratios, sorted_scores
 from mixmatch_plugin.budget import exact_counts
-from mixmatch_plugin.errors import BudgetError
+from mixmatch_plugin.errors import BudgetError, MixMatchError
 from mixmatch_plugin.layers import inventory
 from mixmatch_plugin.sensitivity import measure_curves
 from mixmatch_plugin.signals import compute_signals
@@ -186,6 +186,8 @@ def test_plan_choose_is_choose_with_the_plans_strategies_signals_and_held_batche
     # the winner's allocation is tried with the other signals' masks; the model is not changed
     assert {r.strategy.partition("@")[2] for r in c.finals} == {"", *MASK_SIGNALS} - {p.strategy(c.finals[0].strategy.partition("@")[0]).signal}
     assert all(torch.equal(v, before[k]) for k, v in trained_tiny_resnet.state_dict().items())
+    with pytest.raises(MixMatchError, match="holds no signals"):  # a saved plan keeps none
+        type(p).from_dict(p.to_dict()).choose(trained_tiny_resnet, val)
 
 
 def test_large_layers_are_allocated_from_a_sample_that_keeps_their_fraction_and_lamp_scale():

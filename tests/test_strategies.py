@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import timm
+import torch
 
 import mixmatch_plugin as mm
 from mixmatch_plugin.budget import exact_counts, extend_ranges, move_to_budget, reachable
@@ -197,3 +198,20 @@ def test_from_ratios_puts_another_allocation_into_the_space(calib_swin):
     assert moved and all(p.ranges[n][0] - 1e-3 <= inside.ratios[n] <= p.ranges[n][1] + 1e-3 for n in inside.ratios)
     with pytest.raises(mm.MixMatchError, match="no sparsity for layer"):
         space.from_ratios("short", "product", dict(list(snip.ratios.items())[:2]))
+
+
+def test_a_signal_that_is_zero_wherever_the_limits_allow_pruning_gives_no_score_strategy_and_the_plan_goes_on():
+    """Found by the property test: gradients non-zero only in a protected layer made the whole plan fail."""
+    import mixmatch_plugin as mm
+    from mixmatch_plugin.signals import Signals
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    mag = {n: m.weight.detach().abs() for n, m in model.named_children() if isinstance(m, torch.nn.Linear)}
+    grad = {"0": torch.zeros(8, 8), "2": torch.ones(4, 8)}  # zero wherever pruning is allowed: layer 2 is protected
+    p = mm.plan(model, signals=("magnitude", "gradient"), target=0.3, scores=Signals(mag, gradient=grad),
+                options=mm.PlanOptions(protect=("^2$",), disable_constraints=("small_layers",)))
+    names = [s.name for s in p.strategies]
+    assert any(n.startswith("magnitude:score-") for n in names)
+    assert not any(n.startswith(("product:score-", "gradient:score-")) for n in names)
+    assert all(s.ratios["2"] == 0.0 and abs(s.global_sparsity - 0.3) < 0.02 for s in p.strategies)
