@@ -131,7 +131,7 @@ class Plan:
             raise MixMatchError("this plan holds no signals (a saved plan keeps none): set plan.signals = "
                                 "mm.compute_signals(model, calib, signals=('magnitude', 'gradient', 'wanda')) first")
         return choose(model, self.strategies, hold_batches(val_loader, screen_batches, what="screening"), val_loader,
-                      signals=self.signals, bn_loader=bn_loader, bn_batches=bn_batches if bn_loader is not None else 0,
+                      signals=self.signals, bn_loader=bn_loader, bn_batches=bn_batches,
                       top_k=top_k, masks=MASK_SIGNALS, progress=progress)
 
     def progressive_signals(self, model: nn.Module, calib: Iterable[Any] | None, strategy: Strategy,
